@@ -1,0 +1,214 @@
+"""Reading Hugging Face checkpoint folders, lazily, with every name mapped in one table.
+
+    ckpt = Checkpoint.open("path/to/Mixtral-8x7B")          # config.json + safetensors (sharded or not)
+    weights = ckpt.dense_weights(device, dtype)             # everything but the routed experts
+    expert = ckpt.expert(layer=3, expert_id=5)              # Expert of CPU tensors in the file's dtype
+
+Tensors are memory-mapped by safetensors and read one at a time, so loading never holds the
+whole file twice. Every tensor's shape is checked against config.json as it is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import ConfigError, ModelConfig
+from .errors import UserError
+from .experts import Expert
+from .model import AttentionWeights, LayerWeights, ModelWeights
+
+
+class CheckpointError(UserError):
+    pass
+
+
+# Family -> (MoE block prefix, routed expert weight names for w1, w2, w3)
+_MOE_NAMES = {
+    "mixtral": ("block_sparse_moe", ("w1", "w2", "w3")),
+    "qwen2_moe": ("mlp", ("gate_proj", "down_proj", "up_proj")),
+    "qwen3_moe": ("mlp", ("gate_proj", "down_proj", "up_proj")),
+    "olmoe": ("mlp", ("gate_proj", "down_proj", "up_proj")),
+}
+_MLP_NAMES = ("gate_proj", "down_proj", "up_proj")  # dense MLPs and shared experts: w1, w2, w3
+
+
+def layer_prefix(layer: int) -> str:
+    return f"model.layers.{layer}"
+
+
+def expert_tensor_names(config: ModelConfig, layer: int, expert_id: int) -> tuple[str, str, str]:
+    block, names = _MOE_NAMES[config.model_type]
+    return tuple(f"{layer_prefix(layer)}.{block}.experts.{expert_id}.{n}.weight" for n in names)
+
+
+def expert_shapes(config: ModelConfig) -> tuple[tuple[int, int], ...]:
+    return _mlp_shapes(config.hidden_size, config.expert_ffn)
+
+
+def _mlp_shapes(hidden: int, ffn: int) -> tuple[tuple[int, int], ...]:
+    return (ffn, hidden), (hidden, ffn), (ffn, hidden)
+
+
+def dense_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every non-expert tensor of the checkpoint: hub name -> shape."""
+    c = config
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size), "model.norm.weight": (c.hidden_size,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    for i in range(c.num_layers):
+        p = layer_prefix(i)
+        shapes[f"{p}.input_layernorm.weight"] = (c.hidden_size,)
+        shapes[f"{p}.post_attention_layernorm.weight"] = (c.hidden_size,)
+        for proj, out in (("q", q_out), ("k", kv_out), ("v", kv_out)):
+            shapes[f"{p}.self_attn.{proj}_proj.weight"] = (out, c.hidden_size)
+            if c.qkv_bias:
+                shapes[f"{p}.self_attn.{proj}_proj.bias"] = (out,)
+        shapes[f"{p}.self_attn.o_proj.weight"] = (c.hidden_size, q_out)
+        if c.qk_norm == "head":
+            shapes[f"{p}.self_attn.q_norm.weight"] = (c.head_dim,)
+            shapes[f"{p}.self_attn.k_norm.weight"] = (c.head_dim,)
+        elif c.qk_norm == "full":
+            shapes[f"{p}.self_attn.q_norm.weight"] = (q_out,)
+            shapes[f"{p}.self_attn.k_norm.weight"] = (kv_out,)
+        if i in c.dense_layers:
+            for name, shape in zip(_MLP_NAMES, _mlp_shapes(c.hidden_size, c.dense_ffn)):
+                shapes[f"{p}.mlp.{name}.weight"] = shape
+            continue
+        block = _MOE_NAMES[c.model_type][0]
+        shapes[f"{p}.{block}.gate.weight"] = (c.num_experts, c.hidden_size)
+        if c.shared_expert_ffn:
+            for name, shape in zip(_MLP_NAMES, _mlp_shapes(c.hidden_size, c.shared_expert_ffn)):
+                shapes[f"{p}.mlp.shared_expert.{name}.weight"] = shape
+            shapes[f"{p}.mlp.shared_expert_gate.weight"] = (1, c.hidden_size)
+    return shapes
+
+
+@dataclass
+class Checkpoint:
+    folder: Path
+    config: ModelConfig
+    hf_config: dict
+    file_of: dict[str, Path]  # tensor name -> safetensors file
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike) -> "Checkpoint":
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder}: no such model folder; pass --model with a folder holding config.json and *.safetensors")
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(f"{config_path}: missing; a model folder needs config.json")
+        try:
+            hf_config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+        try:
+            config = ModelConfig.from_hf(hf_config)
+        except ConfigError as e:
+            raise CheckpointError(f"{config_path}: {str(e).removeprefix('config.json: ')}") from None
+        return cls(folder, config, hf_config, _index_tensors(folder))
+
+    def tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """One tensor as stored (CPU, the file's dtype), its shape checked."""
+        path = self.file_of.get(name)
+        if path is None:
+            raise CheckpointError(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
+        try:
+            with safe_open(path, framework="pt") as f:
+                t = f.get_tensor(name)
+        except Exception as e:  # safetensors raises several types for damaged files
+            raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e}); the file is damaged, download it again") from None
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {list(t.shape)}, but config.json implies {list(shape)}"
+            )
+        return t
+
+    def expert(self, layer: int, expert_id: int) -> Expert:
+        names = expert_tensor_names(self.config, layer, expert_id)
+        return Expert(*(self.tensor(n, s) for n, s in zip(names, expert_shapes(self.config))))
+
+    def dense_weights(self, device, dtype, progress=None) -> ModelWeights:
+        """All non-expert weights on `device` in `dtype`. `progress(n)` is told of each tensor read."""
+        shapes = dense_tensor_shapes(self.config)
+
+        def get(name):
+            t = self.tensor(name, shapes[name]).to(device=device, dtype=dtype)
+            if progress:
+                progress(1)
+            return t
+
+        def opt(name):
+            return get(name) if name in shapes else None
+
+        def mlp(prefix):
+            return Expert(*(get(f"{prefix}.{n}.weight") for n in _MLP_NAMES))
+
+        cfg = self.config
+        block = _MOE_NAMES[cfg.model_type][0]
+        layers = []
+        for i in range(cfg.num_layers):
+            p = layer_prefix(i)
+            attn = AttentionWeights(
+                wq=get(f"{p}.self_attn.q_proj.weight"),
+                wk=get(f"{p}.self_attn.k_proj.weight"),
+                wv=get(f"{p}.self_attn.v_proj.weight"),
+                wo=get(f"{p}.self_attn.o_proj.weight"),
+                bq=opt(f"{p}.self_attn.q_proj.bias"),
+                bk=opt(f"{p}.self_attn.k_proj.bias"),
+                bv=opt(f"{p}.self_attn.v_proj.bias"),
+                q_norm=opt(f"{p}.self_attn.q_norm.weight"),
+                k_norm=opt(f"{p}.self_attn.k_norm.weight"),
+            )
+            dense = i in cfg.dense_layers
+            layers.append(LayerWeights(
+                attn_norm=get(f"{p}.input_layernorm.weight"),
+                attn=attn,
+                mlp_norm=get(f"{p}.post_attention_layernorm.weight"),
+                router=None if dense else get(f"{p}.{block}.gate.weight"),
+                dense_mlp=mlp(f"{p}.mlp") if dense else None,
+                shared_expert=mlp(f"{p}.mlp.shared_expert") if cfg.shared_expert_ffn and not dense else None,
+                shared_expert_gate=opt(f"{p}.mlp.shared_expert_gate.weight"),
+            ))
+        embed = get("model.embed_tokens.weight")
+        return ModelWeights(
+            embed=embed,
+            layers=layers,
+            norm=get("model.norm.weight"),
+            lm_head=embed if cfg.tie_word_embeddings else get("lm_head.weight"),
+        )
+
+    def num_dense_tensors(self) -> int:
+        return len(dense_tensor_shapes(self.config))
+
+
+def _index_tensors(folder: Path) -> dict[str, Path]:
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index_path}: not a valid safetensors index ({e!r})") from None
+        files = {name: folder / file for name, file in weight_map.items()}
+        for path in set(files.values()):
+            if not path.is_file():
+                raise CheckpointError(f"{path}: listed in {index_path.name} but missing")
+        return files
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"{folder}: no *.safetensors files; a model folder needs its weights in safetensors format")
+    files = {}
+    for path in shards:
+        try:
+            with safe_open(path, framework="pt") as f:
+                files.update(dict.fromkeys(f.keys(), path))
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it may be truncated, download it again") from None
+    return files

@@ -1,0 +1,191 @@
+"""The one object that the CLI, the server and the benchmarks use.
+
+    engine = Engine.load(RuntimeConfig(model="path/to/model"))
+    run = engine.stream(engine.tokenizer.encode("def fib(n):"), SamplingParams(max_new_tokens=64))
+    for text in run:
+        print(text, end="")
+    print(run.stats)
+
+An Engine owns one model, its tokenizer and one KV cache; a run holds the cache until it ends,
+so runs on one engine go one at a time.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import Checkpoint
+from .config import ModelConfig, RuntimeConfig, SamplingParams
+from .errors import UserError
+from .experts import DenseExpertFormat, ResidentExperts
+from .generate import generate
+from .model import KVCache, Transformer
+from .tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"--dtype {name!r} is not supported; use one of: auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass
+class RunStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    time_to_first_token: float = 0.0   # seconds, prefill included
+    decode_seconds: float = 0.0        # after the first token
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return (self.new_tokens - 1) / self.decode_seconds if self.new_tokens > 1 and self.decode_seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        return (f"prompt tokens: {self.prompt_tokens}, new tokens: {self.new_tokens}, "
+                f"time to first token: {self.time_to_first_token:.3f} s, "
+                f"decode: {self.decode_tokens_per_second:.2f} tokens/s")
+
+
+@dataclass
+class Run:
+    """One generation: iterate for text pieces; afterwards `token_ids`, `finish_reason`, `stats`."""
+
+    pieces: Iterator[str]
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None   # "stop" (EOS or a stop string) or "length"
+    stats: RunStats = field(default_factory=RunStats)
+
+    def __iter__(self):
+        return self.pieces
+
+    def text(self) -> str:
+        return "".join(self)
+
+
+class Engine:
+    def __init__(self, config: ModelConfig, model: Transformer, tokenizer: Tokenizer, cache: KVCache, name: str):
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cache = cache
+        self.name = name
+
+    @property
+    def max_context(self) -> int:
+        return self.cache.max_len
+
+    @classmethod
+    def load(cls, runtime: RuntimeConfig = RuntimeConfig(), progress: bool = True) -> "Engine":
+        device = resolve_device(runtime.device)
+        dtype = resolve_dtype(runtime.dtype, device)
+        ckpt = Checkpoint.open(runtime.model)
+        config = ckpt.config
+        if runtime.max_context < 1:
+            raise UserError(f"--max-context must be at least 1, got {runtime.max_context}")
+        max_context = min(runtime.max_context, config.max_position_embeddings)
+        tokenizer = Tokenizer.from_folder(runtime.model, eos_ids=config.eos_token_ids)
+        total = ckpt.num_dense_tensors() + len(config.moe_layers) * config.num_experts
+        with tqdm(total=total, desc="loading", unit="tensor", disable=not progress or None, file=sys.stderr) as bar:
+            weights = ckpt.dense_weights(device, dtype, progress=bar.update)
+            expert_format = DenseExpertFormat(config.hidden_size, config.expert_ffn, dtype)
+            experts = {}
+            for layer in config.moe_layers:
+                experts[layer] = []
+                for e in range(config.num_experts):
+                    experts[layer].append(expert_format.view(expert_format.pack(ckpt.expert(layer, e)).to(device)))
+                    bar.update(1)
+        model = Transformer(config, weights, ResidentExperts(experts))
+        cache = KVCache.allocate(config, batch=1, max_len=max_context, device=device, dtype=dtype)
+        return cls(config, model, tokenizer, cache, name=Path(runtime.model).name)
+
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise UserError("the prompt is empty")
+        if len(prompt_ids) > self.max_context:
+            raise UserError(
+                f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_context}; "
+                f"shorten the prompt or raise --max-context (the model allows {self.config.max_position_embeddings})"
+            )
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Run:
+        self.check_prompt(prompt_ids)
+        run = Run(pieces=iter(()))
+        run.pieces = self._pieces(run, prompt_ids, params)
+        return run
+
+    def _pieces(self, run: Run, prompt_ids: list[int], params: SamplingParams) -> Iterator[str]:
+        stats = run.stats
+        stats.prompt_tokens = len(prompt_ids)
+        decoder = self.tokenizer.stream_decoder()
+        stops = StopStrings(params.stop)
+        started = time.perf_counter()
+        run.finish_reason = "stop"
+        for token in generate(self.model, self.cache, prompt_ids, params, self.tokenizer.eos_ids):
+            now = time.perf_counter()
+            if not run.token_ids:
+                stats.time_to_first_token = now - started
+                first_at = now
+            else:
+                stats.decode_seconds = now - first_at
+            run.token_ids.append(token)
+            stats.new_tokens = len(run.token_ids)
+            text, stopped = stops.feed(decoder.push(token))
+            if text:
+                yield text
+            if stopped:
+                return
+            if len(run.token_ids) == params.max_new_tokens or len(prompt_ids) + len(run.token_ids) >= self.max_context:
+                run.finish_reason = "length"
+        text, _ = stops.feed(decoder.flush(), final=True)
+        if text:
+            yield text
+
+
+class StopStrings:
+    """Withholds text that might be the start of a stop string; cuts the text at the first stop."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(s for s in stops if s)
+        self.held = ""
+
+    def feed(self, piece: str, final: bool = False) -> tuple[str, bool]:
+        """-> (text safe to emit now, whether a stop string was reached)."""
+        text = self.held + piece
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return text[:min(hits)], True
+        keep = 0 if final else max((_partial_suffix(text, s) for s in self.stops), default=0)
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep], False
+
+
+def _partial_suffix(text: str, stop: str) -> int:
+    """Length of the longest end of `text` that is a proper beginning of `stop`."""
+    for length in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:length]):
+            return length
+    return 0

@@ -1,0 +1,72 @@
+"""Prefill, then decode through the KV cache, as a generator of token ids.
+
+    for token_id in generate(model, cache, prompt_ids, params, eos_ids):
+        ...
+
+Sampling runs on the CPU in fp32 from a seeded generator, so a seed gives the same tokens on
+any device. Stop strings are text, not ids: the engine handles them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from .config import SamplingParams
+from .model import KVCache, Transformer
+
+PREFILL_CHUNK = 512  # prompt tokens per forward: bounds activation memory on long prompts
+
+
+def prefill(model: Transformer, cache: KVCache, prompt_ids: list[int], device, last_only: bool = True) -> torch.Tensor:
+    """Run the prompt through the model in chunks; returns logits (1, vocab) of its last token,
+    or (T, vocab) for every position when `last_only` is False."""
+    pieces = []
+    for start in range(0, len(prompt_ids), PREFILL_CHUNK):
+        chunk = torch.tensor([prompt_ids[start:start + PREFILL_CHUNK]], device=device)
+        is_last = start + PREFILL_CHUNK >= len(prompt_ids)
+        logits = model(chunk, cache, start_pos=start, last_only=last_only)
+        if not last_only:
+            pieces.append(logits[0])
+        elif is_last:
+            return logits[0]
+    return torch.cat(pieces)
+
+
+def generate(model: Transformer, cache: KVCache, prompt_ids: list[int], params: SamplingParams,
+             eos_ids: tuple[int, ...] = ()) -> Iterator[int]:
+    """Yield new token ids until EOS (not yielded), `params.max_new_tokens`, or the cache is full."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    device = cache.keys[0].device
+    generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+    logits = prefill(model, cache, prompt_ids, device)
+    position = len(prompt_ids)
+    for produced in range(params.max_new_tokens):
+        token = sample(logits[-1], params, generator)
+        if token in eos_ids:
+            return
+        yield token
+        if produced + 1 == params.max_new_tokens or position >= cache.max_len:
+            return
+        logits = model(torch.tensor([[token]], device=device), cache, start_pos=position)[0]
+        position += 1
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
+    """logits (vocab,) -> one token id; temperature, then top-k, then top-p, as transformers orders them."""
+    logits = logits.float().cpu()
+    if params.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= params.top_p   # keep the smallest set reaching top_p
+        logits[order[drop]] = float("-inf")
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

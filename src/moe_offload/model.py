@@ -1,0 +1,207 @@
+"""The math of a decoder-only MoE transformer (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and nothing else.
+
+    model = Transformer(config, weights, provider)
+    cache = KVCache.allocate(config, batch=1, max_len=4096, device=..., dtype=...)
+    logits = model(tokens, cache, start_pos=0)       # tokens: (batch, T) -> logits (batch, T, vocab)
+
+Family differences are plain fields of `ModelConfig` (q/k norms, qkv bias and clipping, shared
+experts, dense layers). Routed experts come from an `ExpertProvider` (see experts.py); every other
+weight is held here. A weight is a tensor (out, in) or a quantized object with `.linear(x)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .experts import Expert, ExpertProvider
+
+
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
+    y = weight.linear(x)
+    return y if bias is None else y + bias
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in fp32, as the reference implementations do, then scale in the model's dtype.
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def swiglu(mlp: Expert, x: torch.Tensor) -> torch.Tensor:
+    return linear(F.silu(linear(x, mlp.w1)) * linear(x, mlp.w3), mlp.w2)
+
+
+def rotary(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for `positions` (T,), each (T, head_dim), half-split layout (rotate_half)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (batch, heads, T, head_dim); cos, sin: (T, head_dim)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+@dataclass
+class AttentionWeights:
+    wq: object
+    wk: object
+    wv: object
+    wo: object
+    bq: torch.Tensor | None = None
+    bk: torch.Tensor | None = None
+    bv: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None  # (head_dim,) or (heads * head_dim,), by config.qk_norm
+    k_norm: torch.Tensor | None = None
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor
+    attn: AttentionWeights
+    mlp_norm: torch.Tensor
+    router: torch.Tensor | None = None         # (num_experts, hidden); None in dense layers
+    dense_mlp: Expert | None = None            # dense layers only
+    shared_expert: Expert | None = None        # qwen2_moe
+    shared_expert_gate: torch.Tensor | None = None  # (1, hidden)
+
+
+@dataclass
+class ModelWeights:
+    embed: torch.Tensor      # (vocab, hidden)
+    layers: list[LayerWeights]
+    norm: torch.Tensor
+    lm_head: object          # (vocab, hidden)
+
+
+@dataclass
+class KVCache:
+    keys: list[torch.Tensor]    # per layer: (batch, kv_heads, max_len, head_dim)
+    values: list[torch.Tensor]
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, batch: int, max_len: int, device, dtype) -> "KVCache":
+        shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+        return cls(
+            keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)],
+            values=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)],
+        )
+
+    @staticmethod
+    def nbytes(config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype) -> int:
+        per_layer = 2 * batch * config.num_kv_heads * max_len * config.head_dim
+        return config.num_layers * per_layer * torch.empty((), dtype=dtype).element_size()
+
+
+def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits (T, E) -> fp32 weights (T, k) and expert ids (T, k)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+class Transformer:
+    def __init__(self, config: ModelConfig, weights: ModelWeights, provider: ExpertProvider):
+        self.config = config
+        self.weights = weights
+        self.provider = provider
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, start_pos: int, last_only: bool = False) -> torch.Tensor:
+        """tokens (batch, T) at positions start_pos.. -> logits (batch, T or 1, vocab), fp32."""
+        cfg, w = self.config, self.weights
+        batch, length = tokens.shape
+        if start_pos + length > cache.max_len:
+            raise ValueError(f"positions up to {start_pos + length} exceed the KV cache of {cache.max_len}")
+        h = w.embed[tokens]
+        positions = torch.arange(start_pos, start_pos + length, device=h.device)
+        cos, sin = rotary(positions, cfg.head_dim, cfg.rope_theta)
+        mask = self._attention_mask(positions, start_pos + length)
+        for index, layer in enumerate(w.layers):
+            h = h + self._attention(index, layer, rms_norm(h, layer.attn_norm, cfg.rms_norm_eps), cache, start_pos, cos, sin, mask)
+            h = h + self._mlp(index, layer, h)
+        if last_only:
+            h = h[:, -1:]
+        return linear(rms_norm(h, w.norm, cfg.rms_norm_eps), w.lm_head).float()
+
+    def _attention_mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """(T, kv_len) booleans: query at position p sees keys at p - window < j <= p."""
+        keys = torch.arange(kv_len, device=positions.device)
+        visible = keys[None, :] <= positions[:, None]
+        if self.config.sliding_window:
+            visible &= keys[None, :] > positions[:, None] - self.config.sliding_window
+        return visible
+
+    def _attention(self, index, layer: LayerWeights, x, cache: KVCache, start_pos, cos, sin, mask):
+        cfg, a = self.config, layer.attn
+        batch, length, _ = x.shape
+        q, k, v = linear(x, a.wq, a.bq), linear(x, a.wk, a.bk), linear(x, a.wv, a.bv)
+        if cfg.qk_norm == "full":
+            q, k = rms_norm(q, a.q_norm, cfg.rms_norm_eps), rms_norm(k, a.k_norm, cfg.rms_norm_eps)
+        if cfg.clip_qkv is not None:
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        q = q.view(batch, length, cfg.num_heads, cfg.head_dim)
+        k = k.view(batch, length, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(batch, length, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm == "head":
+            q, k = rms_norm(q, a.q_norm, cfg.rms_norm_eps), rms_norm(k, a.k_norm, cfg.rms_norm_eps)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (batch, heads, T, head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        end = start_pos + length
+        cache.keys[index][:batch, :, start_pos:end] = k
+        cache.values[index][:batch, :, start_pos:end] = v
+        keys, values = cache.keys[index][:batch, :, :end], cache.values[index][:batch, :, :end]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=cfg.num_heads != cfg.num_kv_heads)
+        out = out.transpose(1, 2).reshape(batch, length, cfg.num_heads * cfg.head_dim)
+        return linear(out, a.wo)
+
+    def _mlp(self, index, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+        x = rms_norm(h, layer.mlp_norm, self.config.rms_norm_eps)
+        if layer.dense_mlp is not None:
+            return swiglu(layer.dense_mlp, x)
+        shape = x.shape
+        x, residual = x.reshape(-1, shape[-1]), h.reshape(-1, shape[-1])
+        y = self._routed_experts(index, layer, x, residual)
+        if layer.shared_expert is not None:
+            y = y + torch.sigmoid(linear(x, layer.shared_expert_gate)) * swiglu(layer.shared_expert, x)
+        return y.view(shape)
+
+    def _routed_experts(self, index, layer: LayerWeights, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """x (T, hidden) -> weighted sum of each token's top-k experts, (T, hidden).
+
+        Each (token, choice) pair writes its own row of `picked`, and the rows are summed in choice
+        order at the end: the result does not depend on the order in which experts arrive.
+        """
+        top_k = self.config.top_k
+        weights, ids = route(linear(x, layer.router), top_k, self.config.norm_topk_prob)
+        flat_ids = ids.flatten()
+        order = torch.argsort(flat_ids, stable=True)                        # (T * k,) grouped by expert
+        counts = torch.bincount(flat_ids, minlength=self.config.num_experts).tolist()  # the one sync
+        starts = [0]
+        for count in counts:
+            starts.append(starts[-1] + count)
+        needed = [e for e, count in enumerate(counts) if count]
+        picked = x.new_empty(flat_ids.numel(), x.shape[-1])
+        for expert_id, expert in self.provider.experts(index, needed, residual):
+            rows = order[starts[expert_id]:starts[expert_id + 1]]
+            picked[rows] = swiglu(expert, x[rows // top_k])
+        weighted = picked.view(-1, top_k, x.shape[-1]).float() * weights.unsqueeze(-1)
+        return weighted.sum(dim=1).to(x.dtype)

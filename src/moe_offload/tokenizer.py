@@ -1,0 +1,169 @@
+"""Text <-> token ids, from a checkpoint's tokenizer.json and tokenizer_config.json.
+
+    tok = Tokenizer.from_folder(model_dir)
+    ids = tok.encode("def main():")                          # BOS added as the tokenizer declares
+    ids = tok.encode_chat([{"role": "user", "content": "hi"}])
+    stream = tok.stream_decoder(); text = stream.push(token_id)   # never splits a character
+
+Chat templates are rendered the way transformers renders them (sandboxed Jinja, trim_blocks,
+lstrip_blocks, its `tojson` and `raise_exception`). A tokenizer without a template gets a plain
+"role: content" transcript.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from .errors import UserError
+
+FALLBACK_ROLE_PREFIX = "\n{role}: "
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: HFTokenizer, settings: dict, eos_ids: tuple[int, ...] = ()):
+        self.hf = tokenizer
+        self.settings = settings
+        self.bos_token = _token_text(settings.get("bos_token"))
+        self.eos_token = _token_text(settings.get("eos_token"))
+        declared_eos = self.hf.token_to_id(self.eos_token) if self.eos_token else None
+        self.eos_ids = tuple(dict.fromkeys([*eos_ids, *([declared_eos] if declared_eos is not None else [])]))
+        self.chat_template = _select_template(settings.get("chat_template"))
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, eos_ids: tuple[int, ...] = ()) -> "Tokenizer":
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise UserError(f"{path}: missing; the model folder needs a tokenizer.json")
+        try:
+            tokenizer = HFTokenizer.from_file(str(path))
+        except Exception as e:
+            raise UserError(f"{path}: cannot be read as a tokenizer ({e})") from None
+        settings_path = folder / "tokenizer_config.json"
+        settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+        template_path = folder / "chat_template.jinja"
+        if "chat_template" not in settings and template_path.is_file():
+            settings["chat_template"] = template_path.read_text()
+        return cls(tokenizer, settings, eos_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if self.chat_template is None:
+            return _fallback_transcript(messages, add_generation_prompt)
+        try:
+            return self._compiled_template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                unk_token=_token_text(self.settings.get("unk_token")) or "",
+                pad_token=_token_text(self.settings.get("pad_token")) or "",
+            )
+        except Exception as e:  # jinja errors, raise_exception() from the template itself
+            raise UserError(f"chat template failed on these messages: {e}") from None
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        text = self.render_chat(messages, add_generation_prompt)
+        if self.chat_template is None:
+            return self.encode(text)
+        # Templates write their own BOS, as transformers assumes.
+        return self.encode(text, add_special_tokens=False)
+
+    @property
+    def chat_stop_strings(self) -> tuple[str, ...]:
+        """Strings that end an assistant turn in the fallback transcript (templates end with EOS)."""
+        if self.chat_template is not None:
+            return ()
+        return tuple(FALLBACK_ROLE_PREFIX.format(role=r).rstrip() for r in ("user", "system"))
+
+    @cached_property
+    def _compiled_template(self):
+        return _compile_template(self.chat_template)
+
+    def stream_decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Turns token ids into text pieces as they arrive, never splitting a multi-byte character.
+
+    Decoding is done on a short window of recent ids so the cost per token stays constant; text
+    is held back while it ends in U+FFFD (an incomplete byte sequence).
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_start = 0   # window start: decoded for context only
+        self.emitted_upto = 0   # ids before this index have been emitted as text
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_start:self.emitted_upto])
+        full = decode(self.ids[self.prefix_start:])
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return ""
+        self.prefix_start, self.emitted_upto = self.emitted_upto, len(self.ids)
+        return full[len(prefix):]
+
+    def flush(self) -> str:
+        """Whatever is still held back at the end of generation."""
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_start:self.emitted_upto])
+        full = decode(self.ids[self.prefix_start:])
+        self.prefix_start = self.emitted_upto = len(self.ids)
+        return full[len(prefix):]
+
+
+def _token_text(token) -> str | None:
+    if isinstance(token, dict):  # older configs store AddedToken dicts
+        return token.get("content")
+    return token
+
+
+def _select_template(template):
+    if isinstance(template, list):  # named templates: use the default one
+        named = {t["name"]: t["template"] for t in template}
+        return named.get("default")
+    return template
+
+
+def _fallback_transcript(messages: list[dict], add_generation_prompt: bool) -> str:
+    text = "".join(FALLBACK_ROLE_PREFIX.format(role=m["role"]) + m["content"] for m in messages).lstrip("\n")
+    if add_generation_prompt:
+        text += FALLBACK_ROLE_PREFIX.format(role="assistant").rstrip(" ")
+    return text
+
+
+def _compile_template(template: str):
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        from jinja2.exceptions import TemplateError
+
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
