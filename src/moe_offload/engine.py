@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .checkpoint import Checkpoint
 from .config import ModelConfig, RuntimeConfig, SamplingParams
 from .errors import UserError
-from .experts import DenseExpertFormat, ResidentExperts
+from .experts import DenseExpertFormat, ExpertFormat, ResidentExperts
 from .generate import generate
 from .model import KVCache, Transformer
 from .tokenizer import Tokenizer
@@ -50,6 +50,22 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise UserError(f"--dtype {name!r} is not supported; use one of: auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def expert_storage(ckpt: Checkpoint, dtype: torch.dtype) -> tuple[ExpertFormat, Callable[[int, int], torch.Tensor]]:
+    """How experts are stored, and where each one's packed CPU buffer comes from: (layer, expert) -> uint8."""
+    expert_format = DenseExpertFormat(ckpt.config.hidden_size, ckpt.config.expert_ffn, dtype)
+    return expert_format, lambda layer, expert_id: expert_format.pack(ckpt.expert(layer, expert_id))
+
+
+def resident_experts(config: ModelConfig, expert_format: ExpertFormat, expert_buffer, device, progress) -> ResidentExperts:
+    experts = {}
+    for layer in config.moe_layers:
+        experts[layer] = []
+        for expert_id in range(config.num_experts):
+            experts[layer].append(expert_format.view(expert_buffer(layer, expert_id).to(device)))
+            progress(1)
+    return ResidentExperts(experts)
 
 
 @dataclass
@@ -110,16 +126,15 @@ class Engine:
         total = ckpt.num_dense_tensors() + len(config.moe_layers) * config.num_experts
         with tqdm(total=total, desc="loading", unit="tensor", disable=not progress or None, file=sys.stderr) as bar:
             weights = ckpt.dense_weights(device, dtype, progress=bar.update)
-            expert_format = DenseExpertFormat(config.hidden_size, config.expert_ffn, dtype)
-            experts = {}
-            for layer in config.moe_layers:
-                experts[layer] = []
-                for e in range(config.num_experts):
-                    experts[layer].append(expert_format.view(expert_format.pack(ckpt.expert(layer, e)).to(device)))
-                    bar.update(1)
-        model = Transformer(config, weights, ResidentExperts(experts))
+            expert_format, expert_buffer = expert_storage(ckpt, dtype)
+            provider = resident_experts(config, expert_format, expert_buffer, device, progress=bar.update)
+        model = Transformer(config, weights, provider)
         cache = KVCache.allocate(config, batch=1, max_len=max_context, device=device, dtype=dtype)
         return cls(config, model, tokenizer, cache, name=Path(runtime.model).name)
+
+    def expert_stats(self) -> dict[str, float]:
+        """Expert-cache counters for --stats and /metrics (hit rate, prefetch recall, ...); empty when resident."""
+        return {}
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
