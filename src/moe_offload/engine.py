@@ -139,9 +139,10 @@ class Engine:
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
             raise UserError("the prompt is empty")
-        if len(prompt_ids) > self.max_context:
+        if len(prompt_ids) >= self.max_context:
             raise UserError(
-                f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_context}; "
+                f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_context}, "
+                f"prompt and completion together; "
                 f"shorten the prompt or raise --max-context (the model allows {self.config.max_position_embeddings})"
             )
 

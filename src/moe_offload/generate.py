@@ -36,7 +36,8 @@ def prefill(model: Transformer, cache: KVCache, prompt_ids: list[int], device, l
 
 def generate(model: Transformer, cache: KVCache, prompt_ids: list[int], params: SamplingParams,
              eos_ids: tuple[int, ...] = ()) -> Iterator[int]:
-    """Yield new token ids until EOS (not yielded), `params.max_new_tokens`, or the cache is full."""
+    """Yield new token ids until EOS (not yielded), `params.max_new_tokens`, or prompt plus new
+    tokens fill the cache."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     device = cache.keys[0].device
@@ -48,7 +49,7 @@ def generate(model: Transformer, cache: KVCache, prompt_ids: list[int], params: 
         if token in eos_ids:
             return
         yield token
-        if produced + 1 == params.max_new_tokens or position >= cache.max_len:
+        if produced + 1 == params.max_new_tokens or position + 1 >= cache.max_len:
             return
         logits = model(torch.tensor([[token]], device=device), cache, start_pos=position)[0]
         position += 1

@@ -1,0 +1,98 @@
+"""Generation: greedy equals transformers' generate, sampling is reproducible, stops are honoured."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_offload.config import RuntimeConfig, SamplingParams
+from moe_offload.engine import Engine, StopStrings
+from moe_offload.generate import sample
+
+from conftest import SHIPPED_MODEL
+
+PROMPTS = ["def fibonacci(n):", "import numpy as np\n\n", "class Graph:\n    \"\"\"A graph"]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.load(RuntimeConfig(model=SHIPPED_MODEL, device="cpu", dtype="float32"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(SHIPPED_MODEL, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_generation_matches_transformers_generate(engine, reference, prompt):
+    ids = engine.tokenizer.encode(prompt)
+    run = engine.stream(ids, SamplingParams(max_new_tokens=48))
+    run.text()
+    with torch.no_grad():
+        out = reference.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False, eos_token_id=2, pad_token_id=2)
+    expected = out[0, len(ids):].tolist()
+    if 2 in expected:  # transformers includes the EOS token; we stop before it
+        expected = expected[:expected.index(2)]
+    assert run.token_ids == expected
+    assert run.finish_reason == ("length" if len(expected) == 48 else "stop")
+
+
+def test_sampling_with_a_seed_is_reproducible(engine):
+    ids = engine.tokenizer.encode(PROMPTS[0])
+    params = SamplingParams(max_new_tokens=24, temperature=0.9, top_k=50, top_p=0.95, seed=7)
+    first = engine.stream(ids, params)
+    first.text()
+    second = engine.stream(ids, params)
+    second.text()
+    other = engine.stream(ids, SamplingParams(max_new_tokens=24, temperature=0.9, top_k=50, top_p=0.95, seed=8))
+    other.text()
+    assert first.token_ids == second.token_ids
+    assert first.token_ids != other.token_ids
+
+
+def test_streamed_text_equals_decoding_all_tokens(engine):
+    run = engine.stream(engine.tokenizer.encode(PROMPTS[1]), SamplingParams(max_new_tokens=40, temperature=1.0, seed=3))
+    text = run.text()
+    assert text == engine.tokenizer.decode(run.token_ids)
+
+
+def test_stop_string_cuts_the_text_before_it(engine):
+    ids = engine.tokenizer.encode(PROMPTS[0])
+    full = engine.stream(ids, SamplingParams(max_new_tokens=48)).text()
+    stop = full[10:14]
+    assert stop in full
+    cut = engine.stream(ids, SamplingParams(max_new_tokens=48, stop=(stop,)))
+    assert cut.text() == full[:full.index(stop)]
+    assert cut.finish_reason == "stop"
+
+
+def test_generation_ends_when_the_context_is_full(tmp_path):
+    engine = Engine.load(RuntimeConfig(model=SHIPPED_MODEL, device="cpu", dtype="float32", max_context=16), progress=False)
+    ids = engine.tokenizer.encode(PROMPTS[0])
+    run = engine.stream(ids, SamplingParams(max_new_tokens=100))
+    run.text()
+    assert len(ids) + len(run.token_ids) == 16
+    assert run.finish_reason == "length"
+
+
+def test_stop_strings_hold_back_a_possible_beginning():
+    stops = StopStrings(("\nuser:",))
+    assert stops.feed("hello\nus") == ("hello", False)
+    assert stops.feed("eful") == ("\nuseful", False)
+    assert stops.feed(" x\nuser: hi") == (" x", True)
+
+
+def test_top_k_one_is_greedy():
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    params = SamplingParams(temperature=5.0, top_k=1, seed=0)
+    assert all(sample(logits, params, torch.Generator().manual_seed(s)) == 1 for s in range(20))
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    params = SamplingParams(temperature=1.0, top_p=0.75)
+    seen = {sample(logits, params, torch.Generator().manual_seed(s)) for s in range(200)}
+    assert seen == {0, 1}
