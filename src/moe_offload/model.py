@@ -62,6 +62,7 @@ class AttentionWeights:
     bq: torch.Tensor | None = None
     bk: torch.Tensor | None = None
     bv: torch.Tensor | None = None
+    bo: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None  # (head_dim,) or (heads * head_dim,), by config.qk_norm
     k_norm: torch.Tensor | None = None
 
@@ -117,11 +118,19 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Te
     return weights, ids
 
 
+def own_routing(layer: int, logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The default router of every MoE layer: `route` on the layer's own gate logits."""
+    return route(logits, top_k, renormalize)
+
+
 class Transformer:
-    def __init__(self, config: ModelConfig, weights: ModelWeights, provider: ExpertProvider):
+    def __init__(self, config: ModelConfig, weights: ModelWeights, provider: ExpertProvider, router=own_routing):
+        # router(layer, logits (T, E), top_k, renormalize) -> (weights, ids); benchmarks replace it
+        # to replay recorded routing (bench/replay.py); everything else keeps `own_routing`.
         self.config = config
         self.weights = weights
         self.provider = provider
+        self.router = router
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, cache: KVCache, start_pos: int, last_only: bool = False) -> torch.Tensor:
@@ -171,7 +180,7 @@ class Transformer:
         keys, values = cache.keys[index][:batch, :, :end], cache.values[index][:batch, :, :end]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=cfg.num_heads != cfg.num_kv_heads)
         out = out.transpose(1, 2).reshape(batch, length, cfg.num_heads * cfg.head_dim)
-        return linear(out, a.wo)
+        return linear(out, a.wo, a.bo)
 
     def _mlp(self, index, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         x = rms_norm(h, layer.mlp_norm, self.config.rms_norm_eps)
@@ -191,7 +200,7 @@ class Transformer:
         order at the end: the result does not depend on the order in which experts arrive.
         """
         top_k = self.config.top_k
-        weights, ids = route(linear(x, layer.router), top_k, self.config.norm_topk_prob)
+        weights, ids = self.router(index, linear(x, layer.router), top_k, self.config.norm_topk_prob)
         flat_ids = ids.flatten()
         order = torch.argsort(flat_ids, stable=True)                        # (T * k,) grouped by expert
         counts = torch.bincount(flat_ids, minlength=self.config.num_experts).tolist()  # the one sync
