@@ -158,7 +158,6 @@ class Engine:
         decoder = self.tokenizer.stream_decoder()
         stops = StopStrings(params.stop)
         started = time.perf_counter()
-        run.finish_reason = "stop"
         for token in generate(self.model, self.cache, prompt_ids, params, self.tokenizer.eos_ids):
             now = time.perf_counter()
             if not run.token_ids:
@@ -172,10 +171,13 @@ class Engine:
             if text:
                 yield text
             if stopped:
+                run.finish_reason = "stop"
                 return
-            if len(run.token_ids) == params.max_new_tokens or len(prompt_ids) + len(run.token_ids) >= self.max_context:
-                run.finish_reason = "length"
-        text, _ = stops.feed(decoder.flush(), final=True)
+        out_of_room = len(run.token_ids) == params.max_new_tokens or len(prompt_ids) + len(run.token_ids) >= self.max_context
+        run.finish_reason = "length" if out_of_room else "stop"  # else: EOS
+        text, stopped = stops.feed(decoder.flush(), final=True)
+        if stopped:
+            run.finish_reason = "stop"
         if text:
             yield text
 
