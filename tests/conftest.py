@@ -17,22 +17,48 @@ def requires_fixture(path: Path):
     return pytest.mark.skipif(not (path / "model.safetensors").is_file(), reason=f"{path} not present")
 
 
-def write_tiny_mixtral(folder: Path, seed: int = 0, **overrides) -> Path:
-    """A random MixtralForCausalLM saved with transformers (hub tensor names), plus the shipped tokenizer."""
-    from transformers import MixtralConfig, MixtralForCausalLM
+# model_type -> (transformers config class, model class, tiny settings). Three layers so that dense
+# layers can mix with MoE ones; vocab 8192 so the shipped tokenizer fits.
+_TINY_BASE = dict(vocab_size=8192, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+TINY_FAMILIES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(intermediate_size=96, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(num_hidden_layers=3, head_dim=24, num_experts=16, num_experts_per_tok=8, moe_intermediate_size=24,
+                       intermediate_size=96, norm_topk_prob=True, mlp_only_layers=[1])),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(num_hidden_layers=3, num_experts=8, num_experts_per_tok=4, moe_intermediate_size=24,
+                       shared_expert_intermediate_size=48, intermediate_size=96, mlp_only_layers=[0])),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
+              dict(num_hidden_layers=3, num_experts=16, num_experts_per_tok=8, intermediate_size=24, clip_qkv=1.0)),
+}
 
-    settings = dict(vocab_size=8192, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                    max_position_embeddings=512, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
-    settings.update(overrides)
+
+def write_tiny_family(folder: Path, model_type: str, seed: int = 0, **overrides) -> Path:
+    """A random checkpoint of one family, saved with transformers' own classes (hub tensor names),
+    plus the shipped tokenizer. `overrides` are config fields (see TINY_FAMILIES for the defaults)."""
+    import transformers
+
+    config_class, model_class, family = TINY_FAMILIES[model_type]
+    settings = {**_TINY_BASE, **family, **overrides}
     torch.manual_seed(seed)
-    model = MixtralForCausalLM(MixtralConfig(**settings)).eval()
-    # Random init gives tiny logits; scale the weights up so routing and attention are not flat.
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**settings)).eval()
+    # Random init gives tiny logits; scale the weights up so routing and attention are not flat,
+    # and move norm weights off 1 so a misplaced norm cannot hide.
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" not in name:
                 param.normal_(0, 0.5 / param.shape[-1] ** 0.5 * 4)
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(torch.randn_like(param), alpha=0.1)
     model.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (folder / name).write_bytes((SHIPPED_MODEL / name).read_bytes())
     return folder
+
+
+def write_tiny_mixtral(folder: Path, seed: int = 0, **overrides) -> Path:
+    """A random MixtralForCausalLM saved with transformers (hub tensor names), plus the shipped tokenizer."""
+    return write_tiny_family(folder, "mixtral", seed, **overrides)

@@ -71,6 +71,8 @@ def dense_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             if c.qkv_bias:
                 shapes[f"{p}.self_attn.{proj}_proj.bias"] = (out,)
         shapes[f"{p}.self_attn.o_proj.weight"] = (c.hidden_size, q_out)
+        if c.o_bias:
+            shapes[f"{p}.self_attn.o_proj.bias"] = (c.hidden_size,)
         if c.qk_norm == "head":
             shapes[f"{p}.self_attn.q_norm.weight"] = (c.head_dim,)
             shapes[f"{p}.self_attn.k_norm.weight"] = (c.head_dim,)
@@ -164,6 +166,7 @@ class Checkpoint:
                 bq=opt(f"{p}.self_attn.q_proj.bias"),
                 bk=opt(f"{p}.self_attn.k_proj.bias"),
                 bv=opt(f"{p}.self_attn.v_proj.bias"),
+                bo=opt(f"{p}.self_attn.o_proj.bias"),
                 q_norm=opt(f"{p}.self_attn.q_norm.weight"),
                 k_norm=opt(f"{p}.self_attn.k_norm.weight"),
             )

@@ -42,6 +42,7 @@ class ModelConfig:
     dense_layers: tuple[int, ...] = ()     # layers with a dense MLP instead of experts
     shared_expert_ffn: int = 0             # qwen2_moe: an always-on expert gated by a sigmoid
     qkv_bias: bool = False
+    o_bias: bool = False                   # a bias on the attention output projection too
     qk_norm: str = "none"                  # "none" | "head" (per head, qwen3) | "full" (whole projection, olmoe)
     clip_qkv: float | None = None
     tie_word_embeddings: bool = False
@@ -83,7 +84,7 @@ class ModelConfig:
             return cls(
                 **common,
                 expert_ffn=_require(hf, "intermediate_size"),
-                num_experts=_require(hf, "num_local_experts"),
+                num_experts=_num_experts(hf),
                 sliding_window=hf.get("sliding_window"),
             )
         if hf.get("use_sliding_window"):
@@ -92,8 +93,10 @@ class ModelConfig:
             return cls(
                 **common,
                 expert_ffn=_require(hf, "intermediate_size"),
-                num_experts=_require(hf, "num_experts"),
+                num_experts=_num_experts(hf),
                 norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                qkv_bias=bool(hf.get("attention_bias", False)),
+                o_bias=bool(hf.get("attention_bias", False)),
                 qk_norm="full",
                 clip_qkv=hf.get("clip_qkv"),
             )
@@ -104,12 +107,14 @@ class ModelConfig:
         return cls(
             **common,
             expert_ffn=_require(hf, "moe_intermediate_size"),
-            num_experts=_require(hf, "num_experts"),
+            num_experts=_num_experts(hf),
             norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
             dense_ffn=hf.get("intermediate_size", 0),
             dense_layers=dense,
             shared_expert_ffn=hf.get("shared_expert_intermediate_size", 0) if model_type == "qwen2_moe" else 0,
-            qkv_bias=model_type == "qwen2_moe" or bool(hf.get("attention_bias", False)),
+            # qwen2_moe: `qkv_bias` (default true) biases q, k, v; qwen3_moe: `attention_bias` biases q, k, v and o
+            qkv_bias=bool(hf.get("qkv_bias", True)) if model_type == "qwen2_moe" else bool(hf.get("attention_bias", False)),
+            o_bias=model_type == "qwen3_moe" and bool(hf.get("attention_bias", False)),
             qk_norm="head" if model_type == "qwen3_moe" else "none",
         )
 
@@ -118,6 +123,11 @@ def _require(hf: dict, key: str):
     if key not in hf or hf[key] is None:
         raise ConfigError(f"config.json: required field {key!r} is missing")
     return hf[key]
+
+
+def _num_experts(hf: dict) -> int:
+    # The hub's Qwen and OLMoE configs write num_experts, Mixtral's and transformers 5's Qwen3 num_local_experts.
+    return _require(hf, "num_experts" if "num_experts" in hf else "num_local_experts")
 
 
 def _rope_theta(hf: dict) -> float:
@@ -167,3 +177,77 @@ class RuntimeConfig:
     device: str = "auto"
     dtype: str = "auto"
     max_context: int = 4096      # KV cache length; capped by the model's max_position_embeddings
+    quant: "QuantConfig | None" = None   # HQQ quantization on load (quant/); None: the checkpoint's own weights
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """Expert offloading (offload/): experts in host RAM or on disk, an LRU cache of expert slots on
+    the compute device, speculative prefetch. Sizes are bytes; offload/planner.py turns them into a plan."""
+
+    enabled: bool = False
+    gpu_memory: int | None = None        # all that lives on the compute device; None: its free memory at start
+    cpu_memory: int | None = None        # host RAM for experts; None: all of them; the rest is mapped from disk
+    slots_per_layer: int | None = None   # expert slots per MoE layer; None: as many as gpu_memory allows
+    prefetch_experts: int | None = None  # experts predicted per layer ahead; None: the model's top-k; 0: off
+    prefetch_depth: int = 1              # how many MoE layers ahead to predict
+    prefetch_norm: bool = True           # apply the target layer's RMSNorm before its router when predicting
+    offload_dir: Path | None = None      # folder for the disk tier's (unlinked) file; None: the system temp folder
+    measure_time: bool = False           # time copies and waits with events (--stats); a little overhead per copy
+
+
+QUANT_BITS = (2, 3, 4, 8)
+QUANT_GROUP_SIZES = (16, 32, 64, 128)        # powers of two: the GPU kernel reshapes tiles by them
+PAPER_GROUP_SIZE = {2: 16, 3: 64, 4: 64, 8: 128}  # the paper's HQQ settings (experts 2-bit g16; 3-, 4-bit g64)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one role's weight matrices are quantized with HQQ (quant/hqq.py): `bits` per weight, groups
+    of `group_size` along the input dimension, each group's scale and zero themselves quantized to
+    8 bits when `quant_meta` (in groups of `meta_group_size` consecutive groups)."""
+
+    bits: int
+    group_size: int = 0             # 0: the paper's for these bits (PAPER_GROUP_SIZE)
+    quant_meta: bool = True
+    meta_group_size: int = 128
+
+    def __post_init__(self):
+        if self.bits not in QUANT_BITS:
+            raise ConfigError(f"quantization: {self.bits} bits is not supported; use one of {', '.join(map(str, QUANT_BITS))}")
+        if self.group_size == 0:
+            object.__setattr__(self, "group_size", PAPER_GROUP_SIZE[self.bits])
+        if self.group_size not in QUANT_GROUP_SIZES:
+            raise ConfigError(f"quantization: group size {self.group_size} is not supported; "
+                              f"use one of {', '.join(map(str, QUANT_GROUP_SIZES))}")
+        if self.meta_group_size < 1:
+            raise ConfigError(f"quantization: meta group size must be at least 1, got {self.meta_group_size}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """HQQ mixed quantization: one QuantSpec per role, None keeps that role in the model's dtype.
+    Embeddings are a row lookup, not a matmul, and always stay unquantized."""
+
+    attention: QuantSpec | None = None
+    experts: QuantSpec | None = None
+    shared: QuantSpec | None = None     # dense MLP layers and shared experts
+    router: QuantSpec | None = None
+    head: QuantSpec | None = None       # lm_head
+
+    @classmethod
+    def parse(cls, text: str) -> "QuantConfig":
+        """"A/E" (e.g. "4/2"): attention and shared layers at A bits, experts at E, the paper's group sizes."""
+        try:
+            attention_bits, expert_bits = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise ConfigError(f"--quant {text!r}: expected ATTENTION_BITS/EXPERT_BITS, e.g. 4/2") from None
+        attention = QuantSpec(attention_bits)
+        return cls(attention=attention, experts=QuantSpec(expert_bits), shared=attention)
+
+    def to_json(self) -> dict:
+        return {role: None if spec is None else dict(vars(spec)) for role, spec in vars(self).items()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "QuantConfig":
+        return cls(**{role: None if spec is None else QuantSpec(**spec) for role, spec in data.items()})
