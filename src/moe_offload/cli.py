@@ -13,12 +13,14 @@ import argparse
 import sys
 from dataclasses import fields
 
-from .config import RuntimeConfig, SamplingParams
+from .config import OffloadConfig, RuntimeConfig, SamplingParams
 from .engine import Engine
 from .errors import UserError
+from .offload.planner import parse_size
 
 RUNTIME = {f.name: f.default for f in fields(RuntimeConfig)}
 SAMPLING = {f.name: f.default for f in fields(SamplingParams) if f.name != "stop"}
+OFFLOAD = {f.name: f.default for f in fields(OffloadConfig)}
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -27,6 +29,55 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=RUNTIME["device"], help="cpu, cuda or cuda:N (default: %(default)s: cuda when available)")
     p.add_argument("--dtype", default=RUNTIME["dtype"], help="float32, bfloat16 or float16 (default: %(default)s: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--max-context", type=int, default=RUNTIME["max_context"], help="KV cache length in tokens (default: %(default)s)")
+
+
+def add_offload_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("expert offloading")
+    g.add_argument("--offload", action="store_true",
+                   help="keep experts in host RAM and stream them through an LRU cache of expert slots on the device")
+    g.add_argument("--gpu-memory", default=OFFLOAD["gpu_memory"],
+                   help="everything on the device must fit in this, e.g. 12GiB (default: the device's free memory)")
+    g.add_argument("--cpu-memory", default=OFFLOAD["cpu_memory"],
+                   help="host RAM for experts, e.g. 11GiB; the rest is memory-mapped from disk (default: all in RAM)")
+    g.add_argument("--slots", type=int, default=OFFLOAD["slots_per_layer"],
+                   help="expert slots per MoE layer (default: as many as --gpu-memory holds)")
+    g.add_argument("--prefetch", type=int, default=OFFLOAD["prefetch_experts"],
+                   help="experts to predict and prefetch per layer ahead, 0 for none (default: the model's top-k)")
+    g.add_argument("--prefetch-depth", type=int, default=OFFLOAD["prefetch_depth"],
+                   help="MoE layers ahead to predict (default: %(default)s)")
+    g.add_argument("--offload-dir", default=OFFLOAD["offload_dir"],
+                   help="folder for experts that do not fit in --cpu-memory (default: the system temp folder)")
+    g.add_argument("--stats", action="store_true",
+                   help="after each reply, print expert-cache statistics to stderr (with --offload)")
+
+
+def offload_from(args) -> OffloadConfig:
+    if not args.offload:
+        given = [flag for flag, value in (("--gpu-memory", args.gpu_memory), ("--cpu-memory", args.cpu_memory),
+                                          ("--slots", args.slots), ("--offload-dir", args.offload_dir)) if value is not None]
+        if given:
+            raise UserError(f"{given[0]} only applies to offloaded experts; add --offload")
+        return OffloadConfig()
+    return OffloadConfig(
+        enabled=True,
+        gpu_memory=None if args.gpu_memory is None else parse_size(args.gpu_memory, "--gpu-memory"),
+        cpu_memory=None if args.cpu_memory is None else parse_size(args.cpu_memory, "--cpu-memory"),
+        slots_per_layer=args.slots, prefetch_experts=args.prefetch, prefetch_depth=args.prefetch_depth,
+        offload_dir=args.offload_dir, measure_time=args.stats)
+
+
+def format_expert_stats(stats: dict[str, float], seconds: float) -> str:
+    """One line: hit rate, prefetch quality, bytes moved, link speed while copying, waiting vs the run's time."""
+    if not stats:
+        return "experts: all resident (no offloading)"
+    line = (f"experts: hit rate {stats['hit_rate']:.3f} ({stats['hits']}/{stats['requests']}), "
+            f"{stats['loads']} loads ({stats['prefetch_loads']} prefetched, {stats['prefetch_used']} of them used), "
+            f"{stats['bytes_loaded'] / 1e9:.2f} GB moved")
+    if "prefetch_recall" in stats:
+        line += f", prefetch recall {stats['prefetch_recall']:.3f} precision {stats['prefetch_precision']:.3f}"
+    line += (f", {stats['h2d_gbps']:.1f} GB/s while copying, waiting for copies {stats['wait_seconds']:.2f} s "
+             f"of {seconds:.2f} s")
+    return line
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -51,7 +102,7 @@ def sampling_from(args, extra_stops: tuple[str, ...] = ()) -> SamplingParams:
 
 
 def cmd_generate(args) -> None:
-    engine = Engine.load(runtime_from(args))
+    engine = Engine.load(runtime_from(args), offload=offload_from(args))
     params = sampling_from(args)
     run = engine.stream(engine.tokenizer.encode(args.prompt), params)
     for piece in run:
@@ -59,10 +110,13 @@ def cmd_generate(args) -> None:
         sys.stdout.flush()
     sys.stdout.write("\n")
     print(run.stats, file=sys.stderr)
+    if args.stats:
+        print(format_expert_stats(engine.expert_stats(), run.stats.time_to_first_token + run.stats.decode_seconds),
+              file=sys.stderr)
 
 
 def cmd_chat(args) -> None:
-    engine = Engine.load(runtime_from(args))
+    engine = Engine.load(runtime_from(args), offload=offload_from(args))
     params = sampling_from(args, extra_stops=engine.tokenizer.chat_stop_strings)
     history = [{"role": "system", "content": args.system}] if args.system else []
     print("moe-offload chat: Ctrl-D or Ctrl-C to quit", file=sys.stderr)
@@ -88,6 +142,9 @@ def cmd_chat(args) -> None:
             sys.stdout.flush()
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": "".join(reply).strip()})
+        if args.stats:
+            print(format_expert_stats(engine.expert_stats(), run.stats.time_to_first_token + run.stats.decode_seconds),
+                  file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,12 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_args(gen)
     gen.add_argument("--prompt", required=True, help="text to complete")
     add_sampling_args(gen)
+    add_offload_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat with the model's chat template and history")
     add_runtime_args(chat)
     chat.add_argument("--system", default=None, help="system message")
     add_sampling_args(chat)
+    add_offload_args(chat)
     chat.set_defaults(func=cmd_chat)
     return parser
 

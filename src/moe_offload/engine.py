@@ -22,11 +22,15 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint
-from .config import ModelConfig, RuntimeConfig, SamplingParams
+from .config import ModelConfig, OffloadConfig, RuntimeConfig, SamplingParams
 from .errors import UserError
 from .experts import DenseExpertFormat, ExpertFormat, ResidentExperts
 from .generate import generate
-from .model import KVCache, Transformer
+from .model import KVCache, ModelWeights, Transformer
+from .offload.planner import Plan, plan_for
+from .offload.prefetch import GatePredictor
+from .offload.provider import OffloadedExperts
+from .offload.store import ExpertStore
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -68,6 +72,20 @@ def resident_experts(config: ModelConfig, expert_format: ExpertFormat, expert_bu
     return ResidentExperts(experts)
 
 
+def offloaded_experts(config: ModelConfig, weights: ModelWeights, expert_format: ExpertFormat, expert_buffer,
+                      plan: Plan, offload: OffloadConfig, device: torch.device, progress) -> OffloadedExperts:
+    """Every expert into the host store (pinned on CUDA), slots and predictor as the plan says."""
+    store = ExpertStore(config.moe_layers, config.num_experts, expert_format.nbytes, plan.ram_experts,
+                        pin=device.type == "cuda", disk_dir=offload.offload_dir)
+    for layer in config.moe_layers:
+        for expert_id in range(config.num_experts):
+            store.write(layer, expert_id, expert_buffer(layer, expert_id))
+            progress(1)
+    top_n = config.top_k if offload.prefetch_experts is None else offload.prefetch_experts
+    predictor = GatePredictor(config, weights.layers, offload.prefetch_depth, top_n, offload.prefetch_norm) if top_n else None
+    return OffloadedExperts(store, expert_format, plan.slots, device, predictor, offload.measure_time)
+
+
 @dataclass
 class RunStats:
     prompt_tokens: int = 0
@@ -102,19 +120,22 @@ class Run:
 
 
 class Engine:
-    def __init__(self, config: ModelConfig, model: Transformer, tokenizer: Tokenizer, cache: KVCache, name: str):
+    def __init__(self, config: ModelConfig, model: Transformer, tokenizer: Tokenizer, cache: KVCache, name: str,
+                 plan: Plan | None = None):
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
         self.cache = cache
         self.name = name
+        self.plan = plan   # the offload plan; None when every expert is resident
 
     @property
     def max_context(self) -> int:
         return self.cache.max_len
 
     @classmethod
-    def load(cls, runtime: RuntimeConfig = RuntimeConfig(), progress: bool = True) -> "Engine":
+    def load(cls, runtime: RuntimeConfig = RuntimeConfig(), progress: bool = True,
+             offload: OffloadConfig = OffloadConfig()) -> "Engine":
         device = resolve_device(runtime.device)
         dtype = resolve_dtype(runtime.dtype, device)
         ckpt = Checkpoint.open(runtime.model)
@@ -123,18 +144,26 @@ class Engine:
             raise UserError(f"--max-context must be at least 1, got {runtime.max_context}")
         max_context = min(runtime.max_context, config.max_position_embeddings)
         tokenizer = Tokenizer.from_folder(runtime.model, eos_ids=config.eos_token_ids)
+        expert_format, expert_buffer = expert_storage(ckpt, dtype)
+        plan = plan_for(config, expert_format.nbytes, dtype, max_context, offload, device) if offload.enabled else None
+        if plan and progress:
+            print(plan.describe(), file=sys.stderr)
         total = ckpt.num_dense_tensors() + len(config.moe_layers) * config.num_experts
         with tqdm(total=total, desc="loading", unit="tensor", disable=not progress or None, file=sys.stderr) as bar:
             weights = ckpt.dense_weights(device, dtype, progress=bar.update)
-            expert_format, expert_buffer = expert_storage(ckpt, dtype)
-            provider = resident_experts(config, expert_format, expert_buffer, device, progress=bar.update)
+            if plan:
+                provider = offloaded_experts(config, weights, expert_format, expert_buffer, plan, offload, device, bar.update)
+            else:
+                provider = resident_experts(config, expert_format, expert_buffer, device, progress=bar.update)
         model = Transformer(config, weights, provider)
         cache = KVCache.allocate(config, batch=1, max_len=max_context, device=device, dtype=dtype)
-        return cls(config, model, tokenizer, cache, name=Path(runtime.model).name)
+        return cls(config, model, tokenizer, cache, name=Path(runtime.model).name, plan=plan)
 
     def expert_stats(self) -> dict[str, float]:
-        """Expert-cache counters for --stats and /metrics (hit rate, prefetch recall, ...); empty when resident."""
-        return {}
+        """Expert-cache counters for --stats and /metrics (hit rate, prefetch recall, ...; see
+        offload/cache.py for each one); empty when resident."""
+        provider = self.model.provider
+        return provider.summary() if isinstance(provider, OffloadedExperts) else {}
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:

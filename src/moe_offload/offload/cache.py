@@ -45,6 +45,9 @@ class LayerStats:
     predicted_used: dict[int, int] = field(default_factory=dict)
     used_predicted: dict[int, int] = field(default_factory=dict)
 
+    def clear(self) -> None:
+        self.__init__()
+
     @property
     def hit_rate(self) -> float:
         return self.hits / self.requests if self.requests else 0.0
@@ -66,8 +69,8 @@ class OffloadStats:
     copy_seconds: float = 0.0   # copies in progress (the copy stream busy)
 
     def reset(self) -> None:
-        for layer in self.layers:
-            self.layers[layer] = LayerStats()
+        for stats in self.layers.values():
+            stats.clear()   # in place: the layer caches hold these objects
         self.wait_seconds = self.copy_seconds = 0.0
 
     def total(self) -> LayerStats:

@@ -1,0 +1,165 @@
+"""The memory planner: a device budget and a host budget -> what lives where.
+
+    plan = make_plan(config, expert_nbytes=fmt.nbytes, dense_bytes=..., kv_bytes=..., device_budget=12 * 2**30,
+                     host_budget=11 * 2**30)
+    print(plan.describe())        # bytes per tier, slots per layer
+    plan.slots                    # {MoE layer: expert slots on the device}
+
+On the device: every non-expert weight, the KV cache for --max-context, a workspace for the
+activations of one prefill chunk, and what is left as expert slots, as many per layer as fit
+(spread evenly; a layer never gets more slots than it has experts). On the host: as many experts
+as the host budget holds in (pinned) RAM, the rest memory-mapped from disk. A device budget that
+cannot hold one slot per MoE layer is refused with the smallest budget that works.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..checkpoint import dense_tensor_shapes
+from ..config import ModelConfig, OffloadConfig
+from ..errors import UserError
+from ..generate import PREFILL_CHUNK
+from ..model import KVCache
+
+GiB = 2**30
+WORKSPACE_MARGIN = 64 * 2**20   # cuBLAS workspace, the router's small tensors, allocator slack
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """'12GiB', '12G' (binary), '12GB' (decimal), '500MiB', '1e9' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match and match.group(2).lower()
+    if not match or unit not in _UNITS:
+        raise UserError(f"{flag} {text!r} is not a size; write e.g. 12GiB, 500MiB or 24GB")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise UserError(f"{flag} {text!r}: the size must be positive")
+    return size
+
+
+def gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def workspace_bytes(config: ModelConfig, chunk: int, max_context: int, itemsize: int) -> int:
+    """Activations of one forward over `chunk` tokens, generously: hidden-sized temporaries, the
+    top-k rows of every token (and their fp32 sum), one expert's intermediates, router
+    probabilities, and an attention score matrix in fp32 (in case attention falls back to the
+    math kernel), plus the last token's logits."""
+    c = config
+    ffn = max(c.expert_ffn, c.dense_ffn, c.shared_expert_ffn)
+    per_token = (c.hidden_size * (8 * itemsize + c.top_k * (itemsize + 4)) + 3 * ffn * itemsize
+                 + c.num_experts * 4 + max_context * (c.num_heads * 4 + 1))
+    return chunk * per_token + 2 * c.vocab_size * 4 + WORKSPACE_MARGIN
+
+
+@dataclass(frozen=True)
+class Plan:
+    device_budget: int
+    dense_bytes: int       # non-expert weights
+    kv_bytes: int
+    max_context: int
+    workspace_bytes: int
+    expert_nbytes: int
+    slots: dict[int, int]  # MoE layer -> expert slots on the device
+    ram_experts: int       # experts in host RAM; the rest on disk
+    disk_experts: int
+    num_experts: int       # per MoE layer
+
+    @property
+    def slot_bytes(self) -> int:
+        return sum(self.slots.values()) * self.expert_nbytes
+
+    @property
+    def device_bytes(self) -> int:
+        return self.dense_bytes + self.kv_bytes + self.workspace_bytes + self.slot_bytes
+
+    def describe(self) -> str:
+        n = sum(self.slots.values())
+        lines = [
+            f"offload plan: device {gib(self.device_bytes)} of {gib(self.device_budget)}: "
+            f"non-expert weights {gib(self.dense_bytes)}, KV cache {gib(self.kv_bytes)} ({self.max_context} tokens), "
+            f"workspace {gib(self.workspace_bytes)}, expert slots {gib(self.slot_bytes)} "
+            f"({n} slots of {self.expert_nbytes / 2**20:.1f} MiB)",
+            f"  slots per layer (of {self.num_experts} experts): {_ranges(self.slots)}",
+            f"  host: {gib(self.ram_experts * self.expert_nbytes)} of experts in RAM ({self.ram_experts} experts), "
+            f"{gib(self.disk_experts * self.expert_nbytes)} memory-mapped from disk ({self.disk_experts} experts)",
+        ]
+        return "\n".join(lines)
+
+
+def make_plan(config: ModelConfig, expert_nbytes: int, dense_bytes: int, kv_bytes: int, max_context: int,
+              workspace: int, device_budget: int, host_budget: int | None = None,
+              slots_per_layer: int | None = None) -> Plan:
+    layers = config.moe_layers
+    fixed = dense_bytes + kv_bytes + workspace
+    smallest = fixed + len(layers) * expert_nbytes
+    if device_budget < smallest:
+        raise UserError(
+            f"--gpu-memory {gib(device_budget)} is too small: non-expert weights {gib(dense_bytes)}, KV cache "
+            f"{gib(kv_bytes)} for {max_context} tokens and workspace {gib(workspace)} plus one expert slot per "
+            f"layer ({len(layers)} x {expert_nbytes / 2**20:.1f} MiB) need {_round_up_gib(smallest)} GiB; raise "
+            f"--gpu-memory to at least {_round_up_gib(smallest)}GiB, or lower --max-context")
+    if slots_per_layer is not None:
+        if not 1 <= slots_per_layer <= config.num_experts:
+            raise UserError(f"--slots {slots_per_layer}: use 1 to {config.num_experts} (the experts per layer)")
+        need = fixed + len(layers) * slots_per_layer * expert_nbytes
+        if need > device_budget:
+            raise UserError(f"--slots {slots_per_layer} needs {_round_up_gib(need)} GiB on the device but --gpu-memory "
+                            f"is {gib(device_budget)}; lower --slots or raise --gpu-memory to {_round_up_gib(need)}GiB")
+        slots = dict.fromkeys(layers, slots_per_layer)
+    else:
+        total = min((device_budget - fixed) // expert_nbytes, len(layers) * config.num_experts)
+        base, extra = divmod(total, len(layers))
+        slots = {layer: base + (i < extra) for i, layer in enumerate(layers)}
+    all_experts = len(layers) * config.num_experts
+    ram = all_experts if host_budget is None else min(all_experts, host_budget // expert_nbytes)
+    return Plan(device_budget, dense_bytes, kv_bytes, max_context, workspace, expert_nbytes, slots,
+                ram, all_experts - ram, config.num_experts)
+
+
+def _round_up_gib(n: int) -> str:
+    return f"{-(-n * 100 // GiB) / 100:.2f}"
+
+
+def _ranges(slots: dict[int, int]) -> str:
+    """{0: 2, 1: 2, 2: 1} -> '2 in layers 0-1, 1 in layer 2'."""
+    groups: list[list] = []
+    for layer, count in slots.items():
+        if groups and groups[-1][0] == count and groups[-1][2] + 1 == layer:
+            groups[-1][2] = layer
+        else:
+            groups.append([count, layer, layer])
+    return ", ".join(f"{c} in layer {a}" if a == b else f"{c} in layers {a}-{b}" for c, a, b in groups)
+
+
+def plan_for(config: ModelConfig, expert_nbytes: int, dtype: torch.dtype, max_context: int,
+             offload: OffloadConfig, device) -> Plan:
+    """The plan for a model whose non-expert weights are in `dtype`, on `device`."""
+    if offload.prefetch_experts is not None and offload.prefetch_experts < 0:
+        raise UserError(f"--prefetch {offload.prefetch_experts}: use 0 (off) or more experts")
+    if offload.prefetch_depth < 1:
+        raise UserError(f"--prefetch-depth {offload.prefetch_depth}: use 1 or more layers")
+    device = torch.device(device)
+    itemsize = dtype.itemsize
+    dense = sum(math.prod(shape) for shape in dense_tensor_shapes(config).values()) * itemsize
+    budget = offload.gpu_memory if offload.gpu_memory is not None else free_memory(device)
+    return make_plan(config, expert_nbytes, dense, KVCache.nbytes(config, 1, max_context, dtype), max_context,
+                     workspace_bytes(config, PREFILL_CHUNK, max_context, itemsize), budget,
+                     offload.cpu_memory, offload.slots_per_layer)
+
+
+def free_memory(device) -> int:
+    """Bytes free on `device` now: the GPU's free memory, or the host's available RAM for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
