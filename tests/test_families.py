@@ -1,0 +1,327 @@
+"""Every supported MoE family through the one engine, checked against transformers' own classes.
+
+Tiny random checkpoints are written by transformers (`Qwen3MoeForCausalLM`, `Qwen2MoeForCausalLM`,
+`OlmoeForCausalLM`, `MixtralForCausalLM`) in the hub's tensor naming (conftest.write_tiny_family),
+with the options each family's config.json can switch: dense layers mixed in, top-k
+renormalisation on and off, a shared expert, qkv bias, q/k norms, qkv clipping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+
+from moe_offload.config import SUPPORTED_MODEL_TYPES, ModelConfig, RuntimeConfig, SamplingParams
+from moe_offload.engine import Engine
+from moe_offload.model import KVCache, Transformer
+from moe_offload.tokenizer import Tokenizer
+
+from conftest import SHIPPED_MODEL, TINY_FAMILIES, write_tiny_family
+from test_model_matches_transformers import assert_close_to_reference
+
+FAMILIES = tuple(TINY_FAMILIES)
+
+# name -> (model_type, config overrides on top of conftest.TINY_FAMILIES)
+VARIANTS = {
+    "qwen3_moe-top8of16-dense-layer-renorm": ("qwen3_moe", {}),
+    "qwen3_moe-no-renorm-sparse-step-2": ("qwen3_moe", dict(norm_topk_prob=False, decoder_sparse_step=2, mlp_only_layers=[])),
+    "qwen3_moe-attention-bias-tied-embeddings": ("qwen3_moe", dict(attention_bias=True, tie_word_embeddings=True)),
+    "qwen2_moe-shared-expert-qkv-bias-dense-layer": ("qwen2_moe", {}),
+    "qwen2_moe-renorm-no-qkv-bias-sparse-step-2": (
+        "qwen2_moe", dict(norm_topk_prob=True, qkv_bias=False, decoder_sparse_step=2, mlp_only_layers=[])),
+    "olmoe-clip-qkv-no-renorm": ("olmoe", {}),
+    "olmoe-no-clip-renorm-attention-bias": ("olmoe", dict(clip_qkv=None, norm_topk_prob=True, attention_bias=True)),
+    "mixtral-8x22b-head-ratio-top2of8": (
+        "mixtral", dict(hidden_size=96, num_attention_heads=12, num_key_value_heads=2, num_local_experts=8)),
+}
+
+
+@pytest.fixture(scope="module")
+def family_folder(tmp_path_factory):
+    """model_type -> a tiny checkpoint with the family's default test settings, written once per module."""
+    folders = {}
+
+    def get(model_type):
+        if model_type not in folders:
+            folders[model_type] = write_tiny_family(tmp_path_factory.mktemp(model_type), model_type)
+        return folders[model_type]
+
+    return get
+
+
+def load_engine(folder, **runtime) -> Engine:
+    return Engine.load(RuntimeConfig(model=folder, device="cpu", dtype="float32", **runtime), progress=False)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_family_logits_match_transformers_through_prefill_and_decode(tmp_path, variant):
+    model_type, overrides = VARIANTS[variant]
+    folder = write_tiny_family(tmp_path, model_type, **overrides)
+    assert json.loads((folder / "config.json").read_text())["model_type"] == model_type
+    assert_close_to_reference(folder, vocab_size=8192)
+
+
+def test_olmoe_test_checkpoint_really_clips(family_folder):
+    """The clipping variant above only tests clipping if clip_qkv=1.0 changes the logits."""
+    engine = load_engine(family_folder("olmoe"))
+    assert engine.config.clip_qkv == 1.0
+    tokens = torch.randint(3, 8192, (1, 64), generator=torch.Generator().manual_seed(1))
+    unclipped = Transformer(dataclasses.replace(engine.config, clip_qkv=None), engine.model.weights, engine.model.provider)
+    cache = KVCache.allocate(engine.config, 1, 64, "cpu", torch.float32)
+    clipped_logits, unclipped_logits = engine.model(tokens, cache, 0), unclipped(tokens, cache, 0)
+    assert (clipped_logits - unclipped_logits).abs().max() > 0.1 * clipped_logits.abs().max()
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_family_greedy_generation_matches_transformers_generate(family_folder, model_type):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    folder = family_folder(model_type)
+    engine = load_engine(folder)
+    ids = engine.tokenizer.encode("def fibonacci(n):\n    ")
+    run = engine.stream(ids, SamplingParams(max_new_tokens=48))
+    run.text()
+
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, experts_implementation="eager").eval()
+    eos = list(engine.tokenizer.eos_ids)
+    settings = GenerationConfig(max_new_tokens=48, do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
+    with torch.no_grad():
+        expected = reference.generate(torch.tensor([ids]), generation_config=settings)[0, len(ids):].tolist()
+    assert expected[-1] not in eos and len(expected) == 48, "pick a prompt whose greedy run does not end early"
+    assert run.token_ids == expected
+    assert run.finish_reason == "length"
+
+
+# config.json of published checkpoints, as the hub writes them (key names differ between families).
+HUB_CONFIGS = {
+    "Qwen/Qwen3-30B-A3B": {
+        "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128,
+        "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144,
+        "max_position_embeddings": 40960, "max_window_layers": 48, "mlp_only_layers": [], "model_type": "qwen3_moe",
+        "moe_intermediate_size": 768, "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128,
+        "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4, "output_router_logits": False,
+        "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+        "use_sliding_window": False, "vocab_size": 151936,
+    },
+    "Qwen/Qwen1.5-MoE-A2.7B": {
+        "architectures": ["Qwen2MoeForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+        "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+        "intermediate_size": 5632, "max_position_embeddings": 8192, "max_window_layers": 21, "model_type": "qwen2_moe",
+        "num_attention_heads": 16, "num_hidden_layers": 24, "num_key_value_heads": 16, "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "use_cache": True, "use_sliding_window": False, "vocab_size": 151936, "decoder_sparse_step": 1,
+        "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632, "num_experts_per_tok": 4,
+        "num_experts": 60, "norm_topk_prob": False, "output_router_logits": False, "router_aux_loss_coef": 0.001,
+    },
+    "allenai/OLMoE-1B-7B-0924": {
+        "architectures": ["OlmoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "clip_qkv": None,
+        "eos_token_id": 50279, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+        "intermediate_size": 1024, "max_position_embeddings": 4096, "model_type": "olmoe", "norm_topk_prob": False,
+        "num_attention_heads": 16, "num_experts": 64, "num_experts_per_tok": 8, "num_hidden_layers": 16,
+        "num_key_value_heads": 16, "output_router_logits": False, "pad_token_id": 1, "rms_norm_eps": 1e-05,
+        "rope_scaling": None, "rope_theta": 10000.0, "router_aux_loss_coef": 0.01, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 50304,
+    },
+    "mistralai/Mixtral-8x22B-v0.1": {
+        "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+        "hidden_act": "silu", "hidden_size": 6144, "initializer_range": 0.02, "intermediate_size": 16384,
+        "max_position_embeddings": 65536, "model_type": "mixtral", "num_attention_heads": 48,
+        "num_experts_per_tok": 2, "num_hidden_layers": 56, "num_key_value_heads": 8, "num_local_experts": 8,
+        "output_router_logits": False, "rms_norm_eps": 1e-05, "rope_theta": 1000000, "router_aux_loss_coef": 0.001,
+        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+        "vocab_size": 32000,
+    },
+}
+
+
+@pytest.mark.parametrize("checkpoint", HUB_CONFIGS)
+def test_hub_config_maps_to_the_structure_transformers_builds(checkpoint):
+    """Our reading of a published config.json against the modules transformers builds from it (on meta)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = HUB_CONFIGS[checkpoint]
+    ours = ModelConfig.from_hf(hf)
+    reference_config = AutoConfig.for_model(**hf)
+    with torch.device("meta"):
+        reference = AutoModelForCausalLM.from_config(reference_config)
+    layers = reference.model.layers
+    assert ours.num_layers == len(layers)
+    assert ours.top_k == hf["num_experts_per_tok"]
+    assert ours.rope_theta == reference_config.rope_parameters["rope_theta"]
+    assert ours.norm_topk_prob == (hf["model_type"] == "mixtral" or reference_config.norm_topk_prob)
+    for index, layer in enumerate(layers):
+        attn = layer.self_attn
+        assert tuple(attn.q_proj.weight.shape) == (ours.num_heads * ours.head_dim, ours.hidden_size)
+        assert tuple(attn.k_proj.weight.shape) == (ours.num_kv_heads * ours.head_dim, ours.hidden_size)
+        assert (attn.q_proj.bias is not None) == ours.qkv_bias
+        assert (attn.o_proj.bias is not None) == ours.o_bias
+        q_norm = getattr(attn, "q_norm", None)
+        expected_norm = {"none": None, "head": (ours.head_dim,), "full": (ours.num_heads * ours.head_dim,)}[ours.qk_norm]
+        assert (None if q_norm is None else tuple(q_norm.weight.shape)) == expected_norm
+        mlp = layer.mlp
+        if index in ours.dense_layers:
+            assert not hasattr(mlp, "experts") and mlp.gate_proj.out_features == ours.dense_ffn
+            continue
+        assert tuple(mlp.experts.gate_up_proj.shape) == (ours.num_experts, 2 * ours.expert_ffn, ours.hidden_size)
+        shared = getattr(mlp, "shared_expert", None)
+        assert (0 if shared is None else shared.gate_proj.out_features) == ours.shared_expert_ffn
+
+
+def test_qwen3_30b_a3b_config_reads_as_the_issue_describes_it():
+    cfg = ModelConfig.from_hf(HUB_CONFIGS["Qwen/Qwen3-30B-A3B"])
+    assert (cfg.num_layers, cfg.num_experts, cfg.top_k, cfg.expert_ffn) == (48, 128, 8, 768)
+    assert cfg.moe_layers == tuple(range(48)) and cfg.norm_topk_prob and cfg.qk_norm == "head"
+
+
+def test_unsupported_model_type_is_one_error_line_naming_the_supported_ones(tmp_path):
+    config = json.loads((SHIPPED_MODEL / "config.json").read_text())
+    config["model_type"] = "deepseek_v3"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = subprocess.run([sys.executable, "-m", "moe_offload.cli", "generate", "--model", str(tmp_path), "--prompt", "hi"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "'deepseek_v3'" in lines[0]
+    assert all(model_type in lines[0] for model_type in SUPPORTED_MODEL_TYPES)
+    assert result.stdout == ""
+
+
+# The chat templates the checkpoints ship in tokenizer_config.json, verbatim.
+QWEN15_MOE_CHAT_TEMPLATE = (  # Qwen/Qwen1.5-MoE-A2.7B-Chat (ChatML)
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content']}}"
+    "{% if (loop.last and add_generation_prompt) or not loop.last %}{{ '<|im_end|>' + '\\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+QWEN3_MOE_CHAT_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set content = message.content %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is defined and message.reasoning_content is not none %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in message.content %}
+                {%- set content = message.content.split('</think>')[-1].lstrip('\n') %}
+                {%- set reasoning_content = message.content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}"""
+
+CONVERSATIONS = {
+    "one-user-turn": [{"role": "user", "content": "Write a haiku about caches."}],
+    "system-and-user": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "2+2?"}],
+    "multi-turn-with-thinking": [
+        {"role": "user", "content": "What's 2+2?"},
+        {"role": "assistant", "content": "<think>\nSmall sums.\n</think>\n\n4"},
+        {"role": "user", "content": "And 3+3?  Ünïcode → ok"},
+    ],
+    "ends-with-assistant": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+}
+
+
+@pytest.mark.parametrize("template_name", ["qwen1.5-moe-chatml", "qwen3-moe"])
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_qwen_chat_templates_render_as_transformers_renders_them(tmp_path, template_name, conversation, add_generation_prompt):
+    from transformers import AutoTokenizer
+
+    template = {"qwen1.5-moe-chatml": QWEN15_MOE_CHAT_TEMPLATE, "qwen3-moe": QWEN3_MOE_CHAT_TEMPLATE}[template_name]
+    # The shipped tokenizer with Qwen's special tokens added, as Qwen's tokenizer.json has them.
+    tokenizer = HFTokenizer.from_file(str(SHIPPED_MODEL / "tokenizer.json"))
+    tokenizer.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "TokenizersBackend", "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "unk_token": None, "chat_template": template,
+    }))
+    messages = CONVERSATIONS[conversation]
+    ours = Tokenizer.from_folder(tmp_path)
+    reference = AutoTokenizer.from_pretrained(tmp_path)
+    expected = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert "<|im_start|>" in expected
+    assert ours.render_chat(messages, add_generation_prompt=add_generation_prompt) == expected
+    expected_ids = reference.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    expected_ids = list(expected_ids["input_ids"] if hasattr(expected_ids, "keys") else expected_ids)
+    assert reference.convert_tokens_to_ids("<|im_start|>") in expected_ids  # one id each, as in Qwen's vocabulary
+    assert ours.encode_chat(messages, add_generation_prompt=add_generation_prompt) == expected_ids
