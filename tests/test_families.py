@@ -17,8 +17,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 
-from moe_offload.config import SUPPORTED_MODEL_TYPES, ModelConfig, RuntimeConfig, SamplingParams
+from moe_offload.config import SUPPORTED_MODEL_TYPES, ModelConfig, OffloadConfig, RuntimeConfig, SamplingParams
 from moe_offload.engine import Engine
+from moe_offload.experts import DenseExpertFormat
+from moe_offload.generate import prefill
 from moe_offload.model import KVCache, Transformer
 from moe_offload.tokenizer import Tokenizer
 
@@ -96,6 +98,37 @@ def test_family_greedy_generation_matches_transformers_generate(family_folder, m
     assert expected[-1] not in eos and len(expected) == 48, "pick a prompt whose greedy run does not end early"
     assert run.token_ids == expected
     assert run.finish_reason == "length"
+
+
+def logits_through_prefill_and_decode(engine: Engine, tokens: list[int], prompt: int) -> list[torch.Tensor]:
+    """Logits of every position: the first `prompt` tokens in one prefill, then one token at a time."""
+    cache = KVCache.allocate(engine.config, 1, len(tokens), "cpu", torch.float32)
+    pieces = [prefill(engine.model, cache, tokens[:prompt], "cpu", last_only=False)]
+    for pos in range(prompt, len(tokens)):
+        pieces.append(engine.model(torch.tensor([[tokens[pos]]]), cache, start_pos=pos)[0])
+    return pieces
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("slots, prefetch", [(1, None), (3, 0)])
+def test_family_offloaded_logits_equal_resident_bit_for_bit(family_folder, model_type, slots, prefetch):
+    """Few slots (1 or 3 per layer; top-k is up to 8), half the experts on the disk tier, prefetch on and off."""
+    folder = family_folder(model_type)
+    resident = load_engine(folder)
+    config = resident.config
+    expert_nbytes = DenseExpertFormat(config.hidden_size, config.expert_ffn, torch.float32).nbytes
+    half_in_ram = expert_nbytes * len(config.moe_layers) * config.num_experts // 2
+    offload = OffloadConfig(enabled=True, gpu_memory=2**30, cpu_memory=half_in_ram, slots_per_layer=slots,
+                            prefetch_experts=prefetch)
+    offloaded = Engine.load(RuntimeConfig(model=folder, device="cpu", dtype="float32"), progress=False, offload=offload)
+    assert offloaded.plan.disk_experts > 0 and set(offloaded.plan.slots.values()) == {slots}
+    tokens = torch.randint(3, 8192, (36,), generator=torch.Generator().manual_seed(2)).tolist()
+    expected = logits_through_prefill_and_decode(resident, tokens, prompt=24)
+    actual = logits_through_prefill_and_decode(offloaded, tokens, prompt=24)
+    assert all(torch.equal(a, e) for a, e in zip(actual, expected, strict=True))
+    stats = offloaded.expert_stats()
+    assert stats["evictions"] > 0 and stats["hits"] > 0
+    assert (stats["prefetch_loads"] > 0) == (prefetch is None)
 
 
 # config.json of published checkpoints, as the hub writes them (key names differ between families).
