@@ -20,7 +20,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from moe_offload.config import SUPPORTED_MODEL_TYPES, ModelConfig, OffloadConfig, RuntimeConfig, SamplingParams
 from moe_offload.engine import Engine
 from moe_offload.experts import DenseExpertFormat
-from moe_offload.generate import prefill
+from moe_offload.generate import PREFILL_CHUNK, prefill
 from moe_offload.model import KVCache, Transformer
 from moe_offload.tokenizer import Tokenizer
 
@@ -212,6 +212,24 @@ def test_qwen3_30b_a3b_config_reads_as_the_issue_describes_it():
     cfg = ModelConfig.from_hf(HUB_CONFIGS["Qwen/Qwen3-30B-A3B"])
     assert (cfg.num_layers, cfg.num_experts, cfg.top_k, cfg.expert_ffn) == (48, 128, 8, 768)
     assert cfg.moe_layers == tuple(range(48)) and cfg.norm_topk_prob and cfg.qk_norm == "head"
+
+
+@pytest.mark.parametrize("budget_gib, slots_per_layer", [(12, (20,) * 39 + (19,) * 9), (8, (11,) * 15 + (10,) * 33)])
+def test_planner_fills_qwen3_30b_a3b_budgets_as_the_readme_states(budget_gib, slots_per_layer):
+    """The README's arithmetic for Qwen3-30B-A3B in bf16, 4096 tokens of context: no weights needed."""
+    from moe_offload.offload.planner import plan_for, workspace_bytes
+
+    cfg = ModelConfig.from_hf(HUB_CONFIGS["Qwen/Qwen3-30B-A3B"])
+    expert_nbytes = DenseExpertFormat(cfg.hidden_size, cfg.expert_ffn, torch.bfloat16).nbytes
+    assert expert_nbytes == 3 * 768 * 2048 * 2
+    plan = plan_for(cfg, expert_nbytes, torch.bfloat16, 4096, OffloadConfig(enabled=True, gpu_memory=budget_gib * 2**30), "cuda")
+    embeddings, attention, routers, norms = 2 * 151936 * 2048, 48 * 2048 * (4096 + 512 + 512 + 4096), 48 * 128 * 2048, 2048 + 48 * (2 * 2048 + 2 * 128)
+    assert plan.dense_bytes == 2 * (embeddings + attention + routers + norms) == 3_082_186_752
+    assert plan.kv_bytes == 2 * 48 * 4 * 128 * 4096 * 2
+    assert plan.workspace_bytes == workspace_bytes(cfg, PREFILL_CHUNK, 4096, 2)
+    left = budget_gib * 2**30 - plan.dense_bytes - plan.kv_bytes - plan.workspace_bytes
+    assert sum(plan.slots.values()) == left // expert_nbytes == sum(slots_per_layer)
+    assert tuple(plan.slots.values()) == slots_per_layer
 
 
 def test_unsupported_model_type_is_one_error_line_naming_the_supported_ones(tmp_path):
