@@ -9,6 +9,7 @@ renormalisation on and off, a shared expert, qkv bias, q/k norms, qkv clipping.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 
+from moe_offload.cli import main
 from moe_offload.config import SUPPORTED_MODEL_TYPES, ModelConfig, OffloadConfig, RuntimeConfig, SamplingParams
 from moe_offload.engine import Engine
 from moe_offload.experts import DenseExpertFormat
@@ -351,6 +353,18 @@ CONVERSATIONS = {
 }
 
 
+def write_qwen_style_tokenizer(folder, chat_template: str) -> None:
+    """The shipped tokenizer with Qwen's special tokens added (ids 8192-8194), as Qwen's tokenizer.json
+    has them, and a tokenizer_config.json shaped like Qwen's with `chat_template`."""
+    tokenizer = HFTokenizer.from_file(str(SHIPPED_MODEL / "tokenizer.json"))
+    tokenizer.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "TokenizersBackend", "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "unk_token": None, "chat_template": chat_template,
+    }))
+
+
 @pytest.mark.parametrize("template_name", ["qwen1.5-moe-chatml", "qwen3-moe"])
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
@@ -358,14 +372,7 @@ def test_qwen_chat_templates_render_as_transformers_renders_them(tmp_path, templ
     from transformers import AutoTokenizer
 
     template = {"qwen1.5-moe-chatml": QWEN15_MOE_CHAT_TEMPLATE, "qwen3-moe": QWEN3_MOE_CHAT_TEMPLATE}[template_name]
-    # The shipped tokenizer with Qwen's special tokens added, as Qwen's tokenizer.json has them.
-    tokenizer = HFTokenizer.from_file(str(SHIPPED_MODEL / "tokenizer.json"))
-    tokenizer.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tokenizer.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "TokenizersBackend", "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "unk_token": None, "chat_template": template,
-    }))
+    write_qwen_style_tokenizer(tmp_path, template)
     messages = CONVERSATIONS[conversation]
     ours = Tokenizer.from_folder(tmp_path)
     reference = AutoTokenizer.from_pretrained(tmp_path)
@@ -376,3 +383,35 @@ def test_qwen_chat_templates_render_as_transformers_renders_them(tmp_path, templ
     expected_ids = list(expected_ids["input_ids"] if hasattr(expected_ids, "keys") else expected_ids)
     assert reference.convert_tokens_to_ids("<|im_start|>") in expected_ids  # one id each, as in Qwen's vocabulary
     assert ours.encode_chat(messages, add_generation_prompt=add_generation_prompt) == expected_ids
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_cli_generate_runs_every_family(family_folder, model_type, capsys):
+    folder = family_folder(model_type)
+    engine = load_engine(folder)
+    prompt = "import os\n"
+    expected = engine.stream(engine.tokenizer.encode(prompt), SamplingParams(max_new_tokens=12)).text()
+    assert main(["generate", "--model", str(folder), "--device", "cpu", "--max-tokens", "12", "--prompt", prompt]) == 0
+    out = capsys.readouterr()
+    assert out.out == expected + "\n"
+    assert "new tokens: 12" in out.err.strip().splitlines()[-1]
+
+
+def test_cli_chat_renders_turns_with_the_qwen3_template(tmp_path, monkeypatch, capsys):
+    """`chat` on a Qwen3-MoE checkpoint that ships Qwen3's template: each reply is the greedy
+    completion of the conversation as the template renders it (history included)."""
+    folder = write_tiny_family(tmp_path, "qwen3_moe", vocab_size=8256)  # room for the special tokens
+    write_qwen_style_tokenizer(folder, QWEN3_MOE_CHAT_TEMPLATE)
+    engine = load_engine(folder)
+    params = SamplingParams(max_new_tokens=10)
+    history, replies = [], []
+    for line in ("hello", "and again"):
+        history.append({"role": "user", "content": line})
+        reply = engine.stream(engine.tokenizer.encode_chat(history), params).text()
+        replies.append(reply)
+        history.append({"role": "assistant", "content": reply.strip()})
+    assert engine.tokenizer.encode_chat(history[:1])[0] == engine.tokenizer.hf.token_to_id("<|im_start|>")
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nand again\n"))
+    assert main(["chat", "--model", str(folder), "--device", "cpu", "--max-tokens", "10"]) == 0
+    assert capsys.readouterr().out == "".join(f"> {reply}\n" for reply in replies) + "> "
