@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import shutil
 import subprocess
 import sys
 
@@ -131,6 +132,28 @@ def test_family_offloaded_logits_equal_resident_bit_for_bit(family_folder, model
     stats = offloaded.expert_stats()
     assert stats["evictions"] > 0 and stats["hits"] > 0
     assert (stats["prefetch_loads"] > 0) == (prefetch is None)
+
+
+def test_generation_stops_at_every_end_listed_in_generation_config(family_folder, tmp_path):
+    """Qwen's generation_config.json lists <|im_end|> and <|endoftext|>; config.json only one of them."""
+    from transformers import AutoModelForCausalLM
+
+    folder = shutil.copytree(family_folder("qwen3_moe"), tmp_path / "model")
+    ids = load_engine(folder).tokenizer.encode("class Graph:\n")
+    free_run = load_engine(folder).stream(ids, SamplingParams(max_new_tokens=48))
+    free_run.text()
+    end = next(i for i, token in enumerate(free_run.token_ids) if i >= 5 and token not in free_run.token_ids[:i])
+    settings = json.loads((folder / "generation_config.json").read_text())
+    settings["eos_token_id"] = [2, free_run.token_ids[end]]
+    (folder / "generation_config.json").write_text(json.dumps(settings))
+
+    run = load_engine(folder).stream(ids, SamplingParams(max_new_tokens=48))
+    run.text()
+    assert run.token_ids == free_run.token_ids[:end] and run.finish_reason == "stop"
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, experts_implementation="eager").eval()
+    with torch.no_grad():
+        expected = reference.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False)[0, len(ids):].tolist()
+    assert expected == free_run.token_ids[:end + 1]
 
 
 # config.json of published checkpoints, as the hub writes them (key names differ between families).

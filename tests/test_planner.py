@@ -1,0 +1,93 @@
+"""The memory planner: budgets -> slots per layer and host tiers, its errors, and its byte counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moe_offload.config import ModelConfig, OffloadConfig, RuntimeConfig
+from moe_offload.engine import Engine
+from moe_offload.errors import UserError
+from moe_offload.experts import DenseExpertFormat
+from moe_offload.model import KVCache
+from moe_offload.offload.planner import GiB, make_plan, parse_size, plan_for
+
+from conftest import SHIPPED_MODEL
+
+CONFIG = ModelConfig(model_type="qwen3_moe", vocab_size=100, hidden_size=8, num_layers=5, num_heads=2, num_kv_heads=1,
+                     head_dim=4, expert_ffn=8, num_experts=4, top_k=2, rms_norm_eps=1e-6, rope_theta=1e4,
+                     max_position_embeddings=64, dense_layers=(0,))   # MoE layers 1-4
+
+
+def plan(budget, **kw):
+    return make_plan(CONFIG, expert_nbytes=100, dense_bytes=1000, kv_bytes=200, max_context=64, workspace=300,
+                     device_budget=budget, **kw)
+
+
+def test_leftover_bytes_become_slots_spread_evenly_over_moe_layers_only():
+    p = plan(1500 + 11 * 100 + 99)          # 11 slots' worth (and change) after the fixed parts
+    assert p.slots == {1: 3, 2: 3, 3: 3, 4: 2}
+    assert p.slot_bytes == 1100 and p.device_bytes == 2600 <= p.device_budget
+    assert "3 in layers 1-3, 2 in layer 4" in p.describe()
+
+
+def test_a_layer_never_gets_more_slots_than_experts():
+    assert plan(100 * GiB).slots == dict.fromkeys((1, 2, 3, 4), 4)
+
+
+def test_too_small_a_budget_names_the_smallest_that_works():
+    smallest = 1500 + 4 * 100
+    assert plan(smallest).slots == dict.fromkeys((1, 2, 3, 4), 1)
+    with pytest.raises(UserError, match=r"--gpu-memory 0\.00 GiB is too small.*raise --gpu-memory to at least 0\.01GiB"):
+        plan(smallest - 1)
+
+
+def test_fixed_slots_must_fit_and_be_at_most_the_experts():
+    assert plan(1500 + 8 * 100, slots_per_layer=2).slots == dict.fromkeys((1, 2, 3, 4), 2)
+    with pytest.raises(UserError, match="--slots 3 needs"):
+        plan(1500 + 8 * 100, slots_per_layer=3)
+    with pytest.raises(UserError, match="--slots 5: use 1 to 4"):
+        plan(100 * GiB, slots_per_layer=5)
+
+
+def test_host_budget_splits_experts_between_ram_and_disk():
+    p = plan(10 * GiB, host_budget=1050)    # 10 of the 16 experts fit
+    assert (p.ram_experts, p.disk_experts) == (10, 6)
+    assert (plan(10 * GiB).ram_experts, plan(10 * GiB).disk_experts) == (16, 0)
+
+
+@pytest.mark.parametrize("text, size", [("12GiB", 12 * 2**30), ("12G", 12 * 2**30), ("24GB", 24 * 10**9),
+                                        ("500MiB", 500 * 2**20), ("1.5GiB", 3 * 2**29), ("1e9", 10**9), ("4096", 4096)])
+def test_sizes_parse_binary_and_decimal_units(text, size):
+    assert parse_size(text, "--gpu-memory") == size
+
+
+@pytest.mark.parametrize("text", ["12XB", "lots", "-1GiB", "0", ""])
+def test_bad_sizes_are_refused_naming_the_flag(text):
+    with pytest.raises(UserError, match="--cpu-memory"):
+        parse_size(text, "--cpu-memory")
+
+
+def test_plan_counts_the_bytes_the_engine_really_allocates():
+    engine = Engine.load(RuntimeConfig(model=SHIPPED_MODEL, device="cpu", dtype="float32", max_context=256), progress=False)
+    config, w = engine.config, engine.model.weights
+    fmt = DenseExpertFormat(config.hidden_size, config.expert_ffn, torch.float32)
+    p = plan_for(config, fmt.nbytes, torch.float32, 256, OffloadConfig(enabled=True, gpu_memory=GiB), "cpu")
+    tensors = [w.embed, w.norm, w.lm_head] + [t for layer in w.layers for t in
+                                               (layer.attn_norm, layer.mlp_norm, layer.router, layer.attn.wq,
+                                                layer.attn.wk, layer.attn.wv, layer.attn.wo)]
+    assert p.dense_bytes == sum(t.numel() * t.element_size() for t in tensors)
+    assert p.kv_bytes == sum(t.numel() * t.element_size() for t in engine.cache.keys + engine.cache.values)
+    assert p.expert_nbytes == fmt.nbytes and math.prod(w.layers[0].router.shape) == config.num_experts * config.hidden_size
+
+
+def test_offloaded_engine_allocates_exactly_the_planned_slots():
+    offload = OffloadConfig(enabled=True, gpu_memory=GiB // 4, cpu_memory=20 * 2**20)
+    engine = Engine.load(RuntimeConfig(model=SHIPPED_MODEL, device="cpu", dtype="float32", max_context=256),
+                         progress=False, offload=offload)
+    provider = engine.model.provider
+    assert {layer: len(memory) for layer, memory in provider.slot_memory.items()} == engine.plan.slots
+    assert provider.store.ram_experts == engine.plan.ram_experts == 20 * 2**20 // engine.plan.expert_nbytes
+    assert sum(m.numel() for m in provider.slot_memory.values()) == engine.plan.slot_bytes
