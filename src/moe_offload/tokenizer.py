@@ -49,6 +49,13 @@ class Tokenizer:
         template_path = folder / "chat_template.jinja"
         if "chat_template" not in settings and template_path.is_file():
             settings["chat_template"] = template_path.read_text()
+        # generation_config.json may list more ends than config.json (Qwen: <|im_end|> and <|endoftext|>),
+        # and transformers' generate stops at all of them.
+        generation_path = folder / "generation_config.json"
+        if generation_path.is_file():
+            more = json.loads(generation_path.read_text()).get("eos_token_id")
+            more = [] if more is None else more if isinstance(more, list) else [more]
+            eos_ids = (*eos_ids, *more)
         return cls(tokenizer, settings, eos_ids)
 
     @property
