@@ -142,7 +142,7 @@ class Checkpoint:
         shapes = dense_tensor_shapes(self.config)
 
         def get(name):
-            t = self.tensor(name, shapes[name]).to(device=device, dtype=dtype)
+            t = self.dense_tensor(name, shapes[name], device, dtype)
             if progress:
                 progress(1)
             return t
@@ -187,6 +187,10 @@ class Checkpoint:
             norm=get("model.norm.weight"),
             lm_head=embed if cfg.tie_word_embeddings else get("lm_head.weight"),
         )
+
+    def dense_tensor(self, name: str, shape: tuple[int, ...], device, dtype):
+        """One non-expert weight as the model uses it; quant/checkpoint.py returns quantized weights here."""
+        return self.tensor(name, shape).to(device=device, dtype=dtype)
 
     def num_dense_tensors(self) -> int:
         return len(dense_tensor_shapes(self.config))

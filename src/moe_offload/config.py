@@ -198,7 +198,8 @@ class OffloadConfig:
 
 QUANT_BITS = (2, 3, 4, 8)
 QUANT_GROUP_SIZES = (16, 32, 64, 128)        # powers of two: the GPU kernel reshapes tiles by them
-PAPER_GROUP_SIZE = {2: 16, 3: 64, 4: 64, 8: 128}  # the paper's HQQ settings (experts 2-bit g16; 3-, 4-bit g64)
+PAPER_GROUP_SIZE = {2: 16, 3: 64, 4: 64, 8: 64}   # the paper's HQQ settings (experts 2-bit g16; 3-, 4-bit g64)
+PAPER_BITS = (4, 2)                          # the paper's default: 4-bit attention, 2-bit experts
 
 
 @dataclass(frozen=True)
@@ -251,19 +252,3 @@ class QuantConfig:
     @classmethod
     def from_json(cls, data: dict) -> "QuantConfig":
         return cls(**{role: None if spec is None else QuantSpec(**spec) for role, spec in data.items()})
-
-
-@dataclass(frozen=True)
-class OffloadConfig:
-    """Expert offloading (offload/): experts in host RAM or on disk, an LRU cache of expert slots on
-    the compute device, speculative prefetch. Sizes are bytes; offload/planner.py turns them into a plan."""
-
-    enabled: bool = False
-    gpu_memory: int | None = None        # all that lives on the compute device; None: its free memory at start
-    cpu_memory: int | None = None        # host RAM for experts; None: all of them; the rest is mapped from disk
-    slots_per_layer: int | None = None   # expert slots per MoE layer; None: as many as gpu_memory allows
-    prefetch_experts: int | None = None  # experts predicted per layer ahead; None: the model's top-k; 0: off
-    prefetch_depth: int = 1              # how many MoE layers ahead to predict
-    prefetch_norm: bool = True           # apply the target layer's RMSNorm before its router when predicting
-    offload_dir: Path | None = None      # folder for the disk tier's (unlinked) file; None: the system temp folder
-    measure_time: bool = False           # time copies and waits with events (--stats); a little overhead per copy

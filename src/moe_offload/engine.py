@@ -31,6 +31,7 @@ from .offload.planner import Plan, plan_for
 from .offload.prefetch import GatePredictor
 from .offload.provider import OffloadedExperts
 from .offload.store import ExpertStore
+from .quant.checkpoint import QuantizedCheckpoint, open_checkpoint
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -58,6 +59,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def expert_storage(ckpt: Checkpoint, dtype: torch.dtype) -> tuple[ExpertFormat, Callable[[int, int], torch.Tensor]]:
     """How experts are stored, and where each one's packed CPU buffer comes from: (layer, expert) -> uint8."""
+    if isinstance(ckpt, QuantizedCheckpoint):
+        return ckpt.expert_storage(dtype)
     expert_format = DenseExpertFormat(ckpt.config.hidden_size, ckpt.config.expert_ffn, dtype)
     return expert_format, lambda layer, expert_id: expert_format.pack(ckpt.expert(layer, expert_id))
 
@@ -138,7 +141,7 @@ class Engine:
              offload: OffloadConfig = OffloadConfig()) -> "Engine":
         device = resolve_device(runtime.device)
         dtype = resolve_dtype(runtime.dtype, device)
-        ckpt = Checkpoint.open(runtime.model)
+        ckpt = open_checkpoint(runtime.model, runtime.quant, device)
         config = ckpt.config
         if runtime.max_context < 1:
             raise UserError(f"--max-context must be at least 1, got {runtime.max_context}")

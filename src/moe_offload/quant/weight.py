@@ -1,0 +1,153 @@
+"""Quantized weights as the model uses them, and their one-buffer formats.
+
+    fmt = PackedFormat([(shape, spec)])                  # one (N, K) matrix
+    buffer = fmt.pack([weight])                          # uint8 (fmt.nbytes,) CPU
+    (w,) = fmt.view(buffer.to(device))                   # QuantizedWeight, views into the buffer
+    y = w.linear(x)                                      # x (..., K) -> (..., N)
+
+    experts = HQQExpertFormat(hidden, ffn, spec)         # experts.ExpertFormat: w1, w2, w3 in one buffer
+
+A QuantizedWeight holds, for an (N, K) matrix: the packed codes (pack.py), a scale and a zero per
+group of `group_size` input columns, as fp16, or as 8-bit codes plus an fp32 (step, min) per run
+of `meta_group_size` groups. Rows are padded to a whole number of packed words (the pad repeats
+the last row, so it does not stretch any meta run); `linear` computes only the first N.
+
+`linear` runs the Triton kernel (kernels.py) on CUDA when Triton is installed, and elsewhere the
+slow twin: dequantize to x's dtype, then matmul.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ConfigError, QuantSpec
+from ..experts import Expert, TensorSlot, lay_out
+from . import pack as bitpack
+from .hqq import MetaCodes, QuantizedMatrix, quantize
+
+
+@dataclass
+class QuantizedWeight:
+    shape: tuple[int, int]          # (N, K), unpadded
+    spec: QuantSpec
+    packed: torch.Tensor            # uint8 (word_bytes, R, K)
+    scale: torch.Tensor             # (R * PER_WORD, K // group_size): fp16, or uint8 codes with `meta`
+    zero: torch.Tensor              # likewise
+    meta: torch.Tensor | None       # fp32 (2 [scale, zero], 2 [step, min], runs) when spec.quant_meta
+
+    @property
+    def padded_rows(self) -> int:
+        return self.scale.shape[0]
+
+    def scales_and_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 (padded rows, groups) each."""
+        if self.meta is None:
+            return self.scale.float(), self.zero.float()
+        group = self.spec.meta_group_size
+        return (MetaCodes(self.scale, self.meta[0, 0], self.meta[0, 1], group).dequantize(),
+                MetaCodes(self.zero, self.meta[1, 0], self.meta[1, 1], group).dequantize())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(N, K) in `dtype`, computed in fp32."""
+        scale, zero = self.scales_and_zeros()
+        rows, k = self.padded_rows, self.shape[1]
+        q = bitpack.unpack(self.packed, self.spec.bits, rows)
+        grouped = q.view(rows, k // self.spec.group_size, self.spec.group_size).float()
+        weight = ((grouped - zero[..., None]) * scale[..., None]).view(rows, k)
+        return weight[:self.shape[0]].to(dtype)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from . import kernels
+            if kernels.AVAILABLE:
+                return kernels.hqq_linear(x, self)
+        return F.linear(x, self.dequantize(x.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero, self.meta) if t is not None)
+
+
+class WeightLayout:
+    """The tensors of one quantized (N, K) matrix: their shapes and dtypes, and how to fill them."""
+
+    def __init__(self, shape: tuple[int, int], spec: QuantSpec):
+        n, k = shape
+        if k % spec.group_size:
+            raise ConfigError(f"quantization: a ({n}, {k}) weight cannot be cut into groups of {spec.group_size} "
+                              f"input columns; choose a group size that divides {k}")
+        self.shape, self.spec = (n, k), spec
+        rows = bitpack.packed_rows(n, spec.bits)
+        self.padded_rows = rows * bitpack.PER_WORD[spec.bits]
+        groups = k // spec.group_size
+        specs = [((bitpack.word_bytes(spec.bits), rows, k), torch.uint8)]
+        if spec.quant_meta:
+            runs = -(-self.padded_rows * groups // spec.meta_group_size)
+            specs += [((self.padded_rows, groups), torch.uint8)] * 2 + [((2, 2, runs), torch.float32)]
+        else:
+            specs += [((self.padded_rows, groups), torch.float16)] * 2
+        self.tensor_specs = specs
+
+    def quantize(self, weight: torch.Tensor) -> list[torch.Tensor]:
+        """weight (N, K) -> the layout's tensors, on weight's device."""
+        if tuple(weight.shape) != self.shape:
+            raise ValueError(f"expected a weight of shape {list(self.shape)}, got {list(weight.shape)}")
+        pad = self.padded_rows - self.shape[0]
+        padded = torch.cat([weight, weight[-1:].expand(pad, -1)]) if pad else weight
+        matrix: QuantizedMatrix = quantize(padded, self.spec)
+        tensors = [bitpack.pack(matrix.q, self.spec.bits)]
+        if self.spec.quant_meta:
+            scale, zero = matrix.scale, matrix.zero
+            meta = torch.stack([torch.stack([scale.step, scale.minimum]), torch.stack([zero.step, zero.minimum])])
+            return tensors + [scale.codes, zero.codes, meta]
+        return tensors + [matrix.scale, matrix.zero]
+
+    def assemble(self, tensors: Sequence[torch.Tensor]) -> QuantizedWeight:
+        packed, scale, zero, *meta = tensors
+        return QuantizedWeight(self.shape, self.spec, packed, scale, zero, meta[0] if meta else None)
+
+
+class PackedFormat:
+    """Several quantized matrices in ONE contiguous uint8 buffer (each tensor 64-byte aligned)."""
+
+    def __init__(self, matrices: Sequence[tuple[tuple[int, int], QuantSpec]]):
+        self.layouts = [WeightLayout(shape, spec) for shape, spec in matrices]
+        slots, self.nbytes = lay_out([s for layout in self.layouts for s in layout.tensor_specs])
+        self.slots: list[list[TensorSlot]] = []
+        for layout in self.layouts:
+            self.slots.append(slots[:len(layout.tensor_specs)])
+            slots = slots[len(layout.tensor_specs):]
+
+    def pack(self, weights: Sequence[torch.Tensor], device=None) -> torch.Tensor:
+        """Full-precision matrices -> uint8 (nbytes,) CPU buffer; quantized on `device` (default: where they are)."""
+        buffer = torch.zeros(self.nbytes, dtype=torch.uint8)
+        for layout, slots, weight in zip(self.layouts, self.slots, weights):
+            for slot, tensor in zip(slots, layout.quantize(weight.to(device) if device is not None else weight)):
+                slot.view(buffer).copy_(tensor)
+        return buffer
+
+    def view(self, buffer: torch.Tensor) -> list[QuantizedWeight]:
+        if buffer.dtype != torch.uint8 or buffer.shape != (self.nbytes,):
+            raise ValueError(f"expected a uint8 buffer of {self.nbytes} bytes, got {buffer.dtype} {list(buffer.shape)}")
+        return [layout.assemble([slot.view(buffer) for slot in slots]) for layout, slots in zip(self.layouts, self.slots)]
+
+
+class HQQExpertFormat:
+    """experts.ExpertFormat for HQQ: w1, w2, w3 of one expert quantized with `spec`, in one buffer."""
+
+    def __init__(self, hidden_size: int, expert_ffn: int, spec: QuantSpec, device=None):
+        self.spec = spec
+        self.device = device   # where pack() quantizes; the buffer always comes back on the CPU
+        shapes = ((expert_ffn, hidden_size), (hidden_size, expert_ffn), (expert_ffn, hidden_size))
+        self.format = PackedFormat([(shape, spec) for shape in shapes])
+        self.nbytes = self.format.nbytes
+
+    def pack(self, expert: Expert) -> torch.Tensor:
+        return self.format.pack(list(expert), self.device)
+
+    def view(self, buffer: torch.Tensor) -> Expert:
+        return Expert(*self.format.view(buffer))
