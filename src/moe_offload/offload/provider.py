@@ -6,7 +6,8 @@
     provider.summary()        # hit rate, prefetch recall/precision, bytes moved, times (see cache.py)
 
 Each MoE layer owns a fixed number of slots: one device tensor (slots, nbytes) allocated here,
-once; an Expert is a view of a slot (`ExpertFormat.view`), so nothing is allocated while decoding.
+once; each slot's Expert is made once with `ExpertFormat.view` (which must only make views, never
+read the bytes), so nothing is allocated while decoding.
 Which expert goes into which slot is decided by `LayerCache` (cache.py, LRU); this file only
 carries the decisions out, and is the one place that knows about CUDA streams and events:
 
