@@ -14,6 +14,7 @@ import sys
 from dataclasses import fields
 
 from .config import OffloadConfig, RuntimeConfig, SamplingParams
+from .bench.cli import add_bench_parser
 from .engine import Engine
 from .errors import UserError
 from .offload.planner import parse_size
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(chat)
     add_offload_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    add_bench_parser(sub)    # bench/cli.py: bench, bench record-routing, bench plot
     return parser
 
 

@@ -1,0 +1,126 @@
+"""`moe-offload bench`: the benchmark subcommands (the top-level cli.py only registers them).
+
+    moe-offload bench --synthetic mixtral-8x7b --quant 4/2,4/3 --budget 12GiB --routing own,replay \\
+        --modes full,no-prefetch,no-cache --accelerate --out results.json --plot results.png
+    moe-offload bench record-routing --model DIR --text FILE --tokens 3072 --out trace.safetensors
+    moe-offload bench plot --results results.json --out results.png
+
+Progress goes to stderr; the last line on stdout is the report as one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from ..errors import UserError
+
+
+
+def _defaults() -> dict:
+    from .runner import BenchSettings
+    return {f.name: f.default for f in fields(BenchSettings)}
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def add_bench_parser(sub) -> None:
+    from .routing import RECORD_DEPTH, RECORD_RANKED, RECORD_WINDOW
+
+    d = _defaults()
+    bench = sub.add_parser("bench", help="benchmark decode/prefill speed under a memory budget (last stdout line: JSON)",
+                           description="Benchmark an offloaded model: every quantization x budget x routing x mode, "
+                                       "side by side; optionally transformers + accelerate at the same budget.")
+    source = bench.add_mutually_exclusive_group()
+    source.add_argument("--synthetic", default=d["synthetic"],
+                        help="preset of random weights made in the target format on the device: mixtral-8x7b or tiny "
+                             "(default: %(default)s)")
+    source.add_argument("--model", type=Path, default=None, help="a Hugging Face or quantized model folder instead")
+    bench.add_argument("--quant", default=",".join(d["quants"]),
+                       help="comma-separated ATTENTION/EXPERT bits (4/2, 4/3, 4/4) or bf16 (default: %(default)s)")
+    bench.add_argument("--budget", default=",".join(d["budgets"]), help="comma-separated GPU memory budgets (default: %(default)s)")
+    bench.add_argument("--routing", default=",".join(d["routings"]), help="comma-separated: own, replay (default: %(default)s)")
+    bench.add_argument("--modes", default=",".join(d["modes"]),
+                       help="comma-separated: full (LRU + prefetch), no-prefetch, no-cache (default: %(default)s)")
+    bench.add_argument("--accelerate", action="store_true", help="also measure transformers + accelerate offloading (bf16)")
+    bench.add_argument("--trace", type=Path, default=d["trace"], help="routing trace for --routing replay (default: %(default)s)")
+    bench.add_argument("--prompt-tokens", type=int, default=d["prompt_tokens"], help="decode prompt length (default: %(default)s)")
+    bench.add_argument("--new-tokens", type=int, default=d["new_tokens"], help="tokens decoded per repeat (default: %(default)s)")
+    bench.add_argument("--warmup-tokens", type=int, default=d["warmup_tokens"], help="tokens of the warm-up run (default: %(default)s)")
+    bench.add_argument("--repeats", type=int, default=d["repeats"], help="timed decode runs; the median is reported (default: %(default)s)")
+    bench.add_argument("--prefill-tokens", type=int, default=d["prefill_tokens"], help="prefill prompt length (default: %(default)s)")
+    bench.add_argument("--prefill-repeats", type=int, default=d["prefill_repeats"], help="timed prefills (default: %(default)s)")
+    bench.add_argument("--no-compute-only", dest="compute_only", action="store_false",
+                       help="skip the compute-only decode (every expert a hit) per budget")
+    bench.add_argument("--prefetch", type=int, default=d["prefetch_experts"], help="experts prefetched per layer ahead (default: top-k)")
+    bench.add_argument("--prefetch-depth", type=int, default=d["prefetch_depth"], help="MoE layers ahead to predict (default: %(default)s)")
+    bench.add_argument("--device", default=d["device"], help="cuda, cuda:N or cpu (default: %(default)s)")
+    bench.add_argument("--time-limit", type=float, default=d["time_limit"],
+                       help="seconds; entries not started by then are reported as skipped (default: none)")
+    bench.add_argument("--out", type=Path, default=None, help="write the report JSON here too, after every measurement")
+    bench.add_argument("--plot", type=Path, default=None, help="write a PNG of tokens/s per configuration (needs matplotlib)")
+    bench.set_defaults(func=cmd_bench)
+
+    tools = bench.add_subparsers(dest="bench_command")
+    record = tools.add_parser("record-routing", help="record a trained model's routing on held-out text (trace for --routing replay)")
+    record.add_argument("--model", type=Path, required=True, help="the trained model folder (e.g. reference-moe-32l)")
+    record.add_argument("--text", type=Path, required=True, help="held-out text file")
+    record.add_argument("--tokens", type=int, default=3072, help="tokens to record (default: %(default)s)")
+    record.add_argument("--window", type=int, default=RECORD_WINDOW, help="teacher-forced window length (default: %(default)s)")
+    record.add_argument("--depth", type=int, default=RECORD_DEPTH, help="layers ahead to record predictions for (default: %(default)s)")
+    record.add_argument("--ranked", type=int, default=RECORD_RANKED, help="experts kept per prediction (default: %(default)s)")
+    record.add_argument("--out", type=Path, required=True, help="trace file to write (.safetensors)")
+    record.set_defaults(func=cmd_record_routing)
+
+    plot = tools.add_parser("plot", help="PNG of a report's tokens/s per configuration against the transfer-bound ceiling")
+    plot.add_argument("--results", type=Path, required=True, help="report JSON written by `moe-offload bench --out`")
+    plot.add_argument("--out", type=Path, required=True, help="PNG to write")
+    plot.set_defaults(func=cmd_plot)
+
+
+def cmd_bench(args) -> None:
+    from .runner import BenchSettings, run_benchmarks
+
+    for flag in ("prompt_tokens", "new_tokens", "repeats", "prefill_tokens", "prefill_repeats"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.plot is not None:
+        from .plot import require_matplotlib
+        require_matplotlib()
+    settings = BenchSettings(
+        synthetic=None if args.model else args.synthetic, model=args.model, quants=_csv(args.quant),
+        budgets=_csv(args.budget), routings=_csv(args.routing), modes=_csv(args.modes), accelerate=args.accelerate,
+        trace=args.trace, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, warmup_tokens=args.warmup_tokens,
+        repeats=args.repeats, prefill_tokens=args.prefill_tokens, prefill_repeats=args.prefill_repeats,
+        compute_only=args.compute_only, prefetch_experts=args.prefetch, prefetch_depth=args.prefetch_depth,
+        device=args.device, time_limit=args.time_limit, out=args.out)
+    report = run_benchmarks(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
+    if args.plot is not None:
+        from .plot import plot_report
+        plot_report(report, args.plot)
+    print(json.dumps(report))
+
+
+def cmd_record_routing(args) -> None:
+    from .routing import record_routing
+
+    trace = record_routing(args.model, args.text, args.tokens, window=args.window, depth=args.depth, ranked=args.ranked)
+    trace.save(args.out)
+    print(json.dumps({"trace": str(args.out), "tokens": trace.num_tokens, "layers": trace.num_layers,
+                      "top_k": trace.top_k, **trace.metadata}))
+
+
+def cmd_plot(args) -> None:
+    from .plot import plot_report
+
+    try:
+        report = json.loads(args.results.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"--results {args.results}: cannot read a report ({e})") from None
+    plot_report(report, args.out)
+    print(json.dumps({"plot": str(args.out)}))

@@ -1,0 +1,431 @@
+"""The benchmark runner behind `moe-offload bench`: decode and prefill speed of an offloaded model
+under a memory budget, for every configuration, routing scenario and ablation mode, in one process.
+
+    settings = BenchSettings(synthetic="mixtral-8x7b", quants=("4/2",), budgets=("12GiB",))
+    report = run_benchmarks(settings, log=print)       # {"card": ..., "results": [...]}, also written to settings.out
+
+Per (quantization, budget, routing, mode) it reports:
+- decode: batch 1, a `prompt_tokens` prompt then `new_tokens` greedy tokens, tokens/s of each
+  repeat after a warm-up run (median reported), with the expert-cache counters of the median
+  repeat: hit rate, prefetch recall/precision, bytes moved, copy-wait and copy-busy seconds;
+- prefill: a `prefill_tokens` prompt, time to first token and prompt tokens/s (median of repeats);
+- achieved host-to-device GB/s (bytes loaded over wall time), "link busy" (that over the pinned
+  copy peak measured at the start of this run), the transfer-bound ceiling for the bytes actually
+  moved per token, and the compute-only rate (every expert a hit: a router that always picks the
+  first top-k experts), which bounds what hiding copies can reach;
+- peak GPU memory (torch.cuda.max_memory_allocated) against the budget; the budget is also
+  enforced with torch.cuda.set_per_process_memory_fraction, so an overrun fails that entry.
+
+Modes (the paper's ablation): "full" (LRU + speculative prefetch), "no-prefetch" (LRU only),
+"no-cache" (every expert use is loaded on demand: nothing stays in a slot between forwards).
+Routings: "own" (the weights' own routers) and "replay" (a recorded trace, routing.py).
+The accelerate baseline (accelerate_baseline.py) runs first when asked for.
+
+The report is rewritten to `settings.out` after every measurement, so a run cut short still
+leaves everything measured so far; entries not run for lack of time say "skipped".
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig, QuantConfig, SamplingParams
+from ..engine import resolve_device
+from ..errors import UserError
+from ..experts import ExpertFormat
+from ..generate import PREFILL_CHUNK, generate, prefill, sample
+from ..model import KVCache, Transformer, own_routing
+from ..offload.cache import LayerCache
+from ..offload.planner import make_plan, parse_size, workspace_bytes
+from ..offload.prefetch import GatePredictor
+from ..offload.provider import OffloadedExperts
+from ..offload.store import ExpertStore
+from .routing import ReplayPredictor, ReplayRouter, RoutingTrace
+
+MODES = ("full", "no-prefetch", "no-cache")
+ROUTINGS = ("own", "replay")
+DEFAULT_TRACE = Path("benchmarks/traces/reference-moe-32l.safetensors")
+LINK_PROBE_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    synthetic: str | None = "mixtral-8x7b"      # a preset of synthetic.py; None: --model
+    model: Path | None = None                    # a Hugging Face or quantized folder instead
+    quants: tuple[str, ...] = ("4/2",)          # "A/E" (attention/expert bits) or "bf16"
+    budgets: tuple[str, ...] = ("12GiB",)
+    routings: tuple[str, ...] = ROUTINGS
+    modes: tuple[str, ...] = MODES
+    accelerate: bool = False                     # also run transformers + accelerate at each budget
+    trace: Path = DEFAULT_TRACE
+    prompt_tokens: int = 128
+    new_tokens: int = 256
+    warmup_tokens: int = 32
+    repeats: int = 3
+    prefill_tokens: int = 2048
+    prefill_repeats: int = 2
+    compute_only: bool = True                    # also time decode with every expert a hit
+    prefetch_experts: int | None = None          # experts prefetched per layer ahead; None: top-k
+    prefetch_depth: int = 1
+    device: str = "auto"
+    time_limit: float | None = None              # seconds; later entries are skipped once it has passed
+    out: Path | None = None                      # where the report JSON is (re)written
+    seed: int = 0
+
+
+def parse_quant(text: str) -> QuantConfig | None:
+    return None if text in ("bf16", "none") else QuantConfig.parse(text)
+
+
+class ForgetfulCache(LayerCache):
+    """The paper's "without LRU" ablation: every slot is emptied before each forward of the layer,
+    so each expert use is a load (prefetched experts, if any, are still kept for their forward)."""
+
+    def schedule(self, needed):
+        for expert in [e for e in self.slot_of if e not in self.prefetched]:
+            self.free.append(self.slot_of.pop(expert))
+            del self.recency[expert], self.loaded_at[expert]
+        return super().schedule(needed)
+
+
+def fixed_routing(layer, logits, top_k, renormalize):
+    """Every token to experts 0..k-1 with equal weights: after the first token every use is a hit."""
+    ids = torch.arange(top_k, device=logits.device).expand(logits.shape[0], top_k)
+    return torch.full(ids.shape, 1.0 / top_k, device=logits.device), ids
+
+
+def weights_nbytes(obj, seen=None) -> int:
+    """Bytes of every distinct tensor reachable from model weights (dataclasses, tuples, lists)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        key = (obj.data_ptr(), obj.numel())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.numel() * obj.element_size()
+    if is_dataclass(obj):
+        return sum(weights_nbytes(getattr(obj, f.name), seen) for f in fields(obj))
+    if isinstance(obj, (list, tuple)):
+        return sum(weights_nbytes(item, seen) for item in obj)
+    return 0
+
+
+def measure_link_peak(device: torch.device) -> float:
+    """Pinned host->device copy GB/s (best of a few 256 MiB copies); host memcpy on the CPU."""
+    src = torch.empty(LINK_PROBE_BYTES, dtype=torch.uint8, pin_memory=device.type == "cuda").fill_(1)
+    dst = torch.empty(LINK_PROBE_BYTES, dtype=torch.uint8, device=device)
+    best = math.inf
+    for _ in range(6):
+        sync(device)
+        started = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        sync(device)
+        best = min(best, time.perf_counter() - started)
+    return LINK_PROBE_BYTES / best / 1e9
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def environment(device: torch.device) -> dict:
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    return {
+        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "card_memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": os.environ.get("MOE_OFFLOAD_COMMIT") or git("rev-parse", "HEAD"),
+        "tree_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "command": shlex.join(["moe-offload", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("moe-offload") else shlex.join(sys.argv),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "host_cpus": os.cpu_count(),
+    }
+
+
+class Bench:
+    """One benchmark process: builds each configuration once and measures every entry of it."""
+
+    def __init__(self, settings: BenchSettings, log):
+        self.s = settings
+        self.log = log
+        self.device = resolve_device(settings.device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.started = time.perf_counter()
+        self.report = {"benchmark": "moe-offload bench", **environment(self.device),
+                       "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
+                       "results": []}
+        self.trace = RoutingTrace.load(settings.trace) if "replay" in settings.routings else None
+        for routing in settings.routings:
+            if routing not in ROUTINGS:
+                raise UserError(f"--routing {routing!r}: use own or replay")
+        for mode in settings.modes:
+            if mode not in MODES:
+                raise UserError(f"--modes {mode!r}: use {', '.join(MODES)}")
+        if settings.synthetic:
+            from .synthetic import synthetic_config
+            synthetic_config(settings.synthetic)     # an unknown preset fails here, before any work
+        elif settings.model is None:
+            raise UserError("pass --synthetic PRESET or --model DIR")
+        self.budgets = [(text, parse_size(text, "--budget")) for text in settings.budgets]
+        self.quants = [(text, parse_quant(text)) for text in settings.quants]
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def out_of_time(self) -> bool:
+        return self.s.time_limit is not None and time.perf_counter() - self.started > self.s.time_limit
+
+    def add(self, entry: dict) -> None:
+        self.report["results"].append(entry)
+        self.report["elapsed_seconds"] = round(time.perf_counter() - self.started, 1)
+        if self.s.out is not None:
+            import json
+            out = Path(self.s.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            partial = out.with_name(out.name + ".partial")
+            partial.write_text(json.dumps(self.report, indent=1) + "\n")
+            partial.replace(out)
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        s = self.s
+        self.report["link_peak_gbps"] = measure_link_peak(self.device)
+        self.log(f"bench: {self.report['card']}; pinned host->device peak {self.report['link_peak_gbps']:.1f} GB/s")
+        if s.accelerate:
+            self.run_accelerate()
+        for quant_text, quant in self.quants:
+            if self.out_of_time():
+                for budget_text, _ in self.budgets:
+                    self.add({"quant": quant_text, "budget": budget_text, "status": "skipped", "reason": "time limit"})
+                continue
+            self.run_quant(quant_text, quant)
+        self.report["elapsed_seconds"] = round(time.perf_counter() - self.started, 1)
+        return self.report
+
+    def run_accelerate(self) -> None:
+        from .accelerate_baseline import measure_accelerate
+        from .synthetic import synthetic_config
+
+        config = synthetic_config(self.s.synthetic) if self.s.synthetic else self.open_source(None).config
+        for budget_text, budget in self.budgets:
+            if self.out_of_time():
+                self.add({"mode": "accelerate", "budget": budget_text, "status": "skipped", "reason": "time limit"})
+                continue
+            self.log(f"accelerate baseline at {budget_text} ...")
+            try:
+                entry = measure_accelerate(config, budget / 2**30, self.device, log=self.log)
+                entry.update(status="ok", budget=budget_text, routing="own (accelerate loads every layer whole)")
+            except torch.OutOfMemoryError as e:
+                entry = {"mode": "accelerate", "budget": budget_text, "status": "failed", "error": str(e).splitlines()[0]}
+            self.add(entry)
+            gc.collect()
+            self.empty_cache()
+
+    def open_source(self, quant: QuantConfig | None):
+        if self.s.synthetic:
+            from .synthetic import SyntheticCheckpoint
+            return SyntheticCheckpoint.create(self.s.synthetic, quant, self.device, seed=self.s.seed)
+        from ..quant.checkpoint import open_checkpoint
+        return open_checkpoint(self.s.model, quant, self.device)
+
+    def run_quant(self, quant_text: str, quant: QuantConfig | None) -> None:
+        started = time.perf_counter()
+        ckpt = self.open_source(quant)
+        config = ckpt.config
+        self.log(f"[{quant_text}] building {ckpt.folder.name} weights on {self.device} ...")
+        weights = ckpt.dense_weights(self.device, self.dtype)
+        expert_format, expert_buffer = ckpt.expert_storage(self.dtype)
+        store = ExpertStore(config.moe_layers, config.num_experts, expert_format.nbytes, pin=self.device.type == "cuda")
+        for layer in config.moe_layers:
+            for expert_id in range(config.num_experts):
+                store.write(layer, expert_id, expert_buffer(layer, expert_id))
+        sync(self.device)
+        dense_bytes = weights_nbytes(weights)
+        build_seconds = time.perf_counter() - started
+        self.log(f"[{quant_text}] built in {build_seconds:.1f} s: non-expert weights {dense_bytes / 2**30:.2f} GiB on the device, "
+                 f"{store.ram_bytes / 2**30:.1f} GiB of experts in {'pinned ' if store.pinned else ''}host RAM "
+                 f"({expert_format.nbytes / 2**20:.1f} MiB each)")
+        self.empty_cache()
+        context = max(self.s.prefill_tokens, self.s.prompt_tokens + self.s.new_tokens, self.s.warmup_tokens + self.s.prompt_tokens) + 1
+        common = {"model": ckpt.folder.name, "quant": quant_text, "expert_mib": expert_format.nbytes / 2**20,
+                  "dense_gib": dense_bytes / 2**30, "build_seconds": round(build_seconds, 1)}
+        for budget_text, budget in self.budgets:
+            try:
+                plan = make_plan(config, expert_format.nbytes, dense_bytes, KVCache.nbytes(config, 1, context, self.dtype),
+                                 context, workspace_bytes(config, PREFILL_CHUNK, context, self.dtype.itemsize), budget)
+            except UserError as e:
+                message = str(e).replace("--gpu-memory", "--budget").replace("--max-context", "--prefill-tokens")
+                self.log(f"[{quant_text} @ {budget_text}] does not fit: {message}")
+                self.add({**common, "budget": budget_text, "status": "does not fit", "error": message})
+                continue
+            slots = sorted(set(plan.slots.values()))
+            self.log(plan.describe())
+            for routing in self.s.routings:
+                for mode in self.s.modes:
+                    entry = {**common, "budget": budget_text, "budget_gib": budget / 2**30, "routing": routing, "mode": mode,
+                             "slots_per_layer": slots[0] if len(slots) == 1 else slots, "planned_gib": plan.device_bytes / 2**30}
+                    if self.out_of_time():
+                        self.add({**entry, "status": "skipped", "reason": "time limit"})
+                        continue
+                    self.add(self.measure(entry, config, weights, store, expert_format, plan, context, budget))
+            if self.s.compute_only and not self.out_of_time():
+                entry = {**common, "budget": budget_text, "routing": "fixed (experts 0..k-1: every use a hit)", "mode": "compute-only"}
+                self.add(self.measure(entry, config, weights, store, expert_format, plan, context, budget, compute_only=True))
+        del weights, store
+        gc.collect()
+        self.empty_cache()
+
+    def empty_cache(self):
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- one entry ---------------------------------------------------------------------------
+
+    def build(self, config: ModelConfig, weights, store, expert_format: ExpertFormat, plan, routing: str, mode: str):
+        s = self.s
+        top_n = config.top_k if s.prefetch_experts is None else s.prefetch_experts
+        router, predictor = own_routing, None
+        if routing == "replay":
+            self.trace.check_fits(len(config.moe_layers), config.num_experts, config.top_k)
+            router = ReplayRouter(self.trace, self.device, config.moe_layers)
+            if mode == "full" and top_n:
+                predictor = ReplayPredictor(self.trace, router, config.moe_layers, s.prefetch_depth, top_n)
+        elif routing == "fixed":
+            router = fixed_routing
+        elif mode == "full" and top_n:
+            predictor = GatePredictor(config, weights.layers, s.prefetch_depth, top_n)
+        provider = OffloadedExperts(store, expert_format, plan.slots, self.device, predictor, measure_time=True)
+        if mode == "no-cache":
+            provider.caches = {layer: ForgetfulCache(c.num_slots, c.expert_nbytes, c.stats) for layer, c in provider.caches.items()}
+        return Transformer(config, weights, provider, router), provider, router
+
+    def measure(self, entry, config, weights, store, expert_format, plan, context, budget, compute_only=False) -> dict:
+        s, device = self.s, self.device
+        label = f"[{entry['quant']} @ {entry['budget']}] {entry['mode']}, {entry['routing'].split(' ')[0]} routing"
+        self.log(f"{label} ...")
+        gc.collect()
+        self.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(device).total_memory), device)
+        try:
+            model, provider, router = self.build(config, weights, store, expert_format, plan,
+                                                 "fixed" if compute_only else entry["routing"], entry["mode"])
+            cache = KVCache.allocate(config, 1, context, device, self.dtype)
+            result = self.decode(model, provider, router, cache, config)
+            if not compute_only:
+                result.update(self.prefill(model, provider, router, cache, config))
+            result["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            result["within_budget"] = result["peak_gpu_gib"] is None or result["peak_gpu_gib"] * 2**30 <= budget
+            result["status"] = "ok"
+        except torch.OutOfMemoryError as e:
+            result = {"status": "failed", "error": f"exceeded the {entry['budget']} budget: {str(e).splitlines()[0]}"}
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_per_process_memory_fraction(1.0, device)
+        entry = {**entry, **result}
+        if entry["status"] == "ok":
+            self.log(f"{label}: decode {entry['decode_tokens_per_s']:.2f} tokens/s"
+                     + (f", hit rate {entry['hit_rate']:.3f}, link busy {entry['link_busy']:.2f}" if 'hit_rate' in entry else "")
+                     + (f", prefill {entry['prefill_tokens_per_s']:.0f} tokens/s" if 'prefill_tokens_per_s' in entry else "")
+                     + (f", peak {entry['peak_gpu_gib']:.2f} GiB" if entry['peak_gpu_gib'] is not None else ""))
+        else:
+            self.log(f"{label}: {entry['status']}: {entry['error']}")
+        return entry
+
+    def decode(self, model, provider, router, cache, config) -> dict:
+        s, device = self.s, self.device
+        generator = torch.Generator().manual_seed(s.seed)
+        runs = []
+        span = s.prompt_tokens + s.new_tokens
+        for repeat in range(-1, s.repeats):       # -1: the warm-up run
+            new_tokens = s.warmup_tokens if repeat < 0 else s.new_tokens
+            prompt = torch.randint(3, config.vocab_size, (s.prompt_tokens,), generator=generator).tolist()
+            if isinstance(router, ReplayRouter):
+                router.seek((repeat + 1) * span)
+            first_at = None
+            count = 0
+            for _ in generate(model, cache, prompt, SamplingParams(max_new_tokens=new_tokens)):
+                count += 1
+                if first_at is None:          # prefill done: count decode only from here
+                    provider.summary()
+                    provider.stats.reset()
+                    first_at = time.perf_counter()
+            seconds = time.perf_counter() - first_at
+            if repeat >= 0:
+                runs.append({"tokens_per_s": (count - 1) / seconds, "seconds": seconds, "tokens": count - 1,
+                             **provider.summary()})
+        median = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
+        return {"decode_tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+                "decode_repeats_tokens_per_s": [round(r["tokens_per_s"], 3) for r in runs],
+                **self.transfer_figures(median, "decode", config)}
+
+    def prefill(self, model, provider, router, cache, config) -> dict:
+        s, device = self.s, self.device
+        generator = torch.Generator().manual_seed(s.seed + 1)
+        runs = []
+        for repeat in range(-1, s.prefill_repeats):
+            prompt = torch.randint(3, config.vocab_size, (s.prefill_tokens,), generator=generator).tolist()
+            if isinstance(router, ReplayRouter):
+                router.seek(0)
+            provider.summary()
+            provider.stats.reset()
+            sync(device)
+            started = time.perf_counter()
+            logits = prefill(model, cache, prompt, device)
+            sample(logits[-1], SamplingParams(max_new_tokens=1))    # the first token reaches the host
+            seconds = time.perf_counter() - started
+            if repeat >= 0:
+                runs.append({"tokens_per_s": s.prefill_tokens / seconds, "seconds": seconds, "tokens": 1, **provider.summary()})
+        median = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
+        figures = self.transfer_figures(median, "prefill", config)
+        return {"prefill_tokens": s.prefill_tokens, "prefill_tokens_per_s": median["tokens_per_s"],
+                "time_to_first_token_s": median["seconds"],
+                **{k: figures[k] for k in ("prefill_h2d_gbps", "prefill_link_busy", "prefill_copy_wait_share")}}
+
+    def transfer_figures(self, run: dict, phase: str, config: ModelConfig) -> dict:
+        peak = self.report["link_peak_gbps"]
+        seconds = run["seconds"]
+        achieved = run["bytes_loaded"] / seconds / 1e9
+        out = {f"{phase}_h2d_gbps": achieved, f"{phase}_link_busy": achieved / peak,
+               f"{phase}_copy_wait_share": run["wait_seconds"] / seconds}
+        if phase == "decode":
+            per_token = run["bytes_loaded"] / max(run["tokens"], 1)
+            out = {"hit_rate": run["hit_rate"], "prefetch_recall": run.get("prefetch_recall"),
+                   "prefetch_precision": run.get("prefetch_precision"),
+                   "loads_per_token": run["loads"] / max(run["tokens"], 1),
+                   "mb_loaded_per_token": per_token / 1e6,
+                   "h2d_gbps": achieved, "link_busy": achieved / peak,
+                   "copy_wait_share": run["wait_seconds"] / seconds,       # compute stream waiting on copies
+                   "copy_busy_share": run["copy_seconds"] / seconds,       # copy stream busy
+                   "transfer_ceiling_tokens_per_s": peak * 1e9 / per_token if per_token else None,
+                   # DESIGN.md §4: peak / ((1 - h) x expert uses per token x bytes per expert)
+                   "ceiling_at_hit_rate_tokens_per_s": (peak * 1e9 / ((1 - run["hit_rate"]) * len(config.moe_layers)
+                                                        * config.top_k * run["bytes_loaded"] / run["loads"])
+                                                        if run["loads"] and run["hit_rate"] < 1 else None),
+                   "transfer_bound": run["wait_seconds"] / seconds >= 0.5}
+        return out
+
+
+def run_benchmarks(settings: BenchSettings, log=print) -> dict:
+    return Bench(settings, log).run()

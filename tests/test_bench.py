@@ -1,0 +1,233 @@
+"""The benchmark machinery on the CPU: routing traces (record, store, replay), the synthetic model,
+the ablation modes, the accelerate placement, and `moe-offload bench` end to end at toy size."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from moe_offload.bench.routing import ReplayPredictor, ReplayRouter, RoutingTrace, record_routing
+from moe_offload.bench.runner import ForgetfulCache
+from moe_offload.bench.synthetic import SyntheticCheckpoint
+from moe_offload.cli import main
+from moe_offload.config import QuantConfig, RuntimeConfig
+from moe_offload.engine import Engine
+from moe_offload.errors import UserError
+from moe_offload.model import KVCache
+from moe_offload.offload.cache import LayerCache
+
+from conftest import REPO, SHIPPED_MODEL, write_tiny_mixtral
+
+COMMITTED_TRACE = REPO / "benchmarks" / "traces" / "reference-moe-32l.safetensors"
+HELD_OUT_TEXT = SHIPPED_MODEL / "eval-networkx.txt"
+
+
+def hand_made_trace(tokens=10, layers=3, top_k=2, experts=4) -> RoutingTrace:
+    ids = torch.stack([torch.tensor([[(t + l) % experts, (t + l + 1) % experts] for l in range(layers)]) for t in range(tokens)])
+    weights = torch.full((tokens, layers, top_k), 0.5, dtype=torch.float16)
+    weights[:, :, 0] = torch.arange(tokens, dtype=torch.float16)[:, None] / 100
+    predicted = torch.full((tokens, layers, 2, 3), -1, dtype=torch.int8)
+    for t in range(tokens):
+        for l in range(layers):
+            for d in (1, 2):
+                if l + d < layers:
+                    predicted[t, l, d - 1] = torch.tensor([(t + l + d) % experts, (t + 2) % experts, (t + 3) % experts])
+    metadata = {"format": "moe-offload routing trace", "version": "1", "model": "hand-made", "num_experts": str(experts)}
+    return RoutingTrace(torch.arange(tokens, dtype=torch.int32), ids.to(torch.int8), weights, predicted, metadata)
+
+
+def test_replay_router_returns_each_forwards_own_tokens_and_wraps_at_the_end():
+    trace = hand_made_trace(tokens=10)
+    router = ReplayRouter(trace, "cpu", moe_layers=(0, 1, 2))
+    logits = torch.zeros(4, 4)
+    seen = []
+    for _ in range(3):          # forwards of 4 tokens: tokens 0-3, 4-7, then 0-3 again (8-11 would run past 10)
+        for layer in (0, 1, 2):
+            weights, ids = router(layer, logits, 2, True)
+            assert torch.equal(ids, trace.expert_ids[router.start:router.start + 4, layer].long())
+            assert torch.allclose(weights, trace.expert_weights[router.start:router.start + 4, layer].float())
+        seen.append(router.start)
+    assert seen == [0, 4, 0]
+    router.seek(7)
+    router(0, torch.zeros(1, 4), 2, True)
+    assert router.start == 7
+
+
+def test_replay_predictor_gives_recorded_ranking_for_one_token_and_votes_for_many():
+    trace = hand_made_trace(tokens=10)
+    router = ReplayRouter(trace, "cpu", moe_layers=(0, 1, 2))
+    predictor = ReplayPredictor(trace, router, moe_layers=(0, 1, 2), depth=2, top_n=2)
+    router.seek(5)
+    router(0, torch.zeros(1, 4), 2, True)
+    assert predictor.predict(0, torch.zeros(1, 8)) == {1: trace.predicted_ids[5, 0, 0, :2].tolist(),
+                                                        2: trace.predicted_ids[5, 0, 1, :2].tolist()}
+    assert predictor.predict(2, torch.zeros(1, 8)) == {}            # nothing after the last layer
+    router.seek(0)
+    router(0, torch.zeros(3, 4), 2, True)
+    votes = {}
+    for t in range(3):
+        for e in trace.predicted_ids[t, 1, 0, :2].tolist():
+            votes[e] = votes.get(e, 0) + 1
+    expected = sorted(votes, key=lambda e: (-votes[e], e))[:2]
+    assert predictor.predict(1, torch.zeros(3, 8)) == {2: expected}
+
+
+def test_trace_file_round_trips_and_bad_files_are_one_line_errors(tmp_path):
+    trace = hand_made_trace()
+    trace.save(tmp_path / "t.safetensors")
+    loaded = RoutingTrace.load(tmp_path / "t.safetensors")
+    for name in ("token_ids", "expert_ids", "expert_weights", "predicted_ids"):
+        assert torch.equal(getattr(loaded, name), getattr(trace, name))
+    assert loaded.metadata == trace.metadata
+    with pytest.raises(UserError, match="no such routing trace"):
+        RoutingTrace.load(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a trace")
+    with pytest.raises(UserError, match="not a readable routing trace"):
+        RoutingTrace.load(tmp_path / "junk.safetensors")
+    with pytest.raises(UserError, match="3 MoE layers, 4 experts, top-2, but the model has 32, 8, top-2"):
+        loaded.check_fits(32, 8, 2)
+
+
+def test_recorded_routing_is_what_transformers_routes(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder = write_tiny_mixtral(tmp_path / "model", num_hidden_layers=3)
+    trace = record_routing(folder, HELD_OUT_TEXT, tokens=40, window=20, depth=2, ranked=3, progress=False)
+    assert trace.expert_ids.shape == (40, 3, 2) and trace.predicted_ids.shape == (40, 3, 2, 3)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, experts_implementation="eager").eval()
+    tokens = trace.token_ids.long()
+    for start in (0, 20):         # each window from an empty cache, as recorded
+        with torch.no_grad():
+            out = reference(tokens[None, start:start + 20], output_router_logits=True)
+        for layer, logits in enumerate(out.router_logits):
+            probs = torch.softmax(logits.float(), dim=-1)
+            top, ids = torch.topk(probs, 2, dim=-1)
+            assert torch.equal(trace.expert_ids[start:start + 20, layer].long(), ids)
+            assert torch.allclose(trace.expert_weights[start:start + 20, layer].float(), top / top.sum(-1, keepdim=True), atol=1e-3)
+    # predictions exist exactly for the layers that have a layer d ahead
+    assert (trace.predicted_ids[:, 2] == -1).all() and (trace.predicted_ids[:, 1, 1] == -1).all()
+    assert (trace.predicted_ids[:, 0] >= 0).all() and (trace.predicted_ids[:, 1, 0] >= 0).all()
+
+
+def test_committed_trace_replays_onto_the_synthetic_model_through_the_router_seam():
+    trace = RoutingTrace.load(COMMITTED_TRACE)
+    assert trace.num_tokens >= 2048 and (trace.num_layers, trace.num_experts, trace.top_k) == (32, 8, 2)
+    ckpt = SyntheticCheckpoint.create("tiny", None, "cpu")
+    config = ckpt.config
+    trace.check_fits(len(config.moe_layers), config.num_experts, config.top_k)
+    weights = ckpt.dense_weights("cpu", torch.float32)
+    expert_format, expert_buffer = ckpt.expert_storage(torch.float32)
+    asked = {}
+
+    class Recording:
+        def experts(self, layer, expert_ids, residual):
+            asked.setdefault(layer, []).append(sorted(expert_ids))
+            for e in expert_ids:
+                yield e, expert_format.view(expert_buffer(layer, e))
+
+    from moe_offload.model import Transformer
+    router = ReplayRouter(trace, "cpu", config.moe_layers)
+    model = Transformer(config, weights, Recording(), router)
+    cache = KVCache.allocate(config, 1, 8, "cpu", torch.float32)
+    router.seek(100)
+    for pos in range(3):
+        logits = model(torch.tensor([[5 + pos]]), cache, start_pos=pos)
+        assert torch.isfinite(logits).all()
+    for layer in (0, 17, 31):
+        assert asked[layer] == [sorted(trace.expert_ids[100 + t, layer].tolist()) for t in range(3)]
+
+
+def test_synthetic_quantized_weights_dequantize_to_a_trained_like_scale():
+    ckpt = SyntheticCheckpoint.create("tiny", QuantConfig.parse("4/2"), "cpu")
+    weights = ckpt.dense_weights("cpu", torch.float32)
+    wq = weights.layers[3].attn.wq.dequantize()
+    assert 0.7 / math.sqrt(64) < wq.std() < 1.4 / math.sqrt(64)
+    fmt, buffer = ckpt.expert_storage(torch.float32)
+    expert = fmt.view(buffer(5, 2))
+    for w, fan_in in ((expert.w1, 64), (expert.w2, 128)):
+        assert 0.7 / math.sqrt(fan_in) < w.dequantize().std() < 1.4 / math.sqrt(fan_in)
+    assert torch.equal(buffer(5, 2), buffer(5, 2)) and not torch.equal(buffer(5, 2), buffer(5, 3))
+
+
+def test_forgetful_cache_loads_every_use_while_lru_reuses():
+    lru, forgetful = LayerCache(2, 1), ForgetfulCache(2, 1)
+    for cache in (lru, forgetful):
+        for step in ([1, 2], [1, 2], [2, 3]):
+            list(cache.schedule(step))
+    assert (lru.stats.hits, lru.stats.misses) == (3, 3)
+    assert (forgetful.stats.hits, forgetful.stats.misses) == (0, 6)
+
+
+def test_accelerate_places_full_mixtral_at_12_gib_with_most_layers_offloaded():
+    from moe_offload.bench.accelerate_baseline import placement
+    from moe_offload.bench.synthetic import SYNTHETIC_SHAPES
+
+    place = placement(SYNTHETIC_SHAPES["mixtral-8x7b"], 12 * 2**30)
+    # a bf16 Mixtral layer is ~2.8 GB: at most four fit beside the embeddings and head
+    assert 1 <= place["gpu_layers"] <= 4 and place["gpu_layers"] + place["offloaded_layers"] == 32
+
+
+@pytest.fixture
+def one_cpu_thread():
+    # Toy tensors: splitting each copy over threads only costs time, a lot of it on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_command_runs_every_mode_and_routing_at_toy_size(tmp_path, capsys, one_cpu_thread):
+    out = tmp_path / "report.json"
+    argv = ["bench", "--synthetic", "tiny", "--quant", "bf16", "--budget", "1MiB,80MiB", "--device", "cpu",
+            "--prompt-tokens", "6", "--new-tokens", "4", "--warmup-tokens", "2", "--repeats", "1",
+            "--prefill-tokens", "40", "--prefill-repeats", "1", "--out", str(out), "--accelerate"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert json.loads(out.read_text())["results"] == report["results"]
+    assert report["link_peak_gbps"] > 0 and report["card"].startswith("cpu")
+    by_key = {(e.get("budget"), e.get("routing"), e.get("mode")): e for e in report["results"]}
+    assert by_key[("1MiB", None, None)]["status"] == "does not fit"
+    assert "--budget" in by_key[("1MiB", None, None)]["error"]
+    for routing in ("own", "replay"):
+        for mode in ("full", "no-prefetch", "no-cache"):
+            e = by_key[("80MiB", routing, mode)]
+            assert e["status"] == "ok", e
+            assert e["decode_tokens_per_s"] > 0 and e["prefill_tokens_per_s"] > 0 and e["time_to_first_token_s"] > 0
+            assert e["loads_per_token"] > 0 or mode != "no-cache"
+        assert by_key[("80MiB", routing, "no-cache")]["hit_rate"] == 0.0
+        assert by_key[("80MiB", routing, "no-cache")]["loads_per_token"] == 64      # 32 layers x top-2, every token
+        assert by_key[("80MiB", routing, "full")]["prefetch_recall"] is not None
+        assert by_key[("80MiB", routing, "no-prefetch")]["prefetch_recall"] is None
+    accelerate = [e for e in report["results"] if e.get("mode") == "accelerate"]
+    assert len(accelerate) == 2 and all(e["status"] == "ok" and e["decode_tokens_per_s"] > 0 for e in accelerate)
+    assert any(e.get("mode") == "compute-only" and e["status"] == "ok" for e in report["results"])
+
+
+def test_bench_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from moe_offload.bench.plot import plot_report
+
+    entry = {"status": "ok", "quant": "4/2", "budget": "12GiB", "routing": "own", "mode": "full",
+             "decode_tokens_per_s": 10.0, "transfer_ceiling_tokens_per_s": 14.0}
+    report = {"card": "test", "link_peak_gbps": 50.0, "date": "2026-11-27",
+              "results": [entry, {**entry, "mode": "accelerate", "transfer_ceiling_tokens_per_s": None}]}
+    plot_report(report, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--synthetic", "huge"], "--synthetic 'huge' is not a preset"),
+    (["bench", "--synthetic", "tiny", "--routing", "mine", "--device", "cpu"], "--routing 'mine'"),
+    (["bench", "--synthetic", "tiny", "--budget", "lots", "--device", "cpu"], "--budget 'lots' is not a size"),
+    (["bench", "--synthetic", "tiny", "--quant", "4/5", "--device", "cpu"], "5 bits is not supported"),
+    (["bench", "--synthetic", "tiny", "--trace", "nowhere.safetensors", "--device", "cpu"], "no such routing trace"),
+    (["bench", "record-routing", "--model", str(SHIPPED_MODEL), "--text", "missing.txt", "--out", "x.safetensors"],
+     "--text missing.txt: no such file"),
+])
+def test_bench_bad_input_is_one_error_line(argv, message, capsys):
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
