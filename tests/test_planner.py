@@ -21,15 +21,19 @@ CONFIG = ModelConfig(model_type="qwen3_moe", vocab_size=100, hidden_size=8, num_
                      max_position_embeddings=64, dense_layers=(0,))   # MoE layers 1-4
 
 
-def plan(budget, **kw):
-    return make_plan(CONFIG, expert_nbytes=100, dense_bytes=1000, kv_bytes=200, max_context=64, workspace=300,
-                     device_budget=budget, **kw)
+EXPERT = 1024                       # bytes per expert (a multiple of the slot alignment)
+FIXED = 10_000 + 2_000 + 3_000      # non-expert weights + KV cache + workspace
+
+
+def plan(budget, expert_nbytes=EXPERT, **kw):
+    return make_plan(CONFIG, expert_nbytes=expert_nbytes, dense_bytes=10_000, kv_bytes=2_000, max_context=64,
+                     workspace=3_000, device_budget=budget, **kw)
 
 
 def test_leftover_bytes_become_slots_spread_evenly_over_moe_layers_only():
-    p = plan(1500 + 11 * 100 + 99)          # 11 slots' worth (and change) after the fixed parts
+    p = plan(FIXED + 11 * EXPERT + EXPERT - 1)          # 11 slots' worth (and change) after the fixed parts
     assert p.slots == {1: 3, 2: 3, 3: 3, 4: 2}
-    assert p.slot_bytes == 1100 and p.device_bytes == 2600 <= p.device_budget
+    assert p.slot_bytes == 11 * EXPERT and p.device_bytes == FIXED + 11 * EXPERT <= p.device_budget
     assert "3 in layers 1-3, 2 in layer 4" in p.describe()
 
 
@@ -37,23 +41,28 @@ def test_a_layer_never_gets_more_slots_than_experts():
     assert plan(100 * GiB).slots == dict.fromkeys((1, 2, 3, 4), 4)
 
 
+def test_slots_are_counted_with_their_alignment_padding():
+    p = plan(FIXED + 4 * 1024, expert_nbytes=1000)      # each 1000-byte expert takes a 1024-byte slot
+    assert p.slots == dict.fromkeys((1, 2, 3, 4), 1) and p.slot_bytes == 4 * 1024
+
+
 def test_too_small_a_budget_names_the_smallest_that_works():
-    smallest = 1500 + 4 * 100
+    smallest = FIXED + 4 * EXPERT
     assert plan(smallest).slots == dict.fromkeys((1, 2, 3, 4), 1)
     with pytest.raises(UserError, match=r"--gpu-memory 0\.00 GiB is too small.*raise --gpu-memory to at least 0\.01GiB"):
         plan(smallest - 1)
 
 
 def test_fixed_slots_must_fit_and_be_at_most_the_experts():
-    assert plan(1500 + 8 * 100, slots_per_layer=2).slots == dict.fromkeys((1, 2, 3, 4), 2)
+    assert plan(FIXED + 8 * EXPERT, slots_per_layer=2).slots == dict.fromkeys((1, 2, 3, 4), 2)
     with pytest.raises(UserError, match="--slots 3 needs"):
-        plan(1500 + 8 * 100, slots_per_layer=3)
+        plan(FIXED + 8 * EXPERT, slots_per_layer=3)
     with pytest.raises(UserError, match="--slots 5: use 1 to 4"):
         plan(100 * GiB, slots_per_layer=5)
 
 
 def test_host_budget_splits_experts_between_ram_and_disk():
-    p = plan(10 * GiB, host_budget=1050)    # 10 of the 16 experts fit
+    p = plan(10 * GiB, host_budget=10 * EXPERT + 500)    # 10 of the 16 experts fit
     assert (p.ram_experts, p.disk_experts) == (10, 6)
     assert (plan(10 * GiB).ram_experts, plan(10 * GiB).disk_experts) == (16, 0)
 
@@ -91,3 +100,4 @@ def test_offloaded_engine_allocates_exactly_the_planned_slots():
     assert {layer: len(memory) for layer, memory in provider.slot_memory.items()} == engine.plan.slots
     assert provider.store.ram_experts == engine.plan.ram_experts == 20 * 2**20 // engine.plan.expert_nbytes
     assert sum(m.numel() for m in provider.slot_memory.values()) == engine.plan.slot_bytes
+    assert all(m.stride(0) % 512 == 0 for m in provider.slot_memory.values())

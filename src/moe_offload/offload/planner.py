@@ -29,6 +29,13 @@ from ..model import KVCache
 
 GiB = 2**30
 WORKSPACE_MARGIN = 64 * 2**20   # cuBLAS workspace, the router's small tensors, allocator slack
+SLOT_ALIGNMENT = 512            # bytes: a slot starts where a fresh CUDA allocation would, so kernels
+                                # that pick their algorithm by alignment do what they do on resident experts
+
+
+def slot_stride(expert_nbytes: int) -> int:
+    """Bytes between consecutive expert slots of a layer."""
+    return -(-expert_nbytes // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -77,7 +84,7 @@ class Plan:
 
     @property
     def slot_bytes(self) -> int:
-        return sum(self.slots.values()) * self.expert_nbytes
+        return sum(self.slots.values()) * slot_stride(self.expert_nbytes)
 
     @property
     def device_bytes(self) -> int:
@@ -102,7 +109,8 @@ def make_plan(config: ModelConfig, expert_nbytes: int, dense_bytes: int, kv_byte
               slots_per_layer: int | None = None) -> Plan:
     layers = config.moe_layers
     fixed = dense_bytes + kv_bytes + workspace
-    smallest = fixed + len(layers) * expert_nbytes
+    stride = slot_stride(expert_nbytes)
+    smallest = fixed + len(layers) * stride
     if device_budget < smallest:
         raise UserError(
             f"--gpu-memory {gib(device_budget)} is too small: non-expert weights {gib(dense_bytes)}, KV cache "
@@ -112,13 +120,13 @@ def make_plan(config: ModelConfig, expert_nbytes: int, dense_bytes: int, kv_byte
     if slots_per_layer is not None:
         if not 1 <= slots_per_layer <= config.num_experts:
             raise UserError(f"--slots {slots_per_layer}: use 1 to {config.num_experts} (the experts per layer)")
-        need = fixed + len(layers) * slots_per_layer * expert_nbytes
+        need = fixed + len(layers) * slots_per_layer * stride
         if need > device_budget:
             raise UserError(f"--slots {slots_per_layer} needs {_round_up_gib(need)} GiB on the device but --gpu-memory "
                             f"is {gib(device_budget)}; lower --slots or raise --gpu-memory to {_round_up_gib(need)}GiB")
         slots = dict.fromkeys(layers, slots_per_layer)
     else:
-        total = min((device_budget - fixed) // expert_nbytes, len(layers) * config.num_experts)
+        total = min((device_budget - fixed) // stride, len(layers) * config.num_experts)
         base, extra = divmod(total, len(layers))
         slots = {layer: base + (i < extra) for i, layer in enumerate(layers)}
     all_experts = len(layers) * config.num_experts

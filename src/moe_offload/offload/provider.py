@@ -5,7 +5,7 @@
     model = Transformer(config, weights, provider)
     provider.summary()        # hit rate, prefetch recall/precision, bytes moved, times (see cache.py)
 
-Each MoE layer owns a fixed number of slots: one device tensor (slots, nbytes) allocated here,
+Each MoE layer owns a fixed number of slots: one device tensor (slots, stride) allocated here,
 once; each slot's Expert is made once with `ExpertFormat.view` (which must only make views, never
 read the bytes), so nothing is allocated while decoding.
 Which expert goes into which slot is decided by `LayerCache` (cache.py, LRU); this file only
@@ -31,6 +31,7 @@ import torch
 
 from ..experts import ExpertFormat
 from .cache import LayerCache, LayerStats, OffloadStats
+from .planner import slot_stride
 from .prefetch import ExpertPredictor
 from .store import ExpertStore
 
@@ -46,9 +47,9 @@ class OffloadedExperts:
         self.stats = OffloadStats({layer: LayerStats() for layer in slots})
         nbytes = expert_format.nbytes
         self.caches = {layer: LayerCache(n, nbytes, self.stats.layers[layer]) for layer, n in slots.items()}
-        self.slot_memory = {layer: torch.empty((n, nbytes), dtype=torch.uint8, device=self.device)
+        self.slot_memory = {layer: torch.empty((n, slot_stride(nbytes)), dtype=torch.uint8, device=self.device)
                             for layer, n in slots.items()}
-        self.slot_experts = {layer: [expert_format.view(memory[i]) for i in range(len(memory))]
+        self.slot_experts = {layer: [expert_format.view(memory[i, :nbytes]) for i in range(len(memory))]
                              for layer, memory in self.slot_memory.items()}
         keys = [(layer, slot) for layer, n in slots.items() for slot in range(n)]
         if self.device.type == "cuda":
@@ -81,7 +82,7 @@ class OffloadedExperts:
         return self.stats.summary()
 
     def _load(self, layer: int, expert: int, slot: int) -> None:
-        self.copier.load((layer, slot), self.slot_memory[layer][slot], self.store.buffer(layer, expert))
+        self.copier.load((layer, slot), self.slot_memory[layer][slot, :self.store.nbytes], self.store.buffer(layer, expert))
 
     def _prefetch(self, layer: int, residual: torch.Tensor) -> None:
         for target, predicted in self.predictor.predict(layer, residual).items():
