@@ -36,6 +36,7 @@ FAMILIES = tuple(TINY_FAMILIES)
 VARIANTS = {
     "qwen3_moe-top8of16-dense-layer-renorm": ("qwen3_moe", {}),
     "qwen3_moe-no-renorm-sparse-step-2": ("qwen3_moe", dict(norm_topk_prob=False, decoder_sparse_step=2, mlp_only_layers=[])),
+    "qwen3_moe-128-experts-top8": ("qwen3_moe", dict(num_experts=128, mlp_only_layers=[])),
     "qwen3_moe-attention-bias-tied-embeddings": ("qwen3_moe", dict(attention_bias=True, tie_word_embeddings=True)),
     "qwen2_moe-shared-expert-qkv-bias-dense-layer": ("qwen2_moe", {}),
     "qwen2_moe-renorm-no-qkv-bias-sparse-step-2": (
@@ -116,7 +117,16 @@ def logits_through_prefill_and_decode(engine: Engine, tokens: list[int], prompt:
 @pytest.mark.parametrize("slots, prefetch", [(1, None), (3, 0)])
 def test_family_offloaded_logits_equal_resident_bit_for_bit(family_folder, model_type, slots, prefetch):
     """Few slots (1 or 3 per layer; top-k is up to 8), half the experts on the disk tier, prefetch on and off."""
-    folder = family_folder(model_type)
+    assert_offloaded_equals_resident(family_folder(model_type), slots, prefetch)
+
+
+def test_offloaded_equals_resident_with_128_experts_top8_and_fewer_slots_than_top_k(tmp_path):
+    """Qwen3-30B-A3B's routing shape (128 experts, top-8) through 6 slots per layer."""
+    folder = write_tiny_family(tmp_path, "qwen3_moe", num_experts=128, mlp_only_layers=[])
+    assert_offloaded_equals_resident(folder, slots=6, prefetch=None)
+
+
+def assert_offloaded_equals_resident(folder, slots: int, prefetch: int | None):
     resident = load_engine(folder)
     config = resident.config
     expert_nbytes = DenseExpertFormat(config.hidden_size, config.expert_ffn, torch.float32).nbytes

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -98,6 +98,9 @@ class Checkpoint:
     config: ModelConfig
     hf_config: dict
     file_of: dict[str, Path]  # tensor name -> safetensors file
+    # Open files, one per shard: opening parses the shard's whole header, which for a shard of a
+    # many-expert model (Qwen3-30B-A3B: ~1150 tensors) costs more than reading a small expert.
+    open_files: dict[Path, object] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, folder: str | os.PathLike) -> "Checkpoint":
@@ -123,8 +126,9 @@ class Checkpoint:
         if path is None:
             raise CheckpointError(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
         try:
-            with safe_open(path, framework="pt") as f:
-                t = f.get_tensor(name)
+            if path not in self.open_files:
+                self.open_files[path] = safe_open(path, framework="pt")
+            t = self.open_files[path].get_tensor(name)
         except Exception as e:  # safetensors raises several types for damaged files
             raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e}); the file is damaged, download it again") from None
         if tuple(t.shape) != tuple(shape):
