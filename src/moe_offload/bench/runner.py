@@ -155,7 +155,7 @@ def environment(device: torch.device) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": os.environ.get("MOE_OFFLOAD_COMMIT") or git("rev-parse", "HEAD"),
         "tree_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "command": shlex.join(["moe-offload", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("moe-offload") else shlex.join(sys.argv),
+        "command": shlex.join(["moe-offload", *sys.argv[1:]]) if sys.argv[0].endswith(("moe-offload", "cli.py")) else shlex.join(sys.argv),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "host_cpus": os.cpu_count(),
@@ -232,9 +232,16 @@ class Bench:
                 self.add({"mode": "accelerate", "budget": budget_text, "status": "skipped", "reason": "time limit"})
                 continue
             self.log(f"accelerate baseline at {budget_text} ...")
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
             try:
                 entry = measure_accelerate(config, budget / 2**30, self.device, log=self.log)
-                entry.update(status="ok", budget=budget_text, routing="own (accelerate loads every layer whole)")
+                entry.update(status="ok", budget=budget_text, routing="own (accelerate loads every layer whole)",
+                             peak_gpu_gib_reduced_model=torch.cuda.max_memory_allocated(self.device) / 2**30
+                             if self.device.type == "cuda" else None)
+                self.log(f"accelerate at {budget_text}: {entry['decode_tokens_per_s']:.3f} tokens/s (extrapolated; the "
+                         f"{entry['gpu_layers']}+{entry['offloaded_layers']}-layer placement), offloaded layer "
+                         f"{entry['offloaded_layer_ms']:.0f} ms at {entry['offloaded_layer_h2d_gbps']:.1f} GB/s")
             except torch.OutOfMemoryError as e:
                 entry = {"mode": "accelerate", "budget": budget_text, "status": "failed", "error": str(e).splitlines()[0]}
             self.add(entry)
