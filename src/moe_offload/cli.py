@@ -13,7 +13,11 @@ import argparse
 import sys
 from dataclasses import fields
 
-from .config import OffloadConfig, RuntimeConfig, SamplingParams
+from tqdm import tqdm
+
+from .config import (PAPER_BITS, QUANT_BITS, QUANT_GROUP_SIZES, OffloadConfig, QuantConfig, QuantSpec, RuntimeConfig,
+                     SamplingParams)
+from .perplexity import METHOD as PERPLEXITY_METHOD, WINDOW as PERPLEXITY_WINDOW
 from .bench.cli import add_bench_parser
 from .engine import Engine
 from .errors import UserError
@@ -22,6 +26,7 @@ from .offload.planner import parse_size
 RUNTIME = {f.name: f.default for f in fields(RuntimeConfig)}
 SAMPLING = {f.name: f.default for f in fields(SamplingParams) if f.name != "stop"}
 OFFLOAD = {f.name: f.default for f in fields(OffloadConfig)}
+QUANT_SPEC = {f.name: f.default for f in fields(QuantSpec)}
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -30,6 +35,11 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=RUNTIME["device"], help="cpu, cuda or cuda:N (default: %(default)s: cuda when available)")
     p.add_argument("--dtype", default=RUNTIME["dtype"], help="float32, bfloat16 or float16 (default: %(default)s: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--max-context", type=int, default=RUNTIME["max_context"], help="KV cache length in tokens (default: %(default)s)")
+    p.add_argument("--quant", default=None, metavar="A/E",
+                   help="quantize a Hugging Face folder on load with HQQ: attention (and dense layers) at A bits, experts "
+                        "at E, the paper's group sizes, 8-bit scales and zeros, e.g. 4/2 (default: none; a folder written "
+                        "by `moe-offload quantize` is already quantized)")
+
 
 
 def add_offload_args(p: argparse.ArgumentParser) -> None:
@@ -91,7 +101,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def runtime_from(args) -> RuntimeConfig:
-    return RuntimeConfig(model=args.model, device=args.device, dtype=args.dtype, max_context=args.max_context)
+    quant = QuantConfig.parse(args.quant) if args.quant else None
+    return RuntimeConfig(model=args.model, device=args.device, dtype=args.dtype, max_context=args.max_context, quant=quant)
 
 
 def sampling_from(args, extra_stops: tuple[str, ...] = ()) -> SamplingParams:
@@ -148,6 +159,59 @@ def cmd_chat(args) -> None:
                   file=sys.stderr)
 
 
+def add_quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=RUNTIME["model"], help="Hugging Face model folder to quantize (default: the shipped model)")
+    p.add_argument("--out", required=True, help="new folder for the quantized checkpoint (must not exist)")
+    p.add_argument("--device", default=RUNTIME["device"], help="where to run the quantizer (default: %(default)s)")
+    bits_choices, group_choices = ", ".join(map(str, QUANT_BITS)), ", ".join(map(str, QUANT_GROUP_SIZES))
+    for role, bits, what, default in (("attn", PAPER_BITS[0], "attention", "%(default)s"),
+                                      ("expert", PAPER_BITS[1], "routed experts", "%(default)s"),
+                                      ("shared", None, "dense MLP layers and shared experts", "as attention"),
+                                      ("router", None, "routers", "16"), ("head", None, "lm_head", "16")):
+        p.add_argument(f"--{role}-bits", type=int, default=bits,
+                       help=f"bits for {what}: {bits_choices}, or 16 to keep them unquantized (default: {default})")
+        p.add_argument(f"--{role}-group", type=int, default=QUANT_SPEC["group_size"],
+                       help=f"group size for {what}: {group_choices} (default: the paper's for the bits)")
+    p.add_argument("--no-quant-meta", action="store_true",
+                   help="keep each group's scale and zero in fp16 instead of quantizing them to 8 bits")
+
+
+def quant_from(args) -> QuantConfig:
+    def spec(bits, group):
+        return None if bits in (None, 16) else QuantSpec(bits, group, quant_meta=not args.no_quant_meta)
+
+    attention = spec(args.attn_bits, args.attn_group)
+    shared = attention if args.shared_bits is None else spec(args.shared_bits, args.shared_group)
+    return QuantConfig(attention=attention, experts=spec(args.expert_bits, args.expert_group), shared=shared,
+                       router=spec(args.router_bits, args.router_group), head=spec(args.head_bits, args.head_group))
+
+
+def cmd_quantize(args) -> None:
+    from .engine import resolve_device
+    from .quant.checkpoint import describe, write_quantized
+
+    quant = quant_from(args)
+    size = write_quantized(args.model, args.out, quant, resolve_device(args.device),
+                           progress_bar=lambda total: tqdm(total=total, desc="quantizing", unit="tensor", file=sys.stderr,
+                                                                      disable=None))
+    print(f"wrote {args.out}: {size / 2**20:.1f} MiB of weights ({describe(quant)})", file=sys.stderr)
+
+
+def cmd_perplexity(args) -> None:
+    from .perplexity import perplexity
+
+    engine = Engine.load(runtime_from(args))
+    try:
+        text = open(args.text, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--text {args.text}: cannot read it as UTF-8 text ({e})") from None
+    token_ids = engine.tokenizer.encode(text)
+    result = perplexity(engine, token_ids, args.window, args.max_windows, progress_bar=lambda total: tqdm(
+        total=total, desc="perplexity", unit="window", file=sys.stderr, disable=None))
+    print(f"perplexity {result.perplexity:.4f} over {result.windows} windows of {result.window} tokens "
+          f"({result.predicted} predicted tokens of {len(token_ids)})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-offload", description="Run Mixture-of-Experts language models on one GPU (or the CPU).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +229,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(chat)
     add_offload_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    quantize = sub.add_parser("quantize", help="write an HQQ-quantized checkpoint (safetensors + quantization.json)",
+                              description="Quantize a Hugging Face model folder with HQQ into a new folder that "
+                                          "--model loads directly, memory-mapped. Defaults: the paper's 4-bit attention, "
+                                          "2-bit experts, group sizes 64/16, 8-bit scales and zeros.")
+    add_quantize_args(quantize)
+    quantize.set_defaults(func=cmd_quantize)
+
+    ppl = sub.add_parser("perplexity", help="perplexity of the model on a text file, over non-overlapping windows",
+                         description=PERPLEXITY_METHOD, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_runtime_args(ppl)
+    ppl.add_argument("--text", required=True, help="UTF-8 text file, e.g. WikiText2's wiki.test.raw")
+    ppl.add_argument("--window", type=int, default=PERPLEXITY_WINDOW, help="tokens per window (default: %(default)s)")
+    ppl.add_argument("--max-windows", type=int, default=0, help="only the first N windows (default: all)")
+    ppl.set_defaults(func=cmd_perplexity)
 
     add_bench_parser(sub)    # bench/cli.py: bench, bench record-routing, bench plot
     return parser

@@ -8,6 +8,7 @@ The method is METHOD below (also printed by `moe-offload perplexity --help`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -49,19 +50,21 @@ def windows_of(token_ids: list[int], window: int, max_windows: int | None = None
 
 
 def perplexity(engine, token_ids: list[int], window: int = WINDOW, max_windows: int | None = None,
-               progress=None) -> PerplexityResult:
-    """`engine`: an engine.Engine; `progress(n)` is told of each window done."""
+               progress_bar=None) -> PerplexityResult:
+    """`engine`: an engine.Engine. After the checks, `progress_bar(total)` (e.g. a tqdm factory)
+    is told of each window done."""
     if window > engine.max_context:
         raise UserError(f"--window {window} exceeds the context of {engine.max_context} tokens; "
                         f"use a smaller --window or raise --max-context")
     device = engine.cache.keys[0].device
     nll_sum, predicted = 0.0, 0
     chunks = windows_of(token_ids, window, max_windows)
-    for ids in chunks:
-        logits = prefill(engine.model, engine.cache, ids, device, last_only=False)    # (W, vocab) fp32
-        targets = torch.tensor(ids[1:], device=device)
-        nll_sum += F.cross_entropy(logits[:-1].float(), targets, reduction="sum").item()
-        predicted += len(ids) - 1
-        if progress:
-            progress(1)
+    with progress_bar(len(chunks)) if progress_bar else contextlib.nullcontext() as bar:
+        for ids in chunks:
+            logits = prefill(engine.model, engine.cache, ids, device, last_only=False)    # (W, vocab) fp32
+            targets = torch.tensor(ids[1:], device=device)
+            nll_sum += F.cross_entropy(logits[:-1].float(), targets, reduction="sum").item()
+            predicted += len(ids) - 1
+            if bar:
+                bar.update(1)
     return PerplexityResult(math.exp(nll_sum / predicted), nll_sum, predicted, len(chunks), window)

@@ -18,6 +18,7 @@ Which weight has which role is decided by one table, `role_of`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -192,10 +193,12 @@ def _check_expert_sizes(ckpt: QuantizedCheckpoint) -> None:
                                       f"{nbytes} bytes as {SETTINGS_FILE} implies; quantize the model again")
 
 
-def write_quantized(source, out, quant: QuantConfig, device=None, progress: Callable[[int], None] | None = None) -> int:
+def write_quantized(source, out, quant: QuantConfig, device=None, progress_bar=None) -> int:
     """Quantize the Hugging Face folder `source` into the new folder `out`; returns the weights' bytes.
 
-    Writes into a temporary folder beside `out` and renames it at the end: `out` is complete or absent.
+    Every setting is checked before any work starts; then `progress_bar(total)` (e.g. a tqdm
+    factory) is told of each tensor written. Writes into a temporary folder beside `out` and
+    renames it at the end: `out` is complete or absent.
     """
     source, out = Path(source), Path(out)
     if (source / SETTINGS_FILE).is_file():
@@ -209,7 +212,8 @@ def write_quantized(source, out, quant: QuantConfig, device=None, progress: Call
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     partial.mkdir()
     try:
-        size = _write_safetensors(partial / WEIGHTS_FILE, entries, progress)
+        with progress_bar(len(entries)) if progress_bar else contextlib.nullcontext() as bar:
+            size = _write_safetensors(partial / WEIGHTS_FILE, entries, bar.update if bar else None)
         for name in COPIED_FILES:
             if (source / name).is_file():
                 shutil.copyfile(source / name, partial / name)

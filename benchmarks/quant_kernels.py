@@ -1,0 +1,135 @@
+"""GPU: the fused HQQ dequantize-and-multiply kernel on Mixtral-8x7B's expert shapes, against bf16.
+
+    python benchmarks/quant_kernels.py --out $OUT/quant_kernels.json        # CUDA + Triton needed
+
+In one run, on one card:
+1. the card's memory bandwidth, measured: a 1 GiB device-to-device copy (read + write bytes / time);
+2. for w1/w3 (14336 x 4096) and w2 (4096 x 14336) at 2, 3 and 4 bits (the paper's group sizes,
+   8-bit scales and zeros): a correctness check against dequantize-then-matmul, then the time of
+   one batch-1 product with the default tiling (what the runtime uses) and with the best tiling of
+   a small sweep, the bandwidth achieved over the bytes the kernel must read (packed codes, scales,
+   zeros, meta, x) and write, as a fraction of the measured bandwidth, and a bf16 GEMV of the same
+   shape (cuBLAS through F.linear);
+3. batch 4 and batch 512 (prefill) times next to bf16, for reference.
+Times are medians of triton.testing.do_bench, which empties the L2 cache before every run.
+Prints a table, then one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from moe_offload.config import QuantSpec
+from moe_offload.quant.kernels import KernelConfig, default_config, hqq_linear
+from moe_offload.quant.pack import PER_WORD
+from moe_offload.quant.weight import PackedFormat
+
+SHAPES = {"w1/w3 14336x4096": (14336, 4096), "w2 4096x14336": (4096, 14336)}
+BITS = (2, 3, 4)
+TARGET = 0.60   # of the measured memory bandwidth, at batch 1
+
+
+def time_ms(fn, rep: int = 100) -> float:
+    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def measured_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy, counting the read and the write."""
+    src = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (time_ms(lambda: dst.copy_(src)) * 1e-3)
+
+
+def sweep_configs(bits: int, group: int):
+    per = PER_WORD[bits]
+    for rows, block_k, split, warps in itertools.product((16, 32, 64), (128, 256, 512), (1, 2, 4, 8), (4, 8)):
+        if block_k >= group and rows * block_k <= 16384:
+            yield KernelConfig(1, max(1, rows // per), block_k, split, warps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--no-sweep", action="store_true", help="time only the default tiling")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    props = torch.cuda.get_device_properties(device)
+    bandwidth = measured_bandwidth()
+    print(f"{props.name}: measured memory bandwidth {bandwidth / 1e12:.2f} TB/s (1 GiB device-to-device copy)", flush=True)
+
+    rows = []
+    for (shape_name, (n, k)), bits in itertools.product(SHAPES.items(), BITS):
+        spec = QuantSpec(bits)
+        fmt = PackedFormat([((n, k), spec)])
+        weight = torch.randn(n, k, device=device) / k ** 0.5
+        (w,) = fmt.view(fmt.pack([weight]).to(device))
+        dense = weight.to(torch.bfloat16)
+        x1 = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+
+        expected = F.linear(x1.float(), w.dequantize(torch.float32))
+        error = ((hqq_linear(x1, w).float() - expected).abs().max() / expected.abs().max()).item()
+        if error > 1e-2:
+            sys.exit(f"{shape_name} {bits}-bit: kernel differs from dequantize-then-matmul by {error:.3g} (relative)")
+
+        moved = fmt.nbytes + 2 * (k + n)             # the weight's buffer, x and y in bf16
+        default = default_config(1, n, k, bits, spec.group_size, props.multi_processor_count)
+        default_ms = time_ms(lambda: hqq_linear(x1, w, default))
+        best, best_ms = default, default_ms
+        if not args.no_sweep:
+            for config in sweep_configs(bits, spec.group_size):
+                try:
+                    ms = time_ms(lambda: hqq_linear(x1, w, config), rep=30)
+                except (triton.runtime.errors.OutOfResources, RuntimeError):
+                    continue
+                if ms < best_ms:
+                    best, best_ms = config, time_ms(lambda: hqq_linear(x1, w, config))   # re-timed as long as the rest
+        bf16_ms = time_ms(lambda: F.linear(x1, dense))
+        x4 = torch.randn(4, k, device=device, dtype=torch.bfloat16)
+        x512 = torch.randn(512, k, device=device, dtype=torch.bfloat16)
+        row = dict(
+            shape=shape_name, n=n, k=k, bits=bits, group_size=spec.group_size, quant_meta=spec.quant_meta,
+            packed_bytes=fmt.nbytes, bf16_bytes=n * k * 2, max_relative_error=error,
+            default_config=vars(default), default_us=default_ms * 1e3,
+            default_bandwidth_fraction=moved / (default_ms * 1e-3) / bandwidth,
+            best_config=vars(best), best_us=best_ms * 1e3, best_bandwidth_fraction=moved / (best_ms * 1e-3) / bandwidth,
+            bf16_gemv_us=bf16_ms * 1e3, bf16_bandwidth_fraction=(n * k * 2 + 4 * (n + k)) / (bf16_ms * 1e-3) / bandwidth,
+            speedup_vs_bf16_default=bf16_ms / default_ms, speedup_vs_bf16_best=bf16_ms / best_ms,
+            batch4_us=time_ms(lambda: hqq_linear(x4, w)) * 1e3, bf16_batch4_us=time_ms(lambda: F.linear(x4, dense)) * 1e3,
+            batch512_us=time_ms(lambda: hqq_linear(x512, w)) * 1e3,
+            bf16_batch512_us=time_ms(lambda: F.linear(x512, dense)) * 1e3,
+        )
+        rows.append(row)
+        print(f"{shape_name:18s} {bits}-bit g{spec.group_size}: default {row['default_us']:7.1f} us "
+              f"({row['default_bandwidth_fraction']:.0%} of bw), best {row['best_us']:7.1f} us "
+              f"({row['best_bandwidth_fraction']:.0%}) {vars(best)}, bf16 {row['bf16_gemv_us']:7.1f} us "
+              f"({row['bf16_bandwidth_fraction']:.0%}); batch 4 {row['batch4_us']:.1f} vs {row['bf16_batch4_us']:.1f} us; "
+              f"batch 512 {row['batch512_us']:.1f} vs {row['bf16_batch512_us']:.1f} us", flush=True)
+
+    summary = dict(
+        benchmark="quant_kernels", card=props.name, measured_bandwidth_bytes_per_s=bandwidth,
+        target_bandwidth_fraction=TARGET,
+        meets_target_default=all(r["default_bandwidth_fraction"] >= TARGET and r["speedup_vs_bf16_default"] > 1 for r in rows),
+        meets_target_best=all(r["best_bandwidth_fraction"] >= TARGET and r["speedup_vs_bf16_best"] > 1 for r in rows),
+        rows=rows, torch=torch.__version__, triton=triton.__version__,
+        git_commit=subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=2)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The Triton dequantize-and-multiply kernel against its slow twin, dequantize-then-matmul.
+
+On the CPU it runs in Triton's interpreter (TRITON_INTERPRET=1, tiny shapes; skipped when Triton
+is not installed: it is a GPU-only dependency). The `gpu` tests run it compiled, on Mixtral's
+expert shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # must be set before triton is imported
+pytest.importorskip("triton")
+
+from moe_offload.config import QUANT_BITS, QuantSpec  # noqa: E402
+from moe_offload.quant.kernels import KernelConfig, hqq_linear  # noqa: E402
+from moe_offload.quant.weight import PackedFormat  # noqa: E402
+
+
+def quantized(n: int, k: int, spec: QuantSpec, device="cpu", seed: int = 0):
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k ** 0.5
+    fmt = PackedFormat([((n, k), spec)])
+    (w,) = fmt.view(fmt.pack([weight]).to(device))
+    return w
+
+
+CPU_CASES = {   # (rows of x, config): the default tiling, split-K with a ragged last split, tl.dot
+    "gemv": (1, None),
+    "gemv_split_k": (1, KernelConfig(1, 2, 64, 2)),
+    "dot": (3, KernelConfig(16, 8, 64, 1)),
+}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run is for CPU-only machines")
+@pytest.mark.parametrize("bits", QUANT_BITS)
+@pytest.mark.parametrize("case", CPU_CASES)
+def test_interpreted_kernel_matches_dequantize_then_matmul(bits, case):
+    m, config = CPU_CASES[case]
+    w = quantized(37, 192, QuantSpec(bits, 32, quant_meta=bits != 4))   # 37 rows: a padded last word
+    x = torch.randn(m, 192, generator=torch.Generator().manual_seed(1))
+    expected = F.linear(x, w.dequantize())
+    actual = hqq_linear(x, w, config)
+    assert actual.shape == expected.shape
+    assert (actual - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+MIXTRAL_SHAPES = ((14336, 4096), (4096, 14336))   # w1/w3 and w2 of one expert
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", QUANT_BITS)
+@pytest.mark.parametrize("shape", MIXTRAL_SHAPES)
+@pytest.mark.parametrize("m", [1, 4, 100])
+def test_gpu_kernel_matches_dequantize_then_matmul(bits, shape, m):
+    spec = QuantSpec(bits)
+    w = quantized(*shape, spec, device="cuda")
+    x = torch.randn(m, shape[1], device="cuda").to(torch.bfloat16)
+    expected = F.linear(x.float(), w.dequantize(torch.float32))
+    actual = w.linear(x)        # dispatches to the kernel on CUDA
+    assert actual.dtype == torch.bfloat16 and actual.shape == (m, shape[0])
+    assert (actual.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
+    assert torch.equal(w.linear(x), actual)   # deterministic: the same bits every call
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_result_does_not_depend_on_the_buffer_address():
+    spec = QuantSpec(2)
+    fmt = PackedFormat([((4096, 14336), spec)])
+    buffer = fmt.pack([torch.randn(4096, 14336) / 120])
+    (a,) = fmt.view(buffer.cuda())
+    elsewhere = torch.empty(fmt.nbytes + 4096, dtype=torch.uint8, device="cuda")[4096:]
+    elsewhere.copy_(buffer)
+    (b,) = fmt.view(elsewhere)
+    x = torch.randn(1, 14336, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(a.linear(x), b.linear(x))
