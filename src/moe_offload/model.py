@@ -15,9 +15,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
 from .experts import Expert, ExpertProvider
+
+
+# cuDNN attention builds a new plan for every key length, i.e. for every decoded token: leave it out.
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,15 +148,20 @@ class Transformer:
         positions = torch.arange(start_pos, start_pos + length, device=h.device)
         cos, sin = rotary(positions, cfg.head_dim, cfg.rope_theta)
         mask = self._attention_mask(positions, start_pos + length)
-        for index, layer in enumerate(w.layers):
-            h = h + self._attention(index, layer, rms_norm(h, layer.attn_norm, cfg.rms_norm_eps), cache, start_pos, cos, sin, mask)
-            h = h + self._mlp(index, layer, h)
+        with sdpa_kernel(ATTENTION_BACKENDS):
+            for index, layer in enumerate(w.layers):
+                h = h + self._attention(index, layer, rms_norm(h, layer.attn_norm, cfg.rms_norm_eps), cache, start_pos, cos, sin, mask)
+                h = h + self._mlp(index, layer, h)
         if last_only:
             h = h[:, -1:]
         return linear(rms_norm(h, w.norm, cfg.rms_norm_eps), w.lm_head).float()
 
-    def _attention_mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """(T, kv_len) booleans: query at position p sees keys at p - window < j <= p."""
+    def _attention_mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor | None:
+        """(T, kv_len) booleans: query at position p sees keys at p - window < j <= p.
+        None when one query sees every key (decode inside the window): no mask, the fastest kernels."""
+        window = self.config.sliding_window
+        if len(positions) == 1 and (not window or kv_len <= window):
+            return None
         keys = torch.arange(kv_len, device=positions.device)
         visible = keys[None, :] <= positions[:, None]
         if self.config.sliding_window:
