@@ -32,7 +32,7 @@ CALL_SECONDS = 520          # leaves ~20 s of the 9-minute call for start-up and
 ENTRY_SECONDS = 75          # the longest single entry we expect (decode + prefill of one mode)
 
 ABLATION = ["--synthetic", "mixtral-8x7b", "--budget", "12GiB", "--routing", "own,replay",
-            "--modes", "full,no-prefetch,no-cache", "--repeats", "2", "--prefill-repeats", "2"]
+            "--modes", "full,no-prefetch,no-cache", "--repeats", "2", "--prefill-repeats", "2", "--profile", "16"]
 RUNS = {
     1: [("table2-4-2-12gib", ["--quant", "4/2", *ABLATION, "--accelerate"])],
     2: [("table2-4-3-12gib", ["--quant", "4/3", *ABLATION]),

@@ -183,7 +183,7 @@ def test_bench_command_runs_every_mode_and_routing_at_toy_size(tmp_path, capsys,
     out = tmp_path / "report.json"
     argv = ["bench", "--synthetic", "tiny", "--quant", "bf16", "--budget", "1MiB,80MiB", "--device", "cpu",
             "--prompt-tokens", "6", "--new-tokens", "4", "--warmup-tokens", "2", "--repeats", "1",
-            "--prefill-tokens", "40", "--prefill-repeats", "1", "--out", str(out), "--accelerate"]
+            "--prefill-tokens", "40", "--prefill-repeats", "1", "--profile", "2", "--out", str(out), "--accelerate"]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert json.loads(out.read_text())["results"] == report["results"]
@@ -201,6 +201,8 @@ def test_bench_command_runs_every_mode_and_routing_at_toy_size(tmp_path, capsys,
         assert by_key[("80MiB", routing, "no-cache")]["loads_per_token"] == 64      # 32 layers x top-2, every token
         assert by_key[("80MiB", routing, "full")]["prefetch_recall"] is not None
         assert by_key[("80MiB", routing, "no-prefetch")]["prefetch_recall"] is None
+        profile = by_key[("80MiB", routing, "full")]["profile"]
+        assert profile["tokens"] == 2 and profile["wall_ms_per_token"] > 0 and profile["top_host_ops"]
     accelerate = [e for e in report["results"] if e.get("mode") == "accelerate"]
     assert len(accelerate) == 2 and all(e["status"] == "ok" and e["decode_tokens_per_s"] > 0 for e in accelerate)
     assert any(e.get("mode") == "compute-only" and e["status"] == "ok" for e in report["results"])

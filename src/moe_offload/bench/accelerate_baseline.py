@@ -85,7 +85,7 @@ def build_reduced_model(config: ModelConfig, settings: AccelerateSettings, devic
     with init_empty_weights():
         model = MixtralForCausalLM(hf_config)
     buffers = {name: b.clone() for name, b in model.named_buffers()}   # rotary tables, built on the CPU already
-    model = model.to_empty(device="cpu").to(torch.bfloat16).eval()
+    model = model.to(torch.bfloat16).to_empty(device="cpu").eval()     # bf16 while still empty: no fp32 copy
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():

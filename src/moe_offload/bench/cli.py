@@ -57,6 +57,9 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--prefill-repeats", type=int, default=d["prefill_repeats"], help="timed prefills (default: %(default)s)")
     bench.add_argument("--no-compute-only", dest="compute_only", action="store_false",
                        help="skip the compute-only decode (every expert a hit) per budget")
+    bench.add_argument("--profile", type=int, default=d["profile_tokens"], metavar="TOKENS",
+                       help="profile this many decode tokens of each full and compute-only entry: compute, copies, "
+                            "sync waits, host time, top operators (default: off)")
     bench.add_argument("--prefetch", type=int, default=d["prefetch_experts"], help="experts prefetched per layer ahead (default: top-k)")
     bench.add_argument("--prefetch-depth", type=int, default=d["prefetch_depth"], help="MoE layers ahead to predict (default: %(default)s)")
     bench.add_argument("--device", default=d["device"], help="cuda, cuda:N or cpu (default: %(default)s)")
@@ -97,7 +100,7 @@ def cmd_bench(args) -> None:
         budgets=_csv(args.budget), routings=_csv(args.routing), modes=_csv(args.modes), accelerate=args.accelerate,
         trace=args.trace, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, warmup_tokens=args.warmup_tokens,
         repeats=args.repeats, prefill_tokens=args.prefill_tokens, prefill_repeats=args.prefill_repeats,
-        compute_only=args.compute_only, prefetch_experts=args.prefetch, prefetch_depth=args.prefetch_depth,
+        compute_only=args.compute_only, profile_tokens=args.profile, prefetch_experts=args.prefetch, prefetch_depth=args.prefetch_depth,
         device=args.device, time_limit=args.time_limit, out=args.out)
     report = run_benchmarks(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     if args.plot is not None:

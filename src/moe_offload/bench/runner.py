@@ -78,6 +78,7 @@ class BenchSettings:
     prefill_tokens: int = 2048
     prefill_repeats: int = 2
     compute_only: bool = True                    # also time decode with every expert a hit
+    profile_tokens: int = 0                      # profile this many decode tokens of "full" and compute-only entries
     prefetch_experts: int | None = None          # experts prefetched per layer ahead; None: top-k
     prefetch_depth: int = 1
     device: str = "auto"
@@ -273,7 +274,7 @@ class Bench:
                  f"{store.ram_bytes / 2**30:.1f} GiB of experts in {'pinned ' if store.pinned else ''}host RAM "
                  f"({expert_format.nbytes / 2**20:.1f} MiB each)")
         self.empty_cache()
-        context = max(self.s.prefill_tokens, self.s.prompt_tokens + self.s.new_tokens, self.s.warmup_tokens + self.s.prompt_tokens) + 1
+        context = max(self.s.prefill_tokens, self.s.prompt_tokens + max(self.s.new_tokens, self.s.warmup_tokens, self.s.profile_tokens + 2)) + 1
         common = {"model": ckpt.folder.name, "quant": quant_text, "expert_mib": expert_format.nbytes / 2**20,
                   "dense_gib": dense_bytes / 2**30, "build_seconds": round(build_seconds, 1)}
         for budget_text, budget in self.budgets:
@@ -342,6 +343,8 @@ class Bench:
             result = self.decode(model, provider, router, cache, config)
             if not compute_only:
                 result.update(self.prefill(model, provider, router, cache, config))
+            if s.profile_tokens and (compute_only or entry["mode"] == "full"):
+                result["profile"] = self.profile(model, router, cache, config)
             result["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             result["within_budget"] = result["peak_gpu_gib"] is None or result["peak_gpu_gib"] * 2**30 <= budget
             result["status"] = "ok"
@@ -386,6 +389,23 @@ class Bench:
         return {"decode_tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
                 "decode_repeats_tokens_per_s": [round(r["tokens_per_s"], 3) for r in runs],
                 **self.transfer_figures(median, "decode", config)}
+
+    def profile(self, model, router, cache, config) -> dict:
+        from .profile import profile_decode
+
+        s, device = self.s, self.device
+        prompt = torch.randint(3, config.vocab_size, (s.prompt_tokens,), generator=torch.Generator().manual_seed(s.seed)).tolist()
+        if isinstance(router, ReplayRouter):
+            router.seek(0)
+        state = {"token": int(prefill(model, cache, prompt, device)[-1].argmax()), "position": len(prompt)}
+
+        def step():
+            logits = model(torch.tensor([[state["token"]]], device=device), cache, start_pos=state["position"])
+            state["token"], state["position"] = int(logits[0, -1].argmax()), state["position"] + 1
+
+        for _ in range(2):      # warm
+            step()
+        return profile_decode(step, s.profile_tokens, device)
 
     def prefill(self, model, provider, router, cache, config) -> dict:
         s, device = self.s, self.device

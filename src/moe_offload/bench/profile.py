@@ -1,0 +1,54 @@
+"""Where a decode token's time goes: torch.profiler over a few tokens, boiled down to a few numbers.
+
+    breakdown = profile_decode(step, tokens=16, device=device)   # step(): decode one token
+
+Per token, in milliseconds: wall (under the profiler, a little slower than unprofiled), device
+time of kernels on any stream other than host-to-device copies (compute), host-to-device copy
+time (the copy stream), host time blocked in synchronisations (the one routing sync per layer,
+prediction reads, the sampled token), and the host time not accounted for by waiting, which is
+mostly Python and kernel launches. Plus the top operators by host self time and by device time.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+SYNC_KEYS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def _device_time(event) -> float:
+    # torch >= 2.4 names it self_device_time_total; older releases self_cuda_time_total (microseconds)
+    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+
+def profile_decode(step, tokens: int, device: torch.device, top: int = 12) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        started = time.perf_counter()
+        for _ in range(tokens):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - started
+    events = prof.key_averages()
+    copy = sum(_device_time(e) for e in events if "Memcpy HtoD" in e.key)
+    device_total = sum(_device_time(e) for e in events)
+    sync = sum(e.self_cpu_time_total for e in events if e.key in SYNC_KEYS)
+    per_token = lambda microseconds: round(microseconds / 1e3 / tokens, 3)
+    wall_us = wall * 1e6
+    return {
+        "tokens": tokens,
+        "wall_ms_per_token": per_token(wall_us),
+        "compute_ms_per_token": per_token(device_total - copy),
+        "h2d_copy_ms_per_token": per_token(copy),
+        "host_sync_wait_ms_per_token": per_token(sync),
+        "host_other_ms_per_token": per_token(max(wall_us - sync, 0.0)),
+        "top_host_ops": [(e.key, per_token(e.self_cpu_time_total), e.count // tokens)
+                         for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]],
+        "top_device_ops": [(e.key[:80], per_token(_device_time(e)), e.count // tokens)
+                           for e in sorted(events, key=lambda e: -_device_time(e))[:top] if _device_time(e) > 0],
+    }
