@@ -3,6 +3,7 @@
     moe-offload generate --prompt "def fib(n):"          # the shipped model, on cuda if present
     moe-offload generate --model DIR --prompt TEXT --max-tokens 64 --temperature 0.7 --seed 1
     moe-offload chat --model DIR
+    moe-offload serve --model DIR --port 8000 --api-key KEY   # OpenAI-compatible HTTP API
 
 Defaults come from the dataclasses in config.py. Bad input prints one line `error: ...` and exits 1.
 """
@@ -22,10 +23,12 @@ from .bench.cli import add_bench_parser
 from .engine import Engine
 from .errors import UserError
 from .offload.planner import parse_size
+from .server.config import ServerConfig
 
 RUNTIME = {f.name: f.default for f in fields(RuntimeConfig)}
 SAMPLING = {f.name: f.default for f in fields(SamplingParams) if f.name != "stop"}
 OFFLOAD = {f.name: f.default for f in fields(OffloadConfig)}
+SERVER = {f.name: f.default for f in fields(ServerConfig)}
 QUANT_SPEC = {f.name: f.default for f in fields(QuantSpec)}
 
 
@@ -39,7 +42,6 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="quantize a Hugging Face folder on load with HQQ: attention (and dense layers) at A bits, experts "
                         "at E, the paper's group sizes, 8-bit scales and zeros, e.g. 4/2 (default: none; a folder written "
                         "by `moe-offload quantize` is already quantized)")
-
 
 
 def add_offload_args(p: argparse.ArgumentParser) -> None:
@@ -105,6 +107,11 @@ def runtime_from(args) -> RuntimeConfig:
     return RuntimeConfig(model=args.model, device=args.device, dtype=args.dtype, max_context=args.max_context, quant=quant)
 
 
+def load_engine(args) -> Engine:
+    """The Engine of generate, chat and serve: every runtime, offload and quantization flag flows through here."""
+    return Engine.load(runtime_from(args), offload=offload_from(args))
+
+
 def sampling_from(args, extra_stops: tuple[str, ...] = ()) -> SamplingParams:
     try:
         return SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -114,7 +121,7 @@ def sampling_from(args, extra_stops: tuple[str, ...] = ()) -> SamplingParams:
 
 
 def cmd_generate(args) -> None:
-    engine = Engine.load(runtime_from(args), offload=offload_from(args))
+    engine = load_engine(args)
     params = sampling_from(args)
     run = engine.stream(engine.tokenizer.encode(args.prompt), params)
     for piece in run:
@@ -128,7 +135,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    engine = Engine.load(runtime_from(args), offload=offload_from(args))
+    engine = load_engine(args)
     params = sampling_from(args, extra_stops=engine.tokenizer.chat_stop_strings)
     history = [{"role": "system", "content": args.system}] if args.system else []
     print("moe-offload chat: Ctrl-D or Ctrl-C to quit", file=sys.stderr)
@@ -157,6 +164,25 @@ def cmd_chat(args) -> None:
         if args.stats:
             print(format_expert_stats(engine.expert_stats(), run.stats.time_to_first_token + run.stats.decode_seconds),
                   file=sys.stderr)
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=SERVER["host"], help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=SERVER["port"], help="TCP port (default: %(default)s)")
+    p.add_argument("--api-key", default=SERVER["api_key"],
+                   help="require `Authorization: Bearer KEY` on every endpoint but /health (default: none)")
+    p.add_argument("--max-queue", type=int, default=SERVER["max_queue"],
+                   help="requests allowed to wait for the model before new ones get 429 (default: %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=SERVER["max_body_bytes"],
+                   help="larger request bodies get 413 (default: %(default)s)")
+
+
+def cmd_serve(args) -> None:
+    from .server.app import serve
+
+    config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
+                          max_body_bytes=args.max_body_bytes)
+    serve(load_engine(args), config)
 
 
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
@@ -229,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(chat)
     add_offload_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /metrics)")
+    add_runtime_args(serve)
+    add_offload_args(serve)
+    add_server_args(serve)
+    serve.set_defaults(func=cmd_serve)
 
     quantize = sub.add_parser("quantize", help="write an HQQ-quantized checkpoint (safetensors + quantization.json)",
                               description="Quantize a Hugging Face model folder with HQQ into a new folder that "

@@ -60,7 +60,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     logits = logits.float().cpu()
     if params.temperature == 0:
         return int(logits.argmax())
-    logits = logits / params.temperature
+    scaled = logits / params.temperature
+    if not torch.isfinite(scaled).all():   # a temperature so small (< ~1e-37) that fp32 overflows: greedy is its limit
+        return int(logits.argmax())
+    logits = scaled
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

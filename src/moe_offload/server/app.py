@@ -1,0 +1,395 @@
+"""The OpenAI-compatible HTTP API: FastAPI routes over one Engine and its Scheduler.
+
+    engine = Engine.load(RuntimeConfig(model=DIR))
+    serve(engine, ServerConfig(port=8000))                  # blocks; what `moe-offload serve` runs
+    app = create_app(engine, ServerConfig())                # the ASGI app, for any ASGI server
+
+Routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with
+`stream: true` as server-sent events ending in `data: [DONE]`), GET /metrics (Prometheus text),
+GET /openapi.json (request schemas included, for clients and fuzzers).
+
+Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with a 4xx for
+anything the client can fix and 5xx only for our own faults. Bodies are read and parsed here, not
+by FastAPI, so that size, UTF-8, JSON and schema problems each get their own one-line message.
+A client that disconnects (streaming or not) cancels its sequence: it leaves the queue at once,
+or its generation stops at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..config import SamplingParams
+from ..engine import Engine, Run
+from ..errors import UserError
+from .config import ServerConfig
+from .metrics import Metrics
+from .scheduler import CANCELLED, QueueFull, Scheduler, Sequence
+from .schemas import (COMPLETION_DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest, SamplingFields,
+                      describe)
+
+log = logging.getLogger("moe_offload.server")
+
+PUBLIC_PATHS = ("/health",)
+COUNTED_PATHS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+CLIENT_CLOSED = 499    # nginx's status for "the client went away before the answer"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param=None, code=None, headers=None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+class CompletionShape:
+    """The JSON of /v1/completions answers and chunks."""
+
+    object, chunk_object, id_prefix = "text_completion", "text_completion", "cmpl-"
+    first_delta = None
+
+    @staticmethod
+    def choice(text: str, finish_reason: str | None) -> dict:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+    delta = choice
+
+
+class ChatShape:
+    """The JSON of /v1/chat/completions answers and chunks."""
+
+    object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
+    first_delta = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+    @staticmethod
+    def choice(text: str, finish_reason: str | None) -> dict:
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish_reason}
+
+    @staticmethod
+    def delta(text: str, finish_reason: str | None) -> dict:
+        return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish_reason}
+
+
+def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
+    metrics = Metrics()
+    scheduler = Scheduler(engine, metrics, max_waiting=config.max_queue)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        scheduler.start()
+        yield
+        scheduler.stop()
+
+    app = FastAPI(title="moe-offload", summary="OpenAI-compatible API for Mixture-of-Experts models",
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
+    if config.api_key:
+        app.add_middleware(RequireApiKey, api_key=config.api_key)
+    app.add_middleware(CountRequests, metrics=metrics)
+    app.openapi = lambda: _openapi(app)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request, e: ApiError):
+        return error_response(e.status, e.message, e.param, e.code, e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, e: StarletteHTTPException):
+        return error_response(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request, e: RequestValidationError):
+        return error_response(400, f"invalid request: {e.errors()[0].get('msg', 'bad input')}")
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_request, e: Exception):
+        log.exception("internal error")
+        return error_response(500, "internal server error; see the server log")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card(engine)]}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics_text():
+        text = metrics.render(scheduler.queue_depth, scheduler.max_waiting, scheduler.active_count, engine.expert_stats())
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/v1/completions", openapi_extra=_request_body(CompletionRequest))
+    async def completions(request: Request):
+        body = _validate(CompletionRequest, await read_json(request, config.max_body_bytes))
+        _check_model(engine, body.model)
+        prompt_ids = _completion_prompt_ids(engine, body.prompt)
+        params = _sampling_params(engine, body, prompt_ids, body.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS)
+        return await respond(request, body, CompletionShape, prompt_ids, params)
+
+    @app.post("/v1/chat/completions", openapi_extra=_request_body(ChatCompletionRequest))
+    async def chat_completions(request: Request):
+        body = _validate(ChatCompletionRequest, await read_json(request, config.max_body_bytes))
+        _check_model(engine, body.model)
+        try:
+            prompt_ids = engine.tokenizer.encode_chat([m.as_template_message() for m in body.messages])
+        except UserError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        params = _sampling_params(engine, body, prompt_ids, body.new_tokens_limit, None,
+                                  extra_stops=engine.tokenizer.chat_stop_strings)
+        return await respond(request, body, ChatShape, prompt_ids, params)
+
+    async def respond(request: Request, body: SamplingFields, shape, prompt_ids: list[int], params: SamplingParams):
+        sequence = Sequence(prompt_ids, params, asyncio.get_running_loop())
+        try:
+            scheduler.submit(sequence)
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy: {e}; retry after a second", code="rate_limit_exceeded",
+                           headers={"Retry-After": "1"}) from None
+        watcher = asyncio.create_task(cancel_on_disconnect(request, sequence))
+        envelope = {"id": f"{shape.id_prefix}{uuid.uuid4().hex}", "object": shape.object, "created": int(time.time()),
+                    "model": engine.name}
+        if body.stream:
+            events = stream_events(sequence, watcher, {**envelope, "object": shape.chunk_object}, shape, body.include_usage)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            text = "".join([piece async for piece in sequence.pieces()])
+        except UserError as e:
+            raise ApiError(400, str(e)) from None
+        finally:
+            watcher.cancel()
+            scheduler.cancel(sequence)   # a no-op when it finished; stops it if we got here any other way
+        if not sequence.finished:   # cancelled: the client has gone
+            return Response(status_code=CLIENT_CLOSED)
+        run = sequence.run
+        return {**envelope, "choices": [shape.choice(text, run.finish_reason)], "usage": usage(run)}
+
+    async def stream_events(sequence: Sequence, watcher: asyncio.Task, envelope: dict, shape, include_usage: bool):
+        try:
+            if shape.first_delta:
+                yield sse({**envelope, "choices": [shape.first_delta]})
+            async for piece in sequence.pieces():
+                yield sse({**envelope, "choices": [shape.delta(piece, None)]})
+            if not sequence.finished:   # cancelled: nobody is listening
+                return
+            yield sse({**envelope, "choices": [shape.delta("", sequence.run.finish_reason)]})
+            if include_usage:
+                yield sse({**envelope, "choices": [], "usage": usage(sequence.run)})
+        except UserError as e:
+            yield sse(error_body(400, str(e)))
+        except Exception:
+            log.exception("generation failed")
+            yield sse(error_body(500, "generation failed; see the server log"))
+        finally:
+            watcher.cancel()
+            scheduler.cancel(sequence)
+        yield "data: [DONE]\n\n"
+
+    async def cancel_on_disconnect(request: Request, sequence: Sequence):
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        scheduler.cancel(sequence)
+        sequence.events.put_nowait(CANCELLED)
+
+    app.state.scheduler = scheduler
+    app.state.metrics = metrics
+    return app
+
+
+def serve(engine: Engine, config: ServerConfig) -> None:
+    """Run the server until Ctrl-C (what `moe-offload serve` does after loading the engine)."""
+    import uvicorn
+
+    if not config.api_key and not _is_loopback(config.host):
+        log.warning("serving on %s without --api-key: anyone who can reach this address can use the model", config.host)
+    print(f"serving {engine.name} on http://{config.host}:{config.port} (OpenAI API under /v1); Ctrl-C stops",
+          flush=True)
+    uvicorn.run(create_app(engine, config), host=config.host, port=config.port, log_level="info",
+                timeout_graceful_shutdown=5)
+
+
+def model_card(engine: Engine) -> dict:
+    return {"id": engine.name, "object": "model", "created": 0, "owned_by": "moe-offload",
+            "max_context": engine.max_context}
+
+
+def usage(run: Run) -> dict:
+    prompt, completion = run.stats.prompt_tokens, len(run.token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """The body as a JSON object; 413 past `limit` bytes, 400 for bad UTF-8, bad JSON or a non-object."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body has {declared} bytes; the limit is {limit} (--max-body-bytes)",
+                       code="request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"the request body exceeds {limit} bytes (--max-body-bytes)", code="request_too_large")
+    if not body:
+        raise ApiError(400, "the request body is empty; send a JSON object")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the request body is not valid UTF-8 (byte {e.start}); send UTF-8 JSON") from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {str(e)[:200]}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the request body must be a JSON object, not {type(data).__name__}")
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "the request contains an unpaired UTF-16 surrogate escape (\\ud800-\\udfff); send valid Unicode") from None
+    return data
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _validate(model: type[BaseModel], data: dict):
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        param, message = describe(e)
+        raise ApiError(400, message, param=param) from None
+
+
+def _check_model(engine: Engine, name: str) -> None:
+    if name != engine.name:
+        raise ApiError(404, f"model {name!r} is not served here; this server serves {engine.name!r} (GET /v1/models)",
+                       param="model", code="model_not_found")
+
+
+def _completion_prompt_ids(engine: Engine, prompt) -> list[int]:
+    if isinstance(prompt, str):
+        return engine.tokenizer.encode(prompt)
+    if prompt and isinstance(prompt[0], str):
+        return engine.tokenizer.encode(prompt[0])
+    vocab = engine.config.vocab_size
+    bad = next((t for t in prompt if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ApiError(400, f"prompt: token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
+    return list(prompt)
+
+
+def _sampling_params(engine: Engine, body: SamplingFields, prompt_ids: list[int], requested: int | None,
+                     default: int | None, extra_stops: tuple[str, ...] = ()) -> SamplingParams:
+    """`requested` new tokens, or `default` (None: the rest of the context), checked against the context."""
+    try:
+        engine.check_prompt(prompt_ids)
+    except UserError as e:
+        raise ApiError(400, str(e), param="prompt" if isinstance(body, CompletionRequest) else "messages",
+                       code="context_length_exceeded") from None
+    room = engine.max_context - len(prompt_ids)
+    if room < 1:
+        raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens and fills the context of {engine.max_context}; "
+                            "shorten it", code="context_length_exceeded")
+    if requested is None:
+        requested = room if default is None else min(default, room)
+    if requested > room:
+        raise ApiError(400, f"max_tokens: {requested} new tokens do not fit: the context holds {engine.max_context} "
+                            f"tokens and the prompt uses {len(prompt_ids)}, so at most {room}",
+                       param="max_tokens", code="context_length_exceeded")
+    return SamplingParams(max_new_tokens=requested, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                          stop=body.stop_strings + extra_stops)
+
+
+def _request_body(model: type[BaseModel]) -> dict:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's document, plus the request schemas (we parse bodies ourselves, so it cannot see them)."""
+    if app.openapi_schema is None:
+        spec = get_openapi(title=app.title, version="1", summary=app.summary, routes=app.routes)
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+        for model in (CompletionRequest, ChatCompletionRequest):
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            schemas[model.__name__] = schema
+        app.openapi_schema = spec
+    return app.openapi_schema
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class RequireApiKey:
+    """ASGI middleware: every path but /health needs `Authorization: Bearer KEY` (401 otherwise)."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                message = "missing or wrong API key; send the header `Authorization: Bearer KEY`"
+                response = error_response(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class CountRequests:
+    """ASGI middleware: counts answers by endpoint and status; 499 when the client left before one started."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = CLIENT_CLOSED
+
+        async def send_and_note(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            endpoint = scope["path"] if scope["path"] in COUNTED_PATHS else "other"
+            self.metrics.count_request(endpoint, status)

@@ -1,0 +1,167 @@
+"""Request bodies of the OpenAI API, as far as we serve it, validated strictly.
+
+    body = CompletionRequest.model_validate(json_object)      # raises pydantic.ValidationError
+    message = describe(validation_error)                     # -> ("max_tokens", "max_tokens: ...")
+
+Strict: no coercion ("5" is not an int, true is not 1), no NaN or infinity, unknown top-level
+fields rejected (a parameter the client believes has an effect must not be silently dropped).
+OpenAI parameters we do not implement are accepted only at their neutral value (n=1,
+presence_penalty=0, echo=false, ...), so clients that always send them keep working.
+
+Defaults are OpenAI's: temperature 1.0, top_p 1.0, max_tokens 16 for completions and "the rest of
+the context" for chat; no seed (then sampling draws from torch's global generator).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_STOP_STRINGS = 4          # as OpenAI
+INT64 = 2**63
+COMPLETION_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class SamplingFields(Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    @field_validator("stop", mode="wrap")
+    @classmethod
+    def _stop(cls, value, handler):
+        stop = _as("a string or a list of strings", value, handler)
+        if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+        return stop
+
+    @model_validator(mode="after")
+    def _neutral_values_only(self):
+        unsupported = {"n": self.n != 1, "presence_penalty": self.presence_penalty != 0,
+                       "frequency_penalty": self.frequency_penalty != 0, "logit_bias": bool(self.logit_bias)}
+        unsupported.update(self._unsupported())
+        for name, used in unsupported.items():
+            if used:
+                raise ValueError(f"{name}: not supported by this server; leave it at its default")
+        return self
+
+    def _unsupported(self) -> dict[str, bool]:
+        return {}
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int]
+    echo: bool = False
+    best_of: int | None = None
+    logprobs: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt(cls, value, handler):
+        prompt = _as("a string, a list of one string, or a list of token ids", value, handler)
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) and len(prompt) != 1:
+            raise ValueError(f"one prompt per request (n=1); got a list of {len(prompt)} prompts")
+        return prompt
+
+    def _unsupported(self) -> dict[str, bool]:
+        return {"echo": self.echo, "best_of": self.best_of not in (None, 1), "logprobs": self.logprobs is not None,
+                "suffix": self.suffix is not None}
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+    refusal: str | None = None          # echoed back by clients that resend our own replies; ignored
+    tool_calls: list | None = None
+
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _content(cls, value, handler):
+        return _as("a string or a list of {\"type\": \"text\", \"text\": ...} parts", value, handler)
+
+    @model_validator(mode="after")
+    def _no_tool_calls(self):
+        if self.tool_calls:
+            raise ValueError("tool_calls: tools are not supported by this server")
+        return self
+
+    def as_template_message(self) -> dict:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def _unsupported(self) -> dict[str, bool]:
+        both = self.max_tokens is not None and self.max_completion_tokens is not None
+        return {"logprobs": self.logprobs, "top_logprobs": self.top_logprobs is not None,
+                "max_tokens and max_completion_tokens together": both}
+
+    @property
+    def new_tokens_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def _as(expected: str, value, handler):
+    """Run the field's own validation, but report a union mismatch as one line naming what is expected."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise ValueError(f"must be {expected}") from None
+
+
+def describe(error: ValidationError) -> tuple[str | None, str]:
+    """The first problem of a ValidationError as (param, one-line message)."""
+    first = error.errors(include_url=False)[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    if first["type"] == "extra_forbidden":
+        return param, f"unrecognized field {param!r}; remove it (see /openapi.json for the accepted fields)"
+    message = first["msg"].removeprefix("Value error, ")
+    if param is None and ": " in message:   # a whole-request check names its field first: "n: ..."
+        param = message.split(": ", 1)[0]
+        return param, message
+    if first["type"] == "missing":
+        message = "required field is missing"
+    return param, f"{param}: {message}" if param else message

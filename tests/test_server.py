@@ -1,0 +1,612 @@
+"""The OpenAI-compatible server, tested as users meet it: a real `moe-offload serve` process on
+127.0.0.1 with the shipped model on the CPU, driven by the official `openai` client and httpx.
+
+Expected texts come from elsewhere than the server: `moe-offload generate` (a separate process)
+and an in-process Engine without the server's queue, threads or HTTP (the slow twin).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from moe_offload.cli import main
+from moe_offload.config import RuntimeConfig, SamplingParams
+from moe_offload.engine import Engine
+from moe_offload.server.metrics import Metrics
+
+MODEL = "default_model"      # the served id: the shipped model's folder name
+API_KEY = "test-key-123"
+
+
+class ServerProcess:
+    def __init__(self, process: subprocess.Popen, port: int, log: Path):
+        self.process, self.port, self.log = process, port, log
+        self.url = f"http://127.0.0.1:{port}"
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS in /proc")
+
+    def metrics(self, headers=None) -> dict[str, float]:
+        text = httpx.get(f"{self.url}/metrics", headers=headers, timeout=10).text
+        return {name: float(value) for name, value in
+                (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))}
+
+
+@contextmanager
+def running_server(*flags: str):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = Path(tempfile.mkstemp(prefix="moe-offload-serve-", suffix=".log")[1])
+    command = [sys.executable, "-m", "moe_offload.cli", "serve", "--device", "cpu", "--port", str(port), *flags]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    server = ServerProcess(process, port, log)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, f"server exited at start:\n{log.read_text()}"
+            try:
+                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"server not healthy after 180 s:\n{log.read_text()}"
+            time.sleep(0.2)
+        yield server
+        assert process.poll() is None, f"server died:\n{log.read_text()}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.unlink()
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def guarded_server():
+    """Offloaded experts (2 slots per layer), an API key, a queue of one, a 4 KiB body limit."""
+    with running_server("--offload", "--slots", "2", "--api-key", API_KEY, "--max-queue", "1",
+                        "--max-body-bytes", "4096") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.load(RuntimeConfig(device="cpu"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def expected_completion(engine, prompt: str, **sampling) -> str:
+    return engine.stream(engine.tokenizer.encode(prompt), SamplingParams(**sampling)).text()
+
+
+def expected_chat(engine, messages: list[dict], **sampling) -> str:
+    params = SamplingParams(**sampling, stop=engine.tokenizer.chat_stop_strings)
+    return engine.stream(engine.tokenizer.encode_chat(messages), params).text()
+
+
+# --- the official openai client -------------------------------------------------------------
+
+def test_openai_completions_streamed_equals_non_streamed_equals_generate_cli(client):
+    prompt, settings_ = "def fibonacci(n):", dict(max_tokens=12, temperature=0.8, seed=7)
+    cli = subprocess.run([sys.executable, "-m", "moe_offload.cli", "generate", "--device", "cpu", "--prompt", prompt,
+                          "--max-tokens", "12", "--temperature", "0.8", "--seed", "7"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    printed = cli.stdout.removesuffix("\n")
+
+    whole = client.completions.create(model=MODEL, prompt=prompt, **settings_)
+    streamed = client.completions.create(model=MODEL, prompt=prompt, stream=True, **settings_)
+    pieces = [chunk.choices[0].text for chunk in streamed if chunk.choices]
+
+    assert printed and whole.choices[0].text == printed
+    assert "".join(pieces) == printed
+    assert len([p for p in pieces if p]) > 1, "streaming should deliver the text in several pieces"
+    assert whole.choices[0].finish_reason in ("stop", "length")
+    assert whole.usage.completion_tokens <= 12
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+
+
+def test_openai_chat_streamed_equals_non_streamed_and_the_engine(client, engine):
+    messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Sort a list."}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0.9, seed=3)
+    streamed = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0.9, seed=3,
+                                              stream=True, stream_options={"include_usage": True})
+    chunks = list(streamed)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    reference = expected_chat(engine, messages, max_new_tokens=10, temperature=0.9, seed=3)
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].message.content == reference == text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert whole.usage.prompt_tokens == len(engine.tokenizer.encode_chat(messages))
+
+
+def test_greedy_is_the_default_when_temperature_is_zero_and_seed_free(client, engine):
+    out = client.completions.create(model=MODEL, prompt="import os\n", max_tokens=8, temperature=0)
+    assert out.choices[0].text == expected_completion(engine, "import os\n", max_new_tokens=8)
+
+
+def test_stop_strings_cut_the_text(client, engine):
+    reference = expected_completion(engine, "def fibonacci(n):", max_new_tokens=16)
+    stop = reference.strip()[:3]
+    out = client.completions.create(model=MODEL, prompt="def fibonacci(n):", max_tokens=16, temperature=0, stop=[stop])
+    assert out.choices[0].text == reference[:reference.index(stop)]
+    assert out.choices[0].finish_reason == "stop"
+
+
+def test_models_lists_the_served_model_and_health_answers(client, server):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+
+
+def test_metrics_count_requests_and_generated_tokens(client, server):
+    before = server.metrics()
+    out = client.completions.create(model=MODEL, prompt="class A:", max_tokens=5, temperature=0)
+    after = server.metrics()
+    key = 'moe_offload_requests_total{endpoint="/v1/completions",status="200"}'
+    assert after[key] == before.get(key, 0) + 1
+    assert after["moe_offload_generated_tokens_total"] - before["moe_offload_generated_tokens_total"] == \
+        out.usage.completion_tokens
+    assert after["moe_offload_time_to_first_token_seconds_count"] == before["moe_offload_time_to_first_token_seconds_count"] + 1
+    for name in ("moe_offload_decode_tokens_per_second", "moe_offload_queue_depth", "moe_offload_active_sequences",
+                 'moe_offload_time_to_first_token_seconds_bucket{le="+Inf"}'):
+        assert name in after
+
+
+def test_metrics_export_expert_cache_counters_when_the_engine_has_them():
+    text = Metrics().render(queue_depth=2, queue_capacity=8, active=1,
+                            expert_stats={"hit_rate": 0.75, "prefetch_recall": 0.5, "note": "text is skipped"})
+    assert "moe_offload_expert_hit_rate 0.75\n" in text
+    assert "moe_offload_expert_prefetch_recall 0.5\n" in text
+    assert "note" not in text
+    assert "moe_offload_queue_depth 2\n" in text
+    for line in text.splitlines():
+        assert line.startswith("# ") or re.fullmatch(r"[a-z_]+(\{[^}]*\})? [-+0-9.eInfa]+", line), line
+
+
+# --- concurrency ------------------------------------------------------------------------------
+
+PROMPTS = ["def add(a, b):", "import numpy as np\n", "class Stack:", "for i in range(10):"]
+LOAD_KINDS = [  # request k of the load test is of kind k % 8: both endpoints, streaming or not, greedy or seeded
+    {"chat": False, "stream": False, "seed": None, "prompt": PROMPTS[0], "max_tokens": 2},
+    {"chat": True, "stream": True, "seed": None, "prompt": PROMPTS[1], "max_tokens": 2},
+    {"chat": False, "stream": True, "seed": 1, "prompt": PROMPTS[2], "max_tokens": 3},
+    {"chat": True, "stream": False, "seed": 2, "prompt": PROMPTS[3], "max_tokens": 2},
+    {"chat": False, "stream": True, "seed": None, "prompt": PROMPTS[0], "max_tokens": 2},   # kind 0, streamed
+    {"chat": False, "stream": True, "seed": None, "prompt": PROMPTS[1], "max_tokens": 400, "cancel": True},
+    {"chat": True, "stream": False, "seed": None, "prompt": PROMPTS[1], "max_tokens": 2},   # kind 1, not streamed
+    {"chat": True, "stream": True, "seed": 3, "prompt": PROMPTS[2], "max_tokens": 400, "cancel": True},
+]
+
+
+def load_plan(client_id: int, round_: int) -> dict:
+    return {"cancel": False, **LOAD_KINDS[(client_id * 4 + round_) % len(LOAD_KINDS)]}
+
+
+def load_request(plan: dict) -> tuple[str, dict]:
+    sampling = {"temperature": 0.0} if plan["seed"] is None else {"temperature": 1.0, "seed": plan["seed"]}
+    body = {"model": MODEL, "stream": plan["stream"], "max_tokens": plan["max_tokens"], **sampling}
+    if plan["chat"]:
+        return "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": plan["prompt"]}]}
+    return "/v1/completions", {**body, "prompt": plan["prompt"]}
+
+
+def reference_for(engine, plan: dict) -> str:
+    sampling = dict(max_new_tokens=plan["max_tokens"], temperature=0.0 if plan["seed"] is None else 1.0,
+                    seed=plan["seed"])
+    if plan["chat"]:
+        return expected_chat(engine, [{"role": "user", "content": plan["prompt"]}], **sampling)
+    return expected_completion(engine, plan["prompt"], **sampling)
+
+
+async def send(http: httpx.AsyncClient, plan: dict) -> tuple[int, str | None]:
+    """-> (status, text); text None for a request cancelled on purpose after its first piece."""
+    path, body = load_request(plan)
+    if not body["stream"]:
+        r = await http.post(path, json=body)
+        if r.status_code != 200:
+            return r.status_code, r.text
+        choice = r.json()["choices"][0]
+        return 200, choice["message"]["content"] if plan["chat"] else choice["text"]
+    text = []
+    async with http.stream("POST", path, json=body) as r:
+        if r.status_code != 200:
+            return r.status_code, (await r.aread()).decode()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                return 200, "".join(text)
+            choice = json.loads(line[6:])["choices"]
+            piece = (choice[0]["delta"].get("content") if plan["chat"] else choice[0]["text"]) if choice else None
+            if piece:
+                text.append(piece)
+                if plan["cancel"]:
+                    return 200, None      # leaving the block closes the connection mid-stream
+    return r.status_code, "stream ended without [DONE]"
+
+
+async def load_test(url: str, clients: int, rounds: int) -> tuple[list, list]:
+    health: list[tuple[int, float]] = []
+    done = asyncio.Event()
+
+    async def watch_health(http):
+        while not done.is_set():
+            start = time.perf_counter()
+            status = (await http.get("/health")).status_code
+            health.append((status, time.perf_counter() - start))
+            await asyncio.sleep(0.25)
+
+    async def one_client(http, client_id):
+        return [(load_plan(client_id, r), await send(http, load_plan(client_id, r))) for r in range(rounds)]
+
+    limits = httpx.Limits(max_connections=clients + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
+        watcher = asyncio.create_task(watch_health(http))
+        results = await asyncio.gather(*(one_client(http, c) for c in range(clients)))
+        done.set()
+        await watcher
+    return [item for per_client in results for item in per_client], health
+
+
+def wait_idle(server: ServerProcess, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = server.metrics()
+        if m["moe_offload_queue_depth"] == 0 and m["moe_offload_active_sequences"] == 0:
+            return m
+        assert time.monotonic() < deadline, f"server still busy: {m}"
+        time.sleep(0.1)
+
+
+def test_load_32_clients_mixed_streaming_some_cancelled(server, engine):
+    asyncio.run(load_test(server.url, clients=8, rounds=1))     # warm-up: allocations that stay
+    wait_idle(server)
+    rss_before = server.rss_bytes()
+    before = server.metrics()
+
+    results, health = asyncio.run(load_test(server.url, clients=32, rounds=4))
+    after = wait_idle(server)
+    time.sleep(0.5)
+    rss_after = server.rss_bytes()
+
+    references = {}
+    cancelled = 0
+    for plan, (status, text) in results:
+        assert status == 200, (plan, text)
+        if plan["cancel"]:
+            assert text is None
+            cancelled += 1
+            continue
+        key = json.dumps(plan, sort_keys=True)
+        if key not in references:
+            references[key] = reference_for(engine, plan)
+        assert text == references[key], plan
+    assert cancelled == 32
+    assert len(results) == 128
+    assert not any(k.startswith("moe_offload_requests_total") and 'status="5' in k for k in after)
+    assert health and all(status == 200 for status, _ in health)
+    assert max(seconds for _, seconds in health) < 5.0, "/health must answer while the engine is busy"
+    ended = sum(after[f'moe_offload_sequences_total{{outcome="{o}"}}'] - before[f'moe_offload_sequences_total{{outcome="{o}"}}']
+                for o in ("finished", "cancelled"))
+    assert ended == 128
+    assert rss_after <= rss_before * 1.05, f"RSS grew from {rss_before / 2**20:.0f} to {rss_after / 2**20:.0f} MiB"
+
+
+def test_disconnect_frees_the_queue_place_and_stops_generation(server):
+    """A (streaming) generates; B waits behind it. B leaves: the queue empties at once. A leaves
+    mid-stream: its generation stops long before its 2000 tokens, and a new request runs at once."""
+    wait_idle(server)
+    before = server.metrics()
+    body = {"model": MODEL, "prompt": "def main():", "max_tokens": 2000, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=server.url, timeout=60) as a:
+        with a.stream("POST", "/v1/completions", json=body) as stream_a:
+            lines = stream_a.iter_lines()      # kept: a closed line iterator would close the connection
+            next(line for line in lines if line.startswith("data: "))
+            waiting = raw_request(server.port, "/v1/completions", body)
+            poll(lambda: server.metrics()["moe_offload_queue_depth"] == 1)
+            waiting.close()                               # B's client goes away while it waits
+            poll(lambda: server.metrics()["moe_offload_queue_depth"] == 0)
+        # leaving the `with` closed A's connection mid-stream
+        poll(lambda: server.metrics()["moe_offload_active_sequences"] == 0)
+    start = time.perf_counter()
+    r = httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False, "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200 and time.perf_counter() - start < 10
+    after = server.metrics()
+    cancelled = 'moe_offload_sequences_total{outcome="cancelled"}'
+    assert after[cancelled] - before[cancelled] == 2
+    assert after["moe_offload_generated_tokens_total"] - before["moe_offload_generated_tokens_total"] < 500
+
+
+def raw_request(port: int, path: str, body: dict, headers: dict | None = None) -> socket.socket:
+    """Send a request on a bare socket and return it unread: closing it is a client disconnecting."""
+    data = json.dumps(body).encode()
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json", f"Content-Length: {len(data)}",
+             *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    connection = socket.create_connection(("127.0.0.1", port))
+    connection.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + data)
+    return connection
+
+
+def poll(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+# --- hostile input ----------------------------------------------------------------------------
+
+def assert_openai_error(r: httpx.Response, status: int, param: str | None = None):
+    assert r.status_code == status, (r.status_code, r.text)
+    error = r.json()["error"]
+    assert isinstance(error["message"], str) and error["message"] and "\n" not in error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert set(error) == {"message", "type", "param", "code"}
+    if param is not None:
+        assert error["param"] == param, error
+
+
+COMPLETION = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+HOSTILE = [  # (path, body: dict or raw bytes, status, param)
+    ("/v1/completions", b'{"model": "default_model", "prompt":', 400, None),
+    ("/v1/completions", b"", 400, None),
+    ("/v1/completions", b"[1, 2]", 400, None),
+    ("/v1/completions", b"null", 400, None),
+    ("/v1/completions", b'{"model": "default_model", "prompt": "\xff\xfe"}', 400, None),
+    ("/v1/completions", b'{"model": "default_model", "prompt": "\\ud800"}', 400, None),
+    ("/v1/completions", b'{"model": "default_model", "prompt": "x", "temperature": NaN}', 400, None),
+    ("/v1/completions", b'{"model": "default_model", "prompt": "x", "seed": 1' + b"0" * 5000 + b"}", 400, None),
+    ("/v1/completions", b"[" * 100_000, 400, None),
+    ("/v1/chat/completions", b"\xef\xbb\xbf{}", 400, None),
+    ("/v1/completions", {**COMPLETION, "max_tokens": "5"}, 400, "max_tokens"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": True}, 400, "max_tokens"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": 1.5}, 400, "max_tokens"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": 5000}, 400, "max_tokens"),
+    ("/v1/completions", {**COMPLETION, "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {**COMPLETION, "temperature": 2.5}, 400, "temperature"),
+    ("/v1/completions", {**COMPLETION, "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {**COMPLETION, "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {**COMPLETION, "top_p": 1.01}, 400, "top_p"),
+    ("/v1/completions", {**COMPLETION, "seed": 2**64}, 400, "seed"),
+    ("/v1/completions", {**COMPLETION, "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {**COMPLETION, "stop": 3}, 400, "stop"),
+    ("/v1/completions", {**COMPLETION, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/completions", {**COMPLETION, "n": 2}, 400, "n"),
+    ("/v1/completions", {**COMPLETION, "logprobs": 3}, 400, "logprobs"),
+    ("/v1/completions", {**COMPLETION, "frobnicate": 1}, 400, "frobnicate"),
+    ("/v1/completions", {**COMPLETION, "prompt": 5}, 400, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": ["a", "b"]}, 400, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": []}, 400, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": [1, 99_999_999]}, 400, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": [-1]}, 400, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": [5] * 4097}, 400, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": "hello world " * 3000}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x"}, 400, "model"),
+    ("/v1/completions", {"model": MODEL}, 400, "prompt"),
+    ("/v1/completions", {**COMPLETION, "model": "gpt-4"}, 404, "model"),
+    ("/v1/chat/completions", {**CHAT, "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {**CHAT, "messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user"}]}, 400, "messages.0.content"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": None}]}, 400, "messages.0.content"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages.0.content"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x " * 9000}]}, 400, "messages"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 5000, "max_tokens": None}, 400, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 4000, "messages": [{"role": "user", "content": "x " * 400}]}, 400,
+     "max_tokens"),
+]
+
+
+def test_hostile_requests_get_one_line_openai_errors_and_the_server_stays_up(server):
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        for path, body, status, param in HOSTILE:
+            r = http.post(path, content=body) if isinstance(body, bytes) else http.post(path, json=body)
+            assert_openai_error(r, status, param)
+        assert_openai_error(http.post("/v1/completions", content=b"x" * (2 << 20)), 413)
+        assert_openai_error(http.post("/v1/completions", content=(b"x" * 65536 for _ in range(32))), 413)  # chunked
+        assert_openai_error(http.get("/v1/completions"), 405)
+        assert_openai_error(http.get("/v1/nothing"), 404)
+        assert http.get("/health").status_code == 200
+        assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def json_values(depth: int = 2):
+    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                        max_leaves=depth * 4)
+
+
+def from_schema(schema: dict, components: dict):
+    """A hypothesis strategy for the JSON Schema subset that pydantic publishes in /openapi.json."""
+    if "$ref" in schema:
+        return st.deferred(lambda: from_schema(components[schema["$ref"].rsplit("/", 1)[1]], components))
+    if "anyOf" in schema:
+        return st.one_of([from_schema(s, components) for s in schema["anyOf"]])
+    if "const" in schema:
+        return st.just(schema["const"])
+    if "enum" in schema:
+        return st.sampled_from(schema["enum"])
+    kind = schema.get("type")
+    if kind == "null":
+        return st.none()
+    if kind == "boolean":
+        return st.booleans()
+    if kind == "string":
+        return st.text(max_size=40)
+    if kind == "integer":
+        low = schema.get("minimum")
+        high = schema.get("maximum", schema["exclusiveMaximum"] - 1 if "exclusiveMaximum" in schema else None)
+        return st.integers(min_value=low, max_value=high)
+    if kind == "number":
+        return st.floats(min_value=schema.get("minimum", schema.get("exclusiveMinimum")), max_value=schema.get("maximum"),
+                         exclude_min="exclusiveMinimum" in schema, allow_nan=False, allow_infinity=False)
+    if kind == "array":
+        items = from_schema(schema.get("items", {}), components) if schema.get("items") else json_values(1)
+        return st.lists(items, min_size=schema.get("minItems", 0), max_size=3)
+    if kind == "object":
+        properties = schema.get("properties", {})
+        if not properties:
+            return st.dictionaries(st.text(max_size=8), from_schema(schema.get("additionalProperties", {}), components)
+                                   if schema.get("additionalProperties") else json_values(1), max_size=3)
+        required = set(schema.get("required", ()))
+        return st.fixed_dictionaries(
+            {k: from_schema(v, components) for k, v in properties.items() if k in required},
+            optional={k: from_schema(v, components) for k, v in properties.items() if k not in required})
+    return json_values()
+
+
+@st.composite
+def fuzzed_request(draw, spec: dict):
+    """A body drawn from the published schema, then (mostly) broken in one place."""
+    components = spec["components"]["schemas"]
+    path = draw(st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+    ref = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    body = draw(from_schema(ref, components))
+    body.update(model=MODEL, max_tokens=1)               # keep valid requests to one token
+    body.pop("max_completion_tokens", None)
+    mutation = draw(st.sampled_from(["none", "replace", "add", "remove"]))
+    if mutation == "replace":
+        key = draw(st.sampled_from(sorted(body)))
+        value = draw(json_values())
+        if key == "max_tokens" and (value is None or type(value) is int and value > 1):
+            value = -1 if value is None else -value   # valid and long: chat's default is the rest of the context
+        body[key] = value
+    elif mutation == "add":
+        body[draw(st.text(min_size=1, max_size=12).filter(lambda k: k not in body))] = draw(json_values())
+    elif mutation == "remove":
+        del body[draw(st.sampled_from(sorted(body)))]
+        if "max_tokens" not in body:
+            body["max_tokens"] = 1
+    return path, body
+
+
+@pytest.fixture(scope="module")
+def spec(server):
+    return httpx.get(f"{server.url}/openapi.json").json()
+
+
+def assert_well_formed(r: httpx.Response, stream: bool):
+    assert r.status_code < 500, r.text
+    if r.status_code >= 400:
+        error = r.json()["error"]
+        assert isinstance(error["message"], str) and error["message"]
+        return
+    assert r.status_code == 200
+    if stream:
+        assert r.text.rstrip().endswith("data: [DONE]"), r.text
+    else:
+        assert len(r.json()["choices"]) == 1
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_schema_fuzzing_gets_well_formed_answers_never_5xx(server, spec, data):
+    path, body = data.draw(fuzzed_request(spec))
+    r = httpx.post(f"{server.url}{path}", json=body, timeout=60)
+    event(f"{path} {r.status_code}")     # the mix shows with --hypothesis-show-statistics
+    assert_well_formed(r, stream=body.get("stream") is True)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(body=st.binary(max_size=200) | st.text(max_size=200).map(str.encode) | json_values(3).map(lambda v: json.dumps(v).encode()))
+def test_arbitrary_bodies_get_4xx_never_5xx(server, body):
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=body, timeout=60)
+    assert_openai_error(r, r.status_code)
+    assert 400 <= r.status_code < 500
+
+
+def test_server_is_up_after_the_hostile_suites(server):
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+# --- API key, queue limit, body limit ---------------------------------------------------------
+
+def test_api_key_required_everywhere_but_health(guarded_server):
+    url = guarded_server.url
+    good = {"Authorization": f"Bearer {API_KEY}"}
+    assert httpx.get(f"{url}/health").status_code == 200
+    for path in ("/v1/models", "/metrics", "/openapi.json"):
+        r = httpx.get(f"{url}{path}")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{url}{path}", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(f"{url}{path}", headers=good).status_code == 200
+    assert httpx.post(f"{url}/v1/completions", json=COMPLETION).status_code == 401
+
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).completions.create(model=MODEL, prompt="x", max_tokens=1)
+    keyed = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0)
+    assert keyed.chat.completions.create(model=MODEL, messages=CHAT["messages"], max_tokens=2).choices[0].message.role == "assistant"
+
+
+def test_offloaded_engine_serves_the_resident_text_and_exports_cache_metrics(guarded_server, engine):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0}
+    r = httpx.post(f"{guarded_server.url}/v1/completions", json=body, headers=headers, timeout=120)
+    assert r.json()["choices"][0]["text"] == expected_completion(engine, PROMPTS[0], max_new_tokens=6)
+    metrics = guarded_server.metrics(headers)
+    assert 0 < metrics["moe_offload_expert_hit_rate"] <= 1
+    assert 0 <= metrics["moe_offload_expert_prefetch_recall"] <= 1
+
+
+def test_full_queue_answers_429_with_retry_after(guarded_server):
+    url, headers = guarded_server.url, {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": MODEL, "prompt": "def main():", "max_tokens": 2000, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as a:
+        with a.stream("POST", "/v1/completions", json=body) as active:
+            lines = active.iter_lines()        # kept: a closed line iterator would close the connection
+            next(line for line in lines if line.startswith("data: "))
+            waiting = raw_request(guarded_server.port, "/v1/completions", body, headers)
+            poll(lambda: guarded_server.metrics(headers)["moe_offload_queue_depth"] == 1)
+            r = httpx.post(f"{url}/v1/completions", json={**body, "stream": False}, headers=headers)
+            assert_openai_error(r, 429)
+            assert r.headers["Retry-After"] == "1"
+            waiting.close()
+    poll(lambda: guarded_server.metrics(headers)["moe_offload_active_sequences"] == 0)
+
+
+def test_body_limit_is_the_flag(guarded_server):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    r = httpx.post(f"{guarded_server.url}/v1/completions", json={**COMPLETION, "prompt": "x" * 5000}, headers=headers)
+    assert_openai_error(r, 413)
+
+
+def test_serve_rejects_bad_flags_with_one_line(capsys):
+    assert main(["serve", "--port", "70000"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --port 70000 is not a TCP port; use 0-65535"]
