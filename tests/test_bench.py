@@ -110,6 +110,12 @@ def test_recorded_routing_is_what_transformers_routes(tmp_path):
     # predictions exist exactly for the layers that have a layer d ahead
     assert (trace.predicted_ids[:, 2] == -1).all() and (trace.predicted_ids[:, 1, 1] == -1).all()
     assert (trace.predicted_ids[:, 0] >= 0).all() and (trace.predicted_ids[:, 1, 0] >= 0).all()
+    # the command writes the same trace
+    out = tmp_path / "trace.safetensors"
+    assert main(["bench", "record-routing", "--model", str(folder), "--text", str(HELD_OUT_TEXT), "--tokens", "40",
+                 "--window", "20", "--ranked", "3", "--out", str(out)]) == 0
+    written = RoutingTrace.load(out)
+    assert torch.equal(written.expert_ids, trace.expert_ids) and torch.equal(written.predicted_ids, trace.predicted_ids)
 
 
 def test_committed_trace_replays_onto_the_synthetic_model_through_the_router_seam():
@@ -233,3 +239,20 @@ def test_bench_bad_input_is_one_error_line(argv, message, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
+
+
+def test_table2_markdown_puts_our_ratios_beside_the_papers():
+    from moe_offload.bench.report import table2_markdown
+
+    ok = {"status": "ok", "quant": "4/2", "budget": "12GiB", "hit_rate": 0.5, "link_busy": 0.9}
+    report = {"card": "H100", "link_peak_gbps": 55.0, "commit": "abc", "results": [
+        {**ok, "mode": "full", "routing": "own", "decode_tokens_per_s": 20.0},
+        {**ok, "mode": "no-cache", "routing": "own", "decode_tokens_per_s": 8.0},
+        {"status": "ok", "mode": "accelerate", "budget": "12GiB", "decode_tokens_per_s": 2.0, "decode_tokens_per_s_is": "extrapolated"},
+    ]}
+    lines = table2_markdown([report], "4/2", "12GiB").splitlines()
+    full = next(line for line in lines if line.startswith("| full"))
+    assert "| 3.06 | 2.20 | 20.00 | 10.00 | 0.500 | 0.90 | not measured |" in full
+    assert "| 8.00 | 4.00 |" in next(line for line in lines if line.startswith("| no LRU"))
+    assert "not measured" in next(line for line in lines if line.startswith("| LRU, no prefetch"))
+    assert "2.00 (extrapolated) | 1.00" in next(line for line in lines if line.startswith("| transformers"))

@@ -4,6 +4,7 @@
         --modes full,no-prefetch,no-cache --accelerate --out results.json --plot results.png
     moe-offload bench record-routing --model DIR --text FILE --tokens 3072 --out trace.safetensors
     moe-offload bench plot --results results.json --out results.png
+    moe-offload bench table --results a.json b.json [--quant 4/2 --budget 12GiB]     # Markdown for the README
 
 Progress goes to stderr; the last line on stdout is the report as one JSON object.
 """
@@ -85,6 +86,12 @@ def add_bench_parser(sub) -> None:
     plot.add_argument("--out", type=Path, required=True, help="PNG to write")
     plot.set_defaults(func=cmd_plot)
 
+    table = tools.add_parser("table", help="Markdown: the paper's Table 2 beside ours (ratios to accelerate), and every entry")
+    table.add_argument("--results", type=Path, nargs="+", required=True, help="report JSONs written by `moe-offload bench --out`")
+    table.add_argument("--quant", default="4/2", help="configuration of the Table 2 comparison (default: %(default)s)")
+    table.add_argument("--budget", default="12GiB", help="budget of the Table 2 comparison (default: %(default)s)")
+    table.set_defaults(func=cmd_table)
+
 
 def cmd_bench(args) -> None:
     from .runner import BenchSettings, run_benchmarks
@@ -118,12 +125,24 @@ def cmd_record_routing(args) -> None:
                       "top_k": trace.top_k, **trace.metadata}))
 
 
+def read_report(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"--results {path}: cannot read a report ({e})") from None
+
+
 def cmd_plot(args) -> None:
     from .plot import plot_report
 
-    try:
-        report = json.loads(args.results.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"--results {args.results}: cannot read a report ({e})") from None
-    plot_report(report, args.out)
+    plot_report(read_report(args.results), args.out)
     print(json.dumps({"plot": str(args.out)}))
+
+
+def cmd_table(args) -> None:
+    from .report import entries_markdown, table2_markdown
+
+    reports = [read_report(path) for path in args.results]
+    print(table2_markdown(reports, args.quant, args.budget))
+    print()
+    print(entries_markdown(reports))

@@ -288,8 +288,8 @@ class Bench:
                 continue
             slots = sorted(set(plan.slots.values()))
             self.log(plan.describe())
-            for routing in self.s.routings:
-                for mode in self.s.modes:
+            for mode in self.s.modes:           # mode-major: both routings of the full algorithm come first
+                for routing in self.s.routings:
                     entry = {**common, "budget": budget_text, "budget_gib": budget / 2**30, "routing": routing, "mode": mode,
                              "slots_per_layer": slots[0] if len(slots) == 1 else slots, "planned_gib": plan.device_bytes / 2**30}
                     if self.out_of_time():
