@@ -19,6 +19,7 @@ benchmarks/quant_kernels.py.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,7 @@ class KernelConfig:
     num_warps: int = 4
 
 
+@functools.cache
 def default_config(m: int, n: int, k: int, bits: int, group_size: int, multiprocessors: int) -> KernelConfig:
     per = PER_WORD[bits]
     block_k = max(group_size, 256)
@@ -128,6 +130,7 @@ if AVAILABLE:
             tl.store(out_base + m[:, None] * stride_om + flat_rows[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+@functools.cache
 def _multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
