@@ -7,6 +7,7 @@ expert shapes.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -22,10 +23,12 @@ from moe_offload.quant.kernels import KernelConfig, hqq_linear  # noqa: E402
 from moe_offload.quant.weight import PackedFormat  # noqa: E402
 
 
+@functools.cache
 def quantized(n: int, k: int, spec: QuantSpec, device="cpu", seed: int = 0):
+    """A random (n, k) weight, quantized on `device`, its buffer there."""
     weight = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k ** 0.5
     fmt = PackedFormat([((n, k), spec)])
-    (w,) = fmt.view(fmt.pack([weight]).to(device))
+    (w,) = fmt.view(fmt.pack([weight], device).to(device))
     return w
 
 
@@ -71,10 +74,28 @@ def test_gpu_kernel_matches_dequantize_then_matmul(bits, shape, m):
 def test_gpu_kernel_result_does_not_depend_on_the_buffer_address():
     spec = QuantSpec(2)
     fmt = PackedFormat([((4096, 14336), spec)])
-    buffer = fmt.pack([torch.randn(4096, 14336) / 120])
+    buffer = fmt.pack([torch.randn(4096, 14336) / 120], "cuda")
     (a,) = fmt.view(buffer.cuda())
     elsewhere = torch.empty(fmt.nbytes + 4096, dtype=torch.uint8, device="cuda")[4096:]
     elsewhere.copy_(buffer)
     (b,) = fmt.view(elsewhere)
     x = torch.randn(1, 14336, device="cuda", dtype=torch.bfloat16)
     assert torch.equal(a.linear(x), b.linear(x))
+
+
+@pytest.mark.gpu
+def test_gpu_quantized_model_agrees_with_the_cpu_path():
+    """The shipped model at 4/2 in bf16 on CUDA (kernels) against fp32 on the CPU (dequantize-then-matmul)."""
+    from moe_offload.config import QuantConfig, RuntimeConfig
+    from moe_offload.engine import Engine
+    from moe_offload.perplexity import perplexity
+
+    from conftest import SHIPPED_MODEL
+
+    results = {}
+    for device, dtype in (("cuda", "bfloat16"), ("cpu", "float32")):
+        engine = Engine.load(RuntimeConfig(model=SHIPPED_MODEL, device=device, dtype=dtype, quant=QuantConfig.parse("4/2")),
+                             progress=False)
+        token_ids = engine.tokenizer.encode((SHIPPED_MODEL / "eval-networkx.txt").read_text()[:20000])
+        results[device] = perplexity(engine, token_ids, 512, max_windows=2).perplexity
+    assert abs(results["cuda"] / results["cpu"] - 1) < 0.02, results
