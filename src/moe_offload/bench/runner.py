@@ -37,13 +37,14 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import torch
 
 from ..config import ModelConfig, QuantConfig, SamplingParams
-from ..engine import resolve_device
+from ..engine import expert_storage, resolve_device
 from ..errors import UserError
 from ..experts import ExpertFormat
 from ..generate import PREFILL_CHUNK, generate, prefill, sample
@@ -184,9 +185,14 @@ class Bench:
                 raise UserError(f"--modes {mode!r}: use {', '.join(MODES)}")
         if settings.synthetic:
             from .synthetic import synthetic_config
-            synthetic_config(settings.synthetic)     # an unknown preset fails here, before any work
+            config = synthetic_config(settings.synthetic)     # an unknown preset fails here, before any work
         elif settings.model is None:
             raise UserError("pass --synthetic PRESET or --model DIR")
+        else:
+            from ..checkpoint import Checkpoint
+            config = Checkpoint.open(settings.model).config
+        if self.trace is not None:
+            self.trace.check_fits(len(config.moe_layers), config.num_experts, config.top_k)
         self.budgets = [(text, parse_size(text, "--budget")) for text in settings.budgets]
         self.quants = [(text, parse_quant(text)) for text in settings.quants]
 
@@ -219,7 +225,16 @@ class Bench:
                 for budget_text, _ in self.budgets:
                     self.add({"quant": quant_text, "budget": budget_text, "status": "skipped", "reason": "time limit"})
                 continue
-            self.run_quant(quant_text, quant)
+            try:
+                self.run_quant(quant_text, quant)
+            except UserError:
+                raise
+            except Exception as e:  # e.g. host memory for the store: report it, go on with the next configuration
+                self.log(f"[{quant_text}] failed: {type(e).__name__}: {e}")
+                self.add({"quant": quant_text, "status": "failed", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                          "traceback": traceback.format_exc().splitlines()[-12:]})
+                gc.collect()
+                self.empty_cache()
         self.report["elapsed_seconds"] = round(time.perf_counter() - self.started, 1)
         return self.report
 
@@ -262,7 +277,7 @@ class Bench:
         config = ckpt.config
         self.log(f"[{quant_text}] building {ckpt.folder.name} weights on {self.device} ...")
         weights = ckpt.dense_weights(self.device, self.dtype)
-        expert_format, expert_buffer = ckpt.expert_storage(self.dtype)
+        expert_format, expert_buffer = expert_storage(ckpt, self.dtype)
         store = ExpertStore(config.moe_layers, config.num_experts, expert_format.nbytes, pin=self.device.type == "cuda")
         for layer in config.moe_layers:
             for expert_id in range(config.num_experts):
@@ -350,6 +365,11 @@ class Bench:
             result["status"] = "ok"
         except torch.OutOfMemoryError as e:
             result = {"status": "failed", "error": f"exceeded the {entry['budget']} budget: {str(e).splitlines()[0]}"}
+        except UserError:
+            raise
+        except Exception as e:      # one broken entry must not cost the rest of a GPU run; it is reported as failed
+            result = {"status": "failed", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                      "traceback": traceback.format_exc().splitlines()[-12:]}
         finally:
             if device.type == "cuda":
                 torch.cuda.set_per_process_memory_fraction(1.0, device)
