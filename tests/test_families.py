@@ -20,15 +20,18 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 
 from moe_offload.cli import main
-from moe_offload.config import SUPPORTED_MODEL_TYPES, ModelConfig, OffloadConfig, RuntimeConfig, SamplingParams
-from moe_offload.engine import Engine
+from moe_offload.checkpoint import dense_tensor_shapes, expert_tensor_names
+from moe_offload.config import SUPPORTED_MODEL_TYPES, ModelConfig, OffloadConfig, QuantConfig, RuntimeConfig, SamplingParams
+from moe_offload.engine import Engine, expert_storage
 from moe_offload.experts import DenseExpertFormat
 from moe_offload.generate import PREFILL_CHUNK, prefill
 from moe_offload.model import KVCache, Transformer
+from moe_offload.quant.checkpoint import open_checkpoint, write_quantized
+from moe_offload.quant.weight import QuantizedWeight
 from moe_offload.tokenizer import Tokenizer
 
 from conftest import SHIPPED_MODEL, TINY_FAMILIES, write_tiny_family
-from test_model_matches_transformers import assert_close_to_reference
+from test_model_matches_transformers import assert_close_to_reference, reference_logits
 
 FAMILIES = tuple(TINY_FAMILIES)
 
@@ -164,6 +167,94 @@ def test_generation_stops_at_every_end_listed_in_generation_config(family_folder
     with torch.no_grad():
         expected = reference.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False)[0, len(ids):].tolist()
     assert expected == free_run.token_ids[:end + 1]
+
+
+# Widths that the paper's group sizes (64 for 4 bits, 16 for 2 bits) divide, as real checkpoints' do.
+QUANTIZABLE = {
+    "mixtral": dict(intermediate_size=128),
+    "qwen3_moe": dict(head_dim=32, moe_intermediate_size=64, intermediate_size=128),
+    "qwen2_moe": dict(moe_intermediate_size=64, shared_expert_intermediate_size=128, intermediate_size=128),
+    "olmoe": dict(intermediate_size=64),
+}
+
+
+def dequantized_checkpoint(quantized_folder, out):
+    """A quantized folder with every quantized weight replaced by its dequantized values, by hub name:
+    what transformers should compute to agree with our quantized model."""
+    from safetensors.torch import save_file
+
+    ckpt = open_checkpoint(quantized_folder)
+    cfg = ckpt.config
+    tensors = {}
+    for name, shape in dense_tensor_shapes(cfg).items():
+        weight = ckpt.dense_tensor(name, shape, "cpu", torch.float32)
+        tensors[name] = weight.dequantize() if isinstance(weight, QuantizedWeight) else weight
+    expert_format, expert_buffer = expert_storage(ckpt, torch.float32)
+    for layer in cfg.moe_layers:
+        for expert_id in range(cfg.num_experts):
+            expert = expert_format.view(expert_buffer(layer, expert_id))
+            for name, weight in zip(expert_tensor_names(cfg, layer, expert_id), expert):
+                tensors[name] = weight.dequantize()
+    out.mkdir()
+    save_file({name: t.contiguous() for name, t in tensors.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(quantized_folder / "config.json", out / "config.json")
+    return out
+
+
+@pytest.fixture(scope="module")
+def quantized_folder(tmp_path_factory):
+    """model_type -> (tiny checkpoint, its folder written by `write_quantized` at 4/2), once per module."""
+    folders = {}
+
+    def get(model_type):
+        if model_type not in folders:
+            root = tmp_path_factory.mktemp(f"{model_type}-quant")
+            folder = write_tiny_family(root / "model", model_type, **QUANTIZABLE[model_type])
+            write_quantized(folder, root / "model-4-2", QuantConfig.parse("4/2"), device="cpu")
+            folders[model_type] = folder, root / "model-4-2"
+        return folders[model_type]
+
+    return get
+
+
+QUANT_TOKENS = torch.randint(3, 8192, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_family_quantized_folder_matches_transformers_on_the_dequantized_weights(tmp_path, quantized_folder, model_type):
+    """4-bit attention and dense/shared MLPs, 2-bit experts, written once and memory-mapped: each
+    weight in its place (transformers on the dequantized weights agrees), offloaded bit for bit."""
+    folder, written_folder = quantized_folder(model_type)
+    written = load_engine(written_folder)
+    cfg = written.config
+    for index, layer in enumerate(written.model.weights.layers):
+        assert all(isinstance(w, QuantizedWeight) for w in (layer.attn.wq, layer.attn.wk, layer.attn.wv, layer.attn.wo))
+        assert all(b is None or isinstance(b, torch.Tensor) for b in (layer.attn.bq, layer.attn.bo, layer.attn.q_norm))
+        mlp = layer.dense_mlp if index in cfg.dense_layers else layer.shared_expert
+        assert mlp is None or all(isinstance(w, QuantizedWeight) and w.spec.bits == 4 for w in mlp)
+        assert layer.router is None or isinstance(layer.router, torch.Tensor)
+    ours = logits_through_prefill_and_decode(written, QUANT_TOKENS, prompt=32)
+
+    offloaded = Engine.load(RuntimeConfig(model=written_folder, device="cpu", dtype="float32"), progress=False,
+                            offload=OffloadConfig(enabled=True, gpu_memory=2**30, slots_per_layer=2))
+    assert all(torch.equal(a, b) for a, b in zip(logits_through_prefill_and_decode(offloaded, QUANT_TOKENS, prompt=32), ours))
+
+    expected = reference_logits(dequantized_checkpoint(written_folder, tmp_path / "dequantized"), torch.tensor([QUANT_TOKENS]))
+    assert (torch.cat(ours) - expected).abs().max() <= 1e-4 * expected.abs().max()
+    unquantized = torch.cat(logits_through_prefill_and_decode(load_engine(folder), QUANT_TOKENS, prompt=32))
+    assert (unquantized - expected).abs().max() > 1e-2 * expected.abs().max()   # it really is quantized
+
+
+def test_qwen2_moe_quantize_on_load_equals_the_written_folder(quantized_folder):
+    """The shared expert, dense layer and qkv biases take the same path quantized on load (--quant)."""
+    folder, written_folder = quantized_folder("qwen2_moe")
+    on_load = logits_through_prefill_and_decode(load_engine(folder, quant=QuantConfig.parse("4/2")), QUANT_TOKENS, prompt=32)
+    from_folder = logits_through_prefill_and_decode(load_engine(written_folder), QUANT_TOKENS, prompt=32)
+    # On the CPU the written folder's unquantized tensors (router, lm_head) are used in place from the
+    # memory map, 8-byte aligned, and a one-row matmul's summation order depends on alignment: decode
+    # steps may differ in the last bits.
+    assert torch.equal(from_folder[0], on_load[0])
+    assert all((a - b).abs().max() <= 1e-5 * b.abs().max() for a, b in zip(from_folder, on_load, strict=True))
 
 
 # config.json of published checkpoints, as the hub writes them (key names differ between families).
