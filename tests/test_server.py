@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import socket
 import subprocess
@@ -28,7 +27,9 @@ from hypothesis import strategies as st
 from moe_offload.cli import main
 from moe_offload.config import RuntimeConfig, SamplingParams
 from moe_offload.engine import Engine
+from moe_offload import engine as engine_module
 from moe_offload.server.metrics import Metrics
+from moe_offload.server.scheduler import Scheduler, Sequence
 
 MODEL = "default_model"      # the served id: the shipped model's folder name
 API_KEY = "test-key-123"
@@ -358,6 +359,45 @@ def raw_request(port: int, path: str, body: dict, headers: dict | None = None) -
     connection = socket.create_connection(("127.0.0.1", port))
     connection.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + data)
     return connection
+
+
+def test_a_failing_generation_leaves_the_queued_ones_untouched(engine, monkeypatch):
+    """In process, with a fault injected into the engine's token generator for one prompt: that
+    sequence fails mid-run, the ones queued behind it finish with the right text, in arrival order."""
+    poison = engine.tokenizer.encode("raise here")
+    real_generate = engine_module.generate
+
+    def generate_or_fail(model, cache, prompt_ids, *rest):
+        tokens = real_generate(model, cache, prompt_ids, *rest)
+        if prompt_ids == poison:
+            yield next(tokens)
+            raise RuntimeError("injected fault")
+        yield from tokens
+
+    monkeypatch.setattr(engine_module, "generate", generate_or_fail)
+    params = SamplingParams(max_new_tokens=4)
+    prompts = [poison, engine.tokenizer.encode(PROMPTS[0]), engine.tokenizer.encode(PROMPTS[2])]
+
+    async def scenario():
+        scheduler = Scheduler(engine, Metrics(), max_waiting=8)
+        scheduler.start()
+        loop = asyncio.get_running_loop()
+        sequences = [Sequence(ids, params, loop) for ids in prompts]
+        for sequence in sequences:
+            scheduler.submit(sequence)
+        outcomes = []
+        for sequence in sequences:
+            try:
+                outcomes.append("".join([piece async for piece in sequence.pieces()]))
+            except RuntimeError as e:
+                outcomes.append(e)
+        scheduler.stop()
+        return outcomes, [sequence.admitted for sequence in sequences]
+
+    outcomes, admitted = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+    assert isinstance(outcomes[0], RuntimeError) and str(outcomes[0]) == "injected fault"
+    assert outcomes[1:] == [expected_completion(engine, p, max_new_tokens=4) for p in (PROMPTS[0], PROMPTS[2])]
+    assert admitted == sorted(admitted), "sequences must start in arrival order"
 
 
 def poll(condition, timeout: float = 10.0) -> None:

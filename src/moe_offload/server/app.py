@@ -27,7 +27,6 @@ import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -115,13 +114,10 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def _api_error(_request, e: ApiError):
         return error_response(e.status, e.message, e.param, e.code, e.headers)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request, e: StarletteHTTPException):
-        return error_response(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request, e: RequestValidationError):
-        return error_response(400, f"invalid request: {e.errors()[0].get('msg', 'bad input')}")
+    @app.exception_handler(StarletteHTTPException)   # routing: unknown path (404), wrong method (405)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        message = f"{e.detail}: {request.method} {request.url.path} (see /openapi.json)"
+        return error_response(e.status_code, message, headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def _internal_error(_request, e: Exception):
