@@ -5,8 +5,8 @@
 One kernel, two inner products, chosen by the number of rows M of x:
 - M == 1 (decode): a GEMV. Each program reads a tile of packed words once, expands it into
   PER_WORD tiles of codes with a shift and a mask, and uses sum_k (q_k - z) s x_k =
-  s (sum_k q_k x_k - z sum_k x_k) per group, so the per-weight work is a shift, a mask, a
-  convert and a multiply-add. The input dimension is split over SPLIT_K programs when there
+  s (sum_k q_k x_k - z sum_k x_k) per group, so the per-weight work is a shift, a mask, an
+  int-to-float by bit tricks (the conversion instruction is slow) and a multiply-add. The input dimension is split over SPLIT_K programs when there
   are too few rows to fill the GPU; their fp32 partial sums are added in a fixed order
   (deterministic: the same input gives the same bits).
 - M > 1 (batched decode, prefill): the tile is dequantized to x's dtype and multiplied with
@@ -91,7 +91,9 @@ if AVAILABLE:
             word = tl.load(word_ptr, mask=word_mask, other=0).to(tl.int32)
             for b in tl.static_range(1, WORD_BYTES):
                 word |= tl.load(word_ptr + b * R * K, mask=word_mask, other=0).to(tl.int32) << (8 * b)
-            q = ((word[None, :, :] >> (shift[:, None, None] * BITS)) & MASK).to(tl.float32)  # (PER, BLOCK_R, BLOCK_K)
+            q = (word[None, :, :] >> (shift[:, None, None] * BITS)) & MASK                   # (PER, BLOCK_R, BLOCK_K)
+            # int -> float without the slow conversion instruction: the bits of 2^23 + q, minus 2^23 (exact, q < 2^23)
+            q = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
             q = tl.reshape(q, (PER, BLOCK_R, BG, GROUP))
 
             g = k0 // GROUP + tl.arange(0, BG)
