@@ -21,13 +21,14 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from moe_offload.cli import main
 from moe_offload.checkpoint import dense_tensor_shapes, expert_tensor_names
-from moe_offload.config import SUPPORTED_MODEL_TYPES, ModelConfig, OffloadConfig, QuantConfig, RuntimeConfig, SamplingParams
+from moe_offload.config import (SUPPORTED_MODEL_TYPES, ModelConfig, OffloadConfig, QuantConfig, QuantSpec,
+                                RuntimeConfig, SamplingParams)
 from moe_offload.engine import Engine, expert_storage
 from moe_offload.experts import DenseExpertFormat
 from moe_offload.generate import PREFILL_CHUNK, prefill
 from moe_offload.model import KVCache, Transformer
 from moe_offload.quant.checkpoint import open_checkpoint, write_quantized
-from moe_offload.quant.weight import QuantizedWeight
+from moe_offload.quant.weight import HQQExpertFormat, QuantizedWeight
 from moe_offload.tokenizer import Tokenizer
 
 from conftest import SHIPPED_MODEL, TINY_FAMILIES, write_tiny_family
@@ -340,20 +341,32 @@ def test_qwen3_30b_a3b_config_reads_as_the_issue_describes_it():
     assert cfg.moe_layers == tuple(range(48)) and cfg.norm_topk_prob and cfg.qk_norm == "head"
 
 
-@pytest.mark.parametrize("budget_gib, slots_per_layer", [(12, (20,) * 39 + (19,) * 9), (8, (11,) * 15 + (10,) * 33)])
-def test_planner_fills_qwen3_30b_a3b_budgets_as_the_readme_states(budget_gib, slots_per_layer):
-    """The README's arithmetic for Qwen3-30B-A3B in bf16, 4096 tokens of context: no weights needed."""
+QWEN3_30B_PLANS = {  # (expert bits or None for bf16, GiB) -> slots per layer, as the README states
+    (None, 12): (20,) * 39 + (19,) * 9, (None, 8): (11,) * 15 + (10,) * 33,
+    (4, 12): (75,) * 15 + (74,) * 33, (4, 8): (39,) * 36 + (38,) * 12,
+    (2, 12): (104,) * 24 + (103,) * 24, (2, 8): (54,) * 46 + (53,) * 2,
+}
+
+
+@pytest.mark.parametrize("expert_bits, budget_gib", QWEN3_30B_PLANS)
+def test_planner_fills_qwen3_30b_a3b_budgets_as_the_readme_states(expert_bits, budget_gib):
+    """The README's arithmetic for Qwen3-30B-A3B (bf16 non-expert weights, 4096 tokens of context): no weights needed."""
     from moe_offload.offload.planner import plan_for, workspace_bytes
 
     cfg = ModelConfig.from_hf(HUB_CONFIGS["Qwen/Qwen3-30B-A3B"])
-    expert_nbytes = DenseExpertFormat(cfg.hidden_size, cfg.expert_ffn, torch.bfloat16).nbytes
-    assert expert_nbytes == 3 * 768 * 2048 * 2
+    if expert_bits is None:
+        expert_nbytes = DenseExpertFormat(cfg.hidden_size, cfg.expert_ffn, torch.bfloat16).nbytes
+        assert expert_nbytes == 3 * 768 * 2048 * 2
+    else:
+        expert_nbytes = HQQExpertFormat(cfg.hidden_size, cfg.expert_ffn, QuantSpec(expert_bits)).nbytes
+    assert expert_nbytes == {None: 9_437_184, 4: 2_515_968, 2: 1_806_336}[expert_bits]
     plan = plan_for(cfg, expert_nbytes, torch.bfloat16, 4096, OffloadConfig(enabled=True, gpu_memory=budget_gib * 2**30), "cuda")
     embeddings, attention, routers, norms = 2 * 151936 * 2048, 48 * 2048 * (4096 + 512 + 512 + 4096), 48 * 128 * 2048, 2048 + 48 * (2 * 2048 + 2 * 128)
     assert plan.dense_bytes == 2 * (embeddings + attention + routers + norms) == 3_082_186_752
     assert plan.kv_bytes == 2 * 48 * 4 * 128 * 4096 * 2
     assert plan.workspace_bytes == workspace_bytes(cfg, PREFILL_CHUNK, 4096, 2)
     left = budget_gib * 2**30 - plan.dense_bytes - plan.kv_bytes - plan.workspace_bytes
+    slots_per_layer = QWEN3_30B_PLANS[expert_bits, budget_gib]
     assert sum(plan.slots.values()) == left // expert_nbytes == sum(slots_per_layer)
     assert tuple(plan.slots.values()) == slots_per_layer
 
