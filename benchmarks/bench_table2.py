@@ -11,8 +11,8 @@ Call 2: 4-bit attention + 3-bit experts at 12 GiB, the same ablation; then the f
         bf16 experts at 16 GiB (64 new tokens: a bf16 token moves ~22 GB without hits).
 
 Every `moe-offload bench` run writes its report to $OUT/<name>.json after each measurement and
-its progress to $OUT/<name>.log; runs get --time-limit from what is left of CALL_SECONDS, so the
-call ends in time and whatever was measured lands. The last line printed is one JSON object:
+its progress to $OUT/bench.log (call 1 also $OUT/gpu-tests.log; at most 6 files per call); runs
+get --time-limit from what is left of CALL_SECONDS, so the call ends in time and whatever was measured lands. The last line printed is one JSON object:
 {"call": N, "runs": {name: {"returncode", "report"}}, "table": [...]}. Plot afterwards with
 `moe-offload bench plot --results $OUT/<name>.json --out benchmarks/results/<name>.png`.
 """
@@ -59,7 +59,9 @@ def run(name: str, args: list[str], out: Path, deadline: float, env: dict) -> di
     command = [sys.executable, "-m", "moe_offload.cli", "bench", *args, "--out", str(out / f"{name}.json"),
                "--time-limit", str(int(left - ENTRY_SECONDS))]
     print(f"== {name}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
-    with open(out / f"{name}.log", "w") as log:
+    with open(out / "bench.log", "a") as log:
+        log.write(f"== {name}: {' '.join(command[2:])}\n")
+        log.flush()
         try:
             proc = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=log, env=env, timeout=left - 5, cwd=REPO)
             code = proc.returncode
@@ -67,7 +69,7 @@ def run(name: str, args: list[str], out: Path, deadline: float, env: dict) -> di
             code = "timeout"
     report_path = out / f"{name}.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
-    print((out / f"{name}.log").read_text()[-3000:], file=sys.stderr)
+    print((out / "bench.log").read_text()[-3000:], file=sys.stderr)
     return {"returncode": code, "report": report}
 
 

@@ -203,6 +203,9 @@ class Bench:
 
     def add(self, entry: dict) -> None:
         self.report["results"].append(entry)
+        self.save()
+
+    def save(self) -> None:
         self.report["elapsed_seconds"] = round(time.perf_counter() - self.started, 1)
         if self.s.out is not None:
             import json
@@ -218,6 +221,7 @@ class Bench:
         s = self.s
         self.report["link_peak_gbps"] = measure_link_peak(self.device)
         self.log(f"bench: {self.report['card']}; pinned host->device peak {self.report['link_peak_gbps']:.1f} GB/s")
+        self.save()
         if s.accelerate:
             self.run_accelerate()
         for quant_text, quant in self.quants:
