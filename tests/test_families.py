@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -552,3 +553,49 @@ def test_cli_chat_renders_turns_with_the_qwen3_template(tmp_path, monkeypatch, c
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\nand again\n"))
     assert main(["chat", "--model", str(folder), "--device", "cpu", "--max-tokens", "10"]) == 0
     assert capsys.readouterr().out == "".join(f"> {reply}\n" for reply in replies) + "> "
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_family_perplexity_matches_transformers(family_folder, model_type, tmp_path, capsys):
+    """`moe-offload perplexity` against transformers' cross-entropy over the same windows."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    folder = family_folder(model_type)
+    text_file = tmp_path / "text.txt"
+    text_file.write_text((SHIPPED_MODEL / "eval-networkx.txt").read_text()[:2000])
+    window, windows = 64, 3
+    assert main(["perplexity", "--model", str(folder), "--device", "cpu", "--text", str(text_file),
+                 "--window", str(window), "--max-windows", str(windows)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("perplexity ") and f"over {windows} windows of {window} tokens" in line
+    ours = float(line.split()[1])
+
+    ids = load_engine(folder).tokenizer.encode(text_file.read_text())
+    batch = torch.tensor([ids[i * window:(i + 1) * window] for i in range(windows)])
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, experts_implementation="eager").eval()
+    with torch.no_grad():
+        logits = reference(batch).logits
+    expected = math.exp(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).item())
+    assert ours == pytest.approx(expected, rel=1e-4)
+
+
+def test_server_chat_on_a_qwen3_moe_checkpoint_with_its_template(tmp_path):
+    """`moe-offload serve` on a Qwen3-MoE folder that ships Qwen3's chat template: a chat completion
+    is the engine's greedy completion of the conversation as the template renders it."""
+    import httpx
+
+    from test_server import running_server
+
+    folder = write_tiny_family(tmp_path / "qwen3", "qwen3_moe", vocab_size=8256)
+    write_qwen_style_tokenizer(folder, QWEN3_MOE_CHAT_TEMPLATE)
+    engine = load_engine(folder)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a sorting algorithm."}]
+    expected = engine.stream(engine.tokenizer.encode_chat(messages), SamplingParams(max_new_tokens=12)).text()
+    with running_server("--model", str(folder)) as server:
+        response = httpx.post(f"{server.url}/v1/chat/completions", timeout=120,
+                              json={"model": folder.name, "messages": messages, "max_tokens": 12, "temperature": 0})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["choices"][0]["message"]["content"] == expected
+    assert body["usage"]["prompt_tokens"] == len(engine.tokenizer.encode_chat(messages))
