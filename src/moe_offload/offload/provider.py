@@ -24,6 +24,7 @@ On the CPU, the CPU stands in for the device: slots are CPU tensors and copies a
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 
@@ -131,6 +132,7 @@ class CudaCopier:
         self.ready = {key: torch.cuda.Event() for key in keys}   # the slot's last copy finished
         self.free = {key: torch.cuda.Event() for key in keys}    # the slot's last reader finished
         self.timings: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        self.timings_lock = threading.Lock()   # the server's /metrics reads stats from another thread
 
     def load(self, key, dst: torch.Tensor, src: torch.Tensor) -> None:
         self.stream.wait_event(self.free[key])
@@ -163,7 +165,8 @@ class CudaCopier:
     def _timed(self, kind: str, start, stream) -> None:
         if start is None:
             return
-        self.timings.append((kind, start, self._mark(stream)))
+        with self.timings_lock:
+            self.timings.append((kind, start, self._mark(stream)))
         if len(self.timings) > PENDING_TIMINGS_LIMIT:
             self.collect_timings(wait=False)
 
@@ -171,14 +174,15 @@ class CudaCopier:
         """Add finished (or, with `wait`, all) timed intervals to the stats."""
         if wait and self.timings:
             torch.cuda.synchronize(self.device)
-        pending = []
-        for kind, start, end in self.timings:
-            if not end.query():
-                pending.append((kind, start, end))
-                continue
-            seconds = start.elapsed_time(end) / 1000
-            if kind == "copy":
-                self.stats.copy_seconds += seconds
-            else:
-                self.stats.wait_seconds += seconds
-        self.timings = pending
+        with self.timings_lock:
+            pending = []
+            for kind, start, end in self.timings:
+                if not end.query():
+                    pending.append((kind, start, end))
+                    continue
+                seconds = start.elapsed_time(end) / 1000
+                if kind == "copy":
+                    self.stats.copy_seconds += seconds
+                else:
+                    self.stats.wait_seconds += seconds
+            self.timings = pending
