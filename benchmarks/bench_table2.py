@@ -102,9 +102,12 @@ def main() -> int:
     runs = {}
     if args.call == 1 and not args.skip_tests:
         with open(args.out / "gpu-tests.log", "w") as log:
-            proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-x", "tests/test_bench_gpu.py"],
-                                  stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=150)
-        runs["gpu-tests"] = {"returncode": proc.returncode}
+            try:
+                code = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-x", "tests/test_bench_gpu.py"],
+                                      stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=150).returncode
+            except subprocess.TimeoutExpired:
+                code = "timeout"
+        runs["gpu-tests"] = {"returncode": code}
         print((args.out / "gpu-tests.log").read_text()[-2000:], file=sys.stderr)
     for name, bench_args in RUNS[args.call]:
         if args.dry_run:

@@ -18,7 +18,8 @@ baseline, and several seconds per token, so it is measured per layer and extrapo
    decoded token by token (batch 1, greedy, KV cache); hooks time every decoder layer (a CUDA
    sync at each layer boundary; accelerate's copies are synchronous anyway);
 3. the estimate: seconds per token = the rest (embedding, final norm, lm_head, sampling: the
-   measured total minus the layers) + gpu_layers x median resident layer + offloaded_layers x
+   measured total minus the layers; these modules sit where the full model's placement puts
+   them, at 12 GiB the norm and the head in CPU RAM too) + gpu_layers x median resident layer + offloaded_layers x
    median offloaded layer. The reduced model's own measured tokens/s is reported beside it.
 """
 
@@ -73,10 +74,12 @@ def placement(config: ModelConfig, budget_bytes: int) -> dict:
             "offloaded_layers": 0 if whole_model_on_gpu else config.num_layers - gpu_layers}
 
 
-def build_reduced_model(config: ModelConfig, settings: AccelerateSettings, device: torch.device):
+def build_reduced_model(config: ModelConfig, settings: AccelerateSettings, device: torch.device,
+                        top_level: dict[str, str] | None = None):
     """MixtralForCausalLM with the full widths and gpu + cpu decoder layers, random bf16 weights,
-    dispatched by accelerate: layers [0, gpu) and the embedding/norm/head on `device`, the rest
-    offloaded to CPU RAM (on a CPU-only machine everything simply stays on the CPU)."""
+    dispatched by accelerate: layers [0, gpu) on `device`, the rest offloaded to CPU RAM, and the
+    embedding, final norm and head where `top_level` ({module: "0" or "cpu"}, from `placement`)
+    puts them (default: on `device`). On a CPU-only machine everything simply stays on the CPU."""
     from accelerate import dispatch_model, init_empty_weights
     from transformers import MixtralForCausalLM
 
@@ -97,6 +100,8 @@ def build_reduced_model(config: ModelConfig, settings: AccelerateSettings, devic
             buffer.copy_(buffers[name])
     gpu = 0 if device.type == "cuda" else "cpu"
     device_map = {"model.embed_tokens": gpu, "model.rotary_emb": gpu, "model.norm": gpu, "lm_head": gpu}
+    for name, where in (top_level or {}).items():
+        device_map[name] = "cpu" if where == "cpu" else gpu
     for i in range(num_layers):
         device_map[f"model.layers.{i}"] = gpu if i < settings.measure_gpu_layers else "cpu"
     return dispatch_model(model, device_map)
@@ -139,7 +144,8 @@ def measure_accelerate(config: ModelConfig, budget_gib: float, device, settings:
     log(f"accelerate: full model at {budget_gib} GiB -> {place['gpu_layers']} decoder layers on the GPU, "
         f"{place['offloaded_layers']} offloaded to CPU RAM")
     started = time.perf_counter()
-    model = build_reduced_model(config, settings, device)
+    top_level = {name: where for name, where in place["device_map"].items() if not name.startswith("model.layers.")}
+    model = build_reduced_model(config, settings, device, top_level)
     build_seconds = time.perf_counter() - started
     timer = LayerTimer(model.model.layers, device)
     ids = torch.randint(3, config.vocab_size, (1, settings.prompt_tokens), generator=torch.Generator().manual_seed(0)).to(device)

@@ -82,7 +82,8 @@ def add_bench_parser(sub) -> None:
     record.set_defaults(func=cmd_record_routing)
 
     plot = tools.add_parser("plot", help="PNG of a report's tokens/s per configuration against the transfer-bound ceiling")
-    plot.add_argument("--results", type=Path, required=True, help="report JSON written by `moe-offload bench --out`")
+    plot.add_argument("--results", type=Path, nargs="+", required=True,
+                      help="report JSONs written by `moe-offload bench --out` (entries of several are drawn side by side)")
     plot.add_argument("--out", type=Path, required=True, help="PNG to write")
     plot.set_defaults(func=cmd_plot)
 
@@ -135,7 +136,9 @@ def read_report(path: Path) -> dict:
 def cmd_plot(args) -> None:
     from .plot import plot_report
 
-    plot_report(read_report(args.results), args.out)
+    reports = [read_report(path) for path in args.results]
+    merged = {**reports[0], "results": [e for report in reports for e in report.get("results", [])]}
+    plot_report(merged, args.out)
     print(json.dumps({"plot": str(args.out)}))
 
 
