@@ -3,7 +3,11 @@
 Tiny random checkpoints are written by transformers (`Qwen3MoeForCausalLM`, `Qwen2MoeForCausalLM`,
 `OlmoeForCausalLM`, `MixtralForCausalLM`) in the hub's tensor naming (conftest.write_tiny_family),
 with the options each family's config.json can switch: dense layers mixed in, top-k
-renormalisation on and off, a shared expert, qkv bias, q/k norms, qkv clipping.
+renormalisation on and off, a shared expert, qkv bias, q/k norms, qkv clipping. For each family:
+logits and greedy generation against transformers, offloaded == resident bit for bit, quantized
+folders against transformers on the dequantized weights, perplexity, the CLI; and once: published
+config.json files against the modules transformers builds, Qwen chat templates against
+`apply_chat_template`, `serve` with a Qwen3 template, the planner's Qwen3-30B-A3B numbers in the README.
 """
 
 from __future__ import annotations
