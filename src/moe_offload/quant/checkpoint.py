@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from ..checkpoint import Checkpoint, CheckpointError, dense_tensor_shapes, expert_shapes, expert_tensor_names
 from ..config import ConfigError, QuantConfig, QuantSpec
@@ -265,7 +266,6 @@ def _entries(ckpt: QuantizedCheckpoint) -> list[Entry]:
 
 
 def _file_dtype(ckpt: Checkpoint, name: str) -> torch.dtype:
-    from safetensors import safe_open
     with safe_open(ckpt.file_of[name], framework="pt") as f:
         dtype = f.get_slice(name).get_dtype()
     return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(dtype, torch.float32)
