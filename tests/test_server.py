@@ -468,7 +468,8 @@ HOSTILE = [  # (path, body: dict or raw bytes, status, param)
      "messages.0.content"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x " * 9000}]}, 400, "messages"),
     ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
-    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 5000, "max_tokens": None}, 400, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 5000, "max_tokens": None}, 400, "max_completion_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 5}, 400, "max_completion_tokens"),
     ("/v1/chat/completions", {**CHAT, "max_tokens": 4000, "messages": [{"role": "user", "content": "x " * 400}]}, 400,
      "max_tokens"),
 ]
@@ -485,6 +486,8 @@ def test_hostile_requests_get_one_line_openai_errors_and_the_server_stays_up(ser
         assert_openai_error(http.get("/v1/nothing"), 404)
         assert http.get("/health").status_code == 200
         assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+        for extreme in ({"top_p": 5e-324}, {"temperature": 1e-300}, {"seed": -2**63}, {"prompt": ""}):   # valid
+            assert http.post("/v1/completions", json={**COMPLETION, **extreme}).status_code == 200, extreme
 
 
 def json_values(depth: int = 2):

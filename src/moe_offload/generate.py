@@ -71,6 +71,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= params.top_p   # keep the smallest set reaching top_p
+        drop[0] = False   # the likeliest token always stays, even for a top_p that is 0 in fp32 (5e-324)
         logits[order[drop]] = float("-inf")
     probs = logits.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))

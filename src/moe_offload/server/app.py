@@ -315,9 +315,10 @@ def _sampling_params(engine: Engine, body: SamplingFields, prompt_ids: list[int]
     if requested is None:
         requested = room if default is None else min(default, room)
     if requested > room:
-        raise ApiError(400, f"max_tokens: {requested} new tokens do not fit: the context holds {engine.max_context} "
+        field = body.new_tokens_field
+        raise ApiError(400, f"{field}: {requested} new tokens do not fit: the context holds {engine.max_context} "
                             f"tokens and the prompt uses {len(prompt_ids)}, so at most {room}",
-                       param="max_tokens", code="context_length_exceeded")
+                       param=field, code="context_length_exceeded")
     return SamplingParams(max_new_tokens=requested, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                           stop=body.stop_strings + extra_stops)
 

@@ -76,6 +76,11 @@ class SamplingFields(Strict):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     @property
+    def new_tokens_field(self) -> str:
+        """The field that set the new-token limit, named in errors."""
+        return "max_tokens"
+
+    @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
@@ -135,13 +140,21 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = None
 
     def _unsupported(self) -> dict[str, bool]:
-        both = self.max_tokens is not None and self.max_completion_tokens is not None
-        return {"logprobs": self.logprobs, "top_logprobs": self.top_logprobs is not None,
-                "max_tokens and max_completion_tokens together": both}
+        return {"logprobs": self.logprobs, "top_logprobs": self.top_logprobs is not None}
+
+    @model_validator(mode="after")
+    def _one_limit(self):
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise ValueError("max_completion_tokens: send it or max_tokens, not both")
+        return self
 
     @property
     def new_tokens_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def new_tokens_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
 
 def _as(expected: str, value, handler):
