@@ -115,10 +115,11 @@ def test_family_greedy_generation_matches_transformers_generate(family_folder, m
 
 def logits_through_prefill_and_decode(engine: Engine, tokens: list[int], prompt: int) -> list[torch.Tensor]:
     """Logits of every position: the first `prompt` tokens in one prefill, then one token at a time."""
-    cache = KVCache.allocate(engine.config, 1, len(tokens), "cpu", torch.float32)
-    pieces = [prefill(engine.model, cache, tokens[:prompt], "cpu", last_only=False)]
+    device, dtype = engine.cache.keys[0].device, engine.cache.keys[0].dtype
+    cache = KVCache.allocate(engine.config, 1, len(tokens), device, dtype)
+    pieces = [prefill(engine.model, cache, tokens[:prompt], device, last_only=False)]
     for pos in range(prompt, len(tokens)):
-        pieces.append(engine.model(torch.tensor([[tokens[pos]]]), cache, start_pos=pos)[0])
+        pieces.append(engine.model(torch.tensor([[tokens[pos]]], device=device), cache, start_pos=pos)[0])
     return pieces
 
 
@@ -135,14 +136,22 @@ def test_offloaded_equals_resident_with_128_experts_top8_and_fewer_slots_than_to
     assert_offloaded_equals_resident(folder, slots=6, prefetch=None)
 
 
-def assert_offloaded_equals_resident(folder, slots: int, prefetch: int | None):
-    resident = load_engine(folder)
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_family_offloaded_equals_resident_bit_for_bit_on_cuda(family_folder, model_type):
+    """The same on the GPU in bf16: copies on the copy stream, pinned host tier, events."""
+    assert_offloaded_equals_resident(family_folder(model_type), slots=2, prefetch=None, device="cuda", dtype="bfloat16")
+
+
+def assert_offloaded_equals_resident(folder, slots: int, prefetch: int | None, device="cpu", dtype="float32"):
+    runtime = RuntimeConfig(model=folder, device=device, dtype=dtype)
+    resident = Engine.load(runtime, progress=False)
     config = resident.config
-    expert_nbytes = DenseExpertFormat(config.hidden_size, config.expert_ffn, torch.float32).nbytes
+    expert_nbytes = DenseExpertFormat(config.hidden_size, config.expert_ffn, resident.cache.keys[0].dtype).nbytes
     half_in_ram = expert_nbytes * len(config.moe_layers) * config.num_experts // 2
     offload = OffloadConfig(enabled=True, gpu_memory=2**30, cpu_memory=half_in_ram, slots_per_layer=slots,
                             prefetch_experts=prefetch)
-    offloaded = Engine.load(RuntimeConfig(model=folder, device="cpu", dtype="float32"), progress=False, offload=offload)
+    offloaded = Engine.load(runtime, progress=False, offload=offload)
     assert offloaded.plan.disk_experts > 0 and set(offloaded.plan.slots.values()) == {slots}
     tokens = torch.randint(3, 8192, (36,), generator=torch.Generator().manual_seed(2)).tolist()
     expected = logits_through_prefill_and_decode(resident, tokens, prompt=24)
