@@ -1,6 +1,6 @@
 """Model size and perplexity for 16-bit and HQQ mixed quantization (the README's table).
 
-    python benchmarks/quant_perplexity.py --max-windows 100 --out benchmarks/results/quant_perplexity.json
+    python benchmarks/quant_perplexity.py [--settings 16,4/4,4/3,4/2] [--max-windows N] --out RESULT.json
 
 For each setting (16-bit, then attention/expert bits "A/E" with the paper's group sizes and 8-bit
 scales and zeros), loads the model in fp32 on the CPU, quantized on load, and measures perplexity
