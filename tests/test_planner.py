@@ -93,7 +93,7 @@ def test_plan_counts_the_bytes_the_engine_really_allocates():
 
 
 def test_offloaded_engine_allocates_exactly_the_planned_slots():
-    offload = OffloadConfig(enabled=True, gpu_memory=GiB // 4, cpu_memory=20 * 2**20)
+    offload = OffloadConfig(enabled=True, gpu_memory=int(0.45 * GiB), cpu_memory=20 * 2**20)
     engine = Engine.load(RuntimeConfig(model=SHIPPED_MODEL, device="cpu", dtype="float32", max_context=256),
                          progress=False, offload=offload)
     provider = engine.model.provider
