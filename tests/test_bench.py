@@ -187,7 +187,7 @@ def one_cpu_thread():
 
 def test_bench_command_runs_every_mode_and_routing_at_toy_size(tmp_path, capsys, one_cpu_thread):
     out = tmp_path / "report.json"
-    argv = ["bench", "--synthetic", "tiny", "--quant", "bf16", "--budget", "1MiB,80MiB", "--device", "cpu",
+    argv = ["bench", "--synthetic", "tiny", "--quant", "bf16", "--budget", "1MiB,396MiB", "--device", "cpu",
             "--prompt-tokens", "6", "--new-tokens", "4", "--warmup-tokens", "2", "--repeats", "1",
             "--prefill-tokens", "40", "--prefill-repeats", "1", "--profile", "2", "--out", str(out), "--accelerate"]
     assert main(argv) == 0
@@ -199,15 +199,15 @@ def test_bench_command_runs_every_mode_and_routing_at_toy_size(tmp_path, capsys,
     assert "--budget" in by_key[("1MiB", None, None)]["error"]
     for routing in ("own", "replay"):
         for mode in ("full", "no-prefetch", "no-cache"):
-            e = by_key[("80MiB", routing, mode)]
+            e = by_key[("396MiB", routing, mode)]
             assert e["status"] == "ok", e
             assert e["decode_tokens_per_s"] > 0 and e["prefill_tokens_per_s"] > 0 and e["time_to_first_token_s"] > 0
             assert e["loads_per_token"] > 0 or mode != "no-cache"
-        assert by_key[("80MiB", routing, "no-cache")]["hit_rate"] == 0.0
-        assert by_key[("80MiB", routing, "no-cache")]["loads_per_token"] == 64      # 32 layers x top-2, every token
-        assert by_key[("80MiB", routing, "full")]["prefetch_recall"] is not None
-        assert by_key[("80MiB", routing, "no-prefetch")]["prefetch_recall"] is None
-        profile = by_key[("80MiB", routing, "full")]["profile"]
+        assert by_key[("396MiB", routing, "no-cache")]["hit_rate"] == 0.0
+        assert by_key[("396MiB", routing, "no-cache")]["loads_per_token"] == 64      # 32 layers x top-2, every token
+        assert by_key[("396MiB", routing, "full")]["prefetch_recall"] is not None
+        assert by_key[("396MiB", routing, "no-prefetch")]["prefetch_recall"] is None
+        profile = by_key[("396MiB", routing, "full")]["profile"]
         assert profile["tokens"] == 2 and profile["wall_ms_per_token"] > 0 and profile["top_host_ops"]
     accelerate = [e for e in report["results"] if e.get("mode") == "accelerate"]
     assert len(accelerate) == 2 and all(e["status"] == "ok" and e["decode_tokens_per_s"] > 0 for e in accelerate)
