@@ -164,8 +164,8 @@ class Transformer:
             return None
         keys = torch.arange(kv_len, device=positions.device)
         visible = keys[None, :] <= positions[:, None]
-        if self.config.sliding_window:
-            visible &= keys[None, :] > positions[:, None] - self.config.sliding_window
+        if window:
+            visible &= keys[None, :] > positions[:, None] - window
         return visible
 
     def _attention(self, index, layer: LayerWeights, x, cache: KVCache, start_pos, cos, sin, mask):
