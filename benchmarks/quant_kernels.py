@@ -31,7 +31,6 @@ from triton.testing import do_bench
 
 from moe_offload.config import QuantSpec
 from moe_offload.quant.kernels import KernelConfig, default_config, hqq_linear
-from moe_offload.quant.pack import PER_WORD
 from moe_offload.quant.weight import PackedFormat
 
 SHAPES = {"w1/w3 14336x4096": (14336, 4096), "w2 4096x14336": (4096, 14336)}
@@ -50,11 +49,9 @@ def measured_bandwidth() -> float:
     return 2 * src.numel() / (time_ms(lambda: dst.copy_(src)) * 1e-3)
 
 
-def sweep_configs(bits: int, group: int):
-    per = PER_WORD[bits]
-    for rows, block_k, split, warps in itertools.product((16, 32, 64), (128, 256, 512), (1, 2, 4, 8), (4, 8)):
-        if block_k >= group and rows * block_k <= 16384:
-            yield KernelConfig(1, max(1, rows // per), block_k, split, warps)
+def sweep_configs():
+    for block_r, warps, per_warp in itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 4, 8)):
+        yield KernelConfig(block_r, warps, per_warp)
 
 
 def main() -> None:
@@ -83,11 +80,11 @@ def main() -> None:
             sys.exit(f"{shape_name} {bits}-bit: kernel differs from dequantize-then-matmul by {error:.3g} (relative)")
 
         moved = fmt.nbytes + 2 * (k + n)             # the weight's buffer, x and y in bf16
-        default = default_config(1, n, k, bits, spec.group_size, props.multi_processor_count)
+        default = default_config(n, k, bits, spec.group_size, props.multi_processor_count)
         default_ms = time_ms(lambda: hqq_linear(x1, w, default))
         best, best_ms = default, default_ms
         if not args.no_sweep:
-            for config in sweep_configs(bits, spec.group_size):
+            for config in sweep_configs():
                 try:
                     ms = time_ms(lambda: hqq_linear(x1, w, config), rep=30)
                 except (triton.runtime.errors.OutOfResources, RuntimeError):

@@ -35,17 +35,27 @@ def real_matrix(name: str) -> torch.Tensor:
 def test_pack_then_unpack_is_exact_for_every_bit_width(bits, rows):
     q = torch.randint(0, 2 ** bits, (rows, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(rows))
     packed = bitpack.pack(q, bits)
-    assert packed.dtype == torch.uint8
-    assert packed.shape == (bitpack.word_bytes(bits), bitpack.packed_rows(rows, bits), 48)
-    assert packed.numel() * 8 == bitpack.packed_rows(rows, bits) * bitpack.PER_WORD[bits] * 48 * bits  # no bit wasted
+    assert packed.dtype == torch.int32
+    assert packed.shape == (48, bitpack.packed_rows(rows, bits))
+    assert bitpack.packed_rows(rows, bits) % 4 == 0
+    assert bitpack.PER_WORD[bits] * bits >= 30          # at most 2 bits of a word unused (3 bits: 10 codes)
     assert torch.equal(bitpack.unpack(packed, bits, rows), q)
 
 
 def test_pack_puts_code_s_of_a_word_at_bits_s_times_width():
-    q = torch.tensor([[1], [2], [3], [0], [3], [1], [0], [2]], dtype=torch.uint8)   # 8 rows, 2-bit: 2 words
+    q = torch.tensor([[1], [2], [3], [0], [3], [1], [0], [2]], dtype=torch.uint8)   # 8 rows, 2-bit: R = 4 words
     packed = bitpack.pack(q, 2)
-    # word r holds rows r, r + 2, r + 4, r + 6 at bits 0, 2, 4, 6
-    assert packed[0, :, 0].tolist() == [1 | 3 << 2 | 3 << 4 | 0 << 6, 2 | 0 << 2 | 1 << 4 | 2 << 6]
+    # word (0, r) holds rows r, r + 4, r + 8, ... at bits 0, 2, 4, ... (rows beyond 8 are zero padding)
+    assert packed[0].tolist() == [1 | 3 << 2, 2 | 1 << 2, 3 | 0 << 2, 0 | 2 << 2]
+
+
+def test_pack_stores_words_k_major_and_uses_the_sign_bit():
+    q = torch.full((64, 3), 3, dtype=torch.uint8)                  # every 2-bit code set: all 32 bits of a word
+    q[:, 1] = 0
+    packed = bitpack.pack(q, 2)
+    assert packed.shape == (3, 4)
+    assert packed[0].tolist() == [-1] * 4 and packed[1].tolist() == [0] * 4
+    assert torch.equal(bitpack.unpack(packed, 2, 64), q)
 
 
 @pytest.mark.parametrize("name", REAL_MATRICES)

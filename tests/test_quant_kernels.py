@@ -32,20 +32,28 @@ def quantized(n: int, k: int, spec: QuantSpec, device="cpu", seed: int = 0):
     return w
 
 
-CPU_CASES = {   # (rows of x, config): the default tiling, split-K with a ragged last split, tl.dot
+CPU_CASES = {   # (rows of x, config)
     "gemv": (1, None),
-    "gemv_split_k": (1, KernelConfig(1, 2, 64, 2)),
-    "dot": (3, KernelConfig(16, 8, 64, 1)),
+    "gemv_split_k": (1, KernelConfig(32, 2, 1)),            # programs add partial sums; the last split is ragged
+    "gemv_one_program": (1, KernelConfig(64, 1, 6)),
+    "gemv_each_row": (3, None),
+    "dequantize_then_matmul": (6, None),
+}
+CPU_SHAPES = {   # (N, K): a padded last word and meta runs across a block of rows; blocks with one meta run
+    "ragged": (37, 192),
+    "aligned": (1024, 64),
 }
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run is for CPU-only machines")
 @pytest.mark.parametrize("bits", QUANT_BITS)
 @pytest.mark.parametrize("case", CPU_CASES)
-def test_interpreted_kernel_matches_dequantize_then_matmul(bits, case):
+@pytest.mark.parametrize("shape", CPU_SHAPES)
+def test_interpreted_kernel_matches_dequantize_then_matmul(bits, case, shape):
     m, config = CPU_CASES[case]
-    w = quantized(37, 192, QuantSpec(bits, 32, quant_meta=bits != 4))   # 37 rows: a padded last word
-    x = torch.randn(m, 192, generator=torch.Generator().manual_seed(1))
+    n, k = CPU_SHAPES[shape]
+    w = quantized(n, k, QuantSpec(bits, 32, quant_meta=bits != 4))
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
     expected = F.linear(x, w.dequantize())
     actual = hqq_linear(x, w, config)
     assert actual.shape == expected.shape

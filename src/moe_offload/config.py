@@ -206,7 +206,7 @@ PAPER_BITS = (4, 2)                          # the paper's default: 4-bit attent
 class QuantSpec:
     """How one role's weight matrices are quantized with HQQ (quant/hqq.py): `bits` per weight, groups
     of `group_size` along the input dimension, each group's scale and zero themselves quantized to
-    8 bits when `quant_meta` (in groups of `meta_group_size` consecutive groups)."""
+    8 bits when `quant_meta` (in runs of `meta_group_size` output rows of one group column)."""
 
     bits: int
     group_size: int = 0             # 0: the paper's for these bits (PAPER_GROUP_SIZE)

@@ -37,7 +37,7 @@ from ..config import ConfigError, QuantConfig, QuantSpec
 from ..experts import DenseExpertFormat, ExpertFormat
 from .weight import HQQExpertFormat, PackedFormat
 
-FORMAT, VERSION = "moe-offload-hqq", 1
+FORMAT, VERSION = "moe-offload-hqq", 2   # 2: k-major 32-bit words, meta runs down the rows
 SETTINGS_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")

@@ -10,8 +10,8 @@ p = 0.7, which fits the heavy-tailed weights better than least squares (Badri & 
 This is the algorithm of the `hqq` package's default optimiser (`optimize_weights_proximal`,
 the version that stops when the error stops falling), written for our layout and keeping the
 best zero it saw. With `quant_meta`, the scales and zeros are then quantized to 8 bits by
-min-max over runs of `meta_group_size` consecutive groups (as the paper does for Mixtral), and
-`dequantize` uses those 8-bit values.
+min-max over runs of `meta_group_size` values (as the paper does for Mixtral; our runs go down
+the output rows of one group column, see MetaCodes), and `dequantize` uses those 8-bit values.
 """
 
 from __future__ import annotations
@@ -29,19 +29,22 @@ META_BITS = 8
 
 @dataclass
 class MetaCodes:
-    """Values quantized to 8 bits by min-max over runs of `group` consecutive entries: value = min + code * step."""
+    """A matrix (N, G) of per-group values quantized to 8 bits by min-max over runs of `group`
+    consecutive rows of one column (the column-major order): value = min + code * step. Runs go
+    down the output rows so that the GPU kernel, which owns a block of rows for one group at a
+    time, finds one (step, min) for the whole block."""
 
-    codes: torch.Tensor   # uint8, the values' shape
+    codes: torch.Tensor   # uint8 (N, G)
     step: torch.Tensor    # fp32 (runs,)
     minimum: torch.Tensor  # fp32 (runs,)
     group: int
 
     def dequantize(self) -> torch.Tensor:
-        flat = self.codes.flatten().float()
+        flat = self.codes.t().flatten().float()
         runs = self.step.numel()
         padded = torch.cat([flat, flat.new_zeros(runs * self.group - flat.numel())]).view(runs, self.group)
         values = self.minimum[:, None] + padded * self.step[:, None]
-        return values.flatten()[:flat.numel()].view(self.codes.shape)
+        return values.flatten()[:flat.numel()].view(self.codes.t().shape).t()
 
 
 @dataclass
@@ -116,12 +119,14 @@ def _shrink_lp(x: torch.Tensor, beta: float) -> torch.Tensor:
 
 
 def quantize_meta(values: torch.Tensor, group: int) -> MetaCodes:
-    """Min-max 8-bit codes over runs of `group` consecutive values (row-major); the last run may be short."""
-    flat = values.float().flatten()
+    """values (N, G) -> min-max 8-bit codes over runs of `group` consecutive values in column-major
+    order (down the rows of a column; a run may continue into the next column, the last may be short)."""
+    flat = values.float().t().flatten()
     runs = -(-flat.numel() // group)
     padded = torch.cat([flat, flat[-1:].expand(runs * group - flat.numel())]).view(runs, group)
     minimum = padded.min(dim=1).values
     span = padded.max(dim=1).values - minimum
     step = torch.where(span > 0, span / (2 ** META_BITS - 1), torch.ones_like(span))
     codes = torch.round((padded - minimum[:, None]) / step[:, None]).clamp_(0, 2 ** META_BITS - 1)
-    return MetaCodes(codes.flatten()[:flat.numel()].to(torch.uint8).view(values.shape), step, minimum, group)
+    codes = codes.flatten()[:flat.numel()].to(torch.uint8).view(values.t().shape).t()
+    return MetaCodes(codes, step, minimum, group)

@@ -1,18 +1,25 @@
-"""Fused HQQ dequantize-and-multiply on the GPU, in Triton (an optional, GPU-only dependency).
+"""HQQ matrix products on the GPU, in Triton (an optional, GPU-only dependency).
 
     y = hqq_linear(x, weight)          # x (..., K) on CUDA, weight a QuantizedWeight there -> (..., N)
 
-One kernel, two inner products, chosen by the number of rows M of x:
-- M == 1 (decode): a GEMV. Each program reads a tile of packed words once, expands it into
-  PER_WORD tiles of codes with a shift and a mask, and uses sum_k (q_k - z) s x_k =
-  s (sum_k q_k x_k - z sum_k x_k) per group, so the per-weight work is a shift, a mask, an
-  int-to-float by bit tricks (the conversion instruction is slow) and a multiply-add. The input dimension is split over SPLIT_K programs when there
-  are too few rows to fill the GPU; their fp32 partial sums are added in a fixed order
-  (deterministic: the same input gives the same bits).
-- M > 1 (batched decode, prefill): the tile is dequantized to x's dtype and multiplied with
-  tl.dot on the tensor cores, BLOCK_M rows of x at a time.
+Decode (one row of x) is a fused dequantize-and-multiply GEMV, built so that each quantized
+weight costs three instructions: a LOP3 that keeps one code and ORs in the exponent of 2^23, an
+FADD that takes 2^23 away (int -> float without the slow conversion instruction; the code
+comes out as q * 2^pos, exact), and an FFMA with x_k. The layout (pack.py) makes this possible:
+a word holds 16 / 10 / 8 / 4 rows of one input column, words are stored k-major, and a thread
+owns 4 consecutive packed rows, so it reads one x_k per word and keeps every sum over a group's
+k inside its registers; per group it then adds s (sum_k q_k x_k - z sum_k x_k), decoding the
+8-bit scale and zero once per group and row.
 
-The layout is quant/pack.py's: word (r, k) holds rows r + s * R, s < PER_WORD, of column k.
+The input dimension is shared by the warps of a program and by SPLITS programs per block of
+rows (enough warps to fill the GPU: a Mixtral expert matrix has only 256-1792 packed rows).
+The warps add up through shared memory; the programs write fp32 partial sums, and the last one
+to finish (an atomic counter) adds them in a fixed order, so a call is one kernel and the same
+input gives the same bits.
+
+Several rows of x (batched decode, prefill) dequantize the matrix to bf16 with a second kernel
+and use cuBLAS: with 8 or more rows the tensor cores win over any fused GEMV.
+
 Checked on the CPU with TRITON_INTERPRET=1 (tests/test_quant_kernels.py) and timed on the GPU by
 benchmarks/quant_kernels.py.
 """
@@ -23,8 +30,9 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from .pack import PER_WORD, word_bytes
+from .pack import PER_WORD
 
 try:
     import triton
@@ -33,103 +41,195 @@ try:
 except ImportError:   # CPU installs: weight.py falls back to dequantize-then-matmul
     AVAILABLE = False
 
+MAGIC = 0x4B000000          # the bits of 2^23: OR-ing a code into its mantissa gives 2^23 + code
+MAX_GEMV_ROWS = 4           # more rows of x than this: dequantize, then cuBLAS
+
 
 @dataclass(frozen=True)
 class KernelConfig:
-    block_m: int       # rows of x per program (1: the GEMV)
-    block_r: int       # packed rows per program; it computes block_r * PER_WORD output rows
-    block_k: int       # input columns per step; a multiple of the group size
-    split_k: int       # programs sharing one output tile's input dimension (GEMV only)
-    num_warps: int = 4
+    block_r: int           # packed rows per program: 128, 64 or 32 (4, 2 or 1 per thread)
+    warps: int             # warps per program, each on its own range of groups
+    groups_per_warp: int   # quantization groups each warp sums before the programs' partials are added
+
+
+@dataclass(frozen=True)
+class Segments:
+    """A word's codes as at most three runs of slots, each at most 16 bits wide after a shift (so
+    every code sits below the float mantissa's 23 bits), with a power-of-two number of slots."""
+
+    slots: int           # in the first two segments
+    second_shift: int    # where the second segment starts
+    tail: int            # slots in a third segment at bit 24 (3 bits: slots 8 and 9), else 0
+
+
+SEGMENTS = {2: Segments(8, 16, 0), 3: Segments(4, 12, 2), 4: Segments(4, 16, 0), 8: Segments(2, 16, 0)}
 
 
 @functools.cache
-def default_config(m: int, n: int, k: int, bits: int, group_size: int, multiprocessors: int) -> KernelConfig:
-    per = PER_WORD[bits]
-    block_k = max(group_size, 256)
-    if m == 1:
-        block_r = max(1, 32 // per)
-        programs = -(-n // (block_r * per))
-        split = max(1, min(4 * multiprocessors // programs, k // (4 * block_k)))
-        return KernelConfig(1, block_r, block_k, split)
-    block_m = 16 if m <= 16 else 64
-    return KernelConfig(block_m, max(1, 64 // per), max(group_size, 64), 1)
+def default_config(n: int, k: int, bits: int, group_size: int, multiprocessors: int) -> KernelConfig:
+    """About 8 warps per multiprocessor, as few partial sums as that allows."""
+    rows = -(-n // (PER_WORD[bits] * 4)) * 4
+    block_r = 128 if rows >= 8 * 128 else 64 if rows >= 8 * 64 else 32
+    blocks = -(-rows // block_r)
+    groups = k // group_size
+    warps_per_block = max(1, min(groups, 8 * multiprocessors // blocks))
+    per_warp = -(-groups // warps_per_block)
+    warps = 1 << (min(8, warps_per_block).bit_length() - 1)       # a power of two
+    return KernelConfig(block_r, warps, per_warp)
 
 
 if AVAILABLE:
+    MAGIC_BITS = tl.constexpr(MAGIC)
+
     @triton.jit
-    def _hqq_matmul_kernel(
-        x_ptr, packed_ptr, scale_ptr, zero_ptr, meta_ptr, out_ptr,
-        M, N, K, R, RUNS, K_PER_SPLIT,
-        stride_xm, stride_om, stride_split,
-        BITS: tl.constexpr, PER: tl.constexpr, WORD_BYTES: tl.constexpr, GROUP: tl.constexpr,
-        META_GROUP: tl.constexpr, QUANT_META: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ):
-        BG: tl.constexpr = BLOCK_K // GROUP
+    def _codes(word, magic, SHIFT: tl.constexpr, SLOTS: tl.constexpr, BITS: tl.constexpr):
+        """words (W, BLOCK_R) -> codes of slots at bits SHIFT + i * BITS, as floats q * 2^(i * BITS): (SLOTS, W, BLOCK_R)."""
         MASK: tl.constexpr = (1 << BITS) - 1
-        pid_r, pid_m, pid_split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        groups_per_row = K // GROUP
+        keep = (MASK << (tl.arange(0, SLOTS) * BITS)) | MAGIC_BITS
+        # `magic` arrives as an argument so that the compiler cannot fold the two ORs into one
+        # LOP3 with two constants (it would spend a MOV on every code)
+        return (((word >> SHIFT) | magic)[None, :, :] & keep[:, None, None]).to(tl.float32, bitcast=True) - 8388608.0
 
-        r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)                 # packed rows (BLOCK_R,)
-        shift = tl.arange(0, PER)                                   # code index in a word (PER,)
-        rows = shift[:, None] * R + r[None, :]                      # output rows (PER, BLOCK_R)
+    @triton.jit
+    def _runs(g, r, pid_r, slots, R, ROWS, META_GROUP: tl.constexpr, BLOCK_R: tl.constexpr, RUN_PER_BLOCK: tl.constexpr):
+        """The meta run of each (slot, warp's group, row): (S, W, 1) when one run covers the block of rows."""
+        if RUN_PER_BLOCK:
+            return ((slots[:, None] * R + (g * ROWS + pid_r * BLOCK_R)[None, :]) // META_GROUP)[:, :, None]
+        else:
+            return (slots[:, None, None] * R + g[None, :, None] * ROWS + r[None, None, :]) // META_GROUP
+
+    @triton.jit
+    def _scaled(acc, p, xs, codes_at, s_ptr, z_ptr, meta_ptr, run, RUNS,
+                FIRST: tl.constexpr, SLOTS: tl.constexpr, BITS: tl.constexpr, QUANT_META: tl.constexpr, r_ok):
+        """acc + s (p / 2^pos - z xs) for one segment; p (SLOTS, W, BLOCK_R), xs (W,), codes_at (SLOTS, W, BLOCK_R)."""
+        pos = (1 << (tl.arange(0, SLOTS) * BITS)).to(tl.float32)
+        ok = r_ok[None, None, :]
+        if QUANT_META:
+            scale = tl.load(s_ptr + codes_at, mask=ok, other=0).to(tl.int32)
+            zero = tl.load(z_ptr + codes_at, mask=ok, other=0).to(tl.int32)
+            scale = ((scale | MAGIC_BITS).to(tl.float32, bitcast=True) - 8388608.0) * tl.load(meta_ptr + run) + \
+                tl.load(meta_ptr + RUNS + run)
+            zero = ((zero | MAGIC_BITS).to(tl.float32, bitcast=True) - 8388608.0) * tl.load(meta_ptr + 2 * RUNS + run) + \
+                tl.load(meta_ptr + 3 * RUNS + run)
+        else:
+            scale = tl.load(s_ptr + codes_at, mask=ok, other=0).to(tl.float32)
+            zero = tl.load(z_ptr + codes_at, mask=ok, other=0).to(tl.float32)
+        return acc + (scale / pos[:, None, None]) * (p - zero * (pos[:, None] * xs[None, :])[:, :, None])
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, meta_ptr, partial_ptr, count_ptr, out_ptr, magic,
+        N, K, R, ROWS, RUNS, GROUPS_PER_WARP, SPLITS,
+        BITS: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, META_GROUP: tl.constexpr,
+        QUANT_META: tl.constexpr, RUN_PER_BLOCK: tl.constexpr,
+        SLOTS: tl.constexpr, SHIFT1: tl.constexpr, TAIL: tl.constexpr,
+        BLOCK_R: tl.constexpr, WARPS: tl.constexpr,
+    ):
+        PER: tl.constexpr = 32 // BITS
+        pid_r, pid_split = tl.program_id(0), tl.program_id(1)
+        r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = r < R
-        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        warp = tl.arange(0, WARPS)
+        first_group = (pid_split * WARPS + warp) * GROUPS_PER_WARP                  # (W,)
+        slot = tl.arange(0, SLOTS)
+        tail = 2 * SLOTS + tl.arange(0, TAIL if TAIL > 0 else 1)
 
-        if BLOCK_M == 1:
-            acc = tl.zeros((PER, BLOCK_R), dtype=tl.float32)
+        # (slots, warps, rows): the warps then fall on the warps axis, and a thread keeps every slot of its rows
+        acc0 = tl.zeros((SLOTS, WARPS, BLOCK_R), dtype=tl.float32)
+        acc1 = tl.zeros((SLOTS, WARPS, BLOCK_R), dtype=tl.float32)
+        acc2 = tl.zeros((TAIL if TAIL > 0 else 1, WARPS, BLOCK_R), dtype=tl.float32)
+        for i in range(GROUPS_PER_WARP):
+            g = first_group + i                                                          # (W,)
+            g_ok = g * GROUP < K
+            # sums over the group, started from the accumulators so that they take their layout
+            p0, p1, p2 = acc0 * 0.0, acc1 * 0.0, acc2 * 0.0
+            xs = tl.zeros((WARPS,), dtype=tl.float32)
+            for c in range(0, GROUP, CHUNK):
+                for j in tl.static_range(CHUNK):
+                    k = g * GROUP + c + j                                                # (W,)
+                    word = tl.load(w_ptr + k[:, None] * R + r[None, :], mask=g_ok[:, None] & r_ok[None, :], other=0)
+                    xk = tl.load(x_ptr + k, mask=g_ok, other=0).to(tl.float32)
+                    xs += xk
+                    p0 += _codes(word, magic, 0, SLOTS, BITS) * xk[None, :, None]
+                    p1 += _codes(word, magic, SHIFT1, SLOTS, BITS) * xk[None, :, None]
+                    if TAIL > 0:
+                        p2 += _codes(word, magic, 24, TAIL, BITS) * xk[None, :, None]
+            g_safe = tl.where(g_ok, g, 0)
+            base = (g_safe[None, :, None] * (R // 4) + r[None, None, :] // 4) * PER
+            run0 = _runs(g_safe, r, pid_r, slot, R, ROWS, META_GROUP, BLOCK_R, RUN_PER_BLOCK)
+            run1 = _runs(g_safe, r, pid_r, slot + SLOTS, R, ROWS, META_GROUP, BLOCK_R, RUN_PER_BLOCK)
+            run2 = _runs(g_safe, r, pid_r, tail, R, ROWS, META_GROUP, BLOCK_R, RUN_PER_BLOCK)
+            at0 = (base + slot[:, None, None]) * 4 + r[None, None, :] % 4
+            acc0 = _scaled(acc0, p0, xs, at0, s_ptr, z_ptr, meta_ptr, run0, RUNS, 0, SLOTS, BITS, QUANT_META, r_ok)
+            acc1 = _scaled(acc1, p1, xs, at0 + 4 * SLOTS, s_ptr, z_ptr, meta_ptr, run1, RUNS, SLOTS, SLOTS, BITS,
+                           QUANT_META, r_ok)
+            if TAIL > 0:
+                at2 = (base + tail[:, None, None]) * 4 + r[None, None, :] % 4
+                acc2 = _scaled(acc2, p2, xs, at2, s_ptr, z_ptr, meta_ptr, run2, RUNS, 2 * SLOTS, TAIL, BITS,
+                               QUANT_META, r_ok)
+
+        rows0 = slot[:, None] * R + r[None, :]                                          # (SLOTS, BLOCK_R)
+        rows1 = rows0 + SLOTS * R
+        rows2 = tail[:, None] * R + r[None, :]
+        sum0, sum1, sum2 = tl.sum(acc0, axis=1), tl.sum(acc1, axis=1), tl.sum(acc2, axis=1)
+        if SPLITS == 1:
+            tl.store(out_ptr + rows0, sum0.to(out_ptr.dtype.element_ty), mask=(rows0 < N) & r_ok[None, :])
+            tl.store(out_ptr + rows1, sum1.to(out_ptr.dtype.element_ty), mask=(rows1 < N) & r_ok[None, :])
+            if TAIL > 0:
+                tl.store(out_ptr + rows2, sum2.to(out_ptr.dtype.element_ty), mask=(rows2 < N) & r_ok[None, :])
         else:
-            acc = tl.zeros((BLOCK_M, PER * BLOCK_R), dtype=tl.float32)
+            # each program writes its partial sums; the last of a block of rows adds them in order
+            ROWS_PADDED = R * PER
+            mine = partial_ptr + pid_split * ROWS_PADDED
+            tl.store(mine + rows0, sum0, mask=r_ok[None, :])
+            tl.store(mine + rows1, sum1, mask=r_ok[None, :])
+            if TAIL > 0:
+                tl.store(mine + rows2, sum2, mask=r_ok[None, :])
+            tl.debug_barrier()
+            arrived = tl.atomic_add(count_ptr + pid_r, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLITS - 1:
+                total0 = tl.zeros((SLOTS, BLOCK_R), dtype=tl.float32)
+                total1 = tl.zeros((SLOTS, BLOCK_R), dtype=tl.float32)
+                total2 = tl.zeros((TAIL if TAIL > 0 else 1, BLOCK_R), dtype=tl.float32)
+                for split in range(SPLITS):
+                    theirs = partial_ptr + split * ROWS_PADDED
+                    total0 += tl.load(theirs + rows0, mask=r_ok[None, :], other=0, cache_modifier=".cg")
+                    total1 += tl.load(theirs + rows1, mask=r_ok[None, :], other=0, cache_modifier=".cg")
+                    if TAIL > 0:
+                        total2 += tl.load(theirs + rows2, mask=r_ok[None, :], other=0, cache_modifier=".cg")
+                tl.store(out_ptr + rows0, total0.to(out_ptr.dtype.element_ty), mask=(rows0 < N) & r_ok[None, :])
+                tl.store(out_ptr + rows1, total1.to(out_ptr.dtype.element_ty), mask=(rows1 < N) & r_ok[None, :])
+                if TAIL > 0:
+                    tl.store(out_ptr + rows2, total2.to(out_ptr.dtype.element_ty), mask=(rows2 < N) & r_ok[None, :])
+                tl.atomic_xchg(count_ptr + pid_r, 0)    # ready for the next call
 
-        k_begin = pid_split * K_PER_SPLIT
-        for k0 in range(k_begin, k_begin + K_PER_SPLIT, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = kk < K
-            word_ptr = packed_ptr + r[:, None] * K + kk[None, :]
-            word_mask = r_ok[:, None] & k_ok[None, :]
-            word = tl.load(word_ptr, mask=word_mask, other=0).to(tl.int32)
-            for b in tl.static_range(1, WORD_BYTES):
-                word |= tl.load(word_ptr + b * R * K, mask=word_mask, other=0).to(tl.int32) << (8 * b)
-            q = (word[None, :, :] >> (shift[:, None, None] * BITS)) & MASK                   # (PER, BLOCK_R, BLOCK_K)
-            # int -> float without the slow conversion instruction: the bits of 2^23 + q, minus 2^23 (exact, q < 2^23)
-            q = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            q = tl.reshape(q, (PER, BLOCK_R, BG, GROUP))
-
-            g = k0 // GROUP + tl.arange(0, BG)
-            group_at = rows[:, :, None] * groups_per_row + g[None, None, :]      # (PER, BLOCK_R, BG)
-            group_mask = r_ok[None, :, None] & (g < groups_per_row)[None, None, :]
-            scale = tl.load(scale_ptr + group_at, mask=group_mask, other=0).to(tl.float32)
-            zero = tl.load(zero_ptr + group_at, mask=group_mask, other=0).to(tl.float32)
+    @triton.jit
+    def _dequantize_kernel(w_ptr, s_ptr, z_ptr, meta_ptr, out_ptr, N, K, R, ROWS, RUNS,
+                           BITS: tl.constexpr, GROUP: tl.constexpr, META_GROUP: tl.constexpr,
+                           QUANT_META: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+        """One (BLOCK_K, BLOCK_R) tile of words -> out (K, N) bf16 (the transposed weight), all slots."""
+        PER: tl.constexpr = 32 // BITS
+        MASK: tl.constexpr = (1 << BITS) - 1
+        k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok = (k < K)[:, None] & (r < R)[None, :]
+        word = tl.load(w_ptr + k[:, None] * R + r[None, :], mask=ok, other=0)
+        g = k // GROUP
+        for s in tl.static_range(PER):
+            q = ((word >> (s * BITS)) & MASK).to(tl.float32)
+            at = ((g[:, None] * (R // 4) + r[None, :] // 4) * PER + s) * 4 + r[None, :] % 4
             if QUANT_META:
-                run = group_at // META_GROUP
-                scale = tl.load(meta_ptr + RUNS + run, mask=group_mask, other=0) + \
-                    scale * tl.load(meta_ptr + run, mask=group_mask, other=0)
-                zero = tl.load(meta_ptr + 3 * RUNS + run, mask=group_mask, other=0) + \
-                    zero * tl.load(meta_ptr + 2 * RUNS + run, mask=group_mask, other=0)
-
-            if BLOCK_M == 1:
-                x = tl.load(x_ptr + pid_m * stride_xm + kk, mask=k_ok, other=0).to(tl.float32)
-                x = tl.reshape(x, (BG, GROUP))
-                qx = tl.sum(q * x[None, None, :, :], axis=3)                        # (PER, BLOCK_R, BG)
-                x_sum = tl.sum(x, axis=1)                                           # (BG,)
-                acc += tl.sum(scale * (qx - zero * x_sum[None, None, :]), axis=2)
+                run = (g[:, None] * ROWS + s * R + r[None, :]) // META_GROUP
+                scale = tl.load(s_ptr + at, mask=ok, other=0).to(tl.float32) * tl.load(meta_ptr + run, mask=ok, other=0) + \
+                    tl.load(meta_ptr + RUNS + run, mask=ok, other=0)
+                zero = tl.load(z_ptr + at, mask=ok, other=0).to(tl.float32) * tl.load(meta_ptr + 2 * RUNS + run, mask=ok, other=0) + \
+                    tl.load(meta_ptr + 3 * RUNS + run, mask=ok, other=0)
             else:
-                x = tl.load(x_ptr + m[:, None] * stride_xm + kk[None, :],
-                            mask=(m < M)[:, None] & k_ok[None, :], other=0)
-                w = (q - zero[:, :, :, None]) * scale[:, :, :, None]
-                w = tl.reshape(w, (PER * BLOCK_R, BLOCK_K)).to(x.dtype)
-                acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
-
-        out_base = out_ptr + pid_split * stride_split
-        if BLOCK_M == 1:
-            out_mask = r_ok[None, :] & (rows < N)
-            tl.store(out_base + pid_m * stride_om + rows, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-        else:
-            flat_rows = tl.reshape(rows, (PER * BLOCK_R,))
-            flat_ok = tl.reshape(r_ok[None, :] & (rows < N), (PER * BLOCK_R,))
-            out_mask = (m < M)[:, None] & flat_ok[None, :]
-            tl.store(out_base + m[:, None] * stride_om + flat_rows[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+                scale = tl.load(s_ptr + at, mask=ok, other=0).to(tl.float32)
+                zero = tl.load(z_ptr + at, mask=ok, other=0).to(tl.float32)
+            row = s * R + r
+            tl.store(out_ptr + k[:, None] * N + row[None, :], ((q - zero) * scale).to(out_ptr.dtype.element_ty),
+                     mask=ok & (row < N)[None, :])
 
 
 @functools.cache
@@ -139,38 +239,74 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def hqq_linear(x: torch.Tensor, weight, config: KernelConfig | None = None) -> torch.Tensor:
-    """x (..., K) -> (..., N) in x's dtype; `config` overrides the default tiling (benchmarks)."""
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, blocks: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per block of rows, that every GEMV leaves zeroed again.
+    Kernels that share them must run in order (one stream), as the model's matmuls do."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < blocks:
+        counters = _COUNTERS[device] = torch.zeros(max(blocks, 1024), dtype=torch.int32, device=device)
+    return counters
+
+
+def _meta_args(weight) -> tuple[torch.Tensor, int]:
+    if weight.meta is None:
+        return weight.scale, 0           # not read without QUANT_META
+    return weight.meta, weight.meta.shape[-1]
+
+
+def hqq_gemv(x: torch.Tensor, weight, config: KernelConfig | None = None) -> torch.Tensor:
+    """x (K,) -> (N,) in x's dtype."""
     n, k = weight.shape
     spec = weight.spec
+    rows = weight.packed.shape[1]
+    config = config or default_config(n, k, spec.bits, spec.group_size, _multiprocessors(x.device))
+    groups = k // spec.group_size
+    splits = -(-groups // (config.warps * config.groups_per_warp))
+    blocks = -(-rows // config.block_r)
+    meta, runs = _meta_args(weight)
+    segments = SEGMENTS[spec.bits]
+    padded_rows = rows * PER_WORD[spec.bits]
+    out = torch.empty(n, device=x.device, dtype=x.dtype)
+    partial = torch.empty((splits, padded_rows) if splits > 1 else (1,), device=x.device, dtype=torch.float32)
+    run_per_block = spec.meta_group_size % config.block_r == 0 and rows % config.block_r == 0
+    _gemv_kernel[(blocks, splits)](
+        x, weight.packed, weight.scale, weight.zero, meta, partial, _counters(x.device, blocks), out, MAGIC,
+        n, k, rows, padded_rows, runs, config.groups_per_warp, splits,
+        BITS=spec.bits, GROUP=spec.group_size, CHUNK=min(spec.group_size, 16), META_GROUP=spec.meta_group_size,
+        QUANT_META=weight.meta is not None, RUN_PER_BLOCK=run_per_block,
+        SLOTS=segments.slots, SHIFT1=segments.second_shift, TAIL=segments.tail,
+        BLOCK_R=config.block_r, WARPS=config.warps, num_warps=config.warps,
+    )
+    return out
+
+
+def dequantize_transposed(weight, dtype: torch.dtype) -> torch.Tensor:
+    """The weight as a (K, N) matrix in `dtype`, by the dequantize kernel."""
+    n, k = weight.shape
+    spec = weight.spec
+    rows = weight.packed.shape[1]
+    meta, runs = _meta_args(weight)
+    out = torch.empty((k, n), device=weight.packed.device, dtype=dtype)
+    block_k, block_r = 16, 64
+    _dequantize_kernel[(triton.cdiv(k, block_k), triton.cdiv(rows, block_r))](
+        weight.packed, weight.scale, weight.zero, meta, out, n, k, rows, rows * PER_WORD[spec.bits], runs,
+        BITS=spec.bits, GROUP=spec.group_size, META_GROUP=spec.meta_group_size, QUANT_META=weight.meta is not None,
+        BLOCK_K=block_k, BLOCK_R=block_r,
+    )
+    return out
+
+
+def hqq_linear(x: torch.Tensor, weight, config: KernelConfig | None = None) -> torch.Tensor:
+    """x (..., K) -> (..., N) in x's dtype; `config` overrides the GEMV's default tiling (benchmarks)."""
+    n, k = weight.shape
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    m = x2.shape[0]
-    config = config or default_config(m, n, k, spec.bits, spec.group_size, _multiprocessors(x.device))
-    per = PER_WORD[spec.bits]
-    rows_packed = weight.packed.shape[1]
-    meta = weight.meta if weight.meta is not None else weight.scale   # unused without QUANT_META
-    runs = weight.meta.shape[-1] if weight.meta is not None else 0
-
-    split = config.split_k if config.block_m == 1 else 1
-    k_per_split = -(-k // (split * config.block_k)) * config.block_k
-    split = -(-k // k_per_split)
-    if split == 1:
-        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if x2.shape[0] <= MAX_GEMV_ROWS:
+        out = torch.stack([hqq_gemv(row, weight, config) for row in x2])
     else:
-        out = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(rows_packed, config.block_r), triton.cdiv(m, config.block_m), split)
-    _hqq_matmul_kernel[grid](
-        x2, weight.packed, weight.scale, weight.zero, meta, out,
-        m, n, k, rows_packed, runs, k_per_split,
-        x2.stride(0), n, m * n,
-        BITS=spec.bits, PER=per, WORD_BYTES=word_bytes(spec.bits), GROUP=spec.group_size,
-        META_GROUP=spec.meta_group_size, QUANT_META=weight.meta is not None,
-        BLOCK_M=config.block_m, BLOCK_R=config.block_r, BLOCK_K=config.block_k,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps,
-    )
-    if split > 1:
-        out = out.sum(0).to(x.dtype)
+        out = x2 @ dequantize_transposed(weight, x2.dtype)
     return out.view(*x.shape[:-1], n)

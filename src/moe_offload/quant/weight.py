@@ -7,10 +7,13 @@
 
     experts = HQQExpertFormat(hidden, ffn, spec)         # experts.ExpertFormat: w1, w2, w3 in one buffer
 
-A QuantizedWeight holds, for an (N, K) matrix: the packed codes (pack.py), a scale and a zero per
-group of `group_size` input columns, as fp16, or as 8-bit codes plus an fp32 (step, min) per run
-of `meta_group_size` groups. Rows are padded to a whole number of packed words (the pad repeats
-the last row, so it does not stretch any meta run); `linear` computes only the first N.
+A QuantizedWeight holds, for an (N, K) matrix: the codes packed into 32-bit words (pack.py), and
+a scale and a zero per group of `group_size` input columns and output row, as fp16, or as 8-bit
+codes plus an fp32 (step, min) per run of `meta_group_size` rows (hqq.MetaCodes). Scales and
+zeros are stored in the order the GPU kernel reads them: group-major, then blocks of 4 packed
+rows, then the code's slot in the word, then the row in the block, so one thread's 4 rows of a
+slot are one 4-byte load. Rows are padded to fill the words (the pad repeats the last row, so it
+does not stretch any meta run); `linear` computes only the first N.
 
 `linear` runs the Triton kernel (kernels.py) on CUDA when Triton is installed, and elsewhere the
 slow twin: dequantize to x's dtype, then matmul.
@@ -34,22 +37,23 @@ from .hqq import MetaCodes, QuantizedMatrix, quantize
 class QuantizedWeight:
     shape: tuple[int, int]          # (N, K), unpadded
     spec: QuantSpec
-    packed: torch.Tensor            # uint8 (word_bytes, R, K)
-    scale: torch.Tensor             # (R * PER_WORD, K // group_size): fp16, or uint8 codes with `meta`
+    packed: torch.Tensor            # int32 (K, R): pack.py's words
+    scale: torch.Tensor             # (groups, R // 4, PER_WORD, 4): fp16, or uint8 codes with `meta`
     zero: torch.Tensor              # likewise
     meta: torch.Tensor | None       # fp32 (2 [scale, zero], 2 [step, min], runs) when spec.quant_meta
 
     @property
     def padded_rows(self) -> int:
-        return self.scale.shape[0]
+        return self.packed.shape[1] * bitpack.PER_WORD[self.spec.bits]
 
     def scales_and_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 (padded rows, groups) each."""
+        scale, zero = (row_major(t) for t in (self.scale, self.zero))
         if self.meta is None:
-            return self.scale.float(), self.zero.float()
+            return scale.float(), zero.float()
         group = self.spec.meta_group_size
-        return (MetaCodes(self.scale, self.meta[0, 0], self.meta[0, 1], group).dequantize(),
-                MetaCodes(self.zero, self.meta[1, 0], self.meta[1, 1], group).dequantize())
+        return (MetaCodes(scale, self.meta[0, 0], self.meta[0, 1], group).dequantize(),
+                MetaCodes(zero, self.meta[1, 0], self.meta[1, 1], group).dequantize())
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(N, K) in `dtype`, computed in fp32."""
@@ -72,6 +76,18 @@ class QuantizedWeight:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero, self.meta) if t is not None)
 
 
+def kernel_order(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """(padded rows, groups) -> (groups, R // 4, PER_WORD, 4), row s * R + r at [g, r // 4, s, r % 4]."""
+    groups, per = values.shape[1], bitpack.PER_WORD[bits]
+    return values.t().reshape(groups, per, -1, 4).transpose(1, 2).contiguous()
+
+
+def row_major(values: torch.Tensor) -> torch.Tensor:
+    """kernel_order's inverse."""
+    groups = values.shape[0]
+    return values.transpose(1, 2).reshape(groups, -1).t()
+
+
 class WeightLayout:
     """The tensors of one quantized (N, K) matrix: their shapes and dtypes, and how to fill them."""
 
@@ -82,14 +98,16 @@ class WeightLayout:
                               f"input columns; choose a group size that divides {k}")
         self.shape, self.spec = (n, k), spec
         rows = bitpack.packed_rows(n, spec.bits)
-        self.padded_rows = rows * bitpack.PER_WORD[spec.bits]
+        per = bitpack.PER_WORD[spec.bits]
+        self.padded_rows = rows * per
         groups = k // spec.group_size
-        specs = [((bitpack.word_bytes(spec.bits), rows, k), torch.uint8)]
+        specs = [((k, rows), torch.int32)]
+        meta_shape = (groups, rows // 4, per, 4)
         if spec.quant_meta:
             runs = -(-self.padded_rows * groups // spec.meta_group_size)
-            specs += [((self.padded_rows, groups), torch.uint8)] * 2 + [((2, 2, runs), torch.float32)]
+            specs += [(meta_shape, torch.uint8)] * 2 + [((2, 2, runs), torch.float32)]
         else:
-            specs += [((self.padded_rows, groups), torch.float16)] * 2
+            specs += [(meta_shape, torch.float16)] * 2
         self.tensor_specs = specs
 
     def quantize(self, weight: torch.Tensor) -> list[torch.Tensor]:
@@ -100,11 +118,12 @@ class WeightLayout:
         padded = torch.cat([weight, weight[-1:].expand(pad, -1)]) if pad else weight
         matrix: QuantizedMatrix = quantize(padded, self.spec)
         tensors = [bitpack.pack(matrix.q, self.spec.bits)]
+        bits = self.spec.bits
         if self.spec.quant_meta:
             scale, zero = matrix.scale, matrix.zero
             meta = torch.stack([torch.stack([scale.step, scale.minimum]), torch.stack([zero.step, zero.minimum])])
-            return tensors + [scale.codes, zero.codes, meta]
-        return tensors + [matrix.scale, matrix.zero]
+            return tensors + [kernel_order(scale.codes, bits), kernel_order(zero.codes, bits), meta]
+        return tensors + [kernel_order(matrix.scale, bits), kernel_order(matrix.zero, bits)]
 
     def assemble(self, tensors: Sequence[torch.Tensor]) -> QuantizedWeight:
         packed, scale, zero, *meta = tensors
