@@ -99,22 +99,38 @@ if AVAILABLE:
             return (slots[:, None, None] * R + g[None, :, None] * ROWS + r[None, None, :]) // META_GROUP
 
     @triton.jit
-    def _scaled(acc, p, xs, codes_at, s_ptr, z_ptr, meta_ptr, run, RUNS,
-                FIRST: tl.constexpr, SLOTS: tl.constexpr, BITS: tl.constexpr, QUANT_META: tl.constexpr, r_ok):
-        """acc + s (p / 2^pos - z xs) for one segment; p (SLOTS, W, BLOCK_R), xs (W,), codes_at (SLOTS, W, BLOCK_R)."""
-        pos = (1 << (tl.arange(0, SLOTS) * BITS)).to(tl.float32)
+    def _scale_and_zero(at, s_ptr, z_ptr, meta_ptr, run, RUNS, QUANT_META: tl.constexpr, r_ok):
+        """The fp32 scales and zeros at `at` (8-bit codes decoded with their run's step and min)."""
         ok = r_ok[None, None, :]
         if QUANT_META:
-            scale = tl.load(s_ptr + codes_at, mask=ok, other=0).to(tl.int32)
-            zero = tl.load(z_ptr + codes_at, mask=ok, other=0).to(tl.int32)
+            scale = tl.load(s_ptr + at, mask=ok, other=0).to(tl.int32)
+            zero = tl.load(z_ptr + at, mask=ok, other=0).to(tl.int32)
             scale = ((scale | MAGIC_BITS).to(tl.float32, bitcast=True) - 8388608.0) * tl.load(meta_ptr + run) + \
                 tl.load(meta_ptr + RUNS + run)
             zero = ((zero | MAGIC_BITS).to(tl.float32, bitcast=True) - 8388608.0) * tl.load(meta_ptr + 2 * RUNS + run) + \
                 tl.load(meta_ptr + 3 * RUNS + run)
         else:
-            scale = tl.load(s_ptr + codes_at, mask=ok, other=0).to(tl.float32)
-            zero = tl.load(z_ptr + codes_at, mask=ok, other=0).to(tl.float32)
+            scale = tl.load(s_ptr + at, mask=ok, other=0).to(tl.float32)
+            zero = tl.load(z_ptr + at, mask=ok, other=0).to(tl.float32)
+        return scale, zero
+
+    @triton.jit
+    def _scaled(acc, p, xs, scale, zero, SLOTS: tl.constexpr, BITS: tl.constexpr):
+        """acc + s (p / 2^pos - z xs) for one segment; p, scale, zero (SLOTS, W, BLOCK_R), xs (W,)."""
+        pos = (1 << (tl.arange(0, SLOTS) * BITS)).to(tl.float32)
         return acc + (scale / pos[:, None, None]) * (p - zero * (pos[:, None] * xs[None, :])[:, :, None])
+
+    @triton.jit
+    def _sum_partials(partial_ptr, rows, r_ok, SPLITS, ROWS_PADDED, BATCH: tl.constexpr):
+        """sum over the programs' partial sums at `rows` (S, BLOCK_R), BATCH at a time, in a fixed order."""
+        total = tl.zeros(rows.shape, dtype=tl.float32)
+        batch = tl.arange(0, BATCH)
+        for first in range(0, SPLITS, BATCH):
+            split = first + batch
+            at = partial_ptr + split[:, None, None] * ROWS_PADDED + rows[None, :, :]
+            ok = (split < SPLITS)[:, None, None] & r_ok[None, None, :]
+            total += tl.sum(tl.load(at, mask=ok, other=0, cache_modifier=".cg"), axis=0)
+        return total
 
     @triton.jit
     def _gemv_kernel(
@@ -123,7 +139,7 @@ if AVAILABLE:
         BITS: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, META_GROUP: tl.constexpr,
         QUANT_META: tl.constexpr, RUN_PER_BLOCK: tl.constexpr,
         SLOTS: tl.constexpr, SHIFT1: tl.constexpr, TAIL: tl.constexpr,
-        BLOCK_R: tl.constexpr, WARPS: tl.constexpr,
+        BLOCK_R: tl.constexpr, WARPS: tl.constexpr, SPLIT_BATCH: tl.constexpr,
     ):
         PER: tl.constexpr = 32 // BITS
         pid_r, pid_split = tl.program_id(0), tl.program_id(1)
@@ -141,6 +157,20 @@ if AVAILABLE:
         for i in range(GROUPS_PER_WARP):
             g = first_group + i                                                          # (W,)
             g_ok = g * GROUP < K
+            g_safe = tl.where(g_ok, g, 0)
+            # the group's scales and zeros first, so that their loads wait alongside the words'
+            base = (g_safe[None, :, None] * (R // 4) + r[None, None, :] // 4) * PER
+            at0 = (base + slot[:, None, None]) * 4 + r[None, None, :] % 4
+            s0, z0 = _scale_and_zero(at0, s_ptr, z_ptr, meta_ptr,
+                                     _runs(g_safe, r, pid_r, slot, R, ROWS, META_GROUP, BLOCK_R, RUN_PER_BLOCK),
+                                     RUNS, QUANT_META, r_ok)
+            s1, z1 = _scale_and_zero(at0 + 4 * SLOTS, s_ptr, z_ptr, meta_ptr,
+                                     _runs(g_safe, r, pid_r, slot + SLOTS, R, ROWS, META_GROUP, BLOCK_R, RUN_PER_BLOCK),
+                                     RUNS, QUANT_META, r_ok)
+            if TAIL > 0:
+                s2, z2 = _scale_and_zero((base + tail[:, None, None]) * 4 + r[None, None, :] % 4, s_ptr, z_ptr, meta_ptr,
+                                         _runs(g_safe, r, pid_r, tail, R, ROWS, META_GROUP, BLOCK_R, RUN_PER_BLOCK),
+                                         RUNS, QUANT_META, r_ok)
             # sums over the group, started from the accumulators so that they take their layout
             p0, p1, p2 = acc0 * 0.0, acc1 * 0.0, acc2 * 0.0
             xs = tl.zeros((WARPS,), dtype=tl.float32)
@@ -154,19 +184,10 @@ if AVAILABLE:
                     p1 += _codes(word, magic, SHIFT1, SLOTS, BITS) * xk[None, :, None]
                     if TAIL > 0:
                         p2 += _codes(word, magic, 24, TAIL, BITS) * xk[None, :, None]
-            g_safe = tl.where(g_ok, g, 0)
-            base = (g_safe[None, :, None] * (R // 4) + r[None, None, :] // 4) * PER
-            run0 = _runs(g_safe, r, pid_r, slot, R, ROWS, META_GROUP, BLOCK_R, RUN_PER_BLOCK)
-            run1 = _runs(g_safe, r, pid_r, slot + SLOTS, R, ROWS, META_GROUP, BLOCK_R, RUN_PER_BLOCK)
-            run2 = _runs(g_safe, r, pid_r, tail, R, ROWS, META_GROUP, BLOCK_R, RUN_PER_BLOCK)
-            at0 = (base + slot[:, None, None]) * 4 + r[None, None, :] % 4
-            acc0 = _scaled(acc0, p0, xs, at0, s_ptr, z_ptr, meta_ptr, run0, RUNS, 0, SLOTS, BITS, QUANT_META, r_ok)
-            acc1 = _scaled(acc1, p1, xs, at0 + 4 * SLOTS, s_ptr, z_ptr, meta_ptr, run1, RUNS, SLOTS, SLOTS, BITS,
-                           QUANT_META, r_ok)
+            acc0 = _scaled(acc0, p0, xs, s0, z0, SLOTS, BITS)
+            acc1 = _scaled(acc1, p1, xs, s1, z1, SLOTS, BITS)
             if TAIL > 0:
-                at2 = (base + tail[:, None, None]) * 4 + r[None, None, :] % 4
-                acc2 = _scaled(acc2, p2, xs, at2, s_ptr, z_ptr, meta_ptr, run2, RUNS, 2 * SLOTS, TAIL, BITS,
-                               QUANT_META, r_ok)
+                acc2 = _scaled(acc2, p2, xs, s2, z2, TAIL, BITS)
 
         rows0 = slot[:, None] * R + r[None, :]                                          # (SLOTS, BLOCK_R)
         rows1 = rows0 + SLOTS * R
@@ -188,15 +209,10 @@ if AVAILABLE:
             tl.debug_barrier()
             arrived = tl.atomic_add(count_ptr + pid_r, 1, sem="acq_rel", scope="gpu")
             if arrived == SPLITS - 1:
-                total0 = tl.zeros((SLOTS, BLOCK_R), dtype=tl.float32)
-                total1 = tl.zeros((SLOTS, BLOCK_R), dtype=tl.float32)
-                total2 = tl.zeros((TAIL if TAIL > 0 else 1, BLOCK_R), dtype=tl.float32)
-                for split in range(SPLITS):
-                    theirs = partial_ptr + split * ROWS_PADDED
-                    total0 += tl.load(theirs + rows0, mask=r_ok[None, :], other=0, cache_modifier=".cg")
-                    total1 += tl.load(theirs + rows1, mask=r_ok[None, :], other=0, cache_modifier=".cg")
-                    if TAIL > 0:
-                        total2 += tl.load(theirs + rows2, mask=r_ok[None, :], other=0, cache_modifier=".cg")
+                total0 = _sum_partials(partial_ptr, rows0, r_ok, SPLITS, ROWS_PADDED, SPLIT_BATCH)
+                total1 = _sum_partials(partial_ptr, rows1, r_ok, SPLITS, ROWS_PADDED, SPLIT_BATCH)
+                if TAIL > 0:
+                    total2 = _sum_partials(partial_ptr, rows2, r_ok, SPLITS, ROWS_PADDED, SPLIT_BATCH)
                 tl.store(out_ptr + rows0, total0.to(out_ptr.dtype.element_ty), mask=(rows0 < N) & r_ok[None, :])
                 tl.store(out_ptr + rows1, total1.to(out_ptr.dtype.element_ty), mask=(rows1 < N) & r_ok[None, :])
                 if TAIL > 0:
@@ -207,29 +223,30 @@ if AVAILABLE:
     def _dequantize_kernel(w_ptr, s_ptr, z_ptr, meta_ptr, out_ptr, N, K, R, ROWS, RUNS,
                            BITS: tl.constexpr, GROUP: tl.constexpr, META_GROUP: tl.constexpr,
                            QUANT_META: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-        """One (BLOCK_K, BLOCK_R) tile of words -> out (K, N) bf16 (the transposed weight), all slots."""
+        """One (BLOCK_K, BLOCK_R) tile of words, inside one group -> out (K, N) (the transposed weight), all slots."""
         PER: tl.constexpr = 32 // BITS
         MASK: tl.constexpr = (1 << BITS) - 1
-        k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        k0 = tl.program_id(0) * BLOCK_K
+        k = k0 + tl.arange(0, BLOCK_K)
         r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        ok = (k < K)[:, None] & (r < R)[None, :]
-        word = tl.load(w_ptr + k[:, None] * R + r[None, :], mask=ok, other=0)
-        g = k // GROUP
+        r_ok = r < R
+        word = tl.load(w_ptr + k[:, None] * R + r[None, :], mask=r_ok[None, :], other=0)
+        g = k0 // GROUP
         for s in tl.static_range(PER):
-            q = ((word >> (s * BITS)) & MASK).to(tl.float32)
-            at = ((g[:, None] * (R // 4) + r[None, :] // 4) * PER + s) * 4 + r[None, :] % 4
+            at = ((g * (R // 4) + r // 4) * PER + s) * 4 + r % 4                        # (BLOCK_R,)
             if QUANT_META:
-                run = (g[:, None] * ROWS + s * R + r[None, :]) // META_GROUP
-                scale = tl.load(s_ptr + at, mask=ok, other=0).to(tl.float32) * tl.load(meta_ptr + run, mask=ok, other=0) + \
-                    tl.load(meta_ptr + RUNS + run, mask=ok, other=0)
-                zero = tl.load(z_ptr + at, mask=ok, other=0).to(tl.float32) * tl.load(meta_ptr + 2 * RUNS + run, mask=ok, other=0) + \
-                    tl.load(meta_ptr + 3 * RUNS + run, mask=ok, other=0)
+                run = (g * ROWS + s * R + r) // META_GROUP
+                scale = tl.load(s_ptr + at, mask=r_ok, other=0).to(tl.float32) * tl.load(meta_ptr + run, mask=r_ok, other=0) + \
+                    tl.load(meta_ptr + RUNS + run, mask=r_ok, other=0)
+                zero = tl.load(z_ptr + at, mask=r_ok, other=0).to(tl.float32) * tl.load(meta_ptr + 2 * RUNS + run, mask=r_ok, other=0) + \
+                    tl.load(meta_ptr + 3 * RUNS + run, mask=r_ok, other=0)
             else:
-                scale = tl.load(s_ptr + at, mask=ok, other=0).to(tl.float32)
-                zero = tl.load(z_ptr + at, mask=ok, other=0).to(tl.float32)
+                scale = tl.load(s_ptr + at, mask=r_ok, other=0).to(tl.float32)
+                zero = tl.load(z_ptr + at, mask=r_ok, other=0).to(tl.float32)
+            q = ((word >> (s * BITS)) & MASK).to(tl.float32)
             row = s * R + r
-            tl.store(out_ptr + k[:, None] * N + row[None, :], ((q - zero) * scale).to(out_ptr.dtype.element_ty),
-                     mask=ok & (row < N)[None, :])
+            tl.store(out_ptr + k[:, None] * N + row[None, :], ((q - zero[None, :]) * scale[None, :]).to(out_ptr.dtype.element_ty),
+                     mask=(row < N)[None, :] & r_ok[None, :])
 
 
 @functools.cache
@@ -278,7 +295,7 @@ def hqq_gemv(x: torch.Tensor, weight, config: KernelConfig | None = None) -> tor
         BITS=spec.bits, GROUP=spec.group_size, CHUNK=min(spec.group_size, 16), META_GROUP=spec.meta_group_size,
         QUANT_META=weight.meta is not None, RUN_PER_BLOCK=run_per_block,
         SLOTS=segments.slots, SHIFT1=segments.second_shift, TAIL=segments.tail,
-        BLOCK_R=config.block_r, WARPS=config.warps, num_warps=config.warps,
+        BLOCK_R=config.block_r, WARPS=config.warps, SPLIT_BATCH=16, num_warps=config.warps,
     )
     return out
 
@@ -290,7 +307,7 @@ def dequantize_transposed(weight, dtype: torch.dtype) -> torch.Tensor:
     rows = weight.packed.shape[1]
     meta, runs = _meta_args(weight)
     out = torch.empty((k, n), device=weight.packed.device, dtype=dtype)
-    block_k, block_r = 16, 64
+    block_k, block_r = 16, 128          # block_k divides every group size
     _dequantize_kernel[(triton.cdiv(k, block_k), triton.cdiv(rows, block_r))](
         weight.packed, weight.scale, weight.zero, meta, out, n, k, rows, rows * PER_WORD[spec.bits], runs,
         BITS=spec.bits, GROUP=spec.group_size, META_GROUP=spec.meta_group_size, QUANT_META=weight.meta is not None,
