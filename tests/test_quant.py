@@ -35,27 +35,27 @@ def real_matrix(name: str) -> torch.Tensor:
 def test_pack_then_unpack_is_exact_for_every_bit_width(bits, rows):
     q = torch.randint(0, 2 ** bits, (rows, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(rows))
     packed = bitpack.pack(q, bits)
-    assert packed.dtype == torch.int32
-    assert packed.shape == (48, bitpack.packed_rows(rows, bits))
-    assert bitpack.packed_rows(rows, bits) % 4 == 0
+    packed_rows = bitpack.packed_rows(rows, bits)
+    assert packed.dtype == torch.int32 and packed_rows % 4 == 0
+    assert packed.shape == (3, packed_rows // 4, 16, 4)      # tiles of 16 columns by 4 packed rows
     assert bitpack.PER_WORD[bits] * bits >= 30          # at most 2 bits of a word unused (3 bits: 10 codes)
     assert torch.equal(bitpack.unpack(packed, bits, rows), q)
 
 
 def test_pack_puts_code_s_of_a_word_at_bits_s_times_width():
-    q = torch.tensor([[1], [2], [3], [0], [3], [1], [0], [2]], dtype=torch.uint8)   # 8 rows, 2-bit: R = 4 words
+    q = torch.tensor([[1], [2], [3], [0], [3], [1], [0], [2]], dtype=torch.uint8).expand(-1, 16)  # 8 rows: R = 4
     packed = bitpack.pack(q, 2)
     # word (0, r) holds rows r, r + 4, r + 8, ... at bits 0, 2, 4, ... (rows beyond 8 are zero padding)
-    assert packed[0].tolist() == [1 | 3 << 2, 2 | 1 << 2, 3 | 0 << 2, 0 | 2 << 2]
+    assert packed[0, 0, 0].tolist() == [1 | 3 << 2, 2 | 1 << 2, 3 | 0 << 2, 0 | 2 << 2]
 
 
-def test_pack_stores_words_k_major_and_uses_the_sign_bit():
-    q = torch.full((64, 3), 3, dtype=torch.uint8)                  # every 2-bit code set: all 32 bits of a word
+def test_pack_stores_tiles_k_major_and_uses_the_sign_bit():
+    q = torch.full((16 * 256, 32), 3, dtype=torch.uint8)          # every 2-bit code set: all 32 bits of a word
     q[:, 1] = 0
     packed = bitpack.pack(q, 2)
-    assert packed.shape == (3, 4)
-    assert packed[0].tolist() == [-1] * 4 and packed[1].tolist() == [0] * 4
-    assert torch.equal(bitpack.unpack(packed, 2, 64), q)
+    assert packed.shape == (2, 8, 16, 32)                          # 256 packed rows: tiles of 32
+    assert (packed[:, :, 0] == -1).all() and (packed[0, :, 1] == 0).all()
+    assert torch.equal(bitpack.unpack(packed, 2, 16 * 256), q)
 
 
 @pytest.mark.parametrize("name", REAL_MATRICES)

@@ -67,15 +67,11 @@ SEGMENTS = {2: Segments(8, 16, 0), 3: Segments(4, 12, 2), 4: Segments(4, 16, 0),
 
 @functools.cache
 def default_config(n: int, k: int, bits: int, group_size: int, multiprocessors: int) -> KernelConfig:
-    """About 8 warps per multiprocessor, as few partial sums as that allows."""
-    rows = -(-n // (PER_WORD[bits] * 4)) * 4
-    block_r = 128 if rows >= 8 * 128 else 64 if rows >= 8 * 64 else 32
-    blocks = -(-rows // block_r)
+    """One packed row per thread and one group per warp: the most warps, each with few registers, to
+    keep enough loads in flight (the best tiling of benchmarks/quant_kernels.py's sweep on an H200)."""
     groups = k // group_size
-    warps_per_block = max(1, min(groups, 8 * multiprocessors // blocks))
-    per_warp = -(-groups // warps_per_block)
-    warps = 1 << (min(8, warps_per_block).bit_length() - 1)       # a power of two
-    return KernelConfig(block_r, warps, per_warp)
+    warps = 1 << (min(8, groups).bit_length() - 1)        # a power of two
+    return KernelConfig(32, warps, 1)
 
 
 if AVAILABLE:
@@ -89,6 +85,11 @@ if AVAILABLE:
         # `magic` arrives as an argument so that the compiler cannot fold the two ORs into one
         # LOP3 with two constants (it would spend a MOV on every code)
         return (((word >> SHIFT) | magic)[None, :, :] & keep[:, None, None]).to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _word_at(k, r, R, TILE: tl.constexpr):
+        """Offsets of words (k, r) in pack.py's tiles of 16 columns by TILE rows; k (A, 1), r (1, B) -> (A, B)."""
+        return ((k // 16) * (R // TILE) + r // TILE) * (16 * TILE) + (k % 16) * TILE + r % TILE
 
     @triton.jit
     def _runs(g, r, pid_r, slots, R, ROWS, META_GROUP: tl.constexpr, BLOCK_R: tl.constexpr, RUN_PER_BLOCK: tl.constexpr):
@@ -139,7 +140,7 @@ if AVAILABLE:
         BITS: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, META_GROUP: tl.constexpr,
         QUANT_META: tl.constexpr, RUN_PER_BLOCK: tl.constexpr,
         SLOTS: tl.constexpr, SHIFT1: tl.constexpr, TAIL: tl.constexpr,
-        BLOCK_R: tl.constexpr, WARPS: tl.constexpr, SPLIT_BATCH: tl.constexpr,
+        TILE: tl.constexpr, BLOCK_R: tl.constexpr, WARPS: tl.constexpr, SPLIT_BATCH: tl.constexpr,
     ):
         PER: tl.constexpr = 32 // BITS
         pid_r, pid_split = tl.program_id(0), tl.program_id(1)
@@ -177,7 +178,8 @@ if AVAILABLE:
             for c in range(0, GROUP, CHUNK):
                 for j in tl.static_range(CHUNK):
                     k = g * GROUP + c + j                                                # (W,)
-                    word = tl.load(w_ptr + k[:, None] * R + r[None, :], mask=g_ok[:, None] & r_ok[None, :], other=0)
+                    word = tl.load(w_ptr + _word_at(k[:, None], r[None, :], R, TILE), mask=g_ok[:, None] & r_ok[None, :],
+                                   other=0)
                     xk = tl.load(x_ptr + k, mask=g_ok, other=0).to(tl.float32)
                     xs += xk
                     p0 += _codes(word, magic, 0, SLOTS, BITS) * xk[None, :, None]
@@ -222,7 +224,7 @@ if AVAILABLE:
     @triton.jit
     def _dequantize_kernel(w_ptr, s_ptr, z_ptr, meta_ptr, out_ptr, N, K, R, ROWS, RUNS,
                            BITS: tl.constexpr, GROUP: tl.constexpr, META_GROUP: tl.constexpr,
-                           QUANT_META: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                           QUANT_META: tl.constexpr, TILE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
         """One (BLOCK_K, BLOCK_R) tile of words, inside one group -> out (K, N) (the transposed weight), all slots."""
         PER: tl.constexpr = 32 // BITS
         MASK: tl.constexpr = (1 << BITS) - 1
@@ -230,7 +232,7 @@ if AVAILABLE:
         k = k0 + tl.arange(0, BLOCK_K)
         r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = r < R
-        word = tl.load(w_ptr + k[:, None] * R + r[None, :], mask=r_ok[None, :], other=0)
+        word = tl.load(w_ptr + _word_at(k[:, None], r[None, :], R, TILE), mask=r_ok[None, :], other=0)
         g = k0 // GROUP
         for s in tl.static_range(PER):
             at = ((g * (R // 4) + r // 4) * PER + s) * 4 + r % 4                        # (BLOCK_R,)
@@ -278,7 +280,7 @@ def hqq_gemv(x: torch.Tensor, weight, config: KernelConfig | None = None) -> tor
     """x (K,) -> (N,) in x's dtype."""
     n, k = weight.shape
     spec = weight.spec
-    rows = weight.packed.shape[1]
+    rows = weight.packed_rows
     config = config or default_config(n, k, spec.bits, spec.group_size, _multiprocessors(x.device))
     groups = k // spec.group_size
     splits = -(-groups // (config.warps * config.groups_per_warp))
@@ -295,7 +297,7 @@ def hqq_gemv(x: torch.Tensor, weight, config: KernelConfig | None = None) -> tor
         BITS=spec.bits, GROUP=spec.group_size, CHUNK=min(spec.group_size, 16), META_GROUP=spec.meta_group_size,
         QUANT_META=weight.meta is not None, RUN_PER_BLOCK=run_per_block,
         SLOTS=segments.slots, SHIFT1=segments.second_shift, TAIL=segments.tail,
-        BLOCK_R=config.block_r, WARPS=config.warps, SPLIT_BATCH=16, num_warps=config.warps,
+        TILE=weight.packed.shape[3], BLOCK_R=config.block_r, WARPS=config.warps, SPLIT_BATCH=16, num_warps=config.warps,
     )
     return out
 
@@ -304,14 +306,14 @@ def dequantize_transposed(weight, dtype: torch.dtype) -> torch.Tensor:
     """The weight as a (K, N) matrix in `dtype`, by the dequantize kernel."""
     n, k = weight.shape
     spec = weight.spec
-    rows = weight.packed.shape[1]
+    rows = weight.packed_rows
     meta, runs = _meta_args(weight)
     out = torch.empty((k, n), device=weight.packed.device, dtype=dtype)
     block_k, block_r = 16, 128          # block_k divides every group size
     _dequantize_kernel[(triton.cdiv(k, block_k), triton.cdiv(rows, block_r))](
         weight.packed, weight.scale, weight.zero, meta, out, n, k, rows, rows * PER_WORD[spec.bits], runs,
         BITS=spec.bits, GROUP=spec.group_size, META_GROUP=spec.meta_group_size, QUANT_META=weight.meta is not None,
-        BLOCK_K=block_k, BLOCK_R=block_r,
+        TILE=weight.packed.shape[3], BLOCK_K=block_k, BLOCK_R=block_r,
     )
     return out
 

@@ -37,14 +37,18 @@ from .hqq import MetaCodes, QuantizedMatrix, quantize
 class QuantizedWeight:
     shape: tuple[int, int]          # (N, K), unpadded
     spec: QuantSpec
-    packed: torch.Tensor            # int32 (K, R): pack.py's words
+    packed: torch.Tensor            # int32 (K // 16, R // T, 16, T): pack.py's words
     scale: torch.Tensor             # (groups, R // 4, PER_WORD, 4): fp16, or uint8 codes with `meta`
     zero: torch.Tensor              # likewise
     meta: torch.Tensor | None       # fp32 (2 [scale, zero], 2 [step, min], runs) when spec.quant_meta
 
     @property
+    def packed_rows(self) -> int:
+        return self.packed.shape[1] * self.packed.shape[3]
+
+    @property
     def padded_rows(self) -> int:
-        return self.packed.shape[1] * bitpack.PER_WORD[self.spec.bits]
+        return self.packed_rows * bitpack.PER_WORD[self.spec.bits]
 
     def scales_and_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 (padded rows, groups) each."""
@@ -101,7 +105,8 @@ class WeightLayout:
         per = bitpack.PER_WORD[spec.bits]
         self.padded_rows = rows * per
         groups = k // spec.group_size
-        specs = [((k, rows), torch.int32)]
+        tile = bitpack.tile_rows(rows)
+        specs = [((k // bitpack.TILE_K, rows // tile, bitpack.TILE_K, tile), torch.int32)]
         meta_shape = (groups, rows // 4, per, 4)
         if spec.quant_meta:
             runs = -(-self.padded_rows * groups // spec.meta_group_size)
