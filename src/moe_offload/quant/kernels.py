@@ -67,11 +67,10 @@ SEGMENTS = {2: Segments(8, 16, 0), 3: Segments(4, 12, 2), 4: Segments(4, 16, 0),
 
 @functools.cache
 def default_config(n: int, k: int, bits: int, group_size: int, multiprocessors: int) -> KernelConfig:
-    """One packed row per thread and one group per warp: the most warps, each with few registers, to
-    keep enough loads in flight (the best tiling of benchmarks/quant_kernels.py's sweep on an H200)."""
-    groups = k // group_size
-    warps = 1 << (min(8, groups).bit_length() - 1)        # a power of two
-    return KernelConfig(32, warps, 1)
+    """One packed row per thread and one group per warp, 8 warps a program for groups of 16 and 4
+    for larger ones: the best tilings of benchmarks/quant_kernels.py's sweep on an H200."""
+    warps = min(8 if group_size == 16 else 4, k // group_size)
+    return KernelConfig(32, 1 << (warps.bit_length() - 1), 1)
 
 
 if AVAILABLE:
