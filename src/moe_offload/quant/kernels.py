@@ -159,16 +159,16 @@ if AVAILABLE:
             g_ok = g * GROUP < K
             g_safe = tl.where(g_ok, g, 0)
             # the group's scales and zeros first, so that their loads wait alongside the words'
-            base = (g_safe[None, :, None] * R + r[None, None, :]) * PER
-            at0 = base + slot[:, None, None]
+            base = (g_safe[None, :, None] * (R // 4) + r[None, None, :] // 4) * PER
+            at0 = (base + slot[:, None, None]) * 4 + r[None, None, :] % 4
             s0, z0 = _scale_and_zero(at0, s_ptr, z_ptr, meta_ptr,
                                      _runs(g_safe, r, pid_r, slot, R, ROWS, META_GROUP, BLOCK_R, RUN_PER_BLOCK),
                                      RUNS, QUANT_META, r_ok)
-            s1, z1 = _scale_and_zero(at0 + SLOTS, s_ptr, z_ptr, meta_ptr,
+            s1, z1 = _scale_and_zero(at0 + 4 * SLOTS, s_ptr, z_ptr, meta_ptr,
                                      _runs(g_safe, r, pid_r, slot + SLOTS, R, ROWS, META_GROUP, BLOCK_R, RUN_PER_BLOCK),
                                      RUNS, QUANT_META, r_ok)
             if TAIL > 0:
-                s2, z2 = _scale_and_zero(base + tail[:, None, None], s_ptr, z_ptr, meta_ptr,
+                s2, z2 = _scale_and_zero((base + tail[:, None, None]) * 4 + r[None, None, :] % 4, s_ptr, z_ptr, meta_ptr,
                                          _runs(g_safe, r, pid_r, tail, R, ROWS, META_GROUP, BLOCK_R, RUN_PER_BLOCK),
                                          RUNS, QUANT_META, r_ok)
             # sums over the group, started from the accumulators so that they take their layout
@@ -234,7 +234,7 @@ if AVAILABLE:
         word = tl.load(w_ptr + _word_at(k[:, None], r[None, :], R, TILE), mask=r_ok[None, :], other=0)
         g = k0 // GROUP
         for s in tl.static_range(PER):
-            at = (g * R + r) * PER + s                                                  # (BLOCK_R,)
+            at = ((g * (R // 4) + r // 4) * PER + s) * 4 + r % 4                        # (BLOCK_R,)
             if QUANT_META:
                 run = (g * ROWS + s * R + r) // META_GROUP
                 scale = tl.load(s_ptr + at, mask=r_ok, other=0).to(tl.float32) * tl.load(meta_ptr + run, mask=r_ok, other=0) + \

@@ -10,8 +10,9 @@
 A QuantizedWeight holds, for an (N, K) matrix: the codes packed into 32-bit words (pack.py), and
 a scale and a zero per group of `group_size` input columns and output row, as fp16, or as 8-bit
 codes plus an fp32 (step, min) per run of `meta_group_size` rows (hqq.MetaCodes). Scales and
-zeros are stored in the order the GPU kernel reads them: group-major, then the packed row, then
-the code's slot in the word, so the values a thread needs for its word are one load. Rows are padded to fill the words (the pad repeats the last row, so it
+zeros are stored in the order the GPU kernel reads them: group-major, then blocks of 4 packed
+rows, then the code's slot in the word, then the row in the block, so one thread's 4 rows of a
+slot are one 4-byte load. Rows are padded to fill the words (the pad repeats the last row, so it
 does not stretch any meta run); `linear` computes only the first N.
 
 `linear` runs the Triton kernel (kernels.py) on CUDA when Triton is installed, and elsewhere the
@@ -37,7 +38,7 @@ class QuantizedWeight:
     shape: tuple[int, int]          # (N, K), unpadded
     spec: QuantSpec
     packed: torch.Tensor            # int32 (K // 16, R // T, 16, T): pack.py's words
-    scale: torch.Tensor             # (groups, R, PER_WORD): fp16, or uint8 codes with `meta`
+    scale: torch.Tensor             # (groups, R // 4, PER_WORD, 4): fp16, or uint8 codes with `meta`
     zero: torch.Tensor              # likewise
     meta: torch.Tensor | None       # fp32 (2 [scale, zero], 2 [step, min], runs) when spec.quant_meta
 
@@ -80,10 +81,9 @@ class QuantizedWeight:
 
 
 def kernel_order(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """(padded rows, groups) -> (groups, R, PER_WORD): row s * R + r at [g, r, s], so the values of a
-    word's slots lie together and one thread, which owns the word, loads them at once."""
+    """(padded rows, groups) -> (groups, R // 4, PER_WORD, 4), row s * R + r at [g, r // 4, s, r % 4]."""
     groups, per = values.shape[1], bitpack.PER_WORD[bits]
-    return values.t().reshape(groups, per, -1).transpose(1, 2).contiguous()
+    return values.t().reshape(groups, per, -1, 4).transpose(1, 2).contiguous()
 
 
 def row_major(values: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,7 @@ class WeightLayout:
         groups = k // spec.group_size
         tile = bitpack.tile_rows(rows)
         specs = [((k // bitpack.TILE_K, rows // tile, bitpack.TILE_K, tile), torch.int32)]
-        meta_shape = (groups, rows, per)
+        meta_shape = (groups, rows // 4, per, 4)
         if spec.quant_meta:
             runs = -(-self.padded_rows * groups // spec.meta_group_size)
             specs += [(meta_shape, torch.uint8)] * 2 + [((2, 2, runs), torch.float32)]
