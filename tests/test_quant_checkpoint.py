@@ -116,6 +116,15 @@ def test_settings_that_do_not_match_the_weights_fail_with_one_line(tiny_4_2, tmp
     assert "quantize the model again" in one_error_line(capsys, GENERATE + [str(bad)])
 
 
+def test_folder_of_an_older_format_version_fails_with_one_line(tiny_4_2, tmp_path, capsys):
+    old = copy_folder(tiny_4_2, tmp_path / "old")
+    settings = json.loads((old / "quantization.json").read_text())
+    settings["version"] = 1                     # format 1 packed codes into byte planes; its buffers do not fit
+    (old / "quantization.json").write_text(json.dumps(settings))
+    line = one_error_line(capsys, GENERATE + [str(old)])
+    assert "version 2" in line and "quantize the model again" in line
+
+
 def test_quant_flag_on_a_folder_quantized_otherwise_fails_with_one_line(tiny_4_2, capsys):
     assert "already quantized" in one_error_line(capsys, GENERATE + [str(tiny_4_2), "--quant", "4/3"])
 
