@@ -113,7 +113,7 @@ def main() -> None:
         moved = fmt.nbytes + 2 * (k + n)             # the weight's buffer, x and y in bf16
         copies = [fmt.view(torch.empty_like(raw).copy_(raw))[0] for raw in [fmt.pack([weight]).to(device)] * COPIES]
         dense_copies = [dense.clone() for _ in range(COPIES)]
-        default = default_config(n, k, bits, spec.group_size, props.multi_processor_count)
+        default = default_config(k, spec.group_size)
         default_us = graph_us(lambda q: hqq_linear(x1, q, default), copies)
         best, best_us = default, default_us
         if not args.no_sweep:

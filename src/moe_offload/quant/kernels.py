@@ -7,8 +7,8 @@ weight costs three instructions: a LOP3 that keeps one code and ORs in the expon
 FADD that takes 2^23 away (int -> float without the slow conversion instruction; the code
 comes out as q * 2^pos, exact), and an FFMA with x_k. The layout (pack.py) makes this possible:
 a word holds 16 / 10 / 8 / 4 rows of one input column, words are stored k-major, and a thread
-owns 4 consecutive packed rows, so it reads one x_k per word and keeps every sum over a group's
-k inside its registers; per group it then adds s (sum_k q_k x_k - z sum_k x_k), decoding the
+owns 1 to 4 consecutive packed rows, so it reads one x_k per word and keeps every sum over a
+group's k inside its registers; per group it then adds s (sum_k q_k x_k - z sum_k x_k), decoding the
 8-bit scale and zero once per group and row.
 
 The input dimension is shared by the warps of a program and by SPLITS programs per block of
@@ -17,8 +17,8 @@ The warps add up through shared memory; the programs write fp32 partial sums, an
 to finish (an atomic counter) adds them in a fixed order, so a call is one kernel and the same
 input gives the same bits.
 
-Several rows of x (batched decode, prefill) dequantize the matrix to bf16 with a second kernel
-and use cuBLAS: with 8 or more rows the tensor cores win over any fused GEMV.
+Up to MAX_GEMV_ROWS rows of x run the GEMV once per row; more (batched decode, prefill)
+dequantize the matrix with a second kernel and use cuBLAS, whose tensor cores then win.
 
 Checked on the CPU with TRITON_INTERPRET=1 (tests/test_quant_kernels.py) and timed on the GPU by
 benchmarks/quant_kernels.py.
@@ -30,7 +30,6 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .pack import PER_WORD
 
@@ -66,7 +65,7 @@ SEGMENTS = {2: Segments(8, 16, 0), 3: Segments(4, 12, 2), 4: Segments(4, 16, 0),
 
 
 @functools.cache
-def default_config(n: int, k: int, bits: int, group_size: int, multiprocessors: int) -> KernelConfig:
+def default_config(k: int, group_size: int) -> KernelConfig:
     """One packed row per thread and one group per warp, 8 warps a program for groups of 16 and 4
     for larger ones: the best tilings of benchmarks/quant_kernels.py's sweep on an H200."""
     warps = min(8 if group_size == 16 else 4, k // group_size)
@@ -250,13 +249,6 @@ if AVAILABLE:
                      mask=(row < N)[None, :] & r_ok[None, :])
 
 
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -280,7 +272,7 @@ def hqq_gemv(x: torch.Tensor, weight, config: KernelConfig | None = None) -> tor
     n, k = weight.shape
     spec = weight.spec
     rows = weight.packed_rows
-    config = config or default_config(n, k, spec.bits, spec.group_size, _multiprocessors(x.device))
+    config = config or default_config(k, spec.group_size)
     groups = k // spec.group_size
     splits = -(-groups // (config.warps * config.groups_per_warp))
     blocks = -(-rows // config.block_r)
