@@ -111,7 +111,8 @@ def main() -> None:
             sys.exit(f"{shape_name} {bits}-bit: kernel differs from dequantize-then-matmul by {error:.3g} (relative)")
 
         moved = fmt.nbytes + 2 * (k + n)             # the weight's buffer, x and y in bf16
-        copies = [fmt.view(torch.empty_like(raw).copy_(raw))[0] for raw in [fmt.pack([weight]).to(device)] * COPIES]
+        raw = fmt.pack([weight]).to(device)
+        copies = [fmt.view(raw.clone())[0] for _ in range(COPIES)]
         dense_copies = [dense.clone() for _ in range(COPIES)]
         default = default_config(k, spec.group_size)
         default_us = graph_us(lambda q: hqq_linear(x1, q, default), copies)

@@ -132,6 +132,14 @@ if AVAILABLE:
         return total
 
     @triton.jit
+    def _store_out(out_ptr, rows0, rows1, rows2, y0, y1, y2, N, r_ok, TAIL: tl.constexpr):
+        """The three segments' sums (slots, BLOCK_R) into the output rows below N, in the output's dtype."""
+        tl.store(out_ptr + rows0, y0.to(out_ptr.dtype.element_ty), mask=(rows0 < N) & r_ok[None, :])
+        tl.store(out_ptr + rows1, y1.to(out_ptr.dtype.element_ty), mask=(rows1 < N) & r_ok[None, :])
+        if TAIL > 0:
+            tl.store(out_ptr + rows2, y2.to(out_ptr.dtype.element_ty), mask=(rows2 < N) & r_ok[None, :])
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, meta_ptr, partial_ptr, count_ptr, out_ptr, magic,
         N, K, R, ROWS, RUNS, GROUPS_PER_WARP, SPLITS,
@@ -141,18 +149,19 @@ if AVAILABLE:
         TILE: tl.constexpr, BLOCK_R: tl.constexpr, WARPS: tl.constexpr, SPLIT_BATCH: tl.constexpr,
     ):
         PER: tl.constexpr = 32 // BITS
+        TAIL_SLOTS: tl.constexpr = TAIL if TAIL > 0 else 1      # tensors need a size; unused without a tail
         pid_r, pid_split = tl.program_id(0), tl.program_id(1)
         r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = r < R
         warp = tl.arange(0, WARPS)
         first_group = (pid_split * WARPS + warp) * GROUPS_PER_WARP                  # (W,)
         slot = tl.arange(0, SLOTS)
-        tail = 2 * SLOTS + tl.arange(0, TAIL if TAIL > 0 else 1)
+        tail = 2 * SLOTS + tl.arange(0, TAIL_SLOTS)
 
         # (slots, warps, rows): the warps then fall on the warps axis, and a thread keeps every slot of its rows
         acc0 = tl.zeros((SLOTS, WARPS, BLOCK_R), dtype=tl.float32)
         acc1 = tl.zeros((SLOTS, WARPS, BLOCK_R), dtype=tl.float32)
-        acc2 = tl.zeros((TAIL if TAIL > 0 else 1, WARPS, BLOCK_R), dtype=tl.float32)
+        acc2 = tl.zeros((TAIL_SLOTS, WARPS, BLOCK_R), dtype=tl.float32)
         for i in range(GROUPS_PER_WARP):
             g = first_group + i                                                          # (W,)
             g_ok = g * GROUP < K
@@ -194,10 +203,7 @@ if AVAILABLE:
         rows2 = tail[:, None] * R + r[None, :]
         sum0, sum1, sum2 = tl.sum(acc0, axis=1), tl.sum(acc1, axis=1), tl.sum(acc2, axis=1)
         if SPLITS == 1:
-            tl.store(out_ptr + rows0, sum0.to(out_ptr.dtype.element_ty), mask=(rows0 < N) & r_ok[None, :])
-            tl.store(out_ptr + rows1, sum1.to(out_ptr.dtype.element_ty), mask=(rows1 < N) & r_ok[None, :])
-            if TAIL > 0:
-                tl.store(out_ptr + rows2, sum2.to(out_ptr.dtype.element_ty), mask=(rows2 < N) & r_ok[None, :])
+            _store_out(out_ptr, rows0, rows1, rows2, sum0, sum1, sum2, N, r_ok, TAIL)
         else:
             # each program writes its partial sums; the last of a block of rows adds them in order
             ROWS_PADDED = R * PER
@@ -211,12 +217,10 @@ if AVAILABLE:
             if arrived == SPLITS - 1:
                 total0 = _sum_partials(partial_ptr, rows0, r_ok, SPLITS, ROWS_PADDED, SPLIT_BATCH)
                 total1 = _sum_partials(partial_ptr, rows1, r_ok, SPLITS, ROWS_PADDED, SPLIT_BATCH)
+                total2 = sum2 * 0.0
                 if TAIL > 0:
                     total2 = _sum_partials(partial_ptr, rows2, r_ok, SPLITS, ROWS_PADDED, SPLIT_BATCH)
-                tl.store(out_ptr + rows0, total0.to(out_ptr.dtype.element_ty), mask=(rows0 < N) & r_ok[None, :])
-                tl.store(out_ptr + rows1, total1.to(out_ptr.dtype.element_ty), mask=(rows1 < N) & r_ok[None, :])
-                if TAIL > 0:
-                    tl.store(out_ptr + rows2, total2.to(out_ptr.dtype.element_ty), mask=(rows2 < N) & r_ok[None, :])
+                _store_out(out_ptr, rows0, rows1, rows2, total0, total1, total2, N, r_ok, TAIL)
                 tl.atomic_xchg(count_ptr + pid_r, 0)    # ready for the next call
 
     @triton.jit
