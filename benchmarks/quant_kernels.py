@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import subprocess
 import sys
 import time
@@ -80,9 +81,10 @@ def measured_bandwidth() -> float:
     return 2 * src.numel() / (time_ms(lambda: dst.copy_(src)) * 1e-3)
 
 
-def sweep_configs():
-    for block_r, warps, per_warp in itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 4)):
-        yield KernelConfig(block_r, warps, per_warp)
+def sweep_configs(group_size: int):
+    for rows, warps, columns in itertools.product((2, 4, 8), (4, 8), (64, 128, 256, 512)):
+        if columns >= group_size:
+            yield KernelConfig(rows, warps, columns // group_size)
 
 
 def main() -> None:
@@ -114,11 +116,11 @@ def main() -> None:
         raw = fmt.pack([weight]).to(device)
         copies = [fmt.view(raw.clone())[0] for _ in range(COPIES)]
         dense_copies = [dense.clone() for _ in range(COPIES)]
-        default = default_config(k, spec.group_size)
+        default = default_config(spec.group_size)
         default_us = graph_us(lambda q: hqq_linear(x1, q, default), copies)
         best, best_us = default, default_us
         if not args.no_sweep:
-            for config in sweep_configs():
+            for config in sweep_configs(spec.group_size):
                 try:
                     us = graph_us(lambda q: hqq_linear(x1, q, config), copies)
                 except (triton.runtime.errors.OutOfResources, RuntimeError):
@@ -157,7 +159,8 @@ def main() -> None:
         meets_target_default=all(r["default_bandwidth_fraction"] >= TARGET and r["speedup_vs_bf16_default"] > 1 for r in rows),
         meets_target_best=all(r["best_bandwidth_fraction"] >= TARGET and r["speedup_vs_bf16_best"] > 1 for r in rows),
         rows=rows, torch=torch.__version__, triton=triton.__version__,
-        git_commit=subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        git_commit=os.environ.get("MOE_OFFLOAD_COMMIT")     # the device's copy of the tree may report a stale HEAD
+        or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
         timing=f"CUDA graph replay over {COPIES} copies of the weight (L2-cold, no launch cost); eager_us: do_bench, launch included",
         command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     )

@@ -31,31 +31,30 @@ def real_matrix(name: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bits", QUANT_BITS)
-@pytest.mark.parametrize("rows", [1, 7, 64, 83])
-def test_pack_then_unpack_is_exact_for_every_bit_width(bits, rows):
-    q = torch.randint(0, 2 ** bits, (rows, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(rows))
+@pytest.mark.parametrize("rows,k", [(1, 48), (7, 16), (64, 96), (83, 208)])
+def test_pack_then_unpack_is_exact_for_every_bit_width(bits, rows, k):
+    q = torch.randint(0, 2 ** bits, (rows, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(rows))
     packed = bitpack.pack(q, bits)
-    packed_rows = bitpack.packed_rows(rows, bits)
-    assert packed.dtype == torch.int32 and packed_rows % 4 == 0
-    assert packed.shape == (3, packed_rows // 4, 16, 4)      # tiles of 16 columns by 4 packed rows
-    assert bitpack.PER_WORD[bits] * bits >= 30          # at most 2 bits of a word unused (3 bits: 10 codes)
-    assert torch.equal(bitpack.unpack(packed, bits, rows), q)
+    assert packed.dtype == torch.int32
+    assert packed.shape == (-(-k * bits // 32), bitpack.padded_rows(rows))   # no bit wasted but the last word's
+    unpacked = bitpack.unpack(packed, bits, k)
+    assert torch.equal(unpacked[:rows], q) and (unpacked[rows:] == q[-1]).all()   # the pad repeats the last row
 
 
-def test_pack_puts_code_s_of_a_word_at_bits_s_times_width():
-    q = torch.tensor([[1], [2], [3], [0], [3], [1], [0], [2]], dtype=torch.uint8).expand(-1, 16)  # 8 rows: R = 4
+def test_pack_puts_code_k_of_a_row_at_bits_k_times_width_and_straddles_words_at_3_bits():
+    q = torch.tensor([[1, 2, 3, 0, 7, 5, 6, 4, 1, 2, 3]], dtype=torch.uint8)     # 33 bits: code 10 spans words 0 and 1
+    packed = bitpack.pack(q, 3)
+    stream = sum(int(code) << (3 * k) for k, code in enumerate(q[0]))
+    low, high = stream & 0xFFFFFFFF, stream >> 32
+    assert packed[:, 0].tolist() == [low - 2 ** 32 if low >= 2 ** 31 else low, high]
+
+
+def test_pack_stores_words_with_the_rows_innermost_and_uses_the_sign_bit():
+    q = torch.full((40, 32), 3, dtype=torch.uint8)           # every 2-bit code set: all 32 bits of a word
+    q[5, 16:] = 0
     packed = bitpack.pack(q, 2)
-    # word (0, r) holds rows r, r + 4, r + 8, ... at bits 0, 2, 4, ... (rows beyond 8 are zero padding)
-    assert packed[0, 0, 0].tolist() == [1 | 3 << 2, 2 | 1 << 2, 3 | 0 << 2, 0 | 2 << 2]
-
-
-def test_pack_stores_tiles_k_major_and_uses_the_sign_bit():
-    q = torch.full((16 * 256, 32), 3, dtype=torch.uint8)          # every 2-bit code set: all 32 bits of a word
-    q[:, 1] = 0
-    packed = bitpack.pack(q, 2)
-    assert packed.shape == (2, 8, 16, 32)                          # 256 packed rows: tiles of 32
-    assert (packed[:, :, 0] == -1).all() and (packed[0, :, 1] == 0).all()
-    assert torch.equal(bitpack.unpack(packed, 2, 16 * 256), q)
+    assert packed.shape == (2, 64)                           # (words per row, rows padded to 64)
+    assert (packed[0] == -1).all() and packed[1, 5] == 0 and (packed[1, :5] == -1).all()
 
 
 @pytest.mark.parametrize("name", REAL_MATRICES)

@@ -34,14 +34,19 @@ def quantized(n: int, k: int, spec: QuantSpec, device="cpu", seed: int = 0):
 
 CPU_CASES = {   # (rows of x, config)
     "gemv": (1, None),
-    "gemv_split_k": (1, KernelConfig(32, 2, 1)),            # programs add partial sums; the last split is ragged
-    "gemv_one_program": (1, KernelConfig(64, 1, 6)),
+    "gemv_split_k": (1, KernelConfig(2, 2, 4)),             # programs add partial sums; the last split is ragged
+    "gemv_one_program": (1, KernelConfig(8, 1, 6)),
     "gemv_each_row": (3, None),
     "dequantize_then_matmul": (6, None),
 }
-CPU_SHAPES = {   # (N, K): a padded last word and meta runs across a block of rows; blocks with one meta run
+CPU_SHAPES = {   # (N, K): padded rows and a ragged block of rows; several blocks of rows
     "ragged": (37, 192),
     "aligned": (1024, 64),
+}
+CPU_SPECS = {   # meta runs that a thread's rows share, or not; a group the GEMV does not tile (dequantize + matmul)
+    "runs_of_128": lambda bits: QuantSpec(bits, 32, quant_meta=bits != 4),
+    "runs_of_6": lambda bits: QuantSpec(bits, 64, meta_group_size=6),
+    "groups_of_16": lambda bits: QuantSpec(bits, 16),
 }
 
 
@@ -49,10 +54,11 @@ CPU_SHAPES = {   # (N, K): a padded last word and meta runs across a block of ro
 @pytest.mark.parametrize("bits", QUANT_BITS)
 @pytest.mark.parametrize("case", CPU_CASES)
 @pytest.mark.parametrize("shape", CPU_SHAPES)
-def test_interpreted_kernel_matches_dequantize_then_matmul(bits, case, shape):
+@pytest.mark.parametrize("spec", CPU_SPECS)
+def test_interpreted_kernel_matches_dequantize_then_matmul(bits, case, shape, spec):
     m, config = CPU_CASES[case]
     n, k = CPU_SHAPES[shape]
-    w = quantized(n, k, QuantSpec(bits, 32, quant_meta=bits != 4))
+    w = quantized(n, k, CPU_SPECS[spec](bits))
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
     expected = F.linear(x, w.dequantize())
     actual = hqq_linear(x, w, config)

@@ -1,52 +1,53 @@
-"""Bit packing of quantized codes into 32-bit words, along the output dimension, stored k-major.
+"""Bit packing of quantized codes: each output row's codes as one bit stream along K, in 32-bit words.
 
-    words = pack(q, bits)               # q uint8 (N, K) -> int32 (K // 16, R // T, 16, T), R = packed_rows(N, bits)
-    q = unpack(words, bits, N)          # exact inverse
+    words = pack(q, bits)               # q uint8 (N, K) -> int32 (words_per_row(K, bits), padded_rows(N))
+    q = unpack(words, bits, K)          # uint8 (padded_rows(N), K); the first N rows are q
 
-A word holds PER_WORD[bits] codes of one input column k, from rows r, r + R, r + 2R, ... (R =
-packed_rows): code s of word (k, r) is row s * R + r, at bits [s * bits, (s + 1) * bits). Words
-are stored k-major (word (k, r) at k * R + r), so a GPU thread that owns a few consecutive r reads
-whole words along k: every word it loads is PER_WORD rows times one input x_k, and the sum over
-a quantization group stays inside the thread (quant/kernels.py). 2, 4 and 8 bits fill the word;
-3 bits put 10 codes in 30 bits (2 bits of 32 unused). R is a multiple of 4 (a 16-byte load of
-words); the rows beyond N are padding.
+Code k of a row sits at bits [k * bits, (k + 1) * bits) of the row's stream, word j holding
+stream bits [32 j, 32 j + 32): 16 codes a word at 2 bits, 8 at 4, 4 at 8, and at 3 bits a code
+may straddle two words (32 codes fill 3 words; nothing is wasted). Words are stored word-major
+(word j of row n at [j, n]), so the GPU threads that own consecutive rows read consecutive
+words, and a thread's few rows are one vector load (quant/kernels.py). Rows are padded to a
+multiple of ROW_MULTIPLE by repeating the last row.
 """
 
 from __future__ import annotations
 
 import torch
 
-PER_WORD = {2: 16, 3: 10, 4: 8, 8: 4}   # codes per 32-bit word
-TILE_K = 16                               # input columns per tile: the smallest group size
+ROW_MULTIPLE = 32
 
 
-def packed_rows(rows: int, bits: int) -> int:
-    """R: words per input column, a multiple of 32 (of 4 below 256 words)."""
-    words = -(-rows // PER_WORD[bits])
-    multiple = 32 if words >= 256 else 4
-    return -(-words // multiple) * multiple
+def padded_rows(rows: int) -> int:
+    return -(-rows // ROW_MULTIPLE) * ROW_MULTIPLE
 
 
-def tile_rows(packed: int) -> int:
-    return 32 if packed % 32 == 0 else 4
+def words_per_row(k: int, bits: int) -> int:
+    return -(-k * bits // 32)
+
+
+def pad_rows(matrix: torch.Tensor) -> torch.Tensor:
+    """matrix (N, ...) -> (padded_rows(N), ...), the last row repeated."""
+    pad = padded_rows(matrix.shape[0]) - matrix.shape[0]
+    return torch.cat([matrix, matrix[-1:].expand(pad, *matrix.shape[1:])]) if pad else matrix
 
 
 def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
-    per, rows, k = PER_WORD[bits], packed_rows(q.shape[0], bits), q.shape[1]
-    tile = tile_rows(rows)
-    padded = q.new_zeros((per * rows, k), dtype=torch.int64)
-    padded[:q.shape[0]] = q
-    slots = padded.view(per, rows, k).transpose(1, 2)                   # (PER, K, R)
-    shifts = torch.arange(per, device=q.device).view(per, 1, 1) * bits
-    word = (slots << shifts).sum(0)                                     # (K, R); distinct bits: the sum is an OR
-    word = torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32)
-    return word.view(k // TILE_K, TILE_K, rows // tile, tile).transpose(1, 2).contiguous()
+    rows, k = q.shape
+    start = torch.arange(k, device=q.device) * bits
+    word, offset = start // 32, start % 32
+    shifted = pad_rows(q).long() << offset                             # (NP, K), below 2^39
+    stream = torch.zeros(padded_rows(rows), words_per_row(k, bits) + 1, dtype=torch.int64, device=q.device)
+    stream.index_add_(1, word, shifted & 0xFFFFFFFF)                   # distinct bits: the sums are ORs
+    stream.index_add_(1, word + 1, shifted >> 32)                      # the part of a straddling code
+    stream = stream[:, :-1]
+    return torch.where(stream >= 2 ** 31, stream - 2 ** 32, stream).to(torch.int32).t().contiguous()
 
 
-def unpack(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
-    per = PER_WORD[bits]
-    k_tiles, r_tiles, tile_k, tile = words.shape
-    word = words.transpose(1, 2).reshape(k_tiles * tile_k, r_tiles * tile)  # (K, R)
-    shifts = torch.arange(per, device=words.device).view(per, 1, 1) * bits
-    slots = (word.long()[None] >> shifts) & (2 ** bits - 1)              # (PER, K, R)
-    return slots.transpose(1, 2).reshape(per * word.shape[1], -1)[:rows].to(torch.uint8)
+def unpack(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    stream = words.t().long() & 0xFFFFFFFF                              # (NP, W)
+    stream = torch.cat([stream, torch.zeros_like(stream[:, :1])], dim=1)
+    start = torch.arange(k, device=words.device) * bits
+    word, offset = start // 32, start % 32
+    pair = stream[:, word] | (stream[:, word + 1] << 32)                # both words a code may touch
+    return ((pair >> offset) & (2 ** bits - 1)).to(torch.uint8)

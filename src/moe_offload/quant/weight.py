@@ -7,13 +7,13 @@
 
     experts = HQQExpertFormat(hidden, ffn, spec)         # experts.ExpertFormat: w1, w2, w3 in one buffer
 
-A QuantizedWeight holds, for an (N, K) matrix: the codes packed into 32-bit words (pack.py), and
-a scale and a zero per group of `group_size` input columns and output row, as fp16, or as 8-bit
-codes plus an fp32 (step, min) per run of `meta_group_size` rows (hqq.MetaCodes). Scales and
-zeros are stored in the order the GPU kernel reads them: group-major, then blocks of 4 packed
-rows, then the code's slot in the word, then the row in the block, so one thread's 4 rows of a
-slot are one 4-byte load. Rows are padded to fill the words (the pad repeats the last row, so it
-does not stretch any meta run); `linear` computes only the first N.
+A QuantizedWeight holds, for an (N, K) matrix: each row's codes packed along K into 32-bit
+words (pack.py), and a scale and a zero per group of `group_size` input columns and output row,
+as fp16, or as 8-bit codes plus an fp32 (step, min) per run of `meta_group_size` rows
+(hqq.MetaCodes). Words, scales and zeros are all stored with the rows innermost ((words, rows)
+and (groups, rows)), the order the GPU kernel reads them: a thread's few consecutive rows are one
+load. Rows are padded to pack.ROW_MULTIPLE (the pad repeats the last row, so it does not stretch
+any meta run); `linear` computes only the first N.
 
 `linear` runs the Triton kernel (kernels.py) on CUDA when Triton is installed, and elsewhere the
 slow twin: dequantize to x's dtype, then matmul.
@@ -37,22 +37,18 @@ from .hqq import MetaCodes, QuantizedMatrix, quantize
 class QuantizedWeight:
     shape: tuple[int, int]          # (N, K), unpadded
     spec: QuantSpec
-    packed: torch.Tensor            # int32 (K // 16, R // T, 16, T): pack.py's words
-    scale: torch.Tensor             # (groups, R // 4, PER_WORD, 4): fp16, or uint8 codes with `meta`
+    packed: torch.Tensor            # int32 (words per row, padded rows): pack.py's words
+    scale: torch.Tensor             # (groups, padded rows): fp16, or uint8 codes with `meta`
     zero: torch.Tensor              # likewise
     meta: torch.Tensor | None       # fp32 (2 [scale, zero], 2 [step, min], runs) when spec.quant_meta
 
     @property
-    def packed_rows(self) -> int:
-        return self.packed.shape[1] * self.packed.shape[3]
-
-    @property
     def padded_rows(self) -> int:
-        return self.packed_rows * bitpack.PER_WORD[self.spec.bits]
+        return self.packed.shape[1]
 
     def scales_and_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 (padded rows, groups) each."""
-        scale, zero = (row_major(t) for t in (self.scale, self.zero))
+        scale, zero = self.scale.t(), self.zero.t()
         if self.meta is None:
             return scale.float(), zero.float()
         group = self.spec.meta_group_size
@@ -63,7 +59,7 @@ class QuantizedWeight:
         """(N, K) in `dtype`, computed in fp32."""
         scale, zero = self.scales_and_zeros()
         rows, k = self.padded_rows, self.shape[1]
-        q = bitpack.unpack(self.packed, self.spec.bits, rows)
+        q = bitpack.unpack(self.packed, self.spec.bits, k)
         grouped = q.view(rows, k // self.spec.group_size, self.spec.group_size).float()
         weight = ((grouped - zero[..., None]) * scale[..., None]).view(rows, k)
         return weight[:self.shape[0]].to(dtype)
@@ -80,18 +76,6 @@ class QuantizedWeight:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero, self.meta) if t is not None)
 
 
-def kernel_order(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """(padded rows, groups) -> (groups, R // 4, PER_WORD, 4), row s * R + r at [g, r // 4, s, r % 4]."""
-    groups, per = values.shape[1], bitpack.PER_WORD[bits]
-    return values.t().reshape(groups, per, -1, 4).transpose(1, 2).contiguous()
-
-
-def row_major(values: torch.Tensor) -> torch.Tensor:
-    """kernel_order's inverse."""
-    groups = values.shape[0]
-    return values.transpose(1, 2).reshape(groups, -1).t()
-
-
 class WeightLayout:
     """The tensors of one quantized (N, K) matrix: their shapes and dtypes, and how to fill them."""
 
@@ -101,13 +85,10 @@ class WeightLayout:
             raise ConfigError(f"quantization: a ({n}, {k}) weight cannot be cut into groups of {spec.group_size} "
                               f"input columns; choose a group size that divides {k}")
         self.shape, self.spec = (n, k), spec
-        rows = bitpack.packed_rows(n, spec.bits)
-        per = bitpack.PER_WORD[spec.bits]
-        self.padded_rows = rows * per
+        self.padded_rows = bitpack.padded_rows(n)
         groups = k // spec.group_size
-        tile = bitpack.tile_rows(rows)
-        specs = [((k // bitpack.TILE_K, rows // tile, bitpack.TILE_K, tile), torch.int32)]
-        meta_shape = (groups, rows // 4, per, 4)
+        specs = [((bitpack.words_per_row(k, spec.bits), self.padded_rows), torch.int32)]
+        meta_shape = (groups, self.padded_rows)
         if spec.quant_meta:
             runs = -(-self.padded_rows * groups // spec.meta_group_size)
             specs += [(meta_shape, torch.uint8)] * 2 + [((2, 2, runs), torch.float32)]
@@ -119,16 +100,13 @@ class WeightLayout:
         """weight (N, K) -> the layout's tensors, on weight's device."""
         if tuple(weight.shape) != self.shape:
             raise ValueError(f"expected a weight of shape {list(self.shape)}, got {list(weight.shape)}")
-        pad = self.padded_rows - self.shape[0]
-        padded = torch.cat([weight, weight[-1:].expand(pad, -1)]) if pad else weight
-        matrix: QuantizedMatrix = quantize(padded, self.spec)
+        matrix: QuantizedMatrix = quantize(bitpack.pad_rows(weight), self.spec)
         tensors = [bitpack.pack(matrix.q, self.spec.bits)]
-        bits = self.spec.bits
         if self.spec.quant_meta:
             scale, zero = matrix.scale, matrix.zero
             meta = torch.stack([torch.stack([scale.step, scale.minimum]), torch.stack([zero.step, zero.minimum])])
-            return tensors + [kernel_order(scale.codes, bits), kernel_order(zero.codes, bits), meta]
-        return tensors + [kernel_order(matrix.scale, bits), kernel_order(matrix.zero, bits)]
+            return tensors + [scale.codes.t().contiguous(), zero.codes.t().contiguous(), meta]
+        return tensors + [matrix.scale.t().contiguous(), matrix.zero.t().contiguous()]
 
     def assemble(self, tensors: Sequence[torch.Tensor]) -> QuantizedWeight:
         packed, scale, zero, *meta = tensors
