@@ -173,10 +173,10 @@ if AVAILABLE:
                 tl.atomic_xchg(count_ptr + pid_rows, 0)    # ready for the next call
 
     @triton.jit
-    def _dequantize_kernel(w_ptr, s_ptr, z_ptr, meta_ptr, out_ptr, N, K, NP, WORDS, RUNS,
+    def _dequantize_kernel(w_ptr, s_ptr, z_ptr, meta_ptr, out_ptr, N, NP, WORDS, RUNS,
                            BITS: tl.constexpr, GROUP: tl.constexpr, META_GROUP: tl.constexpr,
                            QUANT_META: tl.constexpr, BLOCK_N: tl.constexpr):
-        """One group of input columns for BLOCK_N rows -> out (K, N), the transposed weight."""
+        """One group of input columns for BLOCK_N rows -> out (K, N), the transposed weight, 16 columns at a time."""
         MASK: tl.constexpr = (1 << BITS) - 1
         g = tl.program_id(0)
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -191,15 +191,16 @@ if AVAILABLE:
         else:
             scale = tl.load(s_ptr + at, mask=ok, other=0).to(tl.float32)
             zero = tl.load(z_ptr + at, mask=ok, other=0).to(tl.float32)
-        for c in range(GROUP):
-            k = g * GROUP + c
-            word, bit = k * BITS // 32, k * BITS % 32
-            low = tl.load(w_ptr + word * NP + rows, mask=ok, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+        for first in tl.static_range(0, GROUP, 16):
+            k = g * GROUP + first + tl.arange(0, 16)
+            word, bit = k * BITS // 32, (k * BITS % 32).to(tl.uint64)
+            low = tl.load(w_ptr + word[:, None] * NP + rows[None, :], mask=ok[None, :], other=0)
             # the last word has no next one; its codes do not straddle, so any word will do there
-            high = tl.load(w_ptr + tl.minimum(word + 1, WORDS - 1) * NP + rows, mask=ok, other=0)
-            pair = low | (high.to(tl.uint32, bitcast=True).to(tl.uint64) << 32)
-            q = ((pair >> bit) & MASK).to(tl.float32)
-            tl.store(out_ptr + k * N + rows, ((q - zero) * scale).to(out_ptr.dtype.element_ty), mask=rows < N)
+            high = tl.load(w_ptr + tl.minimum(word + 1, WORDS - 1)[:, None] * NP + rows[None, :], mask=ok[None, :], other=0)
+            pair = low.to(tl.uint32, bitcast=True).to(tl.uint64) | (high.to(tl.uint32, bitcast=True).to(tl.uint64) << 32)
+            q = ((pair >> bit[:, None]) & MASK).to(tl.float32)
+            tl.store(out_ptr + k[:, None] * N + rows[None, :], ((q - zero[None, :]) * scale[None, :]).to(out_ptr.dtype.element_ty),
+                     mask=(rows < N)[None, :])
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -220,8 +221,8 @@ def _meta_args(weight) -> tuple[torch.Tensor, int]:
     return weight.meta, weight.meta.shape[-1]
 
 
-def hqq_gemv(x: torch.Tensor, weight, config: KernelConfig | None = None) -> torch.Tensor:
-    """x (K,) -> (N,) in x's dtype."""
+def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | None = None) -> None:
+    """out (N,) = weight @ x (K,), in out's dtype."""
     n, k = weight.shape
     spec = weight.spec
     config = config or default_config(spec.group_size)
@@ -231,7 +232,6 @@ def hqq_gemv(x: torch.Tensor, weight, config: KernelConfig | None = None) -> tor
     padded = weight.padded_rows
     blocks = -(-padded // (threads * config.rows_per_thread))
     meta, runs = _meta_args(weight)
-    out = torch.empty(n, device=x.device, dtype=x.dtype)
     partial = torch.empty((splits, padded) if splits > 1 else (1,), device=x.device, dtype=torch.float32)
     _gemv_kernel[(blocks, splits)](
         x, weight.packed, weight.scale, weight.zero, meta, partial, _counters(x.device, blocks), out, MAGIC,
@@ -240,7 +240,6 @@ def hqq_gemv(x: torch.Tensor, weight, config: KernelConfig | None = None) -> tor
         QUANT_META=weight.meta is not None, ROWS_PER_THREAD=config.rows_per_thread, THREADS=threads, SPLIT_BATCH=8,
         num_warps=config.warps,
     )
-    return out
 
 
 def dequantize_transposed(weight, dtype: torch.dtype) -> torch.Tensor:
@@ -251,7 +250,7 @@ def dequantize_transposed(weight, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty((k, n), device=weight.packed.device, dtype=dtype)
     block_n = 128
     _dequantize_kernel[(k // spec.group_size, triton.cdiv(weight.padded_rows, block_n))](
-        weight.packed, weight.scale, weight.zero, meta, out, n, k, weight.padded_rows, weight.packed.shape[0], runs,
+        weight.packed, weight.scale, weight.zero, meta, out, n, weight.padded_rows, weight.packed.shape[0], runs,
         BITS=spec.bits, GROUP=spec.group_size, META_GROUP=spec.meta_group_size, QUANT_META=weight.meta is not None,
         BLOCK_N=block_n,
     )
@@ -265,7 +264,9 @@ def hqq_linear(x: torch.Tensor, weight, config: KernelConfig | None = None) -> t
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if x2.shape[0] <= MAX_GEMV_ROWS and gemv_tiles(weight.spec.bits, weight.spec.group_size):
-        out = torch.stack([hqq_gemv(row, weight, config) for row in x2])
+        out = torch.empty((x2.shape[0], n), device=x.device, dtype=x.dtype)
+        for row, out_row in zip(x2, out):
+            hqq_gemv(row, weight, out_row, config)
     else:
         out = x2 @ dequantize_transposed(weight, x2.dtype)
     return out.view(*x.shape[:-1], n)
