@@ -197,7 +197,7 @@ class OffloadConfig:
 
 
 QUANT_BITS = (2, 3, 4, 8)
-QUANT_GROUP_SIZES = (16, 32, 64, 128)        # powers of two: the GPU kernel reshapes tiles by them
+QUANT_GROUP_SIZES = (16, 32, 64, 128)        # the GPU kernels step through a group 16 codes at a time
 PAPER_GROUP_SIZE = {2: 16, 3: 64, 4: 64, 8: 64}   # the paper's HQQ settings (experts 2-bit g16; 3-, 4-bit g64)
 PAPER_BITS = (4, 2)                          # the paper's default: 4-bit attention, 2-bit experts
 
