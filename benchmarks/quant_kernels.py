@@ -10,7 +10,7 @@ In one run, on one card:
    a small sweep, the bandwidth achieved over the bytes the kernel must read (packed codes, scales,
    zeros, meta, x) and write, as a fraction of the measured bandwidth, and a bf16 GEMV of the same
    shape (cuBLAS through F.linear);
-3. batch 4 and batch 512 (prefill) times next to bf16, for reference.
+3. batch 4, batch 8 (the GEMV's largest) and batch 512 (prefill) times next to bf16, for reference.
 Kernel times replay a CUDA graph of one call on each of COPIES copies of the weight at different
 addresses (more bytes than the L2 cache holds, so every call reads from memory), without the
 Python launch cost; `eager_us` is the same call launched from Python (triton.testing.do_bench,
@@ -131,6 +131,7 @@ def main() -> None:
         default_ms, best_ms = default_us * 1e-3, best_us * 1e-3
         bf16_ms = graph_us(lambda d: F.linear(x1, d), dense_copies) * 1e-3
         x4 = torch.randn(4, k, device=device, dtype=torch.bfloat16)
+        x8 = torch.randn(8, k, device=device, dtype=torch.bfloat16)
         x512 = torch.randn(512, k, device=device, dtype=torch.bfloat16)
         row = dict(
             shape=shape_name, n=n, k=k, bits=bits, group_size=spec.group_size, quant_meta=spec.quant_meta,
@@ -142,6 +143,7 @@ def main() -> None:
             speedup_vs_bf16_default=bf16_ms / default_ms, speedup_vs_bf16_best=bf16_ms / best_ms,
             eager_us=time_ms(lambda: hqq_linear(x1, w)) * 1e3, bf16_eager_us=time_ms(lambda: F.linear(x1, dense)) * 1e3,
             batch4_us=graph_us(lambda q: hqq_linear(x4, q), copies), bf16_batch4_us=graph_us(lambda d: F.linear(x4, d), dense_copies),
+            batch8_us=graph_us(lambda q: hqq_linear(x8, q), copies), bf16_batch8_us=graph_us(lambda d: F.linear(x8, d), dense_copies),
             batch512_us=graph_us(lambda q: hqq_linear(x512, q), copies),
             bf16_batch512_us=graph_us(lambda d: F.linear(x512, d), dense_copies),
         )
@@ -151,6 +153,7 @@ def main() -> None:
               f"({row['best_bandwidth_fraction']:.0%}) {vars(best)}, bf16 {row['bf16_gemv_us']:7.1f} us "
               f"({row['bf16_bandwidth_fraction']:.0%}); eager {row['eager_us']:.1f} vs {row['bf16_eager_us']:.1f} us; "
               f"batch 4 {row['batch4_us']:.1f} vs {row['bf16_batch4_us']:.1f} us; "
+              f"batch 8 {row['batch8_us']:.1f} vs {row['bf16_batch8_us']:.1f} us; "
               f"batch 512 {row['batch512_us']:.1f} vs {row['bf16_batch512_us']:.1f} us", flush=True)
 
     summary = dict(

@@ -36,8 +36,9 @@ CPU_CASES = {   # (rows of x, config)
     "gemv": (1, None),
     "gemv_split_k": (1, KernelConfig(2, 2, 4)),             # programs add partial sums; the last split is ragged
     "gemv_one_program": (1, KernelConfig(8, 1, 6)),
-    "gemv_each_row": (3, None),
-    "dequantize_then_matmul": (6, None),
+    "gemv_three_rows": (3, None),                            # rows of x share the decoded codes
+    "gemv_eight_rows_split_k": (8, KernelConfig(2, 2, 4)),
+    "dequantize_then_matmul": (9, None),
 }
 CPU_SHAPES = {   # (N, K): padded rows and a ragged block of rows; several blocks of rows
     "ragged": (37, 192),
@@ -72,7 +73,7 @@ MIXTRAL_SHAPES = ((14336, 4096), (4096, 14336))   # w1/w3 and w2 of one expert
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", QUANT_BITS)
 @pytest.mark.parametrize("shape", MIXTRAL_SHAPES)
-@pytest.mark.parametrize("m", [1, 4, 100])
+@pytest.mark.parametrize("m", [1, 4, 8, 100])
 def test_gpu_kernel_matches_dequantize_then_matmul(bits, shape, m):
     spec = QuantSpec(bits)
     w = quantized(*shape, spec, device="cuda")

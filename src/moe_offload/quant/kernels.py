@@ -20,9 +20,10 @@ The input dimension is shared by SPLITS programs per block of rows (a Mixtral ex
 one to finish (an atomic counter) adds them in a fixed order, so a call is one kernel and the
 same input gives the same bits.
 
-Up to MAX_GEMV_ROWS rows of x run the GEMV once per row; more (batched decode, prefill), and
-groups the GEMV does not tile (3-bit groups of 16 codes end mid-word), dequantize the matrix with
-a second kernel and use cuBLAS, whose tensor cores then win.
+Up to MAX_GEMV_ROWS rows of x (batched decode) share one GEMV: each code is decoded once and
+multiplied into every row's sums. More rows (prefill), and groups the GEMV does not tile (3-bit
+groups of 16 codes end mid-word), dequantize the matrix with a second kernel and use cuBLAS,
+whose tensor cores then win.
 
 Checked on the CPU with TRITON_INTERPRET=1 (tests/test_quant_kernels.py) and timed on the GPU by
 benchmarks/quant_kernels.py.
@@ -42,7 +43,7 @@ except ImportError:   # CPU installs: weight.py falls back to dequantize-then-ma
     AVAILABLE = False
 
 MAGIC = 0x4B000000          # the bits of 2^23: with a code ORed into the mantissa, 2^23 + code
-MAX_GEMV_ROWS = 4           # more rows of x than this: dequantize, then cuBLAS
+MAX_GEMV_ROWS = 8           # more rows of x than this: dequantize, then cuBLAS
 SPLIT_COLUMNS = 128         # input columns a program covers by default
 
 
@@ -122,54 +123,86 @@ if AVAILABLE:
             return code.to(tl.float32)
 
     @triton.jit
-    def _sum_partials(partial_ptr, rows, ok, SPLITS, NP, BATCH: tl.constexpr):
-        """The programs' partial sums at `rows`, BATCH loads in flight at a time, added in a fixed order."""
+    def _splat(value, X_ROWS: tl.constexpr):
+        """(value,) * X_ROWS: one per row of x."""
+        values = ()
+        for _ in tl.static_range(X_ROWS):
+            values = values + (value,)
+        return values
+
+    @triton.jit
+    def _group_sums(words, x_ptr, g, K, magic, zeros, BITS: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr,
+                    X_ROWS: tl.constexpr):
+        """For each row m of x: (sum_k q_k x_mk over group g, (THREADS, ROWS)), and sum_k x_mk: two tuples."""
+        STEP_WORDS: tl.constexpr = STEP * BITS // 32
+        dots = _splat(zeros, X_ROWS)
+        x_sums = _splat(0.0, X_ROWS)
+        for step in tl.static_range(GROUP // STEP):
+            for c in tl.static_range(STEP):
+                k = g * GROUP + step * STEP + c
+                q = _code(words, step * STEP_WORDS, c, magic, BITS)      # decoded once, used by every row of x
+                new_dots = ()
+                new_sums = ()
+                for m in tl.static_range(X_ROWS):
+                    xk = tl.load(x_ptr + m * K + k).to(tl.float32)
+                    new_dots = new_dots + (dots[m] + q * xk,)
+                    new_sums = new_sums + (x_sums[m] + xk,)
+                dots, x_sums = new_dots, new_sums
+        return dots, x_sums
+
+    @triton.jit
+    def _sum_partials(partial_ptr, rows, ok, SPLITS, STRIDE, BATCH: tl.constexpr):
+        """The programs' partial sums at `rows` (one per STRIDE elements), BATCH loads in flight at a time,
+        added in a fixed order."""
         total = tl.zeros(rows.shape, dtype=tl.float32)
         for first in range(0, SPLITS, BATCH):
             for i in tl.static_range(BATCH):
                 split_ok = ok & (tl.full(rows.shape, first + i, tl.int32) < SPLITS)
-                total += tl.load(partial_ptr + (first + i) * NP + rows, mask=split_ok, other=0, cache_modifier=".cg")
+                total += tl.load(partial_ptr + (first + i) * STRIDE + rows, mask=split_ok, other=0, cache_modifier=".cg")
         return total
 
     @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, meta_ptr, partial_ptr, count_ptr, out_ptr, magic,
-        N, NP, RUNS, GROUPS, GROUPS_PER_SPLIT, SPLITS,
+        N, K, NP, RUNS, GROUPS, GROUPS_PER_SPLIT, SPLITS,
         BITS: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr, META_GROUP: tl.constexpr,
-        QUANT_META: tl.constexpr, ROWS_PER_THREAD: tl.constexpr, THREADS: tl.constexpr, SPLIT_BATCH: tl.constexpr,
+        QUANT_META: tl.constexpr, X_ROWS: tl.constexpr, ROWS_PER_THREAD: tl.constexpr, THREADS: tl.constexpr,
+        SPLIT_BATCH: tl.constexpr,
     ):
-        STEP_WORDS: tl.constexpr = STEP * BITS // 32
         pid_rows, pid_split = tl.program_id(0), tl.program_id(1)
         first_row = (pid_rows * THREADS + tl.arange(0, THREADS)) * ROWS_PER_THREAD                 # (THREADS,)
         rows = first_row[:, None] + tl.arange(0, ROWS_PER_THREAD)[None, :]                         # (THREADS, ROWS)
         ok = rows < NP
         g0 = pid_split * GROUPS_PER_SPLIT
         g1 = tl.minimum(g0 + GROUPS_PER_SPLIT, GROUPS)
-        acc = tl.zeros((THREADS, ROWS_PER_THREAD), dtype=tl.float32)
+        zeros = tl.zeros((THREADS, ROWS_PER_THREAD), dtype=tl.float32)
+        acc = _splat(zeros, X_ROWS)
         ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g0, first_row, rows, ok, NP, RUNS,
                        BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD)
         for g in range(g0, g1):
             words, scale, zero, meta = ahead
             ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, tl.minimum(g + 1, g1 - 1), first_row, rows, ok, NP, RUNS,
                            BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD)
-            dot = tl.zeros((THREADS, ROWS_PER_THREAD), dtype=tl.float32)      # sum_k q_k x_k
-            x_sum = 0.0
-            for step in tl.static_range(GROUP // STEP):
-                for c in tl.static_range(STEP):
-                    xk = tl.load(x_ptr + g * GROUP + step * STEP + c).to(tl.float32)
-                    x_sum += xk
-                    dot += _code(words, step * STEP_WORDS, c, magic, BITS) * xk
-            acc += _decode(scale, meta, 0, magic, QUANT_META) * (dot - _decode(zero, meta, 2, magic, QUANT_META) * x_sum)
+            dots, x_sums = _group_sums(words, x_ptr, g, K, magic, zeros, BITS, GROUP, STEP, X_ROWS)
+            scale = _decode(scale, meta, 0, magic, QUANT_META)
+            zero = _decode(zero, meta, 2, magic, QUANT_META)
+            new_acc = ()
+            for m in tl.static_range(X_ROWS):
+                new_acc = new_acc + (acc[m] + scale * (dots[m] - zero * x_sums[m]),)
+            acc = new_acc
 
         if SPLITS == 1:
-            tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=rows < N)
+            for m in tl.static_range(X_ROWS):
+                tl.store(out_ptr + m * N + rows, acc[m].to(out_ptr.dtype.element_ty), mask=rows < N)
         else:
-            tl.store(partial_ptr + pid_split * NP + rows, acc, mask=ok)
+            for m in tl.static_range(X_ROWS):        # partial sums (SPLITS, X_ROWS, NP)
+                tl.store(partial_ptr + (pid_split * X_ROWS + m) * NP + rows, acc[m], mask=ok)
             tl.debug_barrier()
             arrived = tl.atomic_add(count_ptr + pid_rows, 1, sem="acq_rel", scope="gpu")
             if arrived == SPLITS - 1:
-                total = _sum_partials(partial_ptr, rows, ok, SPLITS, NP, SPLIT_BATCH)
-                tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=rows < N)
+                for m in tl.static_range(X_ROWS):
+                    total = _sum_partials(partial_ptr + m * NP, rows, ok, SPLITS, X_ROWS * NP, SPLIT_BATCH)
+                    tl.store(out_ptr + m * N + rows, total.to(out_ptr.dtype.element_ty), mask=rows < N)
                 tl.atomic_xchg(count_ptr + pid_rows, 0)    # ready for the next call
 
     @triton.jit
@@ -222,7 +255,8 @@ def _meta_args(weight) -> tuple[torch.Tensor, int]:
 
 
 def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | None = None) -> None:
-    """out (N,) = weight @ x (K,), in out's dtype."""
+    """out (M, N) = x (M, K) @ weight.T for 1 to MAX_GEMV_ROWS rows, in out's dtype; x and out contiguous."""
+    rows_of_x = x.shape[0]
     n, k = weight.shape
     spec = weight.spec
     config = config or default_config(spec.group_size)
@@ -232,13 +266,13 @@ def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | 
     padded = weight.padded_rows
     blocks = -(-padded // (threads * config.rows_per_thread))
     meta, runs = _meta_args(weight)
-    partial = torch.empty((splits, padded) if splits > 1 else (1,), device=x.device, dtype=torch.float32)
+    partial = torch.empty((splits, rows_of_x, padded) if splits > 1 else (1,), device=x.device, dtype=torch.float32)
     _gemv_kernel[(blocks, splits)](
         x, weight.packed, weight.scale, weight.zero, meta, partial, _counters(x.device, blocks), out, MAGIC,
-        n, padded, runs, groups, config.groups_per_split, splits,
+        n, k, padded, runs, groups, config.groups_per_split, splits,
         BITS=spec.bits, GROUP=spec.group_size, STEP=codes_per_step(spec.bits), META_GROUP=spec.meta_group_size,
-        QUANT_META=weight.meta is not None, ROWS_PER_THREAD=config.rows_per_thread, THREADS=threads, SPLIT_BATCH=8,
-        num_warps=config.warps,
+        QUANT_META=weight.meta is not None, X_ROWS=rows_of_x, ROWS_PER_THREAD=config.rows_per_thread,
+        THREADS=threads, SPLIT_BATCH=8, num_warps=config.warps,
     )
 
 
@@ -265,8 +299,7 @@ def hqq_linear(x: torch.Tensor, weight, config: KernelConfig | None = None) -> t
         x2 = x2.contiguous()
     if x2.shape[0] <= MAX_GEMV_ROWS and gemv_tiles(weight.spec.bits, weight.spec.group_size):
         out = torch.empty((x2.shape[0], n), device=x.device, dtype=x.dtype)
-        for row, out_row in zip(x2, out):
-            hqq_gemv(row, weight, out_row, config)
+        hqq_gemv(x2, weight, out, config)
     else:
         out = x2 @ dequantize_transposed(weight, x2.dtype)
     return out.view(*x.shape[:-1], n)
