@@ -110,9 +110,14 @@ if AVAILABLE:
                 run = ((g * NP + first_row) // META_GROUP)[:, None]      # a thread's rows share one run
             else:
                 run = (g * NP + rows) // META_GROUP
-            meta = (tl.load(meta_ptr + run), tl.load(meta_ptr + RUNS + run),
-                    tl.load(meta_ptr + 2 * RUNS + run), tl.load(meta_ptr + 3 * RUNS + run))
+            meta = _meta(meta_ptr, run, RUNS)
         return words, scale, zero, meta
+
+    @triton.jit
+    def _meta(meta_ptr, run, RUNS):
+        """The (scale step, scale min, zero step, zero min) of meta runs `run`: a tuple."""
+        return (tl.load(meta_ptr + run), tl.load(meta_ptr + RUNS + run),
+                tl.load(meta_ptr + 2 * RUNS + run), tl.load(meta_ptr + 3 * RUNS + run))
 
     @triton.jit
     def _decode(code, meta, first: tl.constexpr, magic, QUANT_META: tl.constexpr):
@@ -206,7 +211,7 @@ if AVAILABLE:
                 tl.atomic_xchg(count_ptr + pid_rows, 0)    # ready for the next call
 
     @triton.jit
-    def _dequantize_kernel(w_ptr, s_ptr, z_ptr, meta_ptr, out_ptr, N, NP, WORDS, RUNS,
+    def _dequantize_kernel(w_ptr, s_ptr, z_ptr, meta_ptr, out_ptr, magic, N, NP, WORDS, RUNS,
                            BITS: tl.constexpr, GROUP: tl.constexpr, META_GROUP: tl.constexpr,
                            QUANT_META: tl.constexpr, BLOCK_N: tl.constexpr):
         """One group of input columns for BLOCK_N rows -> out (K, N), the transposed weight, 16 columns at a time."""
@@ -215,15 +220,11 @@ if AVAILABLE:
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = rows < NP
         at = g * NP + rows
+        meta = ()
         if QUANT_META:
-            run = (g * NP + rows) // META_GROUP
-            scale = tl.load(s_ptr + at, mask=ok, other=0).to(tl.float32) * tl.load(meta_ptr + run, mask=ok, other=0) + \
-                tl.load(meta_ptr + RUNS + run, mask=ok, other=0)
-            zero = tl.load(z_ptr + at, mask=ok, other=0).to(tl.float32) * tl.load(meta_ptr + 2 * RUNS + run, mask=ok, other=0) + \
-                tl.load(meta_ptr + 3 * RUNS + run, mask=ok, other=0)
-        else:
-            scale = tl.load(s_ptr + at, mask=ok, other=0).to(tl.float32)
-            zero = tl.load(z_ptr + at, mask=ok, other=0).to(tl.float32)
+            meta = _meta(meta_ptr, (g * NP + tl.minimum(rows, NP - 1)) // META_GROUP, RUNS)
+        scale = _decode(tl.load(s_ptr + at, mask=ok, other=0), meta, 0, magic, QUANT_META)
+        zero = _decode(tl.load(z_ptr + at, mask=ok, other=0), meta, 2, magic, QUANT_META)
         for first in tl.static_range(0, GROUP, 16):
             k = g * GROUP + first + tl.arange(0, 16)
             word, bit = k * BITS // 32, (k * BITS % 32).to(tl.uint64)
@@ -284,7 +285,7 @@ def dequantize_transposed(weight, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty((k, n), device=weight.packed.device, dtype=dtype)
     block_n = 128
     _dequantize_kernel[(k // spec.group_size, triton.cdiv(weight.padded_rows, block_n))](
-        weight.packed, weight.scale, weight.zero, meta, out, n, weight.padded_rows, weight.packed.shape[0], runs,
+        weight.packed, weight.scale, weight.zero, meta, out, MAGIC, n, weight.padded_rows, weight.packed.shape[0], runs,
         BITS=spec.bits, GROUP=spec.group_size, META_GROUP=spec.meta_group_size, QUANT_META=weight.meta is not None,
         BLOCK_N=block_n,
     )
