@@ -64,7 +64,8 @@ def test_interpreted_kernel_matches_dequantize_then_matmul(bits, case, shape, sp
     expected = F.linear(x, w.dequantize())
     actual = hqq_linear(x, w, config)
     assert actual.shape == expected.shape
-    assert (actual - expected).abs().max() <= 1e-5 * expected.abs().max()
+    # codes decode to 2^(23 - p) + code, 2^(23 - p) <= 2^8 (kernels.WINDOW_BITS): ~2^-16 of the largest output
+    assert (actual - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
 MIXTRAL_SHAPES = ((14336, 4096), (4096, 14336))   # w1/w3 and w2 of one expert

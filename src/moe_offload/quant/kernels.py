@@ -5,15 +5,14 @@
 Decode (one row of x) is a fused dequantize-and-multiply GEMV. A thread owns a few consecutive
 output rows (KernelConfig.rows_per_thread); their words (pack.py: each row's codes along K, words
 stored with the rows innermost) arrive in one vector load per word, and x is the same for every
-thread, so a group's dot products stay in the thread's registers. Each code costs three
-instructions: a LOP3 that keeps the code and ORs in an exponent chosen so that the code's
-lowest bit weighs 1 (the float is then 2^m + code, exact), an FADD that takes 2^m away (an
-int -> float conversion without the slow instruction), and an FFMA with x_k. Codes sit at most at
-bit 15 of a 32-bit window (the word, or the word shifted by 16 bits, or two words' halves for a
-3-bit code that straddles them), so every code fits the float's 23-bit mantissa. Per group a thread
-then adds s (sum_k q_k x_k - z sum_k x_k), decoding each row's 8-bit scale and zero once. A
-thread loads the next group's words, scales and zeros before it works on the current group, so
-the loads' latency hides behind the arithmetic.
+thread, so a group's dot products stay in the thread's registers. Each code costs two
+instructions: a LOP3 that keeps the code, shifted into the top bits of a float's mantissa (one shift
+per few codes: a "window"), and ORs in an exponent chosen so that the code's lowest bit weighs 1 (the
+float is then 2^m + code, exact, with 2^m <= 2^8), and an FFMA with x_k. The 2^m are not taken away
+code by code: per group a thread adds s (sum_k f_k x_k - z sum_k x_k - sum_k 2^m_k x_k), the last
+two sums shared by the thread's rows, decoding each row's 8-bit scale and zero once. x arrives four
+bf16 at a time, converted by bit shifts. A thread loads the next group's words, scales and zeros
+before it works on the current group, so the loads' latency hides behind the arithmetic.
 
 The input dimension is shared by SPLITS programs per block of rows (a Mixtral expert matrix has
 4096-14336 rows: too few threads to fill the GPU). The programs write fp32 partial sums; the last
@@ -71,26 +70,53 @@ def gemv_tiles(bits: int, group_size: int) -> bool:
 
 
 if AVAILABLE:
+    # The GEMV decodes a code in the top WINDOW_BITS bits of the float's mantissa (_code): the float is then
+    # 2^(23 - POS) + code with 2^(23 - POS) <= 2^8, so a group's sums carry offsets up to 2^8 |x| and keep
+    # 16 of fp32's 24 bits for the products (about 2^-16 relative error). Wider windows need fewer shifts
+    # but lose more: 12 bits measured 5e-4.
+    WINDOW_BITS = tl.constexpr(8)
+
     @triton.jit
-    def _code(words, first: tl.constexpr, c: tl.constexpr, magic, BITS: tl.constexpr):
-        """Code c of the stream that starts at words[first] -> fp32, exact; words: tuple of uint32 tensors."""
-        MASK: tl.constexpr = (1 << BITS) - 1
-        WORD: tl.constexpr = first + c * BITS // 32
-        BIT: tl.constexpr = c * BITS % 32
-        if BIT + BITS <= 23:
-            window = words[WORD]
-            POS: tl.constexpr = BIT
-        elif BIT + BITS > 32:      # 3 bits: the code straddles two words
-            window = (words[WORD] >> 16) | (words[WORD + 1] << 16)
-            POS: tl.constexpr = BIT - 16
+    def _code(words, c: tl.constexpr, magic, BITS: tl.constexpr):
+        """Code c of the stream in `words` (a tuple of uint32 tensors) as the fp32 2^(23 - POS) + code, exact:
+        its window of stream bits (the same shifted word, or funnel of two words, for every code in it; the
+        compiler computes it once) holds it at float bit POS, and a LOP3 keeps it and ORs in the exponent."""
+        SPAN: tl.constexpr = WINDOW_BITS.value // BITS * BITS   # whole codes per window
+        LOWEST: tl.constexpr = 23 - SPAN                  # the float bit a window's first stream bit lands on
+        BIT: tl.constexpr = c * BITS
+        START: tl.constexpr = BIT // SPAN * SPAN
+        POS: tl.constexpr = LOWEST + BIT - START
+        WORD: tl.constexpr = START // 32
+        OFFSET: tl.constexpr = START % 32 - LOWEST        # right shift of words[WORD] (negative: left)
+        if START % 32 + SPAN > 32 and WORD + 1 < len(words):      # the window crosses into the next word
+            window = (words[WORD] >> OFFSET) | (words[WORD + 1] << (32 - OFFSET))
+        elif OFFSET >= 0:
+            window = words[WORD] >> OFFSET
         else:
-            window = words[WORD] >> 16
-            POS: tl.constexpr = BIT - 16
+            window = words[WORD] << -OFFSET
         # the exponent of 2^(23 - POS), from `magic` at run time so that the compiler keeps the OR
         # and the AND in one LOP3 instead of materialising a second constant for every code
         exponent = (magic - (POS << 23)).to(tl.uint32, bitcast=True)
-        OFFSET: tl.constexpr = float(2 ** (23 - POS))
-        return ((window & (MASK << POS)) | exponent).to(tl.float32, bitcast=True) - OFFSET
+        MASK: tl.constexpr = (1 << BITS) - 1
+        return ((window & (MASK << POS)) | exponent).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _code_offset(c: tl.constexpr, BITS: tl.constexpr):
+        """The 2^(23 - POS) that _code's float for code c carries besides the code."""
+        SPAN: tl.constexpr = WINDOW_BITS.value // BITS * BITS
+        return float(2 ** (SPAN - c * BITS % SPAN))
+
+    @triton.jit
+    def _x_quad(x_ptr, k):
+        """x[k:k + 4] as four fp32 scalars; bf16 by bit shifts from one 8-byte load (k a multiple of 4)."""
+        if x_ptr.dtype.element_ty == tl.bfloat16:
+            pair = tl.load((x_ptr + k).to(tl.pointer_type(tl.uint64)))
+            low, high = pair.to(tl.uint32), (pair >> 32).to(tl.uint32)
+            return ((low << 16).to(tl.float32, bitcast=True), (low & 0xFFFF0000).to(tl.float32, bitcast=True),
+                    (high << 16).to(tl.float32, bitcast=True), (high & 0xFFFF0000).to(tl.float32, bitcast=True))
+        else:
+            return (tl.load(x_ptr + k).to(tl.float32), tl.load(x_ptr + k + 1).to(tl.float32),
+                    tl.load(x_ptr + k + 2).to(tl.float32), tl.load(x_ptr + k + 3).to(tl.float32))
 
     @triton.jit
     def _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g, first_row, rows, ok, NP, RUNS,
@@ -120,12 +146,21 @@ if AVAILABLE:
                 tl.load(meta_ptr + 2 * RUNS + run), tl.load(meta_ptr + 3 * RUNS + run))
 
     @triton.jit
-    def _decode(code, meta, first: tl.constexpr, magic, QUANT_META: tl.constexpr):
-        """A scale or zero as fp32: an 8-bit code times its run's step plus min, or fp16 as it is."""
+    def _decode(code, meta, first: tl.constexpr, QUANT_META: tl.constexpr):
+        """A scale or zero as fp32 `value * step + min`: an 8-bit code (the exact 2^8 + code, from the code at
+        float bits 15-22, less 2^8: exact too) with its run's step and min, or an fp16 value with step 1 and
+        min 0. Returns (value, step, min). (Folding the 2^8 into min instead loses the value when a run is
+        constant: its step is then 1, far above the values.)"""
         if QUANT_META:
-            return ((code.to(tl.int32) | magic).to(tl.float32, bitcast=True) - 8388608.0) * meta[first] + meta[first + 1]
+            return ((code.to(tl.uint32) << 15) | 0x43800000).to(tl.float32, bitcast=True) - 256.0, meta[first], meta[first + 1]
         else:
-            return code.to(tl.float32)
+            return code.to(tl.float32), 1.0, 0.0
+
+    @triton.jit
+    def _decoded(code, meta, first: tl.constexpr, QUANT_META: tl.constexpr):
+        """A scale or zero as fp32."""
+        value, step, min = _decode(code, meta, first, QUANT_META)
+        return value * step + min
 
     @triton.jit
     def _splat(value, X_ROWS: tl.constexpr):
@@ -138,22 +173,44 @@ if AVAILABLE:
     @triton.jit
     def _group_sums(words, x_ptr, g, K, magic, zeros, BITS: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr,
                     X_ROWS: tl.constexpr):
-        """For each row m of x: (sum_k q_k x_mk over group g, (THREADS, ROWS)), and sum_k x_mk: two tuples."""
+        """For each row m of x, over group g: sum_k f_k x_mk ((THREADS, ROWS), f_k the codes as _code's floats),
+        sum_k x_mk, and sum_k (f_k - q_k) x_mk (what the floats carry besides the codes): three tuples."""
         STEP_WORDS: tl.constexpr = STEP * BITS // 32
+        PLACES: tl.constexpr = WINDOW_BITS.value // BITS      # codes a window holds, each with its own offset
         dots = _splat(zeros, X_ROWS)
-        x_sums = _splat(0.0, X_ROWS)
+        place_sums = _splat(0.0, X_ROWS * PLACES)            # sum of x_mk over the codes at each place
         for step in tl.static_range(GROUP // STEP):
-            for c in tl.static_range(STEP):
-                k = g * GROUP + step * STEP + c
-                q = _code(words, step * STEP_WORDS, c, magic, BITS)      # decoded once, used by every row of x
-                new_dots = ()
-                new_sums = ()
+            step_words = ()
+            for i in tl.static_range(STEP_WORDS):
+                step_words = step_words + (words[step * STEP_WORDS + i],)
+            for quad in tl.static_range(0, STEP, 4):
+                k = g * GROUP + step * STEP + quad
+                xs = ()
                 for m in tl.static_range(X_ROWS):
-                    xk = tl.load(x_ptr + m * K + k).to(tl.float32)
-                    new_dots = new_dots + (dots[m] + q * xk,)
-                    new_sums = new_sums + (x_sums[m] + xk,)
-                dots, x_sums = new_dots, new_sums
-        return dots, x_sums
+                    xs = xs + _x_quad(x_ptr + m * K, k)
+                for i in tl.static_range(4):
+                    q = _code(step_words, quad + i, magic, BITS)      # decoded once, used by every row of x
+                    new_dots = ()
+                    new_sums = ()
+                    for m in tl.static_range(X_ROWS):
+                        new_dots = new_dots + (dots[m] + q * xs[4 * m + i],)
+                        for place in tl.static_range(PLACES):
+                            if place == (quad + i) % PLACES:
+                                new_sums = new_sums + (place_sums[m * PLACES + place] + xs[4 * m + i],)
+                            else:
+                                new_sums = new_sums + (place_sums[m * PLACES + place],)
+                    dots, place_sums = new_dots, new_sums
+        x_sums = ()
+        offset_sums = ()
+        for m in tl.static_range(X_ROWS):
+            x_sum = place_sums[m * PLACES]
+            offset_sum = _code_offset(0, BITS) * place_sums[m * PLACES]
+            for place in tl.static_range(1, PLACES):
+                x_sum += place_sums[m * PLACES + place]
+                offset_sum += _code_offset(place, BITS) * place_sums[m * PLACES + place]
+            x_sums = x_sums + (x_sum,)
+            offset_sums = offset_sums + (offset_sum,)
+        return dots, x_sums, offset_sums
 
     @triton.jit
     def _sum_partials(partial_ptr, rows, ok, SPLITS, STRIDE, BATCH: tl.constexpr):
@@ -188,12 +245,14 @@ if AVAILABLE:
             words, scale, zero, meta = ahead
             ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, tl.minimum(g + 1, g1 - 1), first_row, rows, ok, NP, RUNS,
                            BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD)
-            dots, x_sums = _group_sums(words, x_ptr, g, K, magic, zeros, BITS, GROUP, STEP, X_ROWS)
-            scale = _decode(scale, meta, 0, magic, QUANT_META)
-            zero = _decode(zero, meta, 2, magic, QUANT_META)
+            dots, x_sums, offset_sums = _group_sums(words, x_ptr, g, K, magic, zeros, BITS, GROUP, STEP, X_ROWS)
+            scale = _decoded(scale, meta, 0, QUANT_META)
+            zero, zero_step, zero_min = _decode(zero, meta, 2, QUANT_META)
             new_acc = ()
             for m in tl.static_range(X_ROWS):
-                new_acc = new_acc + (acc[m] + scale * (dots[m] - zero * x_sums[m]),)
+                # z X + M as zero (zero_step X) + (zero_min X + M): per row two FFMAs, the rest per thread
+                offset = zero * (zero_step * x_sums[m]) + (zero_min * x_sums[m] + offset_sums[m])
+                new_acc = new_acc + (acc[m] + scale * (dots[m] - offset),)
             acc = new_acc
 
         if SPLITS == 1:
@@ -211,7 +270,7 @@ if AVAILABLE:
                 tl.atomic_xchg(count_ptr + pid_rows, 0)    # ready for the next call
 
     @triton.jit
-    def _dequantize_kernel(w_ptr, s_ptr, z_ptr, meta_ptr, out_ptr, magic, N, NP, WORDS, RUNS,
+    def _dequantize_kernel(w_ptr, s_ptr, z_ptr, meta_ptr, out_ptr, N, NP, WORDS, RUNS,
                            BITS: tl.constexpr, GROUP: tl.constexpr, META_GROUP: tl.constexpr,
                            QUANT_META: tl.constexpr, BLOCK_N: tl.constexpr):
         """One group of input columns for BLOCK_N rows -> out (K, N), the transposed weight, 16 columns at a time."""
@@ -223,8 +282,8 @@ if AVAILABLE:
         meta = ()
         if QUANT_META:
             meta = _meta(meta_ptr, (g * NP + tl.minimum(rows, NP - 1)) // META_GROUP, RUNS)
-        scale = _decode(tl.load(s_ptr + at, mask=ok, other=0), meta, 0, magic, QUANT_META)
-        zero = _decode(tl.load(z_ptr + at, mask=ok, other=0), meta, 2, magic, QUANT_META)
+        scale = _decoded(tl.load(s_ptr + at, mask=ok, other=0), meta, 0, QUANT_META)
+        zero = _decoded(tl.load(z_ptr + at, mask=ok, other=0), meta, 2, QUANT_META)
         for first in tl.static_range(0, GROUP, 16):
             k = g * GROUP + first + tl.arange(0, 16)
             word, bit = k * BITS // 32, (k * BITS % 32).to(tl.uint64)
@@ -285,7 +344,7 @@ def dequantize_transposed(weight, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty((k, n), device=weight.packed.device, dtype=dtype)
     block_n = 128
     _dequantize_kernel[(k // spec.group_size, triton.cdiv(weight.padded_rows, block_n))](
-        weight.packed, weight.scale, weight.zero, meta, out, MAGIC, n, weight.padded_rows, weight.packed.shape[0], runs,
+        weight.packed, weight.scale, weight.zero, meta, out, n, weight.padded_rows, weight.packed.shape[0], runs,
         BITS=spec.bits, GROUP=spec.group_size, META_GROUP=spec.meta_group_size, QUANT_META=weight.meta is not None,
         BLOCK_N=block_n,
     )
@@ -296,8 +355,8 @@ def hqq_linear(x: torch.Tensor, weight, config: KernelConfig | None = None) -> t
     """x (..., K) -> (..., N) in x's dtype; `config` overrides the GEMV's default tiling (benchmarks)."""
     n, k = weight.shape
     x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    if x2.stride(-1) != 1 or x2.data_ptr() % 16:       # the GEMV reads x 8 bytes at a time
+        x2 = x2.clone(memory_format=torch.contiguous_format)
     if x2.shape[0] <= MAX_GEMV_ROWS and gemv_tiles(weight.spec.bits, weight.spec.group_size):
         out = torch.empty((x2.shape[0], n), device=x.device, dtype=x.dtype)
         hqq_gemv(x2, weight, out, config)
