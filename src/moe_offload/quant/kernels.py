@@ -159,8 +159,8 @@ if AVAILABLE:
     @triton.jit
     def _decoded(code, meta, first: tl.constexpr, QUANT_META: tl.constexpr):
         """A scale or zero as fp32."""
-        value, step, min = _decode(code, meta, first, QUANT_META)
-        return value * step + min
+        value, step, minimum = _decode(code, meta, first, QUANT_META)
+        return value * step + minimum
 
     @triton.jit
     def _splat(value, X_ROWS: tl.constexpr):
