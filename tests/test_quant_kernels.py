@@ -34,10 +34,11 @@ def quantized(n: int, k: int, spec: QuantSpec, device="cpu", seed: int = 0):
 
 CPU_CASES = {   # (rows of x, config)
     "gemv": (1, None),
-    "gemv_split_k": (1, KernelConfig(2, 2, 4)),             # programs add partial sums; the last split is ragged
-    "gemv_one_program": (1, KernelConfig(8, 1, 6)),
+    "gemv_split_k": (1, KernelConfig(2, 2, 4, unrolled=True)),   # programs add partial sums; the last split is ragged
+    "gemv_loop": (1, KernelConfig(2, 2, 4, unrolled=False)),
+    "gemv_one_program": (1, KernelConfig(8, 1, 6, unrolled=True)),    # a thread's codes in two words
     "gemv_three_rows": (3, None),                            # rows of x share the decoded codes
-    "gemv_eight_rows_split_k": (8, KernelConfig(2, 2, 4)),
+    "gemv_eight_rows_split_k": (8, KernelConfig(2, 2, 4, unrolled=False)),
     "dequantize_then_matmul": (9, None),
 }
 CPU_SHAPES = {   # (N, K): padded rows and a ragged block of rows; several blocks of rows
@@ -66,6 +67,13 @@ def test_interpreted_kernel_matches_dequantize_then_matmul(bits, case, shape, sp
     assert actual.shape == expected.shape
     # codes decode to 2^(23 - p) + code, 2^(23 - p) <= 2^8 (kernels.WINDOW_BITS): ~2^-16 of the largest output
     assert (actual - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run is for CPU-only machines")
+def test_gemv_refuses_rows_per_thread_that_split_a_word_of_scale_codes():
+    w = quantized(64, 64, QuantSpec(2, 16))
+    with pytest.raises(ValueError, match="rows_per_thread must be 1, 2 or a multiple of 4"):
+        hqq_linear(torch.randn(1, 64), w, KernelConfig(3, 1, 4, unrolled=True))
 
 
 MIXTRAL_SHAPES = ((14336, 4096), (4096, 14336))   # w1/w3 and w2 of one expert

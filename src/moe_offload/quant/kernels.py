@@ -11,8 +11,10 @@ per few codes: a "window"), and ORs in an exponent chosen so that the code's low
 float is then 2^m + code, exact, with 2^m <= 2^8), and an FFMA with x_k. The 2^m are not taken away
 code by code: per group a thread adds s (sum_k f_k x_k - z sum_k x_k - sum_k 2^m_k x_k), the last
 two sums shared by the thread's rows, decoding each row's 8-bit scale and zero once. x arrives four
-bf16 at a time, converted by bit shifts. A thread loads the next group's words, scales and zeros
-before it works on the current group, so the loads' latency hides behind the arithmetic.
+bf16 at a time, converted by bit shifts. For one row of x a program's groups are unrolled into
+straight-line code, so that the compiler sees what each load feeds and issues the loads well ahead of
+it; with more rows (more registers per group) they are a loop that loads the next group's words,
+scales and zeros before it works on the current group.
 
 The input dimension is shared by SPLITS programs per block of rows (a Mixtral expert matrix has
 4096-14336 rows: too few threads to fill the GPU). The programs write fp32 partial sums; the last
@@ -51,12 +53,15 @@ class KernelConfig:
     rows_per_thread: int    # consecutive output rows a thread owns (one vector load of words)
     warps: int              # warps per program, each on its own rows
     groups_per_split: int   # quantization groups each program sums before the programs' partials are added
+    unrolled: bool          # a program's groups as straight-line code (else a loop: fewer registers)
 
 
-def default_config(group_size: int) -> KernelConfig:
-    """4 rows a thread, 4 warps, SPLIT_COLUMNS input columns a program: the best tilings of
-    benchmarks/quant_kernels.py's sweep on an H200 for groups of 16 and 64."""
-    return KernelConfig(4, 4, max(1, SPLIT_COLUMNS // group_size))
+def default_config(group_size: int, rows_of_x: int = 1) -> KernelConfig:
+    """4 rows a thread, 4 warps, SPLIT_COLUMNS input columns a program, the groups unrolled for one row
+    of x: the best of benchmarks/quant_kernels.py's sweep and of benchmarks/results/gpu-2026-11-28/
+    gemv_unrolled.txt on an H200 (unrolled: 8-12 % faster at batch 1, 2x slower at 8 rows of x, 2 bits;
+    256 columns unrolled: slower than 128)."""
+    return KernelConfig(4, 4, max(1, SPLIT_COLUMNS // group_size), unrolled=rows_of_x == 1)
 
 
 def codes_per_step(bits: int) -> int:
@@ -121,15 +126,20 @@ if AVAILABLE:
     @triton.jit
     def _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g, first_row, rows, ok, NP, RUNS,
                BITS: tl.constexpr, GROUP: tl.constexpr, META_GROUP: tl.constexpr, QUANT_META: tl.constexpr,
-               ROWS_PER_THREAD: tl.constexpr):
-        """What group g's sums read from memory: its words (a tuple), scale and zero codes, and meta."""
+               ROWS_PER_THREAD: tl.constexpr, CODE_WORDS: tl.constexpr):
+        """What group g's sums read from memory: its words (a tuple), scale and zero codes, and meta. CODE_WORDS:
+        8-bit codes stay in the words that hold them (_code_words), else (THREADS, ROWS) codes or fp16 values."""
         first_word = g * (GROUP * BITS // 32)
         words = ()
         for i in tl.static_range(GROUP * BITS // 32):
             words = words + (tl.load(w_ptr + (first_word + i) * NP + rows, mask=ok, other=0).to(tl.uint32, bitcast=True),)
-        at = g * NP + rows
-        scale = tl.load(s_ptr + at, mask=ok, other=0)
-        zero = tl.load(z_ptr + at, mask=ok, other=0)
+        if CODE_WORDS:
+            scale = _code_words(s_ptr, g, first_row, NP, ROWS_PER_THREAD)
+            zero = _code_words(z_ptr, g, first_row, NP, ROWS_PER_THREAD)
+        else:
+            at = g * NP + rows
+            scale = tl.load(s_ptr + at, mask=ok, other=0)
+            zero = tl.load(z_ptr + at, mask=ok, other=0)
         meta = ()
         if QUANT_META:
             if META_GROUP % ROWS_PER_THREAD == 0:
@@ -138,6 +148,28 @@ if AVAILABLE:
                 run = (g * NP + rows) // META_GROUP
             meta = _meta(meta_ptr, run, RUNS)
         return words, scale, zero, meta
+
+    @triton.jit
+    def _code_words(codes_ptr, g, first_row, NP, ROWS_PER_THREAD: tl.constexpr):
+        """Group g's 8-bit scale (or zero) codes of the thread's rows in the 32-bit words that hold them, four
+        rows a word ((THREADS, words)), for _row_codes to take apart where they are used."""
+        WORDS: tl.constexpr = (ROWS_PER_THREAD + 3) // 4
+        word = tl.arange(0, WORDS)[None, :]
+        first_word = ((g * NP + first_row) // 4)[:, None]
+        return tl.load(codes_ptr.to(tl.pointer_type(tl.uint32)) + first_word + word,
+                       mask=first_row[:, None] + 4 * word < NP, other=0)
+
+    @triton.jit
+    def _row_codes(codes, first_row, ROWS_PER_THREAD: tl.constexpr, CODE_WORDS: tl.constexpr):
+        """_fetch's scales or zeros -> (THREADS, ROWS): each row's code or value."""
+        if CODE_WORDS:
+            if ROWS_PER_THREAD % 4 == 0:
+                bytes_ = codes[:, :, None] >> (8 * tl.arange(0, 4))[None, None, :]
+                return tl.reshape(bytes_, (codes.shape[0], ROWS_PER_THREAD)) & 0xFF
+            else:   # 1 or 2 rows: one word holds them
+                return (codes >> (8 * (first_row[:, None] % 4 + tl.arange(0, ROWS_PER_THREAD)[None, :]))) & 0xFF
+        else:
+            return codes
 
     @triton.jit
     def _meta(meta_ptr, run, RUNS):
@@ -213,6 +245,24 @@ if AVAILABLE:
         return dots, x_sums, offset_sums
 
     @triton.jit
+    def _add_group(acc, fetched, x_ptr, g, K, counts, first_row, magic, zeros, BITS: tl.constexpr, GROUP: tl.constexpr,
+                   STEP: tl.constexpr, QUANT_META: tl.constexpr, X_ROWS: tl.constexpr, ROWS_PER_THREAD: tl.constexpr,
+                   CODE_WORDS: tl.constexpr):
+        """acc + group g's products (fetched: _fetch's values), or acc unchanged where not `counts`."""
+        words, scale, zero, meta = fetched
+        dots, x_sums, offset_sums = _group_sums(words, x_ptr, g, K, magic, zeros, BITS, GROUP, STEP, X_ROWS)
+        scale = _row_codes(scale, first_row, ROWS_PER_THREAD, CODE_WORDS)
+        zero = _row_codes(zero, first_row, ROWS_PER_THREAD, CODE_WORDS)
+        scale = tl.where(counts, _decoded(scale, meta, 0, QUANT_META), 0.0)
+        zero, zero_step, zero_min = _decode(zero, meta, 2, QUANT_META)
+        new_acc = ()
+        for m in tl.static_range(X_ROWS):
+            # z X + M as zero (zero_step X) + (zero_min X + M): per row two FFMAs, the rest per thread
+            offset = zero * (zero_step * x_sums[m]) + (zero_min * x_sums[m] + offset_sums[m])
+            new_acc = new_acc + (acc[m] + scale * (dots[m] - offset),)
+        return new_acc
+
+    @triton.jit
     def _sum_partials(partial_ptr, rows, ok, SPLITS, STRIDE, BATCH: tl.constexpr):
         """The programs' partial sums at `rows` (one per STRIDE elements), BATCH loads in flight at a time,
         added in a fixed order."""
@@ -229,31 +279,41 @@ if AVAILABLE:
         N, K, NP, RUNS, GROUPS, GROUPS_PER_SPLIT, SPLITS,
         BITS: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr, META_GROUP: tl.constexpr,
         QUANT_META: tl.constexpr, X_ROWS: tl.constexpr, ROWS_PER_THREAD: tl.constexpr, THREADS: tl.constexpr,
-        SPLIT_BATCH: tl.constexpr,
+        SPLIT_BATCH: tl.constexpr, UNROLLED_GROUPS: tl.constexpr,
     ):
+        """UNROLLED_GROUPS: GROUPS_PER_SPLIT when the groups are unrolled, else 0."""
         pid_rows, pid_split = tl.program_id(0), tl.program_id(1)
         first_row = (pid_rows * THREADS + tl.arange(0, THREADS)) * ROWS_PER_THREAD                 # (THREADS,)
         rows = first_row[:, None] + tl.arange(0, ROWS_PER_THREAD)[None, :]                         # (THREADS, ROWS)
         ok = rows < NP
-        g0 = pid_split * GROUPS_PER_SPLIT
-        g1 = tl.minimum(g0 + GROUPS_PER_SPLIT, GROUPS)
-        zeros = tl.zeros((THREADS, ROWS_PER_THREAD), dtype=tl.float32)
-        acc = _splat(zeros, X_ROWS)
-        ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g0, first_row, rows, ok, NP, RUNS,
-                       BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD)
-        for g in range(g0, g1):
-            words, scale, zero, meta = ahead
-            ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, tl.minimum(g + 1, g1 - 1), first_row, rows, ok, NP, RUNS,
-                           BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD)
-            dots, x_sums, offset_sums = _group_sums(words, x_ptr, g, K, magic, zeros, BITS, GROUP, STEP, X_ROWS)
-            scale = _decoded(scale, meta, 0, QUANT_META)
-            zero, zero_step, zero_min = _decode(zero, meta, 2, QUANT_META)
-            new_acc = ()
-            for m in tl.static_range(X_ROWS):
-                # z X + M as zero (zero_step X) + (zero_min X + M): per row two FFMAs, the rest per thread
-                offset = zero * (zero_step * x_sums[m]) + (zero_min * x_sums[m] + offset_sums[m])
-                new_acc = new_acc + (acc[m] + scale * (dots[m] - offset),)
-            acc = new_acc
+        if UNROLLED_GROUPS > 0:
+            # straight-line code: the compiler sees every load's consumers and issues the loads well ahead
+            # (in a loop it sinks the next group's loads to the loop's end, where their latency shows).
+            # 8-bit scale and zero codes stay in their words until used: 4-10 % faster here at 3 and 4 bits
+            # (benchmarks/results/gpu-2026-11-28/gemv_unrolled.txt); the loop was not faster with them.
+            g0 = pid_split * UNROLLED_GROUPS
+            zeros = tl.zeros((THREADS, ROWS_PER_THREAD), dtype=tl.float32)
+            acc = _splat(zeros, X_ROWS)
+            for i in tl.static_range(UNROLLED_GROUPS):
+                g = tl.minimum(g0 + i, GROUPS - 1)       # the last split may be ragged: its extra groups count zero
+                fetched = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g, first_row, rows, ok, NP, RUNS,
+                                 BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, QUANT_META)
+                acc = _add_group(acc, fetched, x_ptr, g, K, g0 + i < GROUPS, first_row, magic, zeros,
+                                 BITS, GROUP, STEP, QUANT_META, X_ROWS, ROWS_PER_THREAD, QUANT_META)
+        else:
+            # a loop (fewer registers), the next group's loads issued before this group's sums
+            g0 = pid_split * GROUPS_PER_SPLIT
+            g1 = tl.minimum(g0 + GROUPS_PER_SPLIT, GROUPS)
+            zeros = tl.zeros((THREADS, ROWS_PER_THREAD), dtype=tl.float32)
+            acc = _splat(zeros, X_ROWS)
+            ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g0, first_row, rows, ok, NP, RUNS,
+                           BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, False)
+            for g in range(g0, g1):
+                fetched = ahead
+                ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, tl.minimum(g + 1, g1 - 1), first_row, rows, ok, NP, RUNS,
+                               BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, False)
+                acc = _add_group(acc, fetched, x_ptr, g, K, True, first_row, magic, zeros,
+                                 BITS, GROUP, STEP, QUANT_META, X_ROWS, ROWS_PER_THREAD, False)
 
         if SPLITS == 1:
             for m in tl.static_range(X_ROWS):
@@ -319,7 +379,10 @@ def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | 
     rows_of_x = x.shape[0]
     n, k = weight.shape
     spec = weight.spec
-    config = config or default_config(spec.group_size)
+    config = config or default_config(spec.group_size, rows_of_x)
+    if config.rows_per_thread not in (1, 2) and config.rows_per_thread % 4:
+        raise ValueError(f"rows_per_thread must be 1, 2 or a multiple of 4 (a thread's 8-bit scale codes are "
+                         f"whole 32-bit words), not {config.rows_per_thread}")
     groups = k // spec.group_size
     splits = -(-groups // config.groups_per_split)
     threads = 32 * config.warps
@@ -332,7 +395,8 @@ def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | 
         n, k, padded, runs, groups, config.groups_per_split, splits,
         BITS=spec.bits, GROUP=spec.group_size, STEP=codes_per_step(spec.bits), META_GROUP=spec.meta_group_size,
         QUANT_META=weight.meta is not None, X_ROWS=rows_of_x, ROWS_PER_THREAD=config.rows_per_thread,
-        THREADS=threads, SPLIT_BATCH=8, num_warps=config.warps,
+        THREADS=threads, SPLIT_BATCH=8, UNROLLED_GROUPS=config.groups_per_split if config.unrolled else 0,
+        num_warps=config.warps,
     )
 
 
