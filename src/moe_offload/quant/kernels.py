@@ -286,14 +286,15 @@ if AVAILABLE:
         first_row = (pid_rows * THREADS + tl.arange(0, THREADS)) * ROWS_PER_THREAD                 # (THREADS,)
         rows = first_row[:, None] + tl.arange(0, ROWS_PER_THREAD)[None, :]                         # (THREADS, ROWS)
         ok = rows < NP
+        zeros = tl.zeros((THREADS, ROWS_PER_THREAD), dtype=tl.float32)
+        acc = _splat(zeros, X_ROWS)
         if UNROLLED_GROUPS > 0:
             # straight-line code: the compiler sees every load's consumers and issues the loads well ahead
             # (in a loop it sinks the next group's loads to the loop's end, where their latency shows).
             # 8-bit scale and zero codes stay in their words until used: 4-10 % faster here at 3 and 4 bits
-            # (benchmarks/results/gpu-2026-11-28/gemv_unrolled.txt); the loop was not faster with them.
+            # (benchmarks/results/gpu-2026-11-28/gemv_unrolled.txt). The loop keeps bytes, and so stays the
+            # loop measured there (words in the loop were not measured on their own).
             g0 = pid_split * UNROLLED_GROUPS
-            zeros = tl.zeros((THREADS, ROWS_PER_THREAD), dtype=tl.float32)
-            acc = _splat(zeros, X_ROWS)
             for i in tl.static_range(UNROLLED_GROUPS):
                 g = tl.minimum(g0 + i, GROUPS - 1)       # the last split may be ragged: its extra groups count zero
                 fetched = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g, first_row, rows, ok, NP, RUNS,
@@ -304,8 +305,6 @@ if AVAILABLE:
             # a loop (fewer registers), the next group's loads issued before this group's sums
             g0 = pid_split * GROUPS_PER_SPLIT
             g1 = tl.minimum(g0 + GROUPS_PER_SPLIT, GROUPS)
-            zeros = tl.zeros((THREADS, ROWS_PER_THREAD), dtype=tl.float32)
-            acc = _splat(zeros, X_ROWS)
             ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g0, first_row, rows, ok, NP, RUNS,
                            BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, False)
             for g in range(g0, g1):
@@ -380,9 +379,9 @@ def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | 
     n, k = weight.shape
     spec = weight.spec
     config = config or default_config(spec.group_size, rows_of_x)
-    if config.rows_per_thread not in (1, 2) and config.rows_per_thread % 4:
-        raise ValueError(f"rows_per_thread must be 1, 2 or a multiple of 4 (a thread's 8-bit scale codes are "
-                         f"whole 32-bit words), not {config.rows_per_thread}")
+    if config.unrolled and weight.meta is not None and config.rows_per_thread not in (1, 2) and config.rows_per_thread % 4:
+        raise ValueError(f"rows_per_thread must be 1, 2 or a multiple of 4 when unrolled (a thread's 8-bit scale "
+                         f"codes are whole 32-bit words), not {config.rows_per_thread}")
     groups = k // spec.group_size
     splits = -(-groups // config.groups_per_split)
     threads = 32 * config.warps
