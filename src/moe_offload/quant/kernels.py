@@ -281,7 +281,9 @@ if AVAILABLE:
         QUANT_META: tl.constexpr, X_ROWS: tl.constexpr, ROWS_PER_THREAD: tl.constexpr, THREADS: tl.constexpr,
         SPLIT_BATCH: tl.constexpr, UNROLLED_GROUPS: tl.constexpr,
     ):
-        """UNROLLED_GROUPS: GROUPS_PER_SPLIT when the groups are unrolled, else 0."""
+        """UNROLLED_GROUPS: GROUPS_PER_SPLIT when the groups are unrolled, else 0. The loop reads the run-time
+        GROUPS_PER_SPLIT: as a compile-time constant it was 12-18 % slower at 8 rows of x, 2 bits
+        (benchmarks/results/gpu-2026-11-28/gemv_unrolled.txt, run 3)."""
         pid_rows, pid_split = tl.program_id(0), tl.program_id(1)
         first_row = (pid_rows * THREADS + tl.arange(0, THREADS)) * ROWS_PER_THREAD                 # (THREADS,)
         rows = first_row[:, None] + tl.arange(0, ROWS_PER_THREAD)[None, :]                         # (THREADS, ROWS)
