@@ -5,16 +5,22 @@
 Decode (one row of x) is a fused dequantize-and-multiply GEMV. A thread owns a few consecutive
 output rows (KernelConfig.rows_per_thread); their words (pack.py: each row's codes along K, words
 stored with the rows innermost) arrive in one vector load per word, and x is the same for every
-thread, so a group's dot products stay in the thread's registers. Each code costs two
-instructions: a LOP3 that keeps the code, shifted into the top bits of a float's mantissa (one shift
-per few codes: a "window"), and ORs in an exponent chosen so that the code's lowest bit weighs 1 (the
-float is then 2^m + code, exact, with 2^m <= 2^8), and an FFMA with x_k. The 2^m are not taken away
-code by code: per group a thread adds s (sum_k f_k x_k - z sum_k x_k - sum_k 2^m_k x_k), the last
-two sums shared by the thread's rows, decoding each row's 8-bit scale and zero once. x arrives four
-bf16 at a time, converted by bit shifts. For one row of x a program's groups are unrolled into
-straight-line code, so that the compiler sees what each load feeds and issues the loads well ahead of
-it; with more rows (more registers per group) they are a loop that loads the next group's words,
-scales and zeros before it works on the current group.
+thread, so a group's dot products stay in the thread's registers.
+
+At 2 and 4 bits a word's two 16-bit halves hold codes at the same places, so codes are decoded two at
+a time as an fp16 pair (_code_pair): a LOP3 keeps codes p and p + 16 / bits, each under an fp16 1024,
+and an HFMA2 turns both into (q - 2^(bits - 1)) / 16, exact; a second HFMA2 multiplies them into the
+group's fp16 sums with x_k (exact in fp16 for bf16 x). That is three instructions for two codes. A
+group's sums (at most 32 products each) are then added in fp32: per group a thread adds s (sum_k q_k x_k
+- z sum_k x_k), the sums of x shared by the thread's rows, decoding each row's 8-bit scale and zero
+once. At 3 and 8 bits (codes that straddle the halves; codes too wide for a group's fp16 sums) each
+code is an fp32, two instructions a code: a LOP3 that keeps the code, shifted into the top bits of a
+float's mantissa (one shift per few codes: a "window"), and ORs in an exponent chosen so that the
+code's lowest bit weighs 1 (the float is then 2^m + code, exact, with 2^m <= 2^8), and an FFMA with
+x_k; the 2^m are taken away per group. x arrives four bf16 at a time, converted by bit shifts. For one
+row of x a program's groups are unrolled into straight-line code, so that the compiler sees what each
+load feeds and issues the loads well ahead of it; with more rows (more registers per group) they are
+a loop that loads the next group's words, scales and zeros before it works on the current group.
 
 The input dimension is shared by SPLITS programs per block of rows (a Mixtral expert matrix has
 4096-14336 rows: too few threads to fill the GPU). The programs write fp32 partial sums; the last
@@ -32,6 +38,7 @@ benchmarks/quant_kernels.py.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +51,7 @@ except ImportError:   # CPU installs: weight.py falls back to dequantize-then-ma
     AVAILABLE = False
 
 MAGIC = 0x4B000000          # the bits of 2^23: with a code ORed into the mantissa, 2^23 + code
+PAIR_MAGIC = 0x64006400     # two fp16 1024s: with a code ORed into each half's mantissa, 1024 + code
 MAX_GEMV_ROWS = 8           # more rows of x than this: dequantize, then cuBLAS
 SPLIT_COLUMNS = 128         # input columns a program covers by default
 
@@ -69,6 +77,12 @@ def codes_per_step(bits: int) -> int:
     return 32 if bits == 3 else 16
 
 
+def decodes_in_pairs(bits: int) -> bool:
+    """Whether the GEMV decodes codes two at a time in fp16: a word's two halves hold codes at the same places
+    (not at 3 bits), and a group's fp16 sums stay far from fp16's largest value (not with 8-bit codes)."""
+    return bits in (2, 4)
+
+
 def gemv_tiles(bits: int, group_size: int) -> bool:
     """Whether a group is a whole number of the GEMV's steps (not so for 3-bit groups of 16)."""
     return group_size % codes_per_step(bits) == 0
@@ -80,6 +94,10 @@ if AVAILABLE:
     # 16 of fp32's 24 bits for the products (about 2^-16 relative error). Wider windows need fewer shifts
     # but lose more: 12 bits measured 5e-4.
     WINDOW_BITS = tl.constexpr(8)
+    INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")   # no inline PTX there: _fma2
+    # Codes decoded in pairs are (q - 2^(bits - 1)) / 16 (_code_pair), so that a group's fp16 sums stay far
+    # below fp16's 65504; the kernel's sums are PAIR_SCALE times the true ones until it stores them.
+    PAIR_SCALE = tl.constexpr(1 / 16)
 
     @triton.jit
     def _code(words, c: tl.constexpr, magic, BITS: tl.constexpr):
@@ -110,6 +128,58 @@ if AVAILABLE:
         """The 2^(23 - POS) that _code's float for code c carries besides the code."""
         SPAN: tl.constexpr = WINDOW_BITS.value // BITS * BITS
         return float(2 ** (SPAN - c * BITS % SPAN))
+
+    @triton.jit
+    def _fp16_halves(pair):
+        """A uint32 that holds two fp16 (the low half first) -> the two fp16."""
+        return pair.to(tl.uint16).to(tl.float16, bitcast=True), (pair >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+
+    @triton.jit
+    def _fp16_pair(low, high):
+        """_fp16_halves's inverse."""
+        return low.to(tl.uint16, bitcast=True).to(tl.uint32) | (high.to(tl.uint16, bitcast=True).to(tl.uint32) << 16)
+
+    @triton.jit
+    def _fma2(a, b, c):
+        """a * b + c on fp16 pairs (uint32 each): one HFMA2. Triton has no type for a pair, and the compiler
+        does not pair the halves of one word by itself; the interpreter runs the same sums half by half."""
+        if INTERPRETED:
+            a_low, a_high = _fp16_halves(a)
+            b_low, b_high = _fp16_halves(b)
+            c_low, c_high = _fp16_halves(c)
+            return _fp16_pair(a_low * b_low + c_low, a_high * b_high + c_high)
+        else:
+            return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                             dtype=tl.uint32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _fp16_pair_of(low, high):
+        """Two fp32 rounded to an fp16 pair: one F2FP."""
+        if INTERPRETED:
+            return _fp16_pair(low.to(tl.float16), high.to(tl.float16))
+        else:
+            return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [low, high],
+                                             dtype=tl.uint32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _splat_pair(value):
+        """(value, value) as an fp16 pair."""
+        half = tl.full((), value, tl.float16)
+        return _fp16_pair(half, half)
+
+    @triton.jit
+    def _code_pair(word, p: tl.constexpr, magic, BITS: tl.constexpr):
+        """Codes p and p + 16 / BITS of `word` (the same place in its two halves) as an fp16 pair of
+        (q - 2^(BITS - 1)) PAIR_SCALE, exact: a LOP3 keeps both codes, shifted to bit POS of their half, and ORs
+        in fp16 1024s (1024 + q 2^POS); an HFMA2 scales and offsets both."""
+        WINDOW: tl.constexpr = 10 // BITS * BITS        # code bits below an fp16's exponent: whole codes
+        SHIFT: tl.constexpr = p * BITS // WINDOW * WINDOW
+        POS: tl.constexpr = p * BITS - SHIFT
+        MASK: tl.constexpr = ((1 << BITS) - 1) << POS
+        halves = ((word >> SHIFT) & (MASK | MASK << 16)) | magic.to(tl.uint32, bitcast=True)
+        STEP: tl.constexpr = PAIR_SCALE / 2 ** POS
+        OFFSET: tl.constexpr = 1024 * PAIR_SCALE / 2 ** POS + (1 << BITS - 1) * PAIR_SCALE
+        return _fma2(halves, _splat_pair(STEP), _splat_pair(-OFFSET))
 
     @triton.jit
     def _x_quad(x_ptr, k):
@@ -245,12 +315,50 @@ if AVAILABLE:
         return dots, x_sums, offset_sums
 
     @triton.jit
+    def _group_pair_sums(words, x_ptr, g, K, magic, BITS: tl.constexpr, GROUP: tl.constexpr, X_ROWS: tl.constexpr):
+        """_group_sums with the codes decoded in pairs (_code_pair) and summed in fp16, x rounded to fp16 (exact
+        for bf16): per row of x PAIR_SCALE sum_k (q_k - 2^(BITS - 1)) x_mk, PAIR_SCALE sum_k x_mk, and the
+        offset that the centred codes carry. A half word's fp16 sums add at most 32 terms, products of at most
+        |x| / 2 (|x| / 8 at 2 bits) and |x| / 16: they cannot overflow while every |x| < 4000."""
+        HALF: tl.constexpr = 16 // BITS            # codes a half word
+        dots = _splat(tl.zeros(words[0].shape, dtype=tl.uint32), X_ROWS)     # fp16 pairs: (low, high) halves' sums
+        x_sums = _splat(tl.zeros((), dtype=tl.uint32), X_ROWS)
+        scale = _splat_pair(PAIR_SCALE)
+        for w in tl.static_range(len(words)):
+            k = g * GROUP + w * 2 * HALF
+            xs = ()                                # (X_ROWS * 2 HALF,) fp32: the word's x, row after row
+            for m in tl.static_range(X_ROWS):
+                for quad in tl.static_range(0, 2 * HALF, 4):
+                    xs = xs + _x_quad(x_ptr + m * K, k + quad)
+            for p in tl.static_range(HALF):
+                codes = _code_pair(words[w], p, magic, BITS)    # decoded once, used by every row of x
+                new_dots, new_x_sums = (), ()
+                for m in tl.static_range(X_ROWS):
+                    x = _fp16_pair_of(xs[m * 2 * HALF + p], xs[m * 2 * HALF + HALF + p])
+                    new_dots = new_dots + (_fma2(codes, x, dots[m]),)
+                    new_x_sums = new_x_sums + (_fma2(x, scale, x_sums[m]),)
+                dots, x_sums = new_dots, new_x_sums
+        CENTRE: tl.constexpr = 1 << BITS - 1
+        dot_totals, x_totals, offsets = (), (), ()
+        for m in tl.static_range(X_ROWS):
+            low, high = _fp16_halves(dots[m])
+            dot_totals = dot_totals + (low.to(tl.float32) + high.to(tl.float32),)
+            x_low, x_high = _fp16_halves(x_sums[m])
+            x_total = x_low.to(tl.float32) + x_high.to(tl.float32)
+            x_totals = x_totals + (x_total,)
+            offsets = offsets + (-CENTRE * x_total,)
+        return dot_totals, x_totals, offsets
+
+    @triton.jit
     def _add_group(acc, fetched, x_ptr, g, K, counts, first_row, magic, zeros, BITS: tl.constexpr, GROUP: tl.constexpr,
-                   STEP: tl.constexpr, QUANT_META: tl.constexpr, X_ROWS: tl.constexpr, ROWS_PER_THREAD: tl.constexpr,
-                   CODE_WORDS: tl.constexpr):
+                   STEP: tl.constexpr, PAIRED: tl.constexpr, QUANT_META: tl.constexpr, X_ROWS: tl.constexpr,
+                   ROWS_PER_THREAD: tl.constexpr, CODE_WORDS: tl.constexpr):
         """acc + group g's products (fetched: _fetch's values), or acc unchanged where not `counts`."""
         words, scale, zero, meta = fetched
-        dots, x_sums, offset_sums = _group_sums(words, x_ptr, g, K, magic, zeros, BITS, GROUP, STEP, X_ROWS)
+        if PAIRED:
+            dots, x_sums, offset_sums = _group_pair_sums(words, x_ptr, g, K, magic, BITS, GROUP, X_ROWS)
+        else:
+            dots, x_sums, offset_sums = _group_sums(words, x_ptr, g, K, magic, zeros, BITS, GROUP, STEP, X_ROWS)
         scale = _row_codes(scale, first_row, ROWS_PER_THREAD, CODE_WORDS)
         zero = _row_codes(zero, first_row, ROWS_PER_THREAD, CODE_WORDS)
         scale = tl.where(counts, _decoded(scale, meta, 0, QUANT_META), 0.0)
@@ -277,7 +385,7 @@ if AVAILABLE:
     def _gemv_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, meta_ptr, partial_ptr, count_ptr, out_ptr, magic,
         N, K, NP, RUNS, GROUPS, GROUPS_PER_SPLIT, SPLITS,
-        BITS: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr, META_GROUP: tl.constexpr,
+        BITS: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr, PAIRED: tl.constexpr, META_GROUP: tl.constexpr,
         QUANT_META: tl.constexpr, X_ROWS: tl.constexpr, ROWS_PER_THREAD: tl.constexpr, THREADS: tl.constexpr,
         SPLIT_BATCH: tl.constexpr, UNROLLED_GROUPS: tl.constexpr,
     ):
@@ -302,7 +410,7 @@ if AVAILABLE:
                 fetched = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g, first_row, rows, ok, NP, RUNS,
                                  BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, QUANT_META)
                 acc = _add_group(acc, fetched, x_ptr, g, K, g0 + i < GROUPS, first_row, magic, zeros,
-                                 BITS, GROUP, STEP, QUANT_META, X_ROWS, ROWS_PER_THREAD, QUANT_META)
+                                 BITS, GROUP, STEP, PAIRED, QUANT_META, X_ROWS, ROWS_PER_THREAD, QUANT_META)
         else:
             # a loop (fewer registers), the next group's loads issued before this group's sums
             g0 = pid_split * GROUPS_PER_SPLIT
@@ -314,8 +422,13 @@ if AVAILABLE:
                 ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, tl.minimum(g + 1, g1 - 1), first_row, rows, ok, NP, RUNS,
                                BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, False)
                 acc = _add_group(acc, fetched, x_ptr, g, K, True, first_row, magic, zeros,
-                                 BITS, GROUP, STEP, QUANT_META, X_ROWS, ROWS_PER_THREAD, False)
+                                 BITS, GROUP, STEP, PAIRED, QUANT_META, X_ROWS, ROWS_PER_THREAD, False)
 
+        if PAIRED:
+            unscaled = ()
+            for m in tl.static_range(X_ROWS):
+                unscaled = unscaled + (acc[m] * (1 / PAIR_SCALE),)
+            acc = unscaled
         if SPLITS == 1:
             for m in tl.static_range(X_ROWS):
                 tl.store(out_ptr + m * N + rows, acc[m].to(out_ptr.dtype.element_ty), mask=rows < N)
@@ -390,11 +503,13 @@ def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | 
     padded = weight.padded_rows
     blocks = -(-padded // (threads * config.rows_per_thread))
     meta, runs = _meta_args(weight)
+    paired = decodes_in_pairs(spec.bits)
     partial = torch.empty((splits, rows_of_x, padded) if splits > 1 else (1,), device=x.device, dtype=torch.float32)
     _gemv_kernel[(blocks, splits)](
-        x, weight.packed, weight.scale, weight.zero, meta, partial, _counters(x.device, blocks), out, MAGIC,
+        x, weight.packed, weight.scale, weight.zero, meta, partial, _counters(x.device, blocks), out,
+        PAIR_MAGIC if paired else MAGIC,
         n, k, padded, runs, groups, config.groups_per_split, splits,
-        BITS=spec.bits, GROUP=spec.group_size, STEP=codes_per_step(spec.bits), META_GROUP=spec.meta_group_size,
+        BITS=spec.bits, GROUP=spec.group_size, STEP=codes_per_step(spec.bits), PAIRED=paired, META_GROUP=spec.meta_group_size,
         QUANT_META=weight.meta is not None, X_ROWS=rows_of_x, ROWS_PER_THREAD=config.rows_per_thread,
         THREADS=threads, SPLIT_BATCH=8, UNROLLED_GROUPS=config.groups_per_split if config.unrolled else 0,
         num_warps=config.warps,
