@@ -65,11 +65,14 @@ class KernelConfig:
 
 
 def default_config(group_size: int, rows_of_x: int = 1) -> KernelConfig:
-    """4 rows a thread, 4 warps, SPLIT_COLUMNS input columns a program, the groups unrolled for one row
-    of x: the best of benchmarks/quant_kernels.py's sweep and of benchmarks/results/gpu-2026-11-28/
-    gemv_unrolled.txt on an H200 (unrolled: 8-12 % faster at batch 1, 2x slower at 8 rows of x, 2 bits;
-    256 columns unrolled: slower than 128)."""
-    return KernelConfig(4, 4, max(1, SPLIT_COLUMNS // group_size), unrolled=rows_of_x == 1)
+    """4 rows a thread, SPLIT_COLUMNS input columns a program, the groups unrolled for one row of x, and
+    then one warp a program for groups of 64 or more (else 4 warps): the best of benchmarks/quant_kernels.py's
+    sweep and of benchmarks/results/gpu-2026-11-28/gemv_unrolled.txt and gemv_pairs.txt on an H200
+    (unrolled: 8-12 % faster at batch 1, 2x slower at 8 rows of x, 2 bits; 256 columns unrolled: slower
+    than 128 at 2 and 4 bits; one warp: 9-10 % faster at 4 bits, even at 3, 6 % slower at 2 bits, g16)."""
+    unrolled = rows_of_x == 1
+    warps = 1 if unrolled and group_size >= 64 else 4
+    return KernelConfig(4, warps, max(1, SPLIT_COLUMNS // group_size), unrolled=unrolled)
 
 
 def codes_per_step(bits: int) -> int:
