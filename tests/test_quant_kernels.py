@@ -22,6 +22,10 @@ from moe_offload.config import QUANT_BITS, QuantSpec  # noqa: E402
 from moe_offload.quant.kernels import KernelConfig, decodes_in_pairs, hqq_linear  # noqa: E402
 from moe_offload.quant.weight import PackedFormat  # noqa: E402
 
+# In the interpreter an overflow or NaN in numpy means a kernel computed on garbage, as when the meta index of
+# the grid's last block once read past the meta (its lanes were masked at the store, so only this showed it).
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
 
 @functools.cache
 def quantized(n: int, k: int, spec: QuantSpec, device="cpu", seed: int = 0):
@@ -43,7 +47,7 @@ CPU_CASES = {   # (rows of x, config)
 }
 CPU_SHAPES = {   # (N, K): padded rows and a ragged block of rows; several blocks of rows
     "ragged": (37, 192),
-    "aligned": (1024, 64),
+    "aligned": (512, 64),
 }
 CPU_SPECS = {   # meta runs that a thread's rows share, or not; a group the GEMV does not tile (dequantize + matmul)
     "runs_of_128": lambda bits: QuantSpec(bits, 32, quant_meta=bits != 4),

@@ -215,10 +215,11 @@ if AVAILABLE:
             zero = tl.load(z_ptr + at, mask=ok, other=0)
         meta = ()
         if QUANT_META:
+            # rows past the padded ones (the grid's last block) read the last row's run, not past the meta
             if META_GROUP % ROWS_PER_THREAD == 0:
-                run = ((g * NP + first_row) // META_GROUP)[:, None]      # a thread's rows share one run
+                run = ((g * NP + tl.minimum(first_row, NP - 1)) // META_GROUP)[:, None]   # a thread's rows share one run
             else:
-                run = (g * NP + rows) // META_GROUP
+                run = (g * NP + tl.minimum(rows, NP - 1)) // META_GROUP
             meta = _meta(meta_ptr, run, RUNS)
         return words, scale, zero, meta
 
