@@ -132,25 +132,23 @@ if AVAILABLE:
         SPAN: tl.constexpr = WINDOW_BITS.value // BITS * BITS
         return float(2 ** (SPAN - c * BITS % SPAN))
 
+    # In the interpreter every call of a jitted helper costs far more than its arithmetic (it patches triton.language
+    # again), so the helpers below spell out the halves of a pair instead of calling one another.
     @triton.jit
     def _fp16_halves(pair):
         """A uint32 that holds two fp16 (the low half first) -> the two fp16."""
         return pair.to(tl.uint16).to(tl.float16, bitcast=True), (pair >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
 
     @triton.jit
-    def _fp16_pair(low, high):
-        """_fp16_halves's inverse."""
-        return low.to(tl.uint16, bitcast=True).to(tl.uint32) | (high.to(tl.uint16, bitcast=True).to(tl.uint32) << 16)
-
-    @triton.jit
     def _fma2(a, b, c):
         """a * b + c on fp16 pairs (uint32 each): one HFMA2. Triton has no type for a pair, and the compiler
         does not pair the halves of one word by itself; the interpreter runs the same sums half by half."""
         if INTERPRETED:
-            a_low, a_high = _fp16_halves(a)
-            b_low, b_high = _fp16_halves(b)
-            c_low, c_high = _fp16_halves(c)
-            return _fp16_pair(a_low * b_low + c_low, a_high * b_high + c_high)
+            low = (a.to(tl.uint16).to(tl.float16, bitcast=True) * b.to(tl.uint16).to(tl.float16, bitcast=True)
+                   + c.to(tl.uint16).to(tl.float16, bitcast=True))
+            high = ((a >> 16).to(tl.uint16).to(tl.float16, bitcast=True) * (b >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+                    + (c >> 16).to(tl.uint16).to(tl.float16, bitcast=True))
+            return low.to(tl.uint16, bitcast=True).to(tl.uint32) | (high.to(tl.uint16, bitcast=True).to(tl.uint32) << 16)
         else:
             return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
                                              dtype=tl.uint32, is_pure=True, pack=1)
@@ -159,7 +157,8 @@ if AVAILABLE:
     def _fp16_pair_of(low, high):
         """Two fp32 rounded to an fp16 pair: one F2FP."""
         if INTERPRETED:
-            return _fp16_pair(low.to(tl.float16), high.to(tl.float16))
+            return (low.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+                    | (high.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32) << 16))
         else:
             return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [low, high],
                                              dtype=tl.uint32, is_pure=True, pack=1)
@@ -167,8 +166,8 @@ if AVAILABLE:
     @triton.jit
     def _splat_pair(value):
         """(value, value) as an fp16 pair."""
-        half = tl.full((), value, tl.float16)
-        return _fp16_pair(half, half)
+        half = tl.full((), value, tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+        return half | (half << 16)
 
     @triton.jit
     def _code_pair(word, p: tl.constexpr, magic, BITS: tl.constexpr):
