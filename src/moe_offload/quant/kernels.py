@@ -326,7 +326,7 @@ if AVAILABLE:
         HALF: tl.constexpr = 16 // BITS            # codes a half word
         dots = _splat(tl.zeros(words[0].shape, dtype=tl.uint32), X_ROWS)     # fp16 pairs: (low, high) halves' sums
         x_sums = _splat(tl.zeros((), dtype=tl.uint32), X_ROWS)
-        scale = _splat_pair(PAIR_SCALE)
+        pair_scale = _splat_pair(PAIR_SCALE)
         for w in tl.static_range(len(words)):
             k = g * GROUP + w * 2 * HALF
             xs = ()                                # (X_ROWS * 2 HALF,) fp32: the word's x, row after row
@@ -339,7 +339,7 @@ if AVAILABLE:
                 for m in tl.static_range(X_ROWS):
                     x = _fp16_pair_of(xs[m * 2 * HALF + p], xs[m * 2 * HALF + HALF + p])
                     new_dots = new_dots + (_fma2(codes, x, dots[m]),)
-                    new_x_sums = new_x_sums + (_fma2(x, scale, x_sums[m]),)
+                    new_x_sums = new_x_sums + (_fma2(x, pair_scale, x_sums[m]),)
                 dots, x_sums = new_dots, new_x_sums
         CENTRE: tl.constexpr = 1 << BITS - 1
         dot_totals, x_totals, offsets = (), (), ()
