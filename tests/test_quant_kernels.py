@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from moe_offload.config import QUANT_BITS, QuantSpec  # noqa: E402
-from moe_offload.quant.kernels import KernelConfig, decodes_in_pairs, hqq_linear  # noqa: E402
+from moe_offload.quant.kernels import MAX_GEMV_ROWS, KernelConfig, decodes_in_pairs, hqq_linear  # noqa: E402
 from moe_offload.quant.weight import PackedFormat  # noqa: E402
 
 # In the interpreter an overflow or NaN in numpy means a kernel computed on garbage, as when the meta index of
@@ -77,7 +77,7 @@ def interpreted_tolerance(bits: int, rows_of_x: int) -> float:
     fp32 x; bf16 x is exact there): each product and sum rounds at 2^-11. With more than MAX_GEMV_ROWS rows
     it is dequantize-then-matmul. Else codes decode to 2^(23 - p) + code, 2^(23 - p) <= 2^8
     (kernels.WINDOW_BITS): ~2^-16 of the largest output."""
-    return 5e-3 if decodes_in_pairs(bits) and rows_of_x <= 8 else 1e-4
+    return 5e-3 if decodes_in_pairs(bits) and rows_of_x <= MAX_GEMV_ROWS else 1e-4
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run is for CPU-only machines")
