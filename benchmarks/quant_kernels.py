@@ -82,7 +82,7 @@ def measured_bandwidth() -> float:
 
 
 def sweep_configs(group_size: int):
-    for rows, warps, columns in itertools.product((2, 4, 8), (1, 4, 8), (64, 128, 256)):
+    for rows, warps, columns in itertools.product((2, 4, 8), (1, 2, 4), (64, 128, 256)):
         if columns >= group_size:
             yield KernelConfig(rows, warps, columns // group_size, unrolled=True)
 

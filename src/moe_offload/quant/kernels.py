@@ -22,10 +22,11 @@ row of x a program's groups are unrolled into straight-line code, so that the co
 load feeds and issues the loads well ahead of it; with more rows (more registers per group) they are
 a loop that loads the next group's words, scales and zeros before it works on the current group.
 
-The input dimension is shared by SPLITS programs per block of rows (a Mixtral expert matrix has
-4096-14336 rows: too few threads to fill the GPU). The programs write fp32 partial sums; the last
-one to finish (an atomic counter) adds them in a fixed order, so a call is one kernel and the
-same input gives the same bits.
+The input dimension is shared out (a Mixtral expert matrix has 4096-14336 rows: too few threads to fill
+the GPU): a program's warps take their own columns of the same 32 x rows_per_thread rows and add their
+sums in the program, and SPLITS programs per block of rows write fp32 partial sums; the last one to
+finish (an atomic counter) adds them in a fixed order, so a call is one kernel and the same input gives
+the same bits.
 
 Up to MAX_GEMV_ROWS rows of x (batched decode) share one GEMV: each code is decoded once and
 multiplied into every row's sums. More rows (prefill), and groups the GEMV does not tile (3-bit
@@ -59,20 +60,18 @@ SPLIT_COLUMNS = 128         # input columns a program covers by default
 @dataclass(frozen=True)
 class KernelConfig:
     rows_per_thread: int    # consecutive output rows a thread owns (one vector load of words)
-    warps: int              # warps per program, each on its own rows
+    warps: int              # warps per program, each on its own input columns of the program's rows
     groups_per_split: int   # quantization groups each program sums before the programs' partials are added
     unrolled: bool          # a program's groups as straight-line code (else a loop: fewer registers)
 
 
 def default_config(group_size: int, rows_of_x: int = 1) -> KernelConfig:
-    """4 rows a thread, SPLIT_COLUMNS input columns a program, the groups unrolled for one row of x, and
-    then one warp a program for groups of 64 or more (else 4 warps): the best of benchmarks/quant_kernels.py's
-    sweep and of benchmarks/results/gpu-2026-11-28/gemv_unrolled.txt and gemv_pairs.txt on an H200
-    (unrolled: 8-12 % faster at batch 1, 2x slower at 8 rows of x, 2 bits; 256 columns unrolled: slower
-    than 128 at 2 and 4 bits; one warp: 9-10 % faster at 4 bits, even at 3, 6 % slower at 2 bits, g16)."""
-    unrolled = rows_of_x == 1
-    warps = 1 if unrolled and group_size >= 64 else 4
-    return KernelConfig(4, warps, max(1, SPLIT_COLUMNS // group_size), unrolled=unrolled)
+    """4 rows a thread, 2 warps a program of SPLIT_COLUMNS input columns each, the groups unrolled for one row
+    of x: the best of benchmarks/results/gpu-2026-11-28/gemv_unrolled.txt and gemv_pairs.txt, and of
+    gpu-2026-11-28/gemv_warps_along_k.txt for the warps, on an H200 (unrolled: 8-12 % faster at batch 1, 2x
+    slower at 8 rows of x, 2 bits; 256 columns unrolled: slower than 128 at 2 and 4 bits; 2 warps: as fast as 4
+    at batch 1, up to 12 % faster at 4 and 8 rows of x)."""
+    return KernelConfig(4, 2, max(1, SPLIT_COLUMNS // group_size), unrolled=rows_of_x == 1)
 
 
 def codes_per_step(bits: int) -> int:
@@ -204,12 +203,12 @@ if AVAILABLE:
         first_word = g * (GROUP * BITS // 32)
         words = ()
         for i in tl.static_range(GROUP * BITS // 32):
-            words = words + (tl.load(w_ptr + (first_word + i) * NP + rows, mask=ok, other=0).to(tl.uint32, bitcast=True),)
+            words = words + (tl.load(w_ptr + (first_word + i)[:, None] * NP + rows, mask=ok, other=0).to(tl.uint32, bitcast=True),)
         if CODE_WORDS:
             scale = _code_words(s_ptr, g, first_row, NP, ROWS_PER_THREAD)
             zero = _code_words(z_ptr, g, first_row, NP, ROWS_PER_THREAD)
         else:
-            at = g * NP + rows
+            at = g[:, None] * NP + rows
             scale = tl.load(s_ptr + at, mask=ok, other=0)
             zero = tl.load(z_ptr + at, mask=ok, other=0)
         meta = ()
@@ -218,7 +217,7 @@ if AVAILABLE:
             if META_GROUP % ROWS_PER_THREAD == 0:
                 run = ((g * NP + tl.minimum(first_row, NP - 1)) // META_GROUP)[:, None]   # a thread's rows share one run
             else:
-                run = (g * NP + tl.minimum(rows, NP - 1)) // META_GROUP
+                run = (g[:, None] * NP + tl.minimum(rows, NP - 1)) // META_GROUP
             meta = _meta(meta_ptr, run, RUNS)
         return words, scale, zero, meta
 
@@ -289,7 +288,7 @@ if AVAILABLE:
             for i in tl.static_range(STEP_WORDS):
                 step_words = step_words + (words[step * STEP_WORDS + i],)
             for quad in tl.static_range(0, STEP, 4):
-                k = g * GROUP + step * STEP + quad
+                k = (g * GROUP)[:, None] + step * STEP + quad
                 xs = ()
                 for m in tl.static_range(X_ROWS):
                     xs = xs + _x_quad(x_ptr + m * K, k)
@@ -328,7 +327,7 @@ if AVAILABLE:
         x_sums = _splat(tl.zeros((), dtype=tl.uint32), X_ROWS)
         pair_scale = _splat_pair(PAIR_SCALE)
         for w in tl.static_range(len(words)):
-            k = g * GROUP + w * 2 * HALF
+            k = (g * GROUP)[:, None] + w * 2 * HALF
             xs = ()                                # (X_ROWS * 2 HALF,) fp32: the word's x, row after row
             for m in tl.static_range(X_ROWS):
                 for quad in tl.static_range(0, 2 * HALF, 4):
@@ -396,8 +395,10 @@ if AVAILABLE:
         GROUPS_PER_SPLIT: as a compile-time constant it was 12-18 % slower at 8 rows of x, 2 bits
         (benchmarks/results/gpu-2026-11-28/gemv_unrolled.txt, run 3)."""
         pid_rows, pid_split = tl.program_id(0), tl.program_id(1)
-        first_row = (pid_rows * THREADS + tl.arange(0, THREADS)) * ROWS_PER_THREAD                 # (THREADS,)
-        rows = first_row[:, None] + tl.arange(0, ROWS_PER_THREAD)[None, :]                         # (THREADS, ROWS)
+        WARPS: tl.constexpr = THREADS // 32
+        lane, warp = tl.arange(0, THREADS) % 32, tl.arange(0, THREADS) // 32
+        first_row = (pid_rows * 32 + lane) * ROWS_PER_THREAD                                    # (THREADS,)
+        rows = first_row[:, None] + tl.arange(0, ROWS_PER_THREAD)[None, :]                     # (THREADS, ROWS)
         ok = rows < NP
         zeros = tl.zeros((THREADS, ROWS_PER_THREAD), dtype=tl.float32)
         acc = _splat(zeros, X_ROWS)
@@ -407,44 +408,49 @@ if AVAILABLE:
             # 8-bit scale and zero codes stay in their words until used: 4-10 % faster here at 3 and 4 bits
             # (benchmarks/results/gpu-2026-11-28/gemv_unrolled.txt). The loop keeps bytes, and so stays the
             # loop measured there (words in the loop were not measured on their own).
-            g0 = pid_split * UNROLLED_GROUPS
+            g0 = (pid_split * WARPS + warp) * UNROLLED_GROUPS           # each warp's first group: (THREADS,)
             for i in tl.static_range(UNROLLED_GROUPS):
                 g = tl.minimum(g0 + i, GROUPS - 1)       # the last split may be ragged: its extra groups count zero
                 fetched = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g, first_row, rows, ok, NP, RUNS,
                                  BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, QUANT_META)
-                acc = _add_group(acc, fetched, x_ptr, g, K, g0 + i < GROUPS, first_row, magic, zeros,
+                acc = _add_group(acc, fetched, x_ptr, g, K, (g0 + i < GROUPS)[:, None], first_row, magic, zeros,
                                  BITS, GROUP, STEP, PAIRED, QUANT_META, X_ROWS, ROWS_PER_THREAD, QUANT_META)
         else:
             # a loop (fewer registers), the next group's loads issued before this group's sums
-            g0 = pid_split * GROUPS_PER_SPLIT
-            g1 = tl.minimum(g0 + GROUPS_PER_SPLIT, GROUPS)
-            ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g0, first_row, rows, ok, NP, RUNS,
+            g0 = (pid_split * WARPS + warp) * GROUPS_PER_SPLIT
+            last = tl.minimum(g0 + GROUPS_PER_SPLIT, GROUPS) - 1
+            ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, tl.minimum(g0, last), first_row, rows, ok, NP, RUNS,
                            BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, False)
-            for g in range(g0, g1):
+            for i in range(0, GROUPS_PER_SPLIT):
                 fetched = ahead
-                ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, tl.minimum(g + 1, g1 - 1), first_row, rows, ok, NP, RUNS,
+                g = tl.minimum(g0 + i, last)
+                ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, tl.minimum(g + 1, last), first_row, rows, ok, NP, RUNS,
                                BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, False)
-                acc = _add_group(acc, fetched, x_ptr, g, K, True, first_row, magic, zeros,
+                acc = _add_group(acc, fetched, x_ptr, g, K, (g0 + i <= last)[:, None], first_row, magic, zeros,
                                  BITS, GROUP, STEP, PAIRED, QUANT_META, X_ROWS, ROWS_PER_THREAD, False)
 
-        if PAIRED:
-            unscaled = ()
-            for m in tl.static_range(X_ROWS):
-                unscaled = unscaled + (acc[m] * (1 / PAIR_SCALE),)
-            acc = unscaled
+        # the warps' sums of the program's rows, added here: (32 ROWS,) per row of x
+        rows = pid_rows * 32 * ROWS_PER_THREAD + tl.arange(0, 32 * ROWS_PER_THREAD)
+        ok = rows < NP
+        totals = ()
+        for m in tl.static_range(X_ROWS):
+            total = tl.sum(tl.reshape(acc[m], (WARPS, 32 * ROWS_PER_THREAD)), axis=0)
+            totals = totals + (total * (1 / PAIR_SCALE) if PAIRED else total,)
         if SPLITS == 1:
             for m in tl.static_range(X_ROWS):
-                tl.store(out_ptr + m * N + rows, acc[m].to(out_ptr.dtype.element_ty), mask=rows < N)
+                tl.store(out_ptr + m * N + rows, totals[m].to(out_ptr.dtype.element_ty), mask=rows < N)
         else:
             for m in tl.static_range(X_ROWS):        # partial sums (SPLITS, X_ROWS, NP)
-                tl.store(partial_ptr + (pid_split * X_ROWS + m) * NP + rows, acc[m], mask=ok)
+                tl.store(partial_ptr + (pid_split * X_ROWS + m) * NP + rows, totals[m], mask=ok)
             tl.debug_barrier()
-            arrived = tl.atomic_add(count_ptr + pid_rows, 1, sem="acq_rel", scope="gpu")
+            # release only: acquiring here too (acq_rel) cost every program an L1 flush
+            arrived = tl.atomic_add(count_ptr + pid_rows, 1, sem="release", scope="gpu")
             if arrived == SPLITS - 1:
+                # acquire the others' partials; the counter is ready for the next call
+                tl.atomic_xchg(count_ptr + pid_rows, 0, sem="acquire", scope="gpu")
                 for m in tl.static_range(X_ROWS):
                     total = _sum_partials(partial_ptr + m * NP, rows, ok, SPLITS, X_ROWS * NP, SPLIT_BATCH)
                     tl.store(out_ptr + m * N + rows, total.to(out_ptr.dtype.element_ty), mask=rows < N)
-                tl.atomic_xchg(count_ptr + pid_rows, 0)    # ready for the next call
 
     @triton.jit
     def _dequantize_kernel(w_ptr, s_ptr, z_ptr, meta_ptr, out_ptr, N, NP, WORDS, RUNS,
@@ -501,10 +507,9 @@ def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | 
         raise ValueError(f"rows_per_thread must be 1, 2 or a multiple of 4 when unrolled (a thread's 8-bit scale "
                          f"codes are whole 32-bit words), not {config.rows_per_thread}")
     groups = k // spec.group_size
-    splits = -(-groups // config.groups_per_split)
-    threads = 32 * config.warps
+    splits = -(-groups // (config.groups_per_split * config.warps))
     padded = weight.padded_rows
-    blocks = -(-padded // (threads * config.rows_per_thread))
+    blocks = -(-padded // (32 * config.rows_per_thread))
     meta, runs = _meta_args(weight)
     paired = decodes_in_pairs(spec.bits)
     partial = torch.empty((splits, rows_of_x, padded) if splits > 1 else (1,), device=x.device, dtype=torch.float32)
@@ -514,7 +519,7 @@ def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | 
         n, k, padded, runs, groups, config.groups_per_split, splits,
         BITS=spec.bits, GROUP=spec.group_size, STEP=codes_per_step(spec.bits), PAIRED=paired, META_GROUP=spec.meta_group_size,
         QUANT_META=weight.meta is not None, X_ROWS=rows_of_x, ROWS_PER_THREAD=config.rows_per_thread,
-        THREADS=threads, SPLIT_BATCH=8, UNROLLED_GROUPS=config.groups_per_split if config.unrolled else 0,
+        THREADS=32 * config.warps, SPLIT_BATCH=16, UNROLLED_GROUPS=config.groups_per_split if config.unrolled else 0,
         num_warps=config.warps,
     )
 
