@@ -357,26 +357,33 @@ def test_qwen3_30b_a3b_config_reads_as_the_issue_describes_it():
 
 QWEN3_30B_PLANS = {  # (expert bits or None for bf16, GiB) -> slots per layer, as the README states
     (None, 12): (20,) * 3 + (19,) * 45, (None, 8): (10,) * 28 + (9,) * 20,
-    (4, 12): (72,) * 25 + (71,) * 23, (4, 8): (36,) * 46 + (35,) * 2,
-    (2, 12): (100,) * 30 + (99,) * 18, (2, 8): (51,) * 5 + (50,) * 43,
+    (4, 12): (83,) * 26 + (82,) * 22, (4, 8): (47,) * 46 + (46,) * 2,
+    (2, 12): (115,) * 46 + (114,) * 2, (2, 8): (66,) * 20 + (65,) * 28,
 }
 
 
 @pytest.mark.parametrize("expert_bits, budget_gib", QWEN3_30B_PLANS)
 def test_planner_fills_qwen3_30b_a3b_budgets_as_the_readme_states(expert_bits, budget_gib):
-    """The README's arithmetic for Qwen3-30B-A3B (bf16 non-expert weights, 4096 tokens of context): no weights needed."""
+    """The README's arithmetic for Qwen3-30B-A3B (bf16, or --quant 4/bits: 4-bit attention; 4096 tokens of context):
+    no weights needed."""
     from moe_offload.offload.planner import plan_for, workspace_bytes
 
     cfg = ModelConfig.from_hf(HUB_CONFIGS["Qwen/Qwen3-30B-A3B"])
+    quant = None if expert_bits is None else QuantConfig.parse(f"4/{expert_bits}")
     if expert_bits is None:
         expert_nbytes = DenseExpertFormat(cfg.hidden_size, cfg.expert_ffn, torch.bfloat16).nbytes
         assert expert_nbytes == 3 * 768 * 2048 * 2
     else:
         expert_nbytes = HQQExpertFormat(cfg.hidden_size, cfg.expert_ffn, QuantSpec(expert_bits)).nbytes
     assert expert_nbytes == {None: 9_437_184, 4: 2_515_968, 2: 1_806_336}[expert_bits]
-    plan = plan_for(cfg, expert_nbytes, torch.bfloat16, 4096, OffloadConfig(enabled=True, gpu_memory=budget_gib * 2**30), "cuda")
+    plan = plan_for(cfg, expert_nbytes, torch.bfloat16, 4096, OffloadConfig(enabled=True, gpu_memory=budget_gib * 2**30), "cuda",
+                    quant)
     embeddings, attention, routers, norms = 2 * 151936 * 2048, 48 * 2048 * (4096 + 512 + 512 + 4096), 48 * 128 * 2048, 2048 + 48 * (2 * 2048 + 2 * 128)
-    assert plan.dense_bytes == 2 * (embeddings + attention + routers + norms) == 3_082_186_752
+    if quant is None:
+        assert plan.dense_bytes == 2 * (embeddings + attention + routers + norms) == 3_082_186_752
+    else:
+        packed_attention = 48 * (4_472_832 + 2 * 559_104 + 4_472_832)   # q and o, k and v: 4-bit g64 buffers
+        assert plan.dense_bytes == 2 * (embeddings + routers + norms) + packed_attention == 1_753_313_280
     assert plan.kv_bytes == 2 * 48 * 4 * 128 * 4096 * 2
     assert plan.workspace_bytes == workspace_bytes(cfg, PREFILL_CHUNK, 4096, 2)
     left = budget_gib * 2**30 - plan.dense_bytes - plan.kv_bytes - plan.workspace_bytes

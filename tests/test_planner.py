@@ -7,14 +7,15 @@ import math
 import pytest
 import torch
 
-from moe_offload.config import ModelConfig, OffloadConfig, RuntimeConfig
+from moe_offload.config import ModelConfig, OffloadConfig, QuantConfig, RuntimeConfig
 from moe_offload.engine import Engine
 from moe_offload.errors import UserError
 from moe_offload.experts import DenseExpertFormat
 from moe_offload.model import KVCache
 from moe_offload.offload.planner import GiB, make_plan, parse_size, plan_for
+from moe_offload.quant.weight import QuantizedWeight
 
-from conftest import SHIPPED_MODEL
+from conftest import SHIPPED_MODEL, write_tiny_mixtral
 
 CONFIG = ModelConfig(model_type="qwen3_moe", vocab_size=100, hidden_size=8, num_layers=5, num_heads=2, num_kv_heads=1,
                      head_dim=4, expert_ffn=8, num_experts=4, top_k=2, rms_norm_eps=1e-6, rope_theta=1e4,
@@ -90,6 +91,21 @@ def test_plan_counts_the_bytes_the_engine_really_allocates():
     assert p.dense_bytes == sum(t.numel() * t.element_size() for t in tensors)
     assert p.kv_bytes == sum(t.numel() * t.element_size() for t in engine.cache.keys + engine.cache.values)
     assert p.expert_nbytes == fmt.nbytes and math.prod(w.layers[0].router.shape) == config.num_experts * config.hidden_size
+
+
+def test_plan_counts_quantized_attention_at_its_packed_size(tmp_path):
+    folder = write_tiny_mixtral(tmp_path, intermediate_size=128)
+    runtime = RuntimeConfig(model=folder, device="cpu", dtype="float32", max_context=64, quant=QuantConfig.parse("4/2"))
+    engine = Engine.load(runtime, progress=False, offload=OffloadConfig(enabled=True, gpu_memory=GiB))
+    w = engine.model.weights
+    attention = [m for layer in w.layers for m in (layer.attn.wq, layer.attn.wk, layer.attn.wv, layer.attn.wo)]
+    assert all(isinstance(m, QuantizedWeight) for m in attention)
+    tensors = [w.embed, w.norm, w.lm_head] + [t for layer in w.layers for t in (layer.attn_norm, layer.mlp_norm, layer.router)]
+    allocated = (sum(t.numel() * t.element_size() for t in tensors)
+                 + sum(m.packed.untyped_storage().nbytes() for m in attention))     # one buffer a matrix
+    unquantized = plan_for(engine.config, engine.plan.expert_nbytes, torch.float32, 64,
+                           OffloadConfig(enabled=True, gpu_memory=GiB), "cpu")
+    assert engine.plan.dense_bytes == allocated < unquantized.dense_bytes
 
 
 def test_offloaded_engine_allocates_exactly_the_planned_slots():

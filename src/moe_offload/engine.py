@@ -152,7 +152,8 @@ class Engine:
         max_context = min(runtime.max_context, config.max_position_embeddings)
         tokenizer = Tokenizer.from_folder(runtime.model, eos_ids=config.eos_token_ids)
         expert_format, expert_buffer = expert_storage(ckpt, dtype)
-        plan = plan_for(config, expert_format.nbytes, dtype, max_context, offload, device) if offload.enabled else None
+        quant = ckpt.quant if isinstance(ckpt, QuantizedCheckpoint) else None
+        plan = plan_for(config, expert_format.nbytes, dtype, max_context, offload, device, quant) if offload.enabled else None
         if plan and progress:
             print(plan.describe(), file=sys.stderr)
         total = ckpt.num_dense_tensors() + len(config.moe_layers) * config.num_experts

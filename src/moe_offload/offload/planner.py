@@ -14,18 +14,17 @@ cannot hold one slot per MoE layer is refused with the smallest budget that work
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint import dense_tensor_shapes
-from ..config import ModelConfig, OffloadConfig
+from ..config import ModelConfig, OffloadConfig, QuantConfig
 from ..errors import UserError
 from ..generate import PREFILL_CHUNK
 from ..model import KVCache
+from ..quant.checkpoint import dense_nbytes
 
 GiB = 2**30
 WORKSPACE_MARGIN = 384 * 2**20  # cuBLAS workspace, Triton split-k buffers, router temporaries, allocator fragmentation (64 MiB was too little on an H200 at 12 GiB)
@@ -151,15 +150,15 @@ def _ranges(slots: dict[int, int]) -> str:
 
 
 def plan_for(config: ModelConfig, expert_nbytes: int, dtype: torch.dtype, max_context: int,
-             offload: OffloadConfig, device) -> Plan:
-    """The plan for a model whose non-expert weights are in `dtype`, on `device`."""
+             offload: OffloadConfig, device, quant: QuantConfig | None = None) -> Plan:
+    """The plan for a model whose non-expert weights are in `dtype` but for the roles `quant` quantizes, on `device`."""
     if offload.prefetch_experts is not None and offload.prefetch_experts < 0:
         raise UserError(f"--prefetch {offload.prefetch_experts}: use 0 (off) or more experts")
     if offload.prefetch_depth < 1:
         raise UserError(f"--prefetch-depth {offload.prefetch_depth}: use 1 or more layers")
     device = torch.device(device)
     itemsize = dtype.itemsize
-    dense = sum(math.prod(shape) for shape in dense_tensor_shapes(config).values()) * itemsize
+    dense = dense_nbytes(config, dtype, quant)
     budget = offload.gpu_memory if offload.gpu_memory is not None else free_memory(device)
     return make_plan(config, expert_nbytes, dense, KVCache.nbytes(config, 1, max_context, dtype), max_context,
                      workspace_bytes(config, PREFILL_CHUNK, max_context, itemsize), budget,

@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 
 from ..checkpoint import Checkpoint, CheckpointError, dense_tensor_shapes, expert_shapes, expert_tensor_names
-from ..config import ConfigError, QuantConfig, QuantSpec
+from ..config import ConfigError, ModelConfig, QuantConfig, QuantSpec
 from ..experts import DenseExpertFormat, ExpertFormat
 from .weight import HQQExpertFormat, PackedFormat
 
@@ -62,6 +62,16 @@ def role_of(name: str) -> str | None:
 def spec_for(quant: QuantConfig, name: str) -> QuantSpec | None:
     role = role_of(name)
     return getattr(quant, role) if role else None
+
+
+def dense_nbytes(config: ModelConfig, dtype: torch.dtype, quant: QuantConfig | None = None) -> int:
+    """Bytes of the non-expert weights as the model holds them: each quantized role's matrix as its packed
+    buffer (QuantizedCheckpoint.dense_tensor), every other tensor in `dtype`."""
+    total = 0
+    for name, shape in dense_tensor_shapes(config).items():
+        spec = None if quant is None else spec_for(quant, name)
+        total += math.prod(shape) * dtype.itemsize if spec is None else PackedFormat([(shape, spec)]).nbytes
+    return total
 
 
 def expert_buffer_name(config, layer: int, expert_id: int) -> str:
