@@ -45,9 +45,9 @@ CPU_CASES = {   # (rows of x, config)
     "gemv_eight_rows_split_k": (8, KernelConfig(2, 2, 4, unrolled=False)),
     "dequantize_then_matmul": (9, None),
 }
-CPU_SHAPES = {   # (N, K): padded rows and a ragged block of rows; several blocks of rows
+CPU_SHAPES = {   # (N, K): padded rows and a ragged block of rows; whole blocks (two at 2 rows a thread)
     "ragged": (37, 192),
-    "aligned": (512, 64),
+    "aligned": (128, 64),
 }
 CPU_SPECS = {   # meta runs that a thread's rows share, or not; a group the GEMV does not tile (dequantize + matmul)
     "runs_of_128": lambda bits: QuantSpec(bits, 32, quant_meta=bits != 4),
