@@ -69,8 +69,8 @@ def default_config(group_size: int, rows_of_x: int = 1) -> KernelConfig:
     """4 rows a thread, 2 warps a program of SPLIT_COLUMNS input columns each, the groups unrolled for one row
     of x: the best of benchmarks/results/gpu-2026-11-28/gemv_unrolled.txt and gemv_pairs.txt, and of
     gpu-2026-11-28/gemv_warps_along_k.txt for the warps, on an H200 (unrolled: 8-12 % faster at batch 1, 2x
-    slower at 8 rows of x, 2 bits; 256 columns unrolled: slower than 128 at 2 and 4 bits; 2 warps: as fast as 4
-    at batch 1, up to 12 % faster at 4 and 8 rows of x)."""
+    slower at 8 rows of x, 2 bits; 256 columns unrolled: slower than 128 at 2 and 4 bits; 2 warps: within 5 % of
+    4 at batch 1, either way, and up to 12 % faster at 4 and 8 rows of x)."""
     return KernelConfig(4, 2, max(1, SPLIT_COLUMNS // group_size), unrolled=rows_of_x == 1)
 
 
