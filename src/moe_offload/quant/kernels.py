@@ -421,7 +421,8 @@ if AVAILABLE:
             last = tl.minimum(g0 + GROUPS_PER_SPLIT, GROUPS) - 1
             ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, tl.minimum(g0, last), first_row, rows, ok, NP, RUNS,
                            BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, False)
-            for i in range(0, GROUPS_PER_SPLIT):
+            # as many steps as the first warp has groups: no warp has more
+            for i in range(0, tl.minimum(GROUPS_PER_SPLIT, GROUPS - pid_split * WARPS * GROUPS_PER_SPLIT)):
                 fetched = ahead
                 g = tl.minimum(g0 + i, last)
                 ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, tl.minimum(g + 1, last), first_row, rows, ok, NP, RUNS,
