@@ -103,7 +103,8 @@ def main() -> None:
         spec = QuantSpec(bits)
         fmt = PackedFormat([((n, k), spec)])
         weight = torch.randn(n, k, device=device) / k ** 0.5
-        (w,) = fmt.view(fmt.pack([weight]).to(device))
+        raw = fmt.pack([weight]).to(device)
+        (w,) = fmt.view(raw.clone())
         dense = weight.to(torch.bfloat16)
         x1 = torch.randn(1, k, device=device, dtype=torch.bfloat16)
 
@@ -113,7 +114,6 @@ def main() -> None:
             sys.exit(f"{shape_name} {bits}-bit: kernel differs from dequantize-then-matmul by {error:.3g} (relative)")
 
         moved = fmt.nbytes + 2 * (k + n)             # the weight's buffer, x and y in bf16
-        raw = fmt.pack([weight]).to(device)
         copies = [fmt.view(raw.clone())[0] for _ in range(COPIES)]
         dense_copies = [dense.clone() for _ in range(COPIES)]
         default = default_config(spec.group_size)
