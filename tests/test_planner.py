@@ -80,15 +80,26 @@ def test_bad_sizes_are_refused_naming_the_flag(text):
         parse_size(text, "--cpu-memory")
 
 
+def non_expert_weights(w) -> tuple[list, list]:
+    """The model's non-expert weights: (attention matrices, everything else)."""
+    attention = [m for layer in w.layers for m in (layer.attn.wq, layer.attn.wk, layer.attn.wv, layer.attn.wo)]
+    return attention, [w.embed, w.norm, w.lm_head] + [t for layer in w.layers for t in (layer.attn_norm, layer.mlp_norm, layer.router)]
+
+
+def allocated_bytes(weight) -> int:
+    """A tensor's bytes, or a QuantizedWeight's one buffer."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.packed.untyped_storage().nbytes()
+    return weight.numel() * weight.element_size()
+
+
 def test_plan_counts_the_bytes_the_engine_really_allocates():
     engine = Engine.load(RuntimeConfig(model=SHIPPED_MODEL, device="cpu", dtype="float32", max_context=256), progress=False)
     config, w = engine.config, engine.model.weights
     fmt = DenseExpertFormat(config.hidden_size, config.expert_ffn, torch.float32)
     p = plan_for(config, fmt.nbytes, torch.float32, 256, OffloadConfig(enabled=True, gpu_memory=GiB), "cpu")
-    tensors = [w.embed, w.norm, w.lm_head] + [t for layer in w.layers for t in
-                                               (layer.attn_norm, layer.mlp_norm, layer.router, layer.attn.wq,
-                                                layer.attn.wk, layer.attn.wv, layer.attn.wo)]
-    assert p.dense_bytes == sum(t.numel() * t.element_size() for t in tensors)
+    attention, others = non_expert_weights(w)
+    assert p.dense_bytes == sum(t.numel() * t.element_size() for t in attention + others)
     assert p.kv_bytes == sum(t.numel() * t.element_size() for t in engine.cache.keys + engine.cache.values)
     assert p.expert_nbytes == fmt.nbytes and math.prod(w.layers[0].router.shape) == config.num_experts * config.hidden_size
 
@@ -97,12 +108,9 @@ def test_plan_counts_quantized_attention_at_its_packed_size(tmp_path):
     folder = write_tiny_mixtral(tmp_path, intermediate_size=128)
     runtime = RuntimeConfig(model=folder, device="cpu", dtype="float32", max_context=64, quant=QuantConfig.parse("4/2"))
     engine = Engine.load(runtime, progress=False, offload=OffloadConfig(enabled=True, gpu_memory=GiB))
-    w = engine.model.weights
-    attention = [m for layer in w.layers for m in (layer.attn.wq, layer.attn.wk, layer.attn.wv, layer.attn.wo)]
+    attention, others = non_expert_weights(engine.model.weights)
     assert all(isinstance(m, QuantizedWeight) for m in attention)
-    tensors = [w.embed, w.norm, w.lm_head] + [t for layer in w.layers for t in (layer.attn_norm, layer.mlp_norm, layer.router)]
-    allocated = (sum(t.numel() * t.element_size() for t in tensors)
-                 + sum(m.packed.untyped_storage().nbytes() for m in attention))     # one buffer a matrix
+    allocated = sum(allocated_bytes(t) for t in attention + others)
     unquantized = plan_for(engine.config, engine.plan.expert_nbytes, torch.float32, 64,
                            OffloadConfig(enabled=True, gpu_memory=GiB), "cpu")
     assert engine.plan.dense_bytes == allocated < unquantized.dense_bytes
