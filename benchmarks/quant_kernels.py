@@ -15,6 +15,10 @@ Kernel times replay a CUDA graph of one call on each of COPIES copies of the wei
 addresses (more bytes than the L2 cache holds, so every call reads from memory), without the
 Python launch cost; `eager_us` is the same call launched from Python (triton.testing.do_bench,
 which empties the L2 cache before every run), launch cost included: what an un-graphed model pays.
+On compute capability 9.0 and up the GEMV is a programmatic dependent launch (kernels.py): in the
+graph each call then loads its weight while the call before ends, as in a decode step's chain of
+GEMVs (each still waits for the one before to finish before it reads x). `serial_us` is the default
+tiling launched without it: every call starts after the one before has finished.
 Prints a table, then one JSON line last.
 """
 
@@ -27,6 +31,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +69,8 @@ def graph_us(call, operands) -> float:
     with torch.cuda.graph(graph):
         for operand in operands:
             call(operand)
-    graph.replay()
+    for _ in range(REPLAYS):        # the first replays after a pause ran ~0.8 us a call slower (gemv_pdl.txt)
+        graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(REPLAYS):
@@ -81,10 +87,13 @@ def measured_bandwidth() -> float:
     return 2 * src.numel() / (time_ms(lambda: dst.copy_(src)) * 1e-3)
 
 
-def sweep_configs(group_size: int):
+def sweep_configs(default: KernelConfig, group_size: int):
+    """Other tilings, each loading every group's weight early where the default does."""
     for rows, warps, columns in itertools.product((2, 4, 8), (1, 2, 4), (64, 128, 256)):
         if columns >= group_size:
-            yield KernelConfig(rows, warps, columns // group_size, unrolled=True)
+            groups = columns // group_size
+            yield replace(default, rows_per_thread=rows, warps=warps, groups_per_split=groups,
+                          early_groups=groups if default.early_groups else 0)
 
 
 def main() -> None:
@@ -116,11 +125,13 @@ def main() -> None:
         moved = fmt.nbytes + 2 * (k + n)             # the weight's buffer, x and y in bf16
         copies = [fmt.view(raw.clone())[0] for _ in range(COPIES)]
         dense_copies = [dense.clone() for _ in range(COPIES)]
-        default = default_config(spec.group_size)
+        default = default_config(bits, spec.group_size, k)
         default_us = graph_us(lambda q: hqq_linear(x1, q, default), copies)
+        serial = replace(default, dependent_launch=False)
+        serial_us = graph_us(lambda q: hqq_linear(x1, q, serial), copies)
         best, best_us = default, default_us
         if not args.no_sweep:
-            for config in sweep_configs(spec.group_size):
+            for config in sweep_configs(default, spec.group_size):
                 try:
                     us = graph_us(lambda q: hqq_linear(x1, q, config), copies)
                 except (triton.runtime.errors.OutOfResources, RuntimeError):
@@ -138,6 +149,7 @@ def main() -> None:
             packed_bytes=fmt.nbytes, bf16_bytes=n * k * 2, max_relative_error=error,
             default_config=vars(default), default_us=default_ms * 1e3,
             default_bandwidth_fraction=moved / (default_ms * 1e-3) / bandwidth,
+            serial_us=serial_us, serial_bandwidth_fraction=moved / (serial_us * 1e-6) / bandwidth,
             best_config=vars(best), best_us=best_ms * 1e3, best_bandwidth_fraction=moved / (best_ms * 1e-3) / bandwidth,
             bf16_gemv_us=bf16_ms * 1e3, bf16_bandwidth_fraction=(n * k * 2 + 4 * (n + k)) / (bf16_ms * 1e-3) / bandwidth,
             speedup_vs_bf16_default=bf16_ms / default_ms, speedup_vs_bf16_best=bf16_ms / best_ms,
@@ -149,7 +161,7 @@ def main() -> None:
         )
         rows.append(row)
         print(f"{shape_name:18s} {bits}-bit g{spec.group_size}: default {row['default_us']:7.1f} us "
-              f"({row['default_bandwidth_fraction']:.0%} of bw), best {row['best_us']:7.1f} us "
+              f"({row['default_bandwidth_fraction']:.0%} of bw; {row['serial_us']:.1f} us serial), best {row['best_us']:7.1f} us "
               f"({row['best_bandwidth_fraction']:.0%}) {vars(best)}, bf16 {row['bf16_gemv_us']:7.1f} us "
               f"({row['bf16_bandwidth_fraction']:.0%}); eager {row['eager_us']:.1f} vs {row['bf16_eager_us']:.1f} us; "
               f"batch 4 {row['batch4_us']:.1f} vs {row['bf16_batch4_us']:.1f} us; "
@@ -164,7 +176,8 @@ def main() -> None:
         rows=rows, torch=torch.__version__, triton=triton.__version__,
         git_commit=os.environ.get("MOE_OFFLOAD_COMMIT")     # the device's copy of the tree may report a stale HEAD
         or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        timing=f"CUDA graph replay over {COPIES} copies of the weight (L2-cold, no launch cost); eager_us: do_bench, launch included",
+        timing=f"CUDA graph replay over {COPIES} copies of the weight (L2-cold, no launch cost), programmatic dependent "
+               "launch where the card has it (serial_us: without); eager_us: do_bench, launch included",
         command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     )
     if args.out:

@@ -38,7 +38,8 @@ def quantized(n: int, k: int, spec: QuantSpec, device="cpu", seed: int = 0):
 
 CPU_CASES = {   # (rows of x, config)
     "gemv": (1, None),
-    "gemv_split_k": (1, KernelConfig(2, 2, 4, unrolled=True)),   # programs add partial sums; the last split is ragged
+    # programs add partial sums; the last split is ragged; two groups loaded before the wait for the kernel before
+    "gemv_split_k": (1, KernelConfig(2, 2, 4, unrolled=True, early_groups=2)),
     "gemv_loop": (1, KernelConfig(2, 2, 4, unrolled=False)),
     "gemv_one_program": (1, KernelConfig(8, 1, 6, unrolled=True)),    # a thread's codes in two words
     "gemv_three_rows": (3, None),                            # rows of x share the decoded codes
@@ -132,6 +133,32 @@ def test_gpu_kernel_result_does_not_depend_on_the_buffer_address():
     (b,) = fmt.view(elsewhere)
     x = torch.randn(1, 14336, device="cuda", dtype=torch.bfloat16)
     assert torch.equal(a.linear(x), b.linear(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", QUANT_BITS)
+def test_gpu_chained_gemvs_read_the_output_of_the_one_before(bits):
+    """w2(w1(x)) four times over in one CUDA graph (back to back: on 9.0 and up each GEMV launches before the one
+    before has finished) gives the bits of the same calls with the device synchronised after each."""
+    w1 = quantized(14336, 4096, QuantSpec(bits), device="cuda")
+    w2 = quantized(4096, 14336, QuantSpec(bits), device="cuda", seed=1)
+    x = torch.randn(1, 4096, device="cuda").to(torch.bfloat16)
+
+    def chain(y, sync=False):
+        for w in (w1, w2) * 4:
+            y = hqq_linear(y, w)
+            if sync:
+                torch.cuda.synchronize()
+        return y
+
+    stepped = chain(x, sync=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chained = chain(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.isfinite(stepped).all()
+    assert torch.equal(chained, stepped)
 
 
 @pytest.mark.gpu

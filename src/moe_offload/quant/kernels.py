@@ -28,6 +28,11 @@ sums in the program, and SPLITS programs per block of rows write fp32 partial su
 finish (an atomic counter) adds them in a fixed order, so a call is one kernel and the same input gives
 the same bits.
 
+On compute capability 9.0 and up a GEMV is a programmatic dependent launch: its programs let the next kernel
+launch at once, and load their first groups' weight (no kernel writes it) before they wait for the kernel
+before them to finish (griddepcontrol.wait); only then do they read x or write. A chain of GEMVs, such as
+a decode step's, so overlaps each kernel's loads with the end of the one before.
+
 Up to MAX_GEMV_ROWS rows of x (batched decode) share one GEMV: each code is decoded once and
 multiplied into every row's sums. More rows (prefill), and groups the GEMV does not tile (3-bit
 groups of 16 codes end mid-word), dequantize the matrix with a second kernel and use cuBLAS,
@@ -54,7 +59,8 @@ except ImportError:   # CPU installs: weight.py falls back to dequantize-then-ma
 MAGIC = 0x4B000000          # the bits of 2^23: with a code ORed into the mantissa, 2^23 + code
 PAIR_MAGIC = 0x64006400     # two fp16 1024s: with a code ORed into each half's mantissa, 1024 + code
 MAX_GEMV_ROWS = 8           # more rows of x than this: dequantize, then cuBLAS
-SPLIT_COLUMNS = 128         # input columns a program covers by default
+SPLIT_COLUMNS = 128         # input columns a warp covers by default
+WIDE_INPUT = 8192           # input columns from which a batch-1 program has 4 warps, not 2
 
 
 @dataclass(frozen=True)
@@ -63,15 +69,23 @@ class KernelConfig:
     warps: int              # warps per program, each on its own input columns of the program's rows
     groups_per_split: int   # quantization groups each program sums before the programs' partials are added
     unrolled: bool          # a program's groups as straight-line code (else a loop: fewer registers)
+    early_groups: int = 0   # unrolled: groups whose weight is loaded before waiting for the kernel before
+    dependent_launch: bool = True   # start before the kernel before has finished, where the GPU can (9.0 and up)
 
 
-def default_config(group_size: int, rows_of_x: int = 1) -> KernelConfig:
+def default_config(bits: int, group_size: int, k: int, rows_of_x: int = 1) -> KernelConfig:
     """4 rows a thread, 2 warps a program of SPLIT_COLUMNS input columns each, the groups unrolled for one row
     of x: the best of benchmarks/results/gpu-2026-11-28/gemv_unrolled.txt and gemv_pairs.txt, and of
     gpu-2026-11-28/gemv_warps_along_k.txt for the warps, on an H200 (unrolled: 8-12 % faster at batch 1, 2x
-    slower at 8 rows of x, 2 bits; 256 columns unrolled: slower than 128 at 2 and 4 bits; 2 warps: within 5 % of
-    4 at batch 1, either way, and up to 12 % faster at 4 and 8 rows of x)."""
-    return KernelConfig(4, 2, max(1, SPLIT_COLUMNS // group_size), unrolled=rows_of_x == 1)
+    slower at 8 rows of x, 2 bits; 256 columns unrolled: slower than 128 at 2 and 4 bits; 2 warps: up to 12 %
+    faster than 4 at 4 and 8 rows of x). For one row of x and WIDE_INPUT columns or more, 4 warps: half as many
+    partial sums to add (gpu-2026-11-28/gemv_pdl.txt, w2 4096 x 14336: 13.8 / 13.6 / 13.5 us at 2 / 3 / 4 bits
+    against 15.0 / 14.1 / 13.7 with 2; at w1's 4096 columns 4 warps were no faster). At 2 bits every group's
+    weight is loaded before the wait for the kernel before (gemv_pdl.txt: 13.4 us against 16.1 with none, w1,
+    batch 1); at 3 and 4 bits (two groups a warp) none is (12.9 against 13.4 with both, 3 bits)."""
+    groups = max(1, SPLIT_COLUMNS // group_size)
+    warps = 4 if rows_of_x == 1 and k >= WIDE_INPUT else 2
+    return KernelConfig(4, warps, groups, unrolled=rows_of_x == 1, early_groups=groups if bits == 2 else 0)
 
 
 def codes_per_step(bits: int) -> int:
@@ -384,16 +398,25 @@ if AVAILABLE:
         return total
 
     @triton.jit
+    def _wait_for_inputs(PDL: tl.constexpr):
+        """With programmatic dependent launch, wait until the kernel before this one has finished and its writes
+        are visible: before reading x or writing anything, after loading the weight (which no kernel writes)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, meta_ptr, partial_ptr, count_ptr, out_ptr, magic,
         N, K, NP, RUNS, GROUPS, GROUPS_PER_SPLIT, SPLITS,
         BITS: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr, PAIRED: tl.constexpr, META_GROUP: tl.constexpr,
         QUANT_META: tl.constexpr, X_ROWS: tl.constexpr, ROWS_PER_THREAD: tl.constexpr, THREADS: tl.constexpr,
-        SPLIT_BATCH: tl.constexpr, UNROLLED_GROUPS: tl.constexpr,
+        SPLIT_BATCH: tl.constexpr, UNROLLED_GROUPS: tl.constexpr, EARLY_GROUPS: tl.constexpr, PDL: tl.constexpr,
     ):
         """UNROLLED_GROUPS: GROUPS_PER_SPLIT when the groups are unrolled, else 0. The loop reads the run-time
         GROUPS_PER_SPLIT: as a compile-time constant it was 12-18 % slower at 8 rows of x, 2 bits
         (benchmarks/results/gpu-2026-11-28/gemv_unrolled.txt, run 3)."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()      # the next kernel may start loading its weight now
         pid_rows, pid_split = tl.program_id(0), tl.program_id(1)
         WARPS: tl.constexpr = THREADS // 32
         lane, warp = tl.arange(0, THREADS) % 32, tl.arange(0, THREADS) // 32
@@ -409,10 +432,19 @@ if AVAILABLE:
             # (benchmarks/results/gpu-2026-11-28/gemv_unrolled.txt). The loop keeps bytes, and so stays the
             # loop measured there (words in the loop were not measured on their own).
             g0 = (pid_split * WARPS + warp) * UNROLLED_GROUPS           # each warp's first group: (THREADS,)
+            early = ()        # the first groups' loads, issued while the kernel before may still write x
+            for i in tl.static_range(EARLY_GROUPS):
+                g = tl.minimum(g0 + i, GROUPS - 1)
+                early = early + (_fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g, first_row, rows, ok, NP, RUNS,
+                                        BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, QUANT_META),)
+            _wait_for_inputs(PDL)
             for i in tl.static_range(UNROLLED_GROUPS):
                 g = tl.minimum(g0 + i, GROUPS - 1)       # the last split may be ragged: its extra groups count zero
-                fetched = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g, first_row, rows, ok, NP, RUNS,
-                                 BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, QUANT_META)
+                if i < EARLY_GROUPS:
+                    fetched = early[i]
+                else:
+                    fetched = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g, first_row, rows, ok, NP, RUNS,
+                                     BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, QUANT_META)
                 acc = _add_group(acc, fetched, x_ptr, g, K, (g0 + i < GROUPS)[:, None], first_row, magic, zeros,
                                  BITS, GROUP, STEP, PAIRED, QUANT_META, X_ROWS, ROWS_PER_THREAD, QUANT_META)
         else:
@@ -421,6 +453,7 @@ if AVAILABLE:
             last = tl.minimum(g0 + GROUPS_PER_SPLIT, GROUPS) - 1
             ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, tl.minimum(g0, last), first_row, rows, ok, NP, RUNS,
                            BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, False)
+            _wait_for_inputs(PDL)
             # as many steps as the first warp has groups: no warp has more
             for i in range(0, tl.minimum(GROUPS_PER_SPLIT, GROUPS - pid_split * WARPS * GROUPS_PER_SPLIT)):
                 fetched = ahead
@@ -492,6 +525,12 @@ def _counters(device: torch.device, blocks: int) -> torch.Tensor:
     return counters
 
 
+def _dependent_launch(device: torch.device) -> bool:
+    """Whether GEMVs launch before the kernel before them has finished (programmatic dependent launch: compute
+    capability 9.0 and up, never in the interpreter)."""
+    return os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _meta_args(weight) -> tuple[torch.Tensor, int]:
     if weight.meta is None:
         return weight.scale, 0           # not read without QUANT_META
@@ -503,7 +542,8 @@ def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | 
     rows_of_x = x.shape[0]
     n, k = weight.shape
     spec = weight.spec
-    config = config or default_config(spec.group_size, rows_of_x)
+    config = config or default_config(spec.bits, spec.group_size, k, rows_of_x)
+    pdl = config.dependent_launch and _dependent_launch(x.device)
     if config.unrolled and weight.meta is not None and config.rows_per_thread not in (1, 2) and config.rows_per_thread % 4:
         raise ValueError(f"rows_per_thread must be 1, 2 or a multiple of 4 when unrolled (a thread's 8-bit scale "
                          f"codes are whole 32-bit words), not {config.rows_per_thread}")
@@ -521,7 +561,8 @@ def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | 
         BITS=spec.bits, GROUP=spec.group_size, STEP=codes_per_step(spec.bits), PAIRED=paired, META_GROUP=spec.meta_group_size,
         QUANT_META=weight.meta is not None, X_ROWS=rows_of_x, ROWS_PER_THREAD=config.rows_per_thread,
         THREADS=32 * config.warps, SPLIT_BATCH=16, UNROLLED_GROUPS=config.groups_per_split if config.unrolled else 0,
-        num_warps=config.warps,
+        EARLY_GROUPS=min(config.early_groups, config.groups_per_split) if config.unrolled else 0, PDL=pdl,
+        num_warps=config.warps, launch_pdl=pdl,
     )
 
 
