@@ -44,6 +44,7 @@ benchmarks/quant_kernels.py.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -525,10 +526,12 @@ def _counters(device: torch.device, blocks: int) -> torch.Tensor:
     return counters
 
 
+@functools.cache
 def _dependent_launch(device: torch.device) -> bool:
     """Whether GEMVs launch before the kernel before them has finished (programmatic dependent launch: compute
-    capability 9.0 and up, never in the interpreter)."""
-    return os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.get_device_capability(device)[0] >= 9
+    capability 9.0 and up, Triton 3.4 and up, never in the interpreter)."""
+    return (os.environ.get("TRITON_INTERPRET") != "1" and hasattr(getattr(tl.extra, "cuda", None), "gdc_wait")
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def _meta_args(weight) -> tuple[torch.Tensor, int]:
@@ -562,7 +565,7 @@ def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | 
         QUANT_META=weight.meta is not None, X_ROWS=rows_of_x, ROWS_PER_THREAD=config.rows_per_thread,
         THREADS=32 * config.warps, SPLIT_BATCH=16, UNROLLED_GROUPS=config.groups_per_split if config.unrolled else 0,
         EARLY_GROUPS=min(config.early_groups, config.groups_per_split) if config.unrolled else 0, PDL=pdl,
-        num_warps=config.warps, launch_pdl=pdl,
+        num_warps=config.warps, **({"launch_pdl": True} if pdl else {}),   # a launch option of Triton 3.4+
     )
 
 
