@@ -31,7 +31,9 @@ the same bits.
 On compute capability 9.0 and up a GEMV is a programmatic dependent launch: its programs let the next kernel
 launch at once, and load their first groups' weight (no kernel writes it) before they wait for the kernel
 before them to finish (griddepcontrol.wait); only then do they read x or write. A chain of GEMVs, such as
-a decode step's, so overlaps each kernel's loads with the end of the one before.
+a decode step's, so overlaps each kernel's loads with the end of the one before. The weight is read before
+the wait, so the kernel launched right before a GEMV must not write that weight (copies into expert slots are
+memcpys, ordered by events: they are waited for in full; dependent_launch=False turns this off).
 
 Up to MAX_GEMV_ROWS rows of x (batched decode) share one GEMV: each code is decoded once and
 multiplied into every row's sums. More rows (prefill), and groups the GEMV does not tile (3-bit
