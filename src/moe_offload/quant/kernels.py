@@ -29,7 +29,7 @@ finish (an atomic counter) adds them in a fixed order, so a call is one kernel a
 the same bits.
 
 On compute capability 9.0 and up a GEMV is a programmatic dependent launch: its programs let the next kernel
-launch at once, and load their first groups' weight (no kernel writes it) before they wait for the kernel
+launch at once, and load their first groups' weight before they wait for the kernel
 before them to finish (griddepcontrol.wait); only then do they read x or write. A chain of GEMVs, such as
 a decode step's, so overlaps each kernel's loads with the end of the one before. The weight is read before
 the wait, so the kernel launched right before a GEMV must not write that weight (copies into expert slots are
