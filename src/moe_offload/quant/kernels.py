@@ -73,7 +73,7 @@ class KernelConfig:
     groups_per_split: int   # quantization groups each program sums before the programs' partials are added
     unrolled: bool          # a program's groups as straight-line code (else a loop: fewer registers)
     early_groups: int = 0   # unrolled: groups whose weight is loaded before waiting for the kernel before
-    dependent_launch: bool = True   # start before the kernel before has finished, where the GPU can (9.0 and up)
+    dependent_launch: bool = True   # start before the kernel before has finished, where possible (_dependent_launch)
 
 
 def default_config(bits: int, group_size: int, k: int, rows_of_x: int = 1) -> KernelConfig:
@@ -403,7 +403,8 @@ if AVAILABLE:
     @triton.jit
     def _wait_for_inputs(PDL: tl.constexpr):
         """With programmatic dependent launch, wait until the kernel before this one has finished and its writes
-        are visible: before reading x or writing anything, after loading the weight (which no kernel writes)."""
+        are visible: before reading x or writing anything, after loading the weight (which that kernel must not
+        write: see the module's docstring)."""
         if PDL:
             tl.extra.cuda.gdc_wait()
 
