@@ -39,7 +39,7 @@ import triton
 from triton.testing import do_bench
 
 from moe_offload.config import QuantSpec
-from moe_offload.quant.kernels import KernelConfig, default_config, hqq_linear
+from moe_offload.quant.kernels import KernelConfig, default_config, early_groups, hqq_linear
 from moe_offload.quant.weight import PackedFormat
 
 SHAPES = {"w1/w3 14336x4096": (14336, 4096), "w2 4096x14336": (4096, 14336)}
@@ -87,13 +87,13 @@ def measured_bandwidth() -> float:
     return 2 * src.numel() / (time_ms(lambda: dst.copy_(src)) * 1e-3)
 
 
-def sweep_configs(default: KernelConfig, group_size: int):
-    """Other tilings, each loading every group's weight early where the default does."""
+def sweep_configs(default: KernelConfig, bits: int, group_size: int):
+    """Other tilings, each loading as many groups early as the default's rule gives it."""
     for rows, warps, columns in itertools.product((2, 4, 8), (1, 2, 4), (64, 128, 256)):
         if columns >= group_size:
             groups = columns // group_size
             yield replace(default, rows_per_thread=rows, warps=warps, groups_per_split=groups,
-                          early_groups=groups if default.early_groups else 0)
+                          early_groups=early_groups(bits, 1, groups))
 
 
 def main() -> None:
@@ -131,7 +131,7 @@ def main() -> None:
         serial_us = graph_us(lambda q: hqq_linear(x1, q, serial), copies)
         best, best_us = default, default_us
         if not args.no_sweep:
-            for config in sweep_configs(default, spec.group_size):
+            for config in sweep_configs(default, bits, spec.group_size):
                 try:
                     us = graph_us(lambda q: hqq_linear(x1, q, config), copies)
                 except (triton.runtime.errors.OutOfResources, RuntimeError):

@@ -19,7 +19,8 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from moe_offload.config import QUANT_BITS, QuantSpec  # noqa: E402
-from moe_offload.quant.kernels import MAX_GEMV_ROWS, KernelConfig, decodes_in_pairs, hqq_linear  # noqa: E402
+from moe_offload.quant.kernels import (MAX_GEMV_ROWS, KernelConfig, decodes_in_pairs, hqq_linear,  # noqa: E402
+                                      quantizes_x)
 from moe_offload.quant.weight import PackedFormat  # noqa: E402
 
 # In the interpreter an overflow or NaN in numpy means a kernel computed on garbage, as when the meta index of
@@ -70,27 +71,49 @@ def test_interpreted_kernel_matches_dequantize_then_matmul(bits, case, shape, sp
     expected = F.linear(x, w.dequantize())
     actual = hqq_linear(x, w, config)
     assert actual.shape == expected.shape
-    assert (actual - expected).abs().max() <= interpreted_tolerance(bits, m) * expected.abs().max()
+    assert (actual - expected).abs().max() <= interpreted_tolerance(bits, m, config) * expected.abs().max()
 
 
-def interpreted_tolerance(bits: int, rows_of_x: int) -> float:
+def interpreted_tolerance(bits: int, rows_of_x: int, config: KernelConfig | None) -> float:
     """Of the largest output. Codes decoded in pairs are summed in fp16 after x is rounded to fp16 (this
     fp32 x; bf16 x is exact there): each product and sum rounds at 2^-11. With more than MAX_GEMV_ROWS rows
-    it is dequantize-then-matmul. Else codes decode to 2^(23 - p) + code, 2^(23 - p) <= 2^8
-    (kernels.WINDOW_BITS): ~2^-16 of the largest output."""
-    return 5e-3 if decodes_in_pairs(bits) and rows_of_x <= MAX_GEMV_ROWS else 1e-4
+    it is dequantize-then-matmul. Integer x carries about 2^-16 of each group's largest |x|; codes decoded to
+    2^(23 - p) + code, 2^(23 - p) <= 2^8 (kernels.WINDOW_BITS), about 2^-16 of the largest output."""
+    if rows_of_x > MAX_GEMV_ROWS or quantizes_x(bits, rows_of_x, config is None or config.unrolled):
+        return 1e-4
+    return 5e-3 if decodes_in_pairs(bits) else 1e-4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run is for CPU-only machines")
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_integer_x_scales_each_group_of_x_on_its_own(bits):
+    """Small values next to groups of zeros keep the integer path's precision, and an outlier of 3000 in
+    another group adds its own product without changing the others' sums (with one scale for all of x, the
+    small values would lose all but a few bits)."""
+    n, k = 32, 256
+    w = quantized(n, k, QuantSpec(bits, 32))
+    small = torch.randn(1, k, generator=torch.Generator().manual_seed(1)) * 0.1
+    small[0, :64] = 0
+    expected = F.linear(small.double(), w.dequantize().double())
+    actual = hqq_linear(small, w).double()
+    assert (actual - expected).abs().max() <= 1e-4 * expected.abs().max()
+    outlier = small.clone()
+    outlier[0, 40] = 3000.0
+    added = hqq_linear(outlier, w).double() - actual
+    product = 3000.0 * w.dequantize()[:, 40].double()
+    assert (added - product).abs().max() <= 1e-3 * expected.abs().max()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run is for CPU-only machines")
 @pytest.mark.parametrize("bits", [2, 4])
 def test_paired_codes_keep_large_activations_finite(bits):
     """fp16 sums of a group of 64 with every |x| near 4000 (kernels._group_pair_sums's bound) and every code
-    at the far end of its range: the worst case for overflow."""
+    at the far end of its range: the worst case for overflow. Two rows of x: one row takes integer x."""
     n, k = 32, 128
     fmt = PackedFormat([((n, k), QuantSpec(bits, 64))])
     (w,) = fmt.view(fmt.pack([torch.randn(n, k) / k ** 0.5]))
     w.packed.zero_()                          # every code 0: q - 2^(bits - 1) at its most negative
-    x = torch.full((1, k), 3900.0)
+    x = torch.full((2, k), 3900.0)
     expected = F.linear(x, w.dequantize())
     actual = hqq_linear(x, w)
     assert torch.isfinite(actual).all()
@@ -120,6 +143,18 @@ def test_gpu_kernel_matches_dequantize_then_matmul(bits, shape, m):
     assert actual.dtype == torch.bfloat16 and actual.shape == (m, shape[0])
     assert (actual.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
     assert torch.equal(w.linear(x), actual)   # deterministic: the same bits every call
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [KernelConfig(2, 1, 8, unrolled=True), KernelConfig(8, 4, 16, unrolled=True, early_groups=3),
+                                    KernelConfig(4, 8, 4, unrolled=True, early_groups=4)], ids=["2x1", "8x4", "4x8"])
+def test_gpu_integer_x_tilings_match_dequantize_then_matmul(config):
+    """The shuffles of integer x take element t of a (threads, 1) tensor to be thread t's: other row, warp and
+    column counts than the default's, at 2 bits (groups of 16)."""
+    w = quantized(14336, 4096, QuantSpec(2), device="cuda")
+    x = torch.randn(1, 4096, device="cuda").to(torch.bfloat16)
+    expected = F.linear(x.float(), w.dequantize(torch.float32))
+    assert (hqq_linear(x, w, config).float() - expected).abs().max() <= 1e-2 * expected.abs().max()
 
 
 @pytest.mark.gpu

@@ -7,8 +7,17 @@ output rows (KernelConfig.rows_per_thread); their words (pack.py: each row's cod
 stored with the rows innermost) arrive in one vector load per word, and x is the same for every
 thread, so a group's dot products stay in the thread's registers.
 
-At 2 and 4 bits a word's two 16-bit halves hold codes at the same places, so codes are decoded two at
-a time as an fp16 pair (_code_pair): a LOP3 keeps codes p and p + 16 / bits, each under an fp16 1024,
+For one row of x at 2, 4 and 8 bits the sums are in integers (_group_int_sums). Each warp first quantizes
+its own columns of x, its lanes together (_quantize_x): per group x_k = scale (254 high_k + low_k), high_k
+and low_k int8 (high_k = x_k / (max |x| / 127) rounded, low_k the rest in 254ths: about 2^-16 of the
+group's largest |x|, finer than bf16's own rounding for all but its smallest values). A word's codes are
+then four planes of four codes a byte each (plane j: (word >> j bits) & a byte mask, two instructions),
+dotted with the matching high and low bytes of x by one DP4A each, exactly in int32: a lane holds four
+x_k, in plane order, and shuffles (SHFL) hand each one to the whole warp. Per group a thread then adds
+s (scale (254 H + L) - z sum_k x_k) in fp32, decoding each row's 8-bit scale and zero once.
+
+With more rows of x (or groups not unrolled), at 2 and 4 bits a word's two 16-bit halves hold codes at the
+same places, so codes are decoded two at a time as an fp16 pair (_code_pair): a LOP3 keeps codes p and p + 16 / bits, each under an fp16 1024,
 and an HFMA2 turns both into (q - 2^(bits - 1)) / 16, exact; a second HFMA2 multiplies them into the
 group's fp16 sums with x_k (exact in fp16 for bf16 x). That is three instructions for two codes. A
 group's sums (at most 32 products each) are then added in fp32: per group a thread adds s (sum_k q_k x_k
@@ -80,15 +89,26 @@ def default_config(bits: int, group_size: int, k: int, rows_of_x: int = 1) -> Ke
     """4 rows a thread, 2 warps a program of SPLIT_COLUMNS input columns each, the groups unrolled for one row
     of x: the best of benchmarks/results/gpu-2026-11-28/gemv_unrolled.txt and gemv_pairs.txt, and of
     gpu-2026-11-28/gemv_warps_along_k.txt for the warps, on an H200 (unrolled: 8-12 % faster at batch 1, 2x
-    slower at 8 rows of x, 2 bits; 256 columns unrolled: slower than 128 at 2 and 4 bits; 2 warps: up to 12 %
-    faster than 4 at 4 and 8 rows of x). For one row of x and WIDE_INPUT columns or more, 4 warps: half as many
-    partial sums to add (gpu-2026-11-28/gemv_pdl.txt, w2 4096 x 14336: 13.8 / 13.6 / 13.5 us at 2 / 3 / 4 bits
-    against 15.0 / 14.1 / 13.7 with 2; at w1's 4096 columns 4 warps were no faster). At 2 bits every group's
-    weight is loaded before the wait for the kernel before (gemv_pdl.txt: 13.4 us against 16.1 with none, w1,
-    batch 1); at 3 and 4 bits (two groups a warp) none is (12.9 against 13.4 with both, 3 bits)."""
-    groups = max(1, SPLIT_COLUMNS // group_size)
+    slower at 8 rows of x, 2 bits; 2 warps: up to 12 % faster than 4 at 4 and 8 rows of x). For one row of x
+    and WIDE_INPUT columns or more, 4 warps: half as many partial sums to add (gpu-2026-11-28/gemv_pdl.txt).
+    With integer x (one row; gpu-2026-11-28/gemv_integer_x.txt): half of a warp's groups loaded before the
+    wait for the kernel before (2 bits: 10.4 us against 11.3 with all and 13.1 with none, w1), and 256 columns
+    a warp at 4 bits (10.2-10.3 us against 11.4-12.2 with 128)."""
+    columns = 2 * SPLIT_COLUMNS if bits == 4 and quantizes_x(bits, rows_of_x, True) else SPLIT_COLUMNS
+    groups = max(1, columns // group_size)
     warps = 4 if rows_of_x == 1 and k >= WIDE_INPUT else 2
-    return KernelConfig(4, warps, groups, unrolled=rows_of_x == 1, early_groups=groups if bits == 2 else 0)
+    return KernelConfig(4, warps, groups, unrolled=rows_of_x == 1, early_groups=early_groups(bits, rows_of_x, groups))
+
+
+def early_groups(bits: int, rows_of_x: int, groups_per_split: int) -> int:
+    """Groups a warp loads before it waits for the kernel before: half of them with integer x, else none."""
+    return max(1, groups_per_split // 2) if quantizes_x(bits, rows_of_x, True) else 0
+
+
+def quantizes_x(bits: int, rows_of_x: int, unrolled: bool) -> bool:
+    """Whether the GEMV quantizes x to integers and sums codes times x by DP4A (_group_int_sums): one row of x,
+    unrolled groups, codes a whole number of a byte's bits."""
+    return rows_of_x == 1 and unrolled and bits in (2, 4, 8)
 
 
 def codes_per_step(bits: int) -> int:
@@ -117,6 +137,7 @@ if AVAILABLE:
     # Codes decoded in pairs are (q - 2^(bits - 1)) / 16 (_code_pair), so that a group's fp16 sums stay far
     # below fp16's 65504; the kernel's sums are PAIR_SCALE times the true ones until it stores them.
     PAIR_SCALE = tl.constexpr(1 / 16)
+    X_SPLIT = tl.constexpr(254)     # integer x: x = scale (X_SPLIT high + low), high and low int8 (_quantize_x)
 
     @triton.jit
     def _code(words, c: tl.constexpr, magic, BITS: tl.constexpr):
@@ -198,6 +219,113 @@ if AVAILABLE:
         STEP: tl.constexpr = PAIR_SCALE / 2 ** POS
         OFFSET: tl.constexpr = 1024 * PAIR_SCALE / 2 ** POS + (1 << BITS - 1) * PAIR_SCALE
         return _fma2(halves, _splat_pair(STEP), _splat_pair(-OFFSET))
+
+    @triton.jit
+    def _dp4a(codes, x_bytes, acc):
+        """acc + the dot product of codes' four unsigned bytes with x_bytes' four signed ones: one DP4A."""
+        if INTERPRETED:
+            for i in tl.static_range(4):
+                code = ((codes >> (8 * i)) & 0xFF).to(tl.int32)
+                x = (x_bytes << (24 - 8 * i)).to(tl.int32, bitcast=True) >> 24
+                acc += code * x
+            return acc
+        else:
+            return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [codes, x_bytes, acc],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _round(v):
+        """v rounded to the nearest integer (ties to even), for |v| < 2^22: by adding and taking away 1.5 2^23."""
+        return (v + 12582912.0) - 12582912.0
+
+    @triton.jit
+    def _lane_exchange(value, source):
+        """value (THREADS, 1), 32 bits a thread -> the value of lane `source` ((THREADS, 1)) of each thread's warp:
+        one SHFL (the interpreter picks it out of the whole tensor). A (THREADS, 1) tensor's element t is thread
+        t's (its blocked layout), which the GPU tests of every warp count and tiling check."""
+        if value.dtype == tl.float32:
+            return _lane_exchange(value.to(tl.uint32, bitcast=True), source).to(tl.float32, bitcast=True)
+        elif INTERPRETED:
+            THREADS: tl.constexpr = value.shape[0]
+            threads = tl.arange(0, THREADS)[None, :]
+            sources = tl.arange(0, THREADS)[:, None] // 32 * 32 + source
+            picked = tl.where(threads == sources, tl.reshape(value, (1, THREADS)), 0)
+            return tl.sum(picked, axis=1, keep_dims=True)
+        else:
+            return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 31, -1;", "=r,r,r", [value, source],
+                                             dtype=value.dtype, is_pure=True, pack=1)
+
+    @triton.jit
+    def _from_lane(value, lane: tl.constexpr):
+        """value (THREADS, 1) -> the value of lane `lane` of each thread's warp."""
+        return _lane_exchange(value, tl.full(value.shape, lane, tl.int32))
+
+    @triton.jit
+    def _group_reduce(value, lane, LANES: tl.constexpr, MAXIMUM: tl.constexpr):
+        """The maximum (else the sum) of fp32 `value` over each run of LANES lanes, in every lane of the run: a
+        butterfly of SHFLs."""
+        for step in tl.static_range(5):
+            if (1 << step) < LANES:
+                other = _lane_exchange(value, lane ^ (1 << step))
+                value = tl.maximum(value, other) if MAXIMUM else value + other
+        return value
+
+    @triton.jit
+    def _quantize_x(x_ptr, g0, lane, GROUPS, BITS: tl.constexpr, GROUP: tl.constexpr, WARP_GROUPS: tl.constexpr):
+        """The warp's groups g0 .. g0 + WARP_GROUPS - 1 of x, each as scale (X_SPLIT high_k + low_k) with int8 high =
+        x_k / (max |x| / 127) rounded and low the rest in X_SPLITths: a lane holds four x_k per 128 columns, the ones
+        of one plane of a word (_group_int_sums), GROUP / 4 lanes a group. Returns per 128 columns the lane's high
+        bytes and low bytes (uint32 each), and its group's scale and scale sum_k (X_SPLIT high_k + low_k) (exact
+        integers below 2^24 before the scale)."""
+        LANES: tl.constexpr = GROUP // 4
+        CODES: tl.constexpr = 32 // BITS
+        PLANES: tl.constexpr = 8 // BITS
+        lane = lane[:, None]
+        sets = ()
+        for first in tl.static_range(0, WARP_GROUPS, 32 // LANES):
+            group = g0[:, None] + first + lane // LANES
+            plane = lane % LANES
+            first_k = group * GROUP + plane // PLANES * CODES + plane % PLANES
+            ok = group < GROUPS
+            xs = ()
+            for b in tl.static_range(4):
+                xs = xs + (tl.load(x_ptr + first_k + b * PLANES, mask=ok, other=0).to(tl.float32),)
+            largest = tl.maximum(tl.maximum(tl.abs(xs[0]), tl.abs(xs[1])), tl.maximum(tl.abs(xs[2]), tl.abs(xs[3])))
+            largest = _group_reduce(largest, lane, LANES, True)
+            steps = 127 / tl.maximum(largest, 1e-30)          # a group of zeros stays zeros
+            high_bytes = tl.zeros(lane.shape, dtype=tl.uint32)
+            low_bytes = tl.zeros(lane.shape, dtype=tl.uint32)
+            total = tl.zeros(lane.shape, dtype=tl.float32)
+            for b in tl.static_range(4):
+                high = _round(xs[b] * steps)
+                low = _round((xs[b] * steps - high) * X_SPLIT)
+                high_bytes |= (high.to(tl.int32).to(tl.uint32, bitcast=True) & 0xFF) << (8 * b)
+                low_bytes |= (low.to(tl.int32).to(tl.uint32, bitcast=True) & 0xFF) << (8 * b)
+                total += high * X_SPLIT + low
+            scale = largest / (127 * X_SPLIT)
+            sets = sets + ((high_bytes, low_bytes, scale, _group_reduce(total, lane, LANES, False) * scale),)
+        return sets
+
+    @triton.jit
+    def _group_int_sums(words, quantized_x, slot: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr):
+        """_group_sums for one row of x from _quantize_x's bytes, the warp's group `slot`: each word's codes a plane
+        of four at a time (plane j holds codes j, j + 8 / BITS, ... a byte each), dotted with x's high and low bytes
+        by DP4A, exact in int32; x's bytes come from the lanes that hold them. Returns the sums as 254 H + L
+        (THREADS, ROWS), the group's sum of x, no offset, and the scale that turns 254 H + L into sum_k q_k x_k."""
+        PLANES: tl.constexpr = 8 // BITS
+        BYTE_MASK: tl.constexpr = ((1 << BITS) - 1) * 0x01010101
+        GROUPS_A_SET: tl.constexpr = 128 // GROUP
+        high_bytes, low_bytes, scale, x_sum = quantized_x[slot // GROUPS_A_SET]
+        first_lane: tl.constexpr = slot % GROUPS_A_SET * (GROUP // 4)
+        high = tl.zeros(words[0].shape, dtype=tl.int32)
+        low = tl.zeros(words[0].shape, dtype=tl.int32)
+        for w in tl.static_range(len(words)):
+            for j in tl.static_range(PLANES):
+                codes = (words[w] >> (BITS * j)) & BYTE_MASK
+                high = _dp4a(codes, _from_lane(high_bytes, first_lane + w * PLANES + j), high)
+                low = _dp4a(codes, _from_lane(low_bytes, first_lane + w * PLANES + j), low)
+        dots = (high * X_SPLIT + low).to(tl.float32)
+        return (dots,), (_from_lane(x_sum, first_lane),), (0.0,), _from_lane(scale, first_lane)
 
     @triton.jit
     def _x_quad(x_ptr, k):
@@ -369,24 +497,32 @@ if AVAILABLE:
         return dot_totals, x_totals, offsets
 
     @triton.jit
-    def _add_group(acc, fetched, x_ptr, g, K, counts, first_row, magic, zeros, BITS: tl.constexpr, GROUP: tl.constexpr,
-                   STEP: tl.constexpr, PAIRED: tl.constexpr, QUANT_META: tl.constexpr, X_ROWS: tl.constexpr,
-                   ROWS_PER_THREAD: tl.constexpr, CODE_WORDS: tl.constexpr):
-        """acc + group g's products (fetched: _fetch's values), or acc unchanged where not `counts`."""
+    def _add_group(acc, fetched, x_ptr, quantized_x, slot: tl.constexpr, g, K, counts, first_row, magic, zeros,
+                   BITS: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr, PAIRED: tl.constexpr,
+                   INTEGER_X: tl.constexpr, QUANT_META: tl.constexpr, X_ROWS: tl.constexpr,
+                   ROWS_PER_THREAD: tl.constexpr, CODE_WORDS: tl.constexpr, MASK_GROUPS: tl.constexpr):
+        """acc + group g's products (fetched: _fetch's values; quantized_x: _quantize_x's, the group the warp's
+        slot-th), or acc unchanged where not `counts` (looked at only when MASK_GROUPS)."""
         words, scale, zero, meta = fetched
-        if PAIRED:
+        dot_scale = 1.0
+        if INTEGER_X:
+            dots, x_sums, offset_sums, dot_scale = _group_int_sums(words, quantized_x, slot, BITS, GROUP)
+        elif PAIRED:
             dots, x_sums, offset_sums = _group_pair_sums(words, x_ptr, g, K, magic, BITS, GROUP, X_ROWS)
         else:
             dots, x_sums, offset_sums = _group_sums(words, x_ptr, g, K, magic, zeros, BITS, GROUP, STEP, X_ROWS)
         scale = _row_codes(scale, first_row, ROWS_PER_THREAD, CODE_WORDS)
         zero = _row_codes(zero, first_row, ROWS_PER_THREAD, CODE_WORDS)
-        scale = tl.where(counts, _decoded(scale, meta, 0, QUANT_META), 0.0)
+        scale = _decoded(scale, meta, 0, QUANT_META)
+        if MASK_GROUPS:
+            scale = tl.where(counts, scale, 0.0)
         zero, zero_step, zero_min = _decode(zero, meta, 2, QUANT_META)
         new_acc = ()
         for m in tl.static_range(X_ROWS):
-            # z X + M as zero (zero_step X) + (zero_min X + M): per row two FFMAs, the rest per thread
-            offset = zero * (zero_step * x_sums[m]) + (zero_min * x_sums[m] + offset_sums[m])
-            new_acc = new_acc + (acc[m] + scale * (dots[m] - offset),)
+            # -(z X + M) as zero (zero_step (-X)) + (zero_min (-X) - M): per row two FFMAs, the rest per thread
+            negative_x = -x_sums[m]
+            negative_offset = zero * (zero_step * negative_x) + (zero_min * negative_x - offset_sums[m])
+            new_acc = new_acc + (acc[m] + scale * tl.fma(dots[m], dot_scale, negative_offset),)
         return new_acc
 
     @triton.jit
@@ -412,9 +548,11 @@ if AVAILABLE:
     def _gemv_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, meta_ptr, partial_ptr, count_ptr, out_ptr, magic,
         N, K, NP, RUNS, GROUPS, GROUPS_PER_SPLIT, SPLITS,
-        BITS: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr, PAIRED: tl.constexpr, META_GROUP: tl.constexpr,
+        BITS: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr, PAIRED: tl.constexpr, INTEGER_X: tl.constexpr,
+        META_GROUP: tl.constexpr,
         QUANT_META: tl.constexpr, X_ROWS: tl.constexpr, ROWS_PER_THREAD: tl.constexpr, THREADS: tl.constexpr,
         SPLIT_BATCH: tl.constexpr, UNROLLED_GROUPS: tl.constexpr, EARLY_GROUPS: tl.constexpr, PDL: tl.constexpr,
+        MASK_GROUPS: tl.constexpr,
     ):
         """UNROLLED_GROUPS: GROUPS_PER_SPLIT when the groups are unrolled, else 0. The loop reads the run-time
         GROUPS_PER_SPLIT: as a compile-time constant it was 12-18 % slower at 8 rows of x, 2 bits
@@ -442,6 +580,9 @@ if AVAILABLE:
                 early = early + (_fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g, first_row, rows, ok, NP, RUNS,
                                         BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, QUANT_META),)
             _wait_for_inputs(PDL)
+            quantized_x = ()
+            if INTEGER_X:       # each warp quantizes its own groups of x, its lanes together
+                quantized_x = _quantize_x(x_ptr, g0, lane, GROUPS, BITS, GROUP, UNROLLED_GROUPS)
             for i in tl.static_range(UNROLLED_GROUPS):
                 g = tl.minimum(g0 + i, GROUPS - 1)       # the last split may be ragged: its extra groups count zero
                 if i < EARLY_GROUPS:
@@ -449,8 +590,9 @@ if AVAILABLE:
                 else:
                     fetched = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g, first_row, rows, ok, NP, RUNS,
                                      BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, QUANT_META)
-                acc = _add_group(acc, fetched, x_ptr, g, K, (g0 + i < GROUPS)[:, None], first_row, magic, zeros,
-                                 BITS, GROUP, STEP, PAIRED, QUANT_META, X_ROWS, ROWS_PER_THREAD, QUANT_META)
+                acc = _add_group(acc, fetched, x_ptr, quantized_x, i, g, K, (g0 + i < GROUPS)[:, None], first_row, magic,
+                                 zeros, BITS, GROUP, STEP, PAIRED, INTEGER_X, QUANT_META, X_ROWS, ROWS_PER_THREAD,
+                                 QUANT_META, MASK_GROUPS)
         else:
             # a loop (fewer registers), the next group's loads issued before this group's sums
             g0 = (pid_split * WARPS + warp) * GROUPS_PER_SPLIT
@@ -464,8 +606,9 @@ if AVAILABLE:
                 g = tl.minimum(g0 + i, last)
                 ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, tl.minimum(g + 1, last), first_row, rows, ok, NP, RUNS,
                                BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, False)
-                acc = _add_group(acc, fetched, x_ptr, g, K, (g0 + i <= last)[:, None], first_row, magic, zeros,
-                                 BITS, GROUP, STEP, PAIRED, QUANT_META, X_ROWS, ROWS_PER_THREAD, False)
+                acc = _add_group(acc, fetched, x_ptr, (), 0, g, K, (g0 + i <= last)[:, None], first_row, magic,
+                                 zeros, BITS, GROUP, STEP, PAIRED, False, QUANT_META, X_ROWS, ROWS_PER_THREAD, False,
+                                 MASK_GROUPS)
 
         # the warps' sums of the program's rows, added here: (32 ROWS,) per row of x
         rows = pid_rows * 32 * ROWS_PER_THREAD + tl.arange(0, 32 * ROWS_PER_THREAD)
@@ -537,6 +680,14 @@ def _dependent_launch(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
+def _masks_groups(integer_x: bool, groups: int, config: KernelConfig) -> bool:
+    """Whether the GEMV zeroes the groups past a warp's share (a select per row and group): needed where some
+    split is ragged; kept for codes as floats, where dropping it was measured 1 us slower (3 bits, an H200:
+    compiler scheduling; 1.0 us faster at 2 bits and 0.1-0.6 us at 4 with integer x:
+    benchmarks/results/gpu-2026-11-28/gemv_integer_x.txt)."""
+    return not integer_x or groups % (config.groups_per_split * config.warps) != 0
+
+
 def _meta_args(weight) -> tuple[torch.Tensor, int]:
     if weight.meta is None:
         return weight.scale, 0           # not read without QUANT_META
@@ -558,16 +709,19 @@ def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | 
     padded = weight.padded_rows
     blocks = -(-padded // (32 * config.rows_per_thread))
     meta, runs = _meta_args(weight)
-    paired = decodes_in_pairs(spec.bits)
+    integer_x = quantizes_x(spec.bits, rows_of_x, config.unrolled)
+    paired = decodes_in_pairs(spec.bits) and not integer_x
     partial = torch.empty((splits, rows_of_x, padded) if splits > 1 else (1,), device=x.device, dtype=torch.float32)
     _gemv_kernel[(blocks, splits)](
         x, weight.packed, weight.scale, weight.zero, meta, partial, _counters(x.device, blocks), out,
         PAIR_MAGIC if paired else MAGIC,
         n, k, padded, runs, groups, config.groups_per_split, splits,
-        BITS=spec.bits, GROUP=spec.group_size, STEP=codes_per_step(spec.bits), PAIRED=paired, META_GROUP=spec.meta_group_size,
+        BITS=spec.bits, GROUP=spec.group_size, STEP=codes_per_step(spec.bits), PAIRED=paired, INTEGER_X=integer_x,
+        META_GROUP=spec.meta_group_size,
         QUANT_META=weight.meta is not None, X_ROWS=rows_of_x, ROWS_PER_THREAD=config.rows_per_thread,
         THREADS=32 * config.warps, SPLIT_BATCH=16, UNROLLED_GROUPS=config.groups_per_split if config.unrolled else 0,
         EARLY_GROUPS=min(config.early_groups, config.groups_per_split) if config.unrolled else 0, PDL=pdl,
+        MASK_GROUPS=_masks_groups(integer_x, groups, config),
         num_warps=config.warps, **({"launch_pdl": True} if pdl else {}),   # a launch option of Triton 3.4+
     )
 
