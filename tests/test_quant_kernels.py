@@ -79,7 +79,7 @@ def interpreted_tolerance(bits: int, rows_of_x: int, config: KernelConfig | None
     fp32 x; bf16 x is exact there): each product and sum rounds at 2^-11. With more than MAX_GEMV_ROWS rows
     it is dequantize-then-matmul. Integer x carries about 2^-16 of each group's largest |x|; codes decoded to
     2^(23 - p) + code, 2^(23 - p) <= 2^8 (kernels.WINDOW_BITS), about 2^-16 of the largest output."""
-    if rows_of_x > MAX_GEMV_ROWS or quantizes_x(bits, rows_of_x, config is None or config.unrolled):
+    if rows_of_x > MAX_GEMV_ROWS or quantizes_x(bits, rows_of_x, config):
         return 1e-4
     return 5e-3 if decodes_in_pairs(bits) else 1e-4
 
@@ -146,11 +146,13 @@ def test_gpu_kernel_matches_dequantize_then_matmul(bits, shape, m):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [KernelConfig(2, 1, 8, unrolled=True), KernelConfig(8, 4, 16, unrolled=True, early_groups=3),
-                                    KernelConfig(4, 8, 4, unrolled=True, early_groups=4)], ids=["2x1", "8x4", "4x8"])
+@pytest.mark.parametrize("config", [KernelConfig(1, 2, 8, unrolled=True), KernelConfig(2, 1, 8, unrolled=True),
+                                    KernelConfig(4, 4, 16, unrolled=True, early_groups=3),
+                                    KernelConfig(4, 8, 4, unrolled=True, early_groups=4)], ids=["1x2", "2x1", "4x4", "4x8"])
 def test_gpu_integer_x_tilings_match_dequantize_then_matmul(config):
-    """The shuffles of integer x take element t of a (threads, 1) tensor to be thread t's: other row, warp and
-    column counts than the default's, at 2 bits (groups of 16)."""
+    """The shuffles of integer x take element t of a (threads, 1) tensor to be thread t's (kernels.quantizes_x):
+    other row, warp and column counts than the default's, at 2 bits (groups of 16)."""
+    assert quantizes_x(2, 1, config)
     w = quantized(14336, 4096, QuantSpec(2), device="cuda")
     x = torch.randn(1, 4096, device="cuda").to(torch.bfloat16)
     expected = F.linear(x.float(), w.dequantize(torch.float32))

@@ -94,7 +94,7 @@ def default_config(bits: int, group_size: int, k: int, rows_of_x: int = 1) -> Ke
     With integer x (one row; gpu-2026-11-28/gemv_integer_x.txt): half of a warp's groups loaded before the
     wait for the kernel before (2 bits: 10.4 us against 11.3 with all and 13.1 with none, w1), and 256 columns
     a warp at 4 bits (10.2-10.3 us against 11.4-12.2 with 128)."""
-    columns = 2 * SPLIT_COLUMNS if bits == 4 and quantizes_x(bits, rows_of_x, True) else SPLIT_COLUMNS
+    columns = 2 * SPLIT_COLUMNS if bits == 4 and quantizes_x(bits, rows_of_x) else SPLIT_COLUMNS
     groups = max(1, columns // group_size)
     warps = 4 if rows_of_x == 1 and k >= WIDE_INPUT else 2
     return KernelConfig(4, warps, groups, unrolled=rows_of_x == 1, early_groups=early_groups(bits, rows_of_x, groups))
@@ -102,13 +102,16 @@ def default_config(bits: int, group_size: int, k: int, rows_of_x: int = 1) -> Ke
 
 def early_groups(bits: int, rows_of_x: int, groups_per_split: int) -> int:
     """Groups a warp loads before it waits for the kernel before: half of them with integer x, else none."""
-    return max(1, groups_per_split // 2) if quantizes_x(bits, rows_of_x, True) else 0
+    return max(1, groups_per_split // 2) if quantizes_x(bits, rows_of_x) else 0
 
 
-def quantizes_x(bits: int, rows_of_x: int, unrolled: bool) -> bool:
+def quantizes_x(bits: int, rows_of_x: int, config: KernelConfig | None = None) -> bool:
     """Whether the GEMV quantizes x to integers and sums codes times x by DP4A (_group_int_sums): one row of x,
-    unrolled groups, codes a whole number of a byte's bits."""
-    return rows_of_x == 1 and unrolled and bits in (2, 4, 8)
+    unrolled groups, codes a whole number of a byte's bits, and at most 4 rows a thread (the default config's
+    4 when None). Its warp shuffles take element t of a (threads, 1) tensor to be thread t's: so it is while a
+    thread's words are one vector load; 8 rows' words Triton spreads over two threads."""
+    unrolled, rows_per_thread = (True, 4) if config is None else (config.unrolled, config.rows_per_thread)
+    return rows_of_x == 1 and unrolled and rows_per_thread <= 4 and bits in (2, 4, 8)
 
 
 def codes_per_step(bits: int) -> int:
@@ -241,8 +244,8 @@ if AVAILABLE:
     @triton.jit
     def _lane_exchange(value, source):
         """value (THREADS, 1), 32 bits a thread -> the value of lane `source` ((THREADS, 1)) of each thread's warp:
-        one SHFL (the interpreter picks it out of the whole tensor). A (THREADS, 1) tensor's element t is thread
-        t's (its blocked layout), which the GPU tests of every warp count and tiling check."""
+        one SHFL (the interpreter picks it out of the whole tensor). Element t of a (THREADS, 1) tensor must be
+        thread t's (see quantizes_x; GPU tests check the tilings that use this)."""
         if value.dtype == tl.float32:
             return _lane_exchange(value.to(tl.uint32, bitcast=True), source).to(tl.float32, bitcast=True)
         elif INTERPRETED:
@@ -709,7 +712,7 @@ def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | 
     padded = weight.padded_rows
     blocks = -(-padded // (32 * config.rows_per_thread))
     meta, runs = _meta_args(weight)
-    integer_x = quantizes_x(spec.bits, rows_of_x, config.unrolled)
+    integer_x = quantizes_x(spec.bits, rows_of_x, config)
     paired = decodes_in_pairs(spec.bits) and not integer_x
     partial = torch.empty((splits, rows_of_x, padded) if splits > 1 else (1,), device=x.device, dtype=torch.float32)
     _gemv_kernel[(blocks, splits)](
