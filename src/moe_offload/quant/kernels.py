@@ -16,20 +16,21 @@ dotted with the matching high and low bytes of x by one DP4A each, exactly in in
 x_k, in plane order, and shuffles (SHFL) hand each one to the whole warp. Per group a thread then adds
 s (scale (254 H + L) - z sum_k x_k) in fp32, decoding each row's 8-bit scale and zero once.
 
-With more rows of x (or groups not unrolled), at 2 and 4 bits a word's two 16-bit halves hold codes at the
-same places, so codes are decoded two at a time as an fp16 pair (_code_pair): a LOP3 keeps codes p and p + 16 / bits, each under an fp16 1024,
-and an HFMA2 turns both into (q - 2^(bits - 1)) / 16, exact; a second HFMA2 multiplies them into the
-group's fp16 sums with x_k (exact in fp16 for bf16 x). That is three instructions for two codes. A
-group's sums (at most 32 products each) are then added in fp32: per group a thread adds s (sum_k q_k x_k
-- z sum_k x_k), the sums of x shared by the thread's rows, decoding each row's 8-bit scale and zero
-once. At 3 and 8 bits (codes that straddle the halves; codes too wide for a group's fp16 sums) each
-code is an fp32, two instructions a code: a LOP3 that keeps the code, shifted into the top bits of a
-float's mantissa (one shift per few codes: a "window"), and ORs in an exponent chosen so that the
-code's lowest bit weighs 1 (the float is then 2^m + code, exact, with 2^m <= 2^8), and an FFMA with
-x_k; the 2^m are taken away per group. x arrives four bf16 at a time, converted by bit shifts. For one
-row of x a program's groups are unrolled into straight-line code, so that the compiler sees what each
-load feeds and issues the loads well ahead of it; with more rows (more registers per group) they are
-a loop that loads the next group's words, scales and zeros before it works on the current group.
+With more rows of x (or groups not unrolled), at 2 and 4 bits a word's two 16-bit halves hold codes at
+the same places, so codes are decoded two at a time as an fp16 pair (_code_pair): a LOP3 keeps codes p
+and p + 16 / bits, each under an fp16 1024, and an HFMA2 turns both into (q - 2^(bits - 1)) / 16, exact;
+a second HFMA2 multiplies them into the group's fp16 sums with x_k (exact in fp16 for bf16 x). That is
+three instructions for two codes. A group's sums (at most 32 products each) are then added in fp32: per
+group a thread adds s (sum_k q_k x_k - z sum_k x_k), the sums of x shared by the thread's rows, decoding
+each row's 8-bit scale and zero once. At 3 bits (codes straddle bytes and halves), and at 8 bits with more
+rows of x (codes too wide for a group's fp16 sums), each code is an fp32, two instructions a code: a LOP3
+that keeps the code, shifted into the top bits of a float's mantissa (one shift per few codes: a
+"window"), and ORs in an exponent chosen so that the code's lowest bit weighs 1 (the float is then 2^m +
+code, exact, with 2^m <= 2^8), and an FFMA with x_k; the 2^m are taken away per group. x arrives four bf16
+at a time, converted by bit shifts. For one row of x a program's groups are unrolled into straight-line
+code, so that the compiler sees what each load feeds and issues the loads well ahead of it; with more rows
+(more registers per group) they are a loop that loads the next group's words, scales and zeros before it
+works on the current group.
 
 The input dimension is shared out (a Mixtral expert matrix has 4096-14336 rows: too few threads to fill
 the GPU): a program's warps take their own columns of the same 32 x rows_per_thread rows and add their
