@@ -79,9 +79,8 @@ def interpreted_tolerance(bits: int, rows_of_x: int, config: KernelConfig | None
     fp32 x; bf16 x is exact there): each product and sum rounds at 2^-11. With more than MAX_GEMV_ROWS rows
     it is dequantize-then-matmul. Integer x carries about 2^-16 of each group's largest |x|; codes decoded to
     2^(23 - p) + code, 2^(23 - p) <= 2^8 (kernels.WINDOW_BITS), about 2^-16 of the largest output."""
-    if rows_of_x > MAX_GEMV_ROWS or quantizes_x(bits, rows_of_x, config):
-        return 1e-4
-    return 5e-3 if decodes_in_pairs(bits) else 1e-4
+    paired = decodes_in_pairs(bits) and rows_of_x <= MAX_GEMV_ROWS and not quantizes_x(bits, rows_of_x, config)
+    return 5e-3 if paired else 1e-4
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run is for CPU-only machines")

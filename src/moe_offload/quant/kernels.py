@@ -318,9 +318,9 @@ if AVAILABLE:
         (THREADS, ROWS), the group's sum of x, no offset, and the scale that turns 254 H + L into sum_k q_k x_k."""
         PLANES: tl.constexpr = 8 // BITS
         BYTE_MASK: tl.constexpr = ((1 << BITS) - 1) * 0x01010101
-        GROUPS_A_SET: tl.constexpr = 128 // GROUP
-        high_bytes, low_bytes, scale, x_sum = quantized_x[slot // GROUPS_A_SET]
-        first_lane: tl.constexpr = slot % GROUPS_A_SET * (GROUP // 4)
+        LANES: tl.constexpr = GROUP // 4                 # a group's lanes, 32 // LANES groups a set: _quantize_x
+        high_bytes, low_bytes, scale, x_sum = quantized_x[slot // (32 // LANES)]
+        first_lane: tl.constexpr = slot % (32 // LANES) * LANES
         high = tl.zeros(words[0].shape, dtype=tl.int32)
         low = tl.zeros(words[0].shape, dtype=tl.int32)
         for w in tl.static_range(len(words)):
