@@ -93,7 +93,7 @@ def sweep_configs(default: KernelConfig, bits: int, group_size: int):
         if columns >= group_size:
             groups = columns // group_size
             yield replace(default, rows_per_thread=rows, warps=warps, groups_per_split=groups,
-                          early_groups=early_groups(bits, 1, groups))
+                          early_groups=early_groups(bits, group_size, 1, groups))
 
 
 def main() -> None:

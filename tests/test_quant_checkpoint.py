@@ -119,10 +119,10 @@ def test_settings_that_do_not_match_the_weights_fail_with_one_line(tiny_4_2, tmp
 def test_folder_of_an_older_format_version_fails_with_one_line(tiny_4_2, tmp_path, capsys):
     old = copy_folder(tiny_4_2, tmp_path / "old")
     settings = json.loads((old / "quantization.json").read_text())
-    settings["version"] = 2                     # format 2 packed codes along the output rows; its buffers do not fit
+    settings["version"] = 3                     # format 3 stored the meta (2, 2, runs); its buffers would misread
     (old / "quantization.json").write_text(json.dumps(settings))
     line = one_error_line(capsys, GENERATE + [str(old)])
-    assert "version 3" in line and "quantize the model again" in line
+    assert "version 4" in line and "quantize the model again" in line
 
 
 def test_quant_flag_on_a_folder_quantized_otherwise_fails_with_one_line(tiny_4_2, capsys):

@@ -123,9 +123,9 @@ def random_packed(fmt: PackedFormat, device, generator) -> torch.Tensor:
             # 8-bit codes with value = minimum + code * step: scales in [0.5, 1.5] x scale, zeros middle -/+ 0.5
             scale_slot.view(buffer).random_(0, 256, generator=generator)
             zero_slot.view(buffer).random_(0, 256, generator=generator)
-            meta = meta_slot[0].view(buffer)            # fp32 (2 [scale, zero], 2 [step, minimum], runs)
-            meta[0, 0], meta[0, 1] = scale / 255, 0.5 * scale
-            meta[1, 0], meta[1, 1] = 1 / 255, middle - 0.5
+            meta = meta_slot[0].view(buffer)            # fp32 (runs, 2 [scale, zero], 2 [step, minimum])
+            meta[:, 0, 0], meta[:, 0, 1] = scale / 255, 0.5 * scale
+            meta[:, 1, 0], meta[:, 1, 1] = 1 / 255, middle - 0.5
         else:
             shape = scale_slot.shape
             scale_slot.view(buffer).copy_(scale * (0.5 + torch.rand(shape, generator=generator, device=device)))

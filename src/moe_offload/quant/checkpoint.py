@@ -37,7 +37,7 @@ from ..config import ConfigError, ModelConfig, QuantConfig, QuantSpec
 from ..experts import DenseExpertFormat, ExpertFormat
 from .weight import HQQExpertFormat, PackedFormat
 
-FORMAT, VERSION = "moe-offload-hqq", 3   # 3: each row's codes a bit stream along K, rows innermost
+FORMAT, VERSION = "moe-offload-hqq", 4   # 3: each row's codes a bit stream along K, rows innermost; 4: meta (runs, 4)
 SETTINGS_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")

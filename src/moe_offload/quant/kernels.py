@@ -7,14 +7,19 @@ output rows (KernelConfig.rows_per_thread); their words (pack.py: each row's cod
 stored with the rows innermost) arrive in one vector load per word, and x is the same for every
 thread, so a group's dot products stay in the thread's registers.
 
-For one row of x at 2, 4 and 8 bits the sums are in integers (_group_int_sums). Each warp first quantizes
-its own columns of x, its lanes together (_quantize_x): per group x_k = scale (254 high_k + low_k), high_k
-and low_k int8 (high_k = x_k / (max |x| / 127) rounded, low_k the rest in 254ths: about 2^-16 of the
-group's largest |x|, finer than bf16's own rounding for all but its smallest values). A word's codes are
-then four planes of four codes a byte each (plane j: (word >> j bits) & a byte mask, two instructions),
-dotted with the matching high and low bytes of x by one DP4A each, exactly in int32: a lane holds four
-x_k, in plane order, and shuffles (SHFL) hand each one to the whole warp. Per group a thread then adds
-s (scale (254 H + L) - z sum_k x_k) in fp32, decoding each row's 8-bit scale and zero once.
+For one row of x (at 3 bits in groups of at most 64) the sums are in integers (_group_int_sums). Each warp
+first quantizes its own columns of x, its lanes together (_quantize_x): per group x_k = scale (254 high_k +
+low_k), high_k and low_k int8 (high_k = x_k / (max |x| / 127) rounded, low_k the rest in 254ths: about 2^-16
+of the group's largest |x|, finer than bf16's own rounding for all but its smallest values). A word's codes
+are then planes of four codes a byte each, dotted with the matching high and low bytes of x by one DP4A
+each, exactly in int32: a lane holds the four x_k of one plane, and shuffles (SHFL) hand them to the whole
+warp. A code may sit o bits up its byte if its x_k is quantized at 2^-o (2^-14 of the largest |x| at o = 2):
+at 2 bits (word >> 4j) & 0x03030303 and & 0x0C0C0C0C are two planes for one shift, at 4 and 8 bits
+(word >> j bits) & a byte mask; at 3 bits every byte of a row's bit stream holds two whole codes, at o and
+o + 3 (o = 0, 1, 2), so a 32-code block of 3 words is 6 masked planes of those and 3 of the 8 codes that
+straddle bytes (_three_bit_plane). Per group a thread then adds s (scale (254 H + L) - z sum_k x_k) in fp32,
+decoding each row's 8-bit scale and zero once (an I2F.U8 each, reading the code's byte where it lies) with
+its run's steps and minimums (one 16-byte load).
 
 With more rows of x (or groups not unrolled), at 2 and 4 bits a word's two 16-bit halves hold codes at
 the same places, so codes are decoded two at a time as an fp16 pair (_code_pair): a LOP3 keeps codes p
@@ -22,8 +27,8 @@ and p + 16 / bits, each under an fp16 1024, and an HFMA2 turns both into (q - 2^
 a second HFMA2 multiplies them into the group's fp16 sums with x_k (exact in fp16 for bf16 x). That is
 three instructions for two codes. A group's sums (at most 32 products each) are then added in fp32: per
 group a thread adds s (sum_k q_k x_k - z sum_k x_k), the sums of x shared by the thread's rows, decoding
-each row's 8-bit scale and zero once. At 3 bits (codes straddle bytes and halves), and at 8 bits with more
-rows of x (codes too wide for a group's fp16 sums), each code is an fp32, two instructions a code: a LOP3
+each row's 8-bit scale and zero once. At 3 bits with more rows of x (codes straddle bytes and halves), and
+at 8 bits (codes too wide for a group's fp16 sums), each code is an fp32, two instructions a code: a LOP3
 that keeps the code, shifted into the top bits of a float's mantissa (one shift per few codes: a
 "window"), and ORs in an exponent chosen so that the code's lowest bit weighs 1 (the float is then 2^m +
 code, exact, with 2^m <= 2^8), and an FFMA with x_k; the 2^m are taken away per group. x arrives four bf16
@@ -94,25 +99,29 @@ def default_config(bits: int, group_size: int, k: int, rows_of_x: int = 1) -> Ke
     and WIDE_INPUT columns or more, 4 warps: half as many partial sums to add (gpu-2026-11-28/gemv_pdl.txt).
     With integer x (one row; gpu-2026-11-28/gemv_integer_x.txt): half of a warp's groups loaded before the
     wait for the kernel before (2 bits: 10.4 us against 11.3 with all and 13.1 with none, w1), and 256 columns
-    a warp at 4 bits (10.2-10.3 us against 11.4-12.2 with 128)."""
-    columns = 2 * SPLIT_COLUMNS if bits == 4 and quantizes_x(bits, rows_of_x) else SPLIT_COLUMNS
+    a warp at 4 bits (10.2-10.3 us against 11.4-12.2 with 128). Still the best of the tilings timed with 3-bit
+    integer x and the shorter 2-bit decode (gpu-2026-11-28/gemv_three_bit_dp4a.txt, run 2), or within 0.4 us."""
+    columns = 2 * SPLIT_COLUMNS if bits == 4 and quantizes_x(bits, group_size, rows_of_x) else SPLIT_COLUMNS
     groups = max(1, columns // group_size)
     warps = 4 if rows_of_x == 1 and k >= WIDE_INPUT else 2
-    return KernelConfig(4, warps, groups, unrolled=rows_of_x == 1, early_groups=early_groups(bits, rows_of_x, groups))
+    early = early_groups(bits, group_size, rows_of_x, groups)
+    return KernelConfig(4, warps, groups, unrolled=rows_of_x == 1, early_groups=early)
 
 
-def early_groups(bits: int, rows_of_x: int, groups_per_split: int) -> int:
+def early_groups(bits: int, group_size: int, rows_of_x: int, groups_per_split: int) -> int:
     """Groups a warp loads before it waits for the kernel before: half of them with integer x, else none."""
-    return max(1, groups_per_split // 2) if quantizes_x(bits, rows_of_x) else 0
+    return max(1, groups_per_split // 2) if quantizes_x(bits, group_size, rows_of_x) else 0
 
 
-def quantizes_x(bits: int, rows_of_x: int, config: KernelConfig | None = None) -> bool:
+def quantizes_x(bits: int, group_size: int, rows_of_x: int, config: KernelConfig | None = None) -> bool:
     """Whether the GEMV quantizes x to integers and sums codes times x by DP4A (_group_int_sums): one row of x,
-    unrolled groups, codes a whole number of a byte's bits, and at most 4 rows a thread (the default config's
-    4 when None). Its warp shuffles take element t of a (threads, 1) tensor to be thread t's: so it is while a
-    thread's words are one vector load; 8 rows' words Triton spreads over two threads."""
+    unrolled groups, at most 4 rows a thread (the default config's 4 when None), and at 3 bits groups of at most
+    64 (a group's 9 planes a 32 codes must fit a warp's 32 lanes). Its warp shuffles take element t of a
+    (threads, 1) tensor to be thread t's: so it is while a thread's words are one vector load; 8 rows' words
+    Triton spreads over two threads."""
     unrolled, rows_per_thread = (True, 4) if config is None else (config.unrolled, config.rows_per_thread)
-    return rows_of_x == 1 and unrolled and rows_per_thread <= 4 and bits in (2, 4, 8)
+    return (rows_of_x == 1 and unrolled and rows_per_thread <= 4 and bits in (2, 3, 4, 8)
+            and (bits != 3 or group_size <= 64))
 
 
 def codes_per_step(bits: int) -> int:
@@ -275,25 +284,54 @@ if AVAILABLE:
         return value
 
     @triton.jit
+    def _plane_byte(plane, b: tl.constexpr, BITS: tl.constexpr):
+        """Which code of its group byte b of plane word `plane` holds (_group_int_sums), how far up its byte (o:
+        the byte is q 2^o), and whether it holds one at all."""
+        if BITS == 3:
+            block, q = plane // 9, plane % 9
+            # the plane's window of the block's 96-bit stream starts at bit `start` (_three_bit_plane)
+            start = tl.where(q < 6, 32 * (q // 2) + 3 * (q % 2), tl.where(q == 6, 6, tl.where(q == 7, 38, 78)))
+            first_bit = start + 8 * b
+            code = (first_bit + 2) // 3                     # the first code that starts in the byte
+            straddles = (3 * code) // 8 != (3 * code + 2) // 8
+            holds = (code < 32) & ((q < 6) | straddles)    # windows 6-8 take only the codes that straddle bytes
+            return 32 * block + code, 3 * code - first_bit, holds
+        else:
+            PLANES: tl.constexpr = 8 // BITS
+            UP: tl.constexpr = 2 if BITS == 2 else 0        # the odd 2-bit planes' codes sit 2 bits up: _code_plane
+            return plane // PLANES * (32 // BITS) + plane % PLANES + b * PLANES, plane % 2 * UP, plane >= 0
+
+    @triton.jit
+    def _code_plane(word, j: tl.constexpr, BITS: tl.constexpr):
+        """Plane j of a word: codes j, j + 8 / BITS, ... one a byte. At 2 bits the odd planes keep their codes 2 bits
+        up (one shift for two planes: (word >> 4j') & 0x03.. and & 0x0C..), and their x comes down by 4."""
+        if BITS == 2:
+            SHIFT: tl.constexpr = j // 2 * 4
+            MASK: tl.constexpr = 0x03030303 << (j % 2 * 2)
+            return (word >> SHIFT) & MASK
+        else:
+            return (word >> (BITS * j)) & (((1 << BITS) - 1) * 0x01010101)
+
+    @triton.jit
     def _quantize_x(x_ptr, g0, lane, GROUPS, BITS: tl.constexpr, GROUP: tl.constexpr, WARP_GROUPS: tl.constexpr):
         """The warp's groups g0 .. g0 + WARP_GROUPS - 1 of x, each as scale (X_SPLIT high_k + low_k) with int8 high =
-        x_k / (max |x| / 127) rounded and low the rest in X_SPLITths: a lane holds four x_k per 128 columns, the ones
-        of one plane of a word (_group_int_sums), GROUP / 4 lanes a group. Returns per 128 columns the lane's high
-        bytes and low bytes (uint32 each), and its group's scale and scale sum_k (X_SPLIT high_k + low_k) (exact
-        integers below 2^24 before the scale)."""
-        LANES: tl.constexpr = GROUP // 4
-        CODES: tl.constexpr = 32 // BITS
-        PLANES: tl.constexpr = 8 // BITS
+        x_k / (max |x| / 127) rounded and low the rest in X_SPLITths: a lane holds the four x_k of one plane word
+        (_group_int_sums), each times 2^-o where its code sits o bits up its byte, LANES lanes a group. Returns
+        per set of 32 lanes the lane's high bytes and low bytes (uint32 each), and its group's scale and
+        scale sum_k (X_SPLIT high_k + low_k) 2^o_k (exact integers below 2^24 before the scale)."""
+        # a group's plane words: GROUP / 4, or at 3 bits 9 a 32 codes (_three_bit_plane) rounded up to a power of 2
+        LANES: tl.constexpr = GROUP // 4 if BITS != 3 else (16 if GROUP == 32 else 32)
         lane = lane[:, None]
         sets = ()
         for first in tl.static_range(0, WARP_GROUPS, 32 // LANES):
             group = g0[:, None] + first + lane // LANES
             plane = lane % LANES
-            first_k = group * GROUP + plane // PLANES * CODES + plane % PLANES
-            ok = group < GROUPS
-            xs = ()
+            xs, weights = (), ()
             for b in tl.static_range(4):
-                xs = xs + (tl.load(x_ptr + first_k + b * PLANES, mask=ok, other=0).to(tl.float32),)
+                k, up, holds = _plane_byte(plane, b, BITS)
+                ok = (group < GROUPS) & holds & (k < GROUP)
+                xs = xs + (tl.load(x_ptr + group * GROUP + k, mask=ok, other=0).to(tl.float32),)
+                weights = weights + (tl.where(up == 0, 1.0, tl.where(up == 1, 0.5, 0.25)),)
             largest = tl.maximum(tl.maximum(tl.abs(xs[0]), tl.abs(xs[1])), tl.maximum(tl.abs(xs[2]), tl.abs(xs[3])))
             largest = _group_reduce(largest, lane, LANES, True)
             steps = 127 / tl.maximum(largest, 1e-30)          # a group of zeros stays zeros
@@ -301,33 +339,66 @@ if AVAILABLE:
             low_bytes = tl.zeros(lane.shape, dtype=tl.uint32)
             total = tl.zeros(lane.shape, dtype=tl.float32)
             for b in tl.static_range(4):
-                high = _round(xs[b] * steps)
-                low = _round((xs[b] * steps - high) * X_SPLIT)
+                scaled = xs[b] * (steps * weights[b])
+                high = _round(scaled)
+                low = _round((scaled - high) * X_SPLIT)
                 high_bytes |= (high.to(tl.int32).to(tl.uint32, bitcast=True) & 0xFF) << (8 * b)
                 low_bytes |= (low.to(tl.int32).to(tl.uint32, bitcast=True) & 0xFF) << (8 * b)
-                total += high * X_SPLIT + low
+                total += (high * X_SPLIT + low) / weights[b]
             scale = largest / (127 * X_SPLIT)
             sets = sets + ((high_bytes, low_bytes, scale, _group_reduce(total, lane, LANES, False) * scale),)
         return sets
 
     @triton.jit
+    def _three_bit_plane(w0, w1, w2, q: tl.constexpr):
+        """Plane q of a 32-code block of 3-bit codes (words w0, w1, w2; code k at stream bits 3k): four codes, one a
+        byte, each 0-2 bits up its byte. Every byte of the stream holds two whole codes, at o and o + 3 (o = 0, 1, 2
+        by byte): planes 0-5 take them from each word, as is and shifted by 3; planes 6-8 take the 8 codes that
+        straddle bytes, from windows at stream bits 6, 38 and 78."""
+        if q == 0:
+            return w0 & 0x071C0E07
+        elif q == 1:
+            return (w0 >> 3) & 0x071C0E07
+        elif q == 2:
+            return w1 & 0x0E071C0E
+        elif q == 3:
+            return (w1 >> 3) & 0x0E071C0E
+        elif q == 4:
+            return w2 & 0x1C0E071C
+        elif q == 5:
+            return (w2 >> 3) & 0x1C0E071C
+        elif q == 6:
+            return ((w0 >> 6) | (w1 << 26)) & 0x07000E07
+        elif q == 7:
+            return ((w1 >> 6) | (w2 << 26)) & 0x0E07000E
+        else:
+            return (w2 >> 14) & 0x00000E07
+
+    @triton.jit
     def _group_int_sums(words, quantized_x, slot: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr):
         """_group_sums for one row of x from _quantize_x's bytes, the warp's group `slot`: each word's codes a plane
-        of four at a time (plane j holds codes j, j + 8 / BITS, ... a byte each), dotted with x's high and low bytes
-        by DP4A, exact in int32; x's bytes come from the lanes that hold them. Returns the sums as 254 H + L
-        (THREADS, ROWS), the group's sum of x, no offset, and the scale that turns 254 H + L into sum_k q_k x_k."""
-        PLANES: tl.constexpr = 8 // BITS
-        BYTE_MASK: tl.constexpr = ((1 << BITS) - 1) * 0x01010101
-        LANES: tl.constexpr = GROUP // 4                 # a group's lanes, 32 // LANES groups a set: _quantize_x
+        of four at a time (plane j holds codes j, j + 8 / BITS, ... a byte each; at 3 bits _three_bit_plane's),
+        dotted with x's high and low bytes by DP4A, exact in int32; x's bytes come from the lanes that hold them.
+        Returns the sums as 254 H + L (THREADS, ROWS), the group's sum of x, no offset, and the scale that turns
+        254 H + L into sum_k q_k x_k."""
+        LANES: tl.constexpr = GROUP // 4 if BITS != 3 else (16 if GROUP == 32 else 32)     # as in _quantize_x
         high_bytes, low_bytes, scale, x_sum = quantized_x[slot // (32 // LANES)]
         first_lane: tl.constexpr = slot % (32 // LANES) * LANES
         high = tl.zeros(words[0].shape, dtype=tl.int32)
         low = tl.zeros(words[0].shape, dtype=tl.int32)
-        for w in tl.static_range(len(words)):
-            for j in tl.static_range(PLANES):
-                codes = (words[w] >> (BITS * j)) & BYTE_MASK
-                high = _dp4a(codes, _from_lane(high_bytes, first_lane + w * PLANES + j), high)
-                low = _dp4a(codes, _from_lane(low_bytes, first_lane + w * PLANES + j), low)
+        if BITS == 3:
+            for block in tl.static_range(len(words) // 3):
+                for q in tl.static_range(9):
+                    codes = _three_bit_plane(words[3 * block], words[3 * block + 1], words[3 * block + 2], q)
+                    high = _dp4a(codes, _from_lane(high_bytes, first_lane + 9 * block + q), high)
+                    low = _dp4a(codes, _from_lane(low_bytes, first_lane + 9 * block + q), low)
+        else:
+            PLANES: tl.constexpr = 8 // BITS
+            for w in tl.static_range(len(words)):
+                for j in tl.static_range(PLANES):
+                    codes = _code_plane(words[w], j, BITS)
+                    high = _dp4a(codes, _from_lane(high_bytes, first_lane + w * PLANES + j), high)
+                    low = _dp4a(codes, _from_lane(low_bytes, first_lane + w * PLANES + j), low)
         dots = (high * X_SPLIT + low).to(tl.float32)
         return (dots,), (_from_lane(x_sum, first_lane),), (0.0,), _from_lane(scale, first_lane)
 
@@ -344,7 +415,7 @@ if AVAILABLE:
                     tl.load(x_ptr + k + 2).to(tl.float32), tl.load(x_ptr + k + 3).to(tl.float32))
 
     @triton.jit
-    def _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g, first_row, rows, ok, NP, RUNS,
+    def _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g, first_row, rows, ok, NP,
                BITS: tl.constexpr, GROUP: tl.constexpr, META_GROUP: tl.constexpr, QUANT_META: tl.constexpr,
                ROWS_PER_THREAD: tl.constexpr, CODE_WORDS: tl.constexpr):
         """What group g's sums read from memory: its words (a tuple), scale and zero codes, and meta. CODE_WORDS:
@@ -367,7 +438,7 @@ if AVAILABLE:
                 run = ((g * NP + tl.minimum(first_row, NP - 1)) // META_GROUP)[:, None]   # a thread's rows share one run
             else:
                 run = (g[:, None] * NP + tl.minimum(rows, NP - 1)) // META_GROUP
-            meta = _meta(meta_ptr, run, RUNS)
+            meta = _meta(meta_ptr, run)
         return words, scale, zero, meta
 
     @triton.jit
@@ -393,20 +464,24 @@ if AVAILABLE:
             return codes
 
     @triton.jit
-    def _meta(meta_ptr, run, RUNS):
-        """The (scale step, scale min, zero step, zero min) of meta runs `run`: a tuple."""
-        return (tl.load(meta_ptr + run), tl.load(meta_ptr + RUNS + run),
-                tl.load(meta_ptr + 2 * RUNS + run), tl.load(meta_ptr + 3 * RUNS + run))
+    def _meta(meta_ptr, run):
+        """The (scale step, scale min, zero step, zero min) of meta runs `run`: a tuple, from one 16-byte load a run
+        (the meta is (runs, [scale, zero], [step, min]))."""
+        fields = tl.load(meta_ptr + tl.expand_dims(4 * run, len(run.shape)) + tl.arange(0, 4))
+        pairs = tl.reshape(fields, fields.shape[:-1] + [2, 2])       # [scale, zero], [step, min]
+        steps, minimums = tl.split(pairs)
+        scale_step, zero_step = tl.split(steps)
+        scale_min, zero_min = tl.split(minimums)
+        return scale_step, scale_min, zero_step, zero_min
 
     @triton.jit
     def _decode(code, meta, first: tl.constexpr, QUANT_META: tl.constexpr):
-        """A scale or zero as fp32 `value * step + min`: an 8-bit code (the exact 2^8 + code, from the code at
-        float bits 15-22, less 2^8: exact too) with its run's step and min, or an fp16 value with step 1 and
-        min 0. Returns (value, step, min). (Folding the 2^8 into min instead loses the value when a run is
-        constant: its step is then 1, far above the values.)"""
+        """A scale or zero as fp32 `value * step + min`: an 8-bit code (one I2F.U8, which picks the code's byte
+        out of its word) with its run's step and min, or an fp16 value with step 1 and min 0. Returns (value,
+        step, min)."""
         if QUANT_META:
-            return ((code.to(tl.uint32) << 15) | 0x43800000).to(tl.float32, bitcast=True) - 256.0, meta[first], meta[first + 1]
-        else:
+            return code.to(tl.float32), meta[first], meta[first + 1]
+        else:       # (Triton wants both returns in branches of the same constexpr if)
             return code.to(tl.float32), 1.0, 0.0
 
     @triton.jit
@@ -541,6 +616,15 @@ if AVAILABLE:
         return total
 
     @triton.jit
+    def _group(g0, i, GROUPS, MASK_GROUPS: tl.constexpr):
+        """A warp's i-th group: past the last one in a ragged split, the last one again (its products then
+        count zero: MASK_GROUPS)."""
+        if MASK_GROUPS:
+            return tl.minimum(g0 + i, GROUPS - 1)
+        else:
+            return g0 + i
+
+    @triton.jit
     def _wait_for_inputs(PDL: tl.constexpr):
         """With programmatic dependent launch, wait until the kernel before this one has finished and its writes
         are visible: before reading x or writing anything, after loading the weight (which that kernel must not
@@ -551,7 +635,7 @@ if AVAILABLE:
     @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, meta_ptr, partial_ptr, count_ptr, out_ptr, magic,
-        N, K, NP, RUNS, GROUPS, GROUPS_PER_SPLIT, SPLITS,
+        N, K, NP, GROUPS, GROUPS_PER_SPLIT, SPLITS,
         BITS: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr, PAIRED: tl.constexpr, INTEGER_X: tl.constexpr,
         META_GROUP: tl.constexpr,
         QUANT_META: tl.constexpr, X_ROWS: tl.constexpr, ROWS_PER_THREAD: tl.constexpr, THREADS: tl.constexpr,
@@ -580,19 +664,19 @@ if AVAILABLE:
             g0 = (pid_split * WARPS + warp) * UNROLLED_GROUPS           # each warp's first group: (THREADS,)
             early = ()        # the first groups' loads, issued while the kernel before may still write x
             for i in tl.static_range(EARLY_GROUPS):
-                g = tl.minimum(g0 + i, GROUPS - 1)
-                early = early + (_fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g, first_row, rows, ok, NP, RUNS,
+                g = _group(g0, i, GROUPS, MASK_GROUPS)
+                early = early + (_fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g, first_row, rows, ok, NP,
                                         BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, QUANT_META),)
             _wait_for_inputs(PDL)
             quantized_x = ()
             if INTEGER_X:       # each warp quantizes its own groups of x, its lanes together
                 quantized_x = _quantize_x(x_ptr, g0, lane, GROUPS, BITS, GROUP, UNROLLED_GROUPS)
             for i in tl.static_range(UNROLLED_GROUPS):
-                g = tl.minimum(g0 + i, GROUPS - 1)       # the last split may be ragged: its extra groups count zero
+                g = _group(g0, i, GROUPS, MASK_GROUPS)
                 if i < EARLY_GROUPS:
                     fetched = early[i]
                 else:
-                    fetched = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g, first_row, rows, ok, NP, RUNS,
+                    fetched = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g, first_row, rows, ok, NP,
                                      BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, QUANT_META)
                 acc = _add_group(acc, fetched, x_ptr, quantized_x, i, g, K, (g0 + i < GROUPS)[:, None], first_row, magic,
                                  zeros, BITS, GROUP, STEP, PAIRED, INTEGER_X, QUANT_META, X_ROWS, ROWS_PER_THREAD,
@@ -601,14 +685,14 @@ if AVAILABLE:
             # a loop (fewer registers), the next group's loads issued before this group's sums
             g0 = (pid_split * WARPS + warp) * GROUPS_PER_SPLIT
             last = tl.minimum(g0 + GROUPS_PER_SPLIT, GROUPS) - 1
-            ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, tl.minimum(g0, last), first_row, rows, ok, NP, RUNS,
+            ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, tl.minimum(g0, last), first_row, rows, ok, NP,
                            BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, False)
             _wait_for_inputs(PDL)
             # as many steps as the first warp has groups: no warp has more
             for i in range(0, tl.minimum(GROUPS_PER_SPLIT, GROUPS - pid_split * WARPS * GROUPS_PER_SPLIT)):
                 fetched = ahead
                 g = tl.minimum(g0 + i, last)
-                ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, tl.minimum(g + 1, last), first_row, rows, ok, NP, RUNS,
+                ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, tl.minimum(g + 1, last), first_row, rows, ok, NP,
                                BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, False)
                 acc = _add_group(acc, fetched, x_ptr, (), 0, g, K, (g0 + i <= last)[:, None], first_row, magic,
                                  zeros, BITS, GROUP, STEP, PAIRED, False, QUANT_META, X_ROWS, ROWS_PER_THREAD, False,
@@ -638,7 +722,7 @@ if AVAILABLE:
                     tl.store(out_ptr + m * N + rows, total.to(out_ptr.dtype.element_ty), mask=rows < N)
 
     @triton.jit
-    def _dequantize_kernel(w_ptr, s_ptr, z_ptr, meta_ptr, out_ptr, N, NP, WORDS, RUNS,
+    def _dequantize_kernel(w_ptr, s_ptr, z_ptr, meta_ptr, out_ptr, N, NP, WORDS,
                            BITS: tl.constexpr, GROUP: tl.constexpr, META_GROUP: tl.constexpr,
                            QUANT_META: tl.constexpr, BLOCK_N: tl.constexpr):
         """One group of input columns for BLOCK_N rows -> out (K, N), the transposed weight, 16 columns at a time."""
@@ -649,7 +733,7 @@ if AVAILABLE:
         at = g * NP + rows
         meta = ()
         if QUANT_META:
-            meta = _meta(meta_ptr, (g * NP + tl.minimum(rows, NP - 1)) // META_GROUP, RUNS)
+            meta = _meta(meta_ptr, (g * NP + tl.minimum(rows, NP - 1)) // META_GROUP)
         scale = _decoded(tl.load(s_ptr + at, mask=ok, other=0), meta, 0, QUANT_META)
         zero = _decoded(tl.load(z_ptr + at, mask=ok, other=0), meta, 2, QUANT_META)
         for first in tl.static_range(0, GROUP, 16):
@@ -692,10 +776,8 @@ def _masks_groups(integer_x: bool, groups: int, config: KernelConfig) -> bool:
     return not integer_x or groups % (config.groups_per_split * config.warps) != 0
 
 
-def _meta_args(weight) -> tuple[torch.Tensor, int]:
-    if weight.meta is None:
-        return weight.scale, 0           # not read without QUANT_META
-    return weight.meta, weight.meta.shape[-1]
+def _meta_arg(weight) -> torch.Tensor:
+    return weight.scale if weight.meta is None else weight.meta     # not read without QUANT_META
 
 
 def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | None = None) -> None:
@@ -712,14 +794,14 @@ def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | 
     splits = -(-groups // (config.groups_per_split * config.warps))
     padded = weight.padded_rows
     blocks = -(-padded // (32 * config.rows_per_thread))
-    meta, runs = _meta_args(weight)
-    integer_x = quantizes_x(spec.bits, rows_of_x, config)
+    meta = _meta_arg(weight)
+    integer_x = quantizes_x(spec.bits, spec.group_size, rows_of_x, config)
     paired = decodes_in_pairs(spec.bits) and not integer_x
     partial = torch.empty((splits, rows_of_x, padded) if splits > 1 else (1,), device=x.device, dtype=torch.float32)
     _gemv_kernel[(blocks, splits)](
         x, weight.packed, weight.scale, weight.zero, meta, partial, _counters(x.device, blocks), out,
         PAIR_MAGIC if paired else MAGIC,
-        n, k, padded, runs, groups, config.groups_per_split, splits,
+        n, k, padded, groups, config.groups_per_split, splits,
         BITS=spec.bits, GROUP=spec.group_size, STEP=codes_per_step(spec.bits), PAIRED=paired, INTEGER_X=integer_x,
         META_GROUP=spec.meta_group_size,
         QUANT_META=weight.meta is not None, X_ROWS=rows_of_x, ROWS_PER_THREAD=config.rows_per_thread,
@@ -734,11 +816,11 @@ def dequantize_transposed(weight, dtype: torch.dtype) -> torch.Tensor:
     """The weight as a (K, N) matrix in `dtype`, by the dequantize kernel."""
     n, k = weight.shape
     spec = weight.spec
-    meta, runs = _meta_args(weight)
+    meta = _meta_arg(weight)
     out = torch.empty((k, n), device=weight.packed.device, dtype=dtype)
     block_n = 128
     _dequantize_kernel[(k // spec.group_size, triton.cdiv(weight.padded_rows, block_n))](
-        weight.packed, weight.scale, weight.zero, meta, out, n, weight.padded_rows, weight.packed.shape[0], runs,
+        weight.packed, weight.scale, weight.zero, meta, out, n, weight.padded_rows, weight.packed.shape[0],
         BITS=spec.bits, GROUP=spec.group_size, META_GROUP=spec.meta_group_size, QUANT_META=weight.meta is not None,
         BLOCK_N=block_n,
     )

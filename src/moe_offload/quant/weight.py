@@ -40,7 +40,7 @@ class QuantizedWeight:
     packed: torch.Tensor            # int32 (words per row, padded rows): pack.py's words
     scale: torch.Tensor             # (groups, padded rows): fp16, or uint8 codes with `meta`
     zero: torch.Tensor              # likewise
-    meta: torch.Tensor | None       # fp32 (2 [scale, zero], 2 [step, min], runs) when spec.quant_meta
+    meta: torch.Tensor | None       # fp32 (runs, 2 [scale, zero], 2 [step, min]) when spec.quant_meta
 
     @property
     def padded_rows(self) -> int:
@@ -52,8 +52,8 @@ class QuantizedWeight:
         if self.meta is None:
             return scale.float(), zero.float()
         group = self.spec.meta_group_size
-        return (MetaCodes(scale, self.meta[0, 0], self.meta[0, 1], group).dequantize(),
-                MetaCodes(zero, self.meta[1, 0], self.meta[1, 1], group).dequantize())
+        return (MetaCodes(scale, self.meta[:, 0, 0], self.meta[:, 0, 1], group).dequantize(),
+                MetaCodes(zero, self.meta[:, 1, 0], self.meta[:, 1, 1], group).dequantize())
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(N, K) in `dtype`, computed in fp32."""
@@ -91,7 +91,7 @@ class WeightLayout:
         meta_shape = (groups, self.padded_rows)
         if spec.quant_meta:
             runs = -(-self.padded_rows * groups // spec.meta_group_size)
-            specs += [(meta_shape, torch.uint8)] * 2 + [((2, 2, runs), torch.float32)]
+            specs += [(meta_shape, torch.uint8)] * 2 + [((runs, 2, 2), torch.float32)]
         else:
             specs += [(meta_shape, torch.float16)] * 2
         self.tensor_specs = specs
@@ -104,7 +104,7 @@ class WeightLayout:
         tensors = [bitpack.pack(matrix.q, self.spec.bits)]
         if self.spec.quant_meta:
             scale, zero = matrix.scale, matrix.zero
-            meta = torch.stack([torch.stack([scale.step, scale.minimum]), torch.stack([zero.step, zero.minimum])])
+            meta = torch.stack([torch.stack([scale.step, scale.minimum], -1), torch.stack([zero.step, zero.minimum], -1)], 1)
             return tensors + [scale.codes.t().contiguous(), zero.codes.t().contiguous(), meta]
         return tensors + [matrix.scale.t().contiguous(), matrix.zero.t().contiguous()]
 
