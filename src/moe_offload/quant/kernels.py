@@ -113,15 +113,23 @@ def early_groups(bits: int, group_size: int, rows_of_x: int, groups_per_split: i
     return max(1, groups_per_split // 2) if quantizes_x(bits, group_size, rows_of_x) else 0
 
 
+def x_lanes(bits: int, group_size: int) -> int:
+    """Lanes that hold one group of quantized x (_quantize_x): one a plane word of four codes, so GROUP / 4, or
+    at 3 bits 9 a 32-code block (_three_bit_plane) rounded up to a power of 2."""
+    if bits == 3:
+        return 1 << (9 * group_size // 32 - 1).bit_length()
+    return group_size // 4
+
+
 def quantizes_x(bits: int, group_size: int, rows_of_x: int, config: KernelConfig | None = None) -> bool:
     """Whether the GEMV quantizes x to integers and sums codes times x by DP4A (_group_int_sums): one row of x,
-    unrolled groups, at most 4 rows a thread (the default config's 4 when None), and at 3 bits groups of at most
-    64 (a group's 9 planes a 32 codes must fit a warp's 32 lanes). Its warp shuffles take element t of a
-    (threads, 1) tensor to be thread t's: so it is while a thread's words are one vector load; 8 rows' words
+    unrolled groups, at most 4 rows a thread (the default config's 4 when None), and a group's plane words on
+    at most a warp's 32 lanes (not so for 3-bit groups of 128: 36 planes). Its warp shuffles take element t of
+    a (threads, 1) tensor to be thread t's: so it is while a thread's words are one vector load; 8 rows' words
     Triton spreads over two threads."""
     unrolled, rows_per_thread = (True, 4) if config is None else (config.unrolled, config.rows_per_thread)
     return (rows_of_x == 1 and unrolled and rows_per_thread <= 4 and bits in (2, 3, 4, 8)
-            and (bits != 3 or group_size <= 64))
+            and x_lanes(bits, group_size) <= 32)
 
 
 def codes_per_step(bits: int) -> int:
@@ -313,14 +321,13 @@ if AVAILABLE:
             return (word >> (BITS * j)) & (((1 << BITS) - 1) * 0x01010101)
 
     @triton.jit
-    def _quantize_x(x_ptr, g0, lane, GROUPS, BITS: tl.constexpr, GROUP: tl.constexpr, WARP_GROUPS: tl.constexpr):
+    def _quantize_x(x_ptr, g0, lane, GROUPS, BITS: tl.constexpr, GROUP: tl.constexpr, LANES: tl.constexpr,
+                    WARP_GROUPS: tl.constexpr):
         """The warp's groups g0 .. g0 + WARP_GROUPS - 1 of x, each as scale (X_SPLIT high_k + low_k) with int8 high =
         x_k / (max |x| / 127) rounded and low the rest in X_SPLITths: a lane holds the four x_k of one plane word
-        (_group_int_sums), each times 2^-o where its code sits o bits up its byte, LANES lanes a group. Returns
-        per set of 32 lanes the lane's high bytes and low bytes (uint32 each), and its group's scale and
+        (_group_int_sums), each times 2^-o where its code sits o bits up its byte, LANES lanes a group (x_lanes).
+        Returns per set of 32 lanes the lane's high bytes and low bytes (uint32 each), and its group's scale and
         scale sum_k (X_SPLIT high_k + low_k) 2^o_k (exact integers below 2^24 before the scale)."""
-        # a group's plane words: GROUP / 4, or at 3 bits 9 a 32 codes (_three_bit_plane) rounded up to a power of 2
-        LANES: tl.constexpr = GROUP // 4 if BITS != 3 else (16 if GROUP == 32 else 32)
         lane = lane[:, None]
         sets = ()
         for first in tl.static_range(0, WARP_GROUPS, 32 // LANES):
@@ -375,13 +382,12 @@ if AVAILABLE:
             return (w2 >> 14) & 0x00000E07
 
     @triton.jit
-    def _group_int_sums(words, quantized_x, slot: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr):
+    def _group_int_sums(words, quantized_x, slot: tl.constexpr, BITS: tl.constexpr, LANES: tl.constexpr):
         """_group_sums for one row of x from _quantize_x's bytes, the warp's group `slot`: each word's codes a plane
         of four at a time (plane j holds codes j, j + 8 / BITS, ... a byte each; at 3 bits _three_bit_plane's),
         dotted with x's high and low bytes by DP4A, exact in int32; x's bytes come from the lanes that hold them.
         Returns the sums as 254 H + L (THREADS, ROWS), the group's sum of x, no offset, and the scale that turns
         254 H + L into sum_k q_k x_k."""
-        LANES: tl.constexpr = GROUP // 4 if BITS != 3 else (16 if GROUP == 32 else 32)     # as in _quantize_x
         high_bytes, low_bytes, scale, x_sum = quantized_x[slot // (32 // LANES)]
         first_lane: tl.constexpr = slot % (32 // LANES) * LANES
         high = tl.zeros(words[0].shape, dtype=tl.int32)
@@ -578,14 +584,14 @@ if AVAILABLE:
     @triton.jit
     def _add_group(acc, fetched, x_ptr, quantized_x, slot: tl.constexpr, g, K, counts, first_row, magic, zeros,
                    BITS: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr, PAIRED: tl.constexpr,
-                   INTEGER_X: tl.constexpr, QUANT_META: tl.constexpr, X_ROWS: tl.constexpr,
+                   X_LANES: tl.constexpr, QUANT_META: tl.constexpr, X_ROWS: tl.constexpr,
                    ROWS_PER_THREAD: tl.constexpr, CODE_WORDS: tl.constexpr, MASK_GROUPS: tl.constexpr):
         """acc + group g's products (fetched: _fetch's values; quantized_x: _quantize_x's, the group the warp's
         slot-th), or acc unchanged where not `counts` (looked at only when MASK_GROUPS)."""
         words, scale, zero, meta = fetched
         dot_scale = 1.0
-        if INTEGER_X:
-            dots, x_sums, offset_sums, dot_scale = _group_int_sums(words, quantized_x, slot, BITS, GROUP)
+        if X_LANES > 0:
+            dots, x_sums, offset_sums, dot_scale = _group_int_sums(words, quantized_x, slot, BITS, X_LANES)
         elif PAIRED:
             dots, x_sums, offset_sums = _group_pair_sums(words, x_ptr, g, K, magic, BITS, GROUP, X_ROWS)
         else:
@@ -636,7 +642,7 @@ if AVAILABLE:
     def _gemv_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, meta_ptr, partial_ptr, count_ptr, out_ptr, magic,
         N, K, NP, GROUPS, GROUPS_PER_SPLIT, SPLITS,
-        BITS: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr, PAIRED: tl.constexpr, INTEGER_X: tl.constexpr,
+        BITS: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr, PAIRED: tl.constexpr, X_LANES: tl.constexpr,
         META_GROUP: tl.constexpr,
         QUANT_META: tl.constexpr, X_ROWS: tl.constexpr, ROWS_PER_THREAD: tl.constexpr, THREADS: tl.constexpr,
         SPLIT_BATCH: tl.constexpr, UNROLLED_GROUPS: tl.constexpr, EARLY_GROUPS: tl.constexpr, PDL: tl.constexpr,
@@ -669,8 +675,8 @@ if AVAILABLE:
                                         BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, QUANT_META),)
             _wait_for_inputs(PDL)
             quantized_x = ()
-            if INTEGER_X:       # each warp quantizes its own groups of x, its lanes together
-                quantized_x = _quantize_x(x_ptr, g0, lane, GROUPS, BITS, GROUP, UNROLLED_GROUPS)
+            if X_LANES > 0:       # each warp quantizes its own groups of x, its lanes together
+                quantized_x = _quantize_x(x_ptr, g0, lane, GROUPS, BITS, GROUP, X_LANES, UNROLLED_GROUPS)
             for i in tl.static_range(UNROLLED_GROUPS):
                 g = _group(g0, i, GROUPS, MASK_GROUPS)
                 if i < EARLY_GROUPS:
@@ -679,7 +685,7 @@ if AVAILABLE:
                     fetched = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g, first_row, rows, ok, NP,
                                      BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, QUANT_META)
                 acc = _add_group(acc, fetched, x_ptr, quantized_x, i, g, K, (g0 + i < GROUPS)[:, None], first_row, magic,
-                                 zeros, BITS, GROUP, STEP, PAIRED, INTEGER_X, QUANT_META, X_ROWS, ROWS_PER_THREAD,
+                                 zeros, BITS, GROUP, STEP, PAIRED, X_LANES, QUANT_META, X_ROWS, ROWS_PER_THREAD,
                                  QUANT_META, MASK_GROUPS)
         else:
             # a loop (fewer registers), the next group's loads issued before this group's sums
@@ -695,7 +701,7 @@ if AVAILABLE:
                 ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, tl.minimum(g + 1, last), first_row, rows, ok, NP,
                                BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, False)
                 acc = _add_group(acc, fetched, x_ptr, (), 0, g, K, (g0 + i <= last)[:, None], first_row, magic,
-                                 zeros, BITS, GROUP, STEP, PAIRED, False, QUANT_META, X_ROWS, ROWS_PER_THREAD, False,
+                                 zeros, BITS, GROUP, STEP, PAIRED, 0, QUANT_META, X_ROWS, ROWS_PER_THREAD, False,
                                  MASK_GROUPS)
 
         # the warps' sums of the program's rows, added here: (32 ROWS,) per row of x
@@ -802,7 +808,8 @@ def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | 
         x, weight.packed, weight.scale, weight.zero, meta, partial, _counters(x.device, blocks), out,
         PAIR_MAGIC if paired else MAGIC,
         n, k, padded, groups, config.groups_per_split, splits,
-        BITS=spec.bits, GROUP=spec.group_size, STEP=codes_per_step(spec.bits), PAIRED=paired, INTEGER_X=integer_x,
+        BITS=spec.bits, GROUP=spec.group_size, STEP=codes_per_step(spec.bits), PAIRED=paired,
+        X_LANES=x_lanes(spec.bits, spec.group_size) if integer_x else 0,
         META_GROUP=spec.meta_group_size,
         QUANT_META=weight.meta is not None, X_ROWS=rows_of_x, ROWS_PER_THREAD=config.rows_per_thread,
         THREADS=32 * config.warps, SPLIT_BATCH=16, UNROLLED_GROUPS=config.groups_per_split if config.unrolled else 0,

@@ -104,7 +104,7 @@ class WeightLayout:
         tensors = [bitpack.pack(matrix.q, self.spec.bits)]
         if self.spec.quant_meta:
             scale, zero = matrix.scale, matrix.zero
-            meta = torch.stack([torch.stack([scale.step, scale.minimum], -1), torch.stack([zero.step, zero.minimum], -1)], 1)
+            meta = torch.stack([scale.step, scale.minimum, zero.step, zero.minimum], -1).view(-1, 2, 2)
             return tensors + [scale.codes.t().contiguous(), zero.codes.t().contiguous(), meta]
         return tensors + [matrix.scale.t().contiguous(), matrix.zero.t().contiguous()]
 
