@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 
 from moe_offload.config import QUANT_BITS, QuantSpec  # noqa: E402
 from moe_offload.quant.kernels import (MAX_GEMV_ROWS, KernelConfig, decodes_in_pairs, hqq_linear,  # noqa: E402
-                                      quantizes_x)
+                                      quantizes_x, split_batch)
 from moe_offload.quant.weight import PackedFormat  # noqa: E402
 
 # In the interpreter an overflow or NaN in numpy means a kernel computed on garbage, as when the meta index of
@@ -85,6 +85,18 @@ def interpreted_tolerance(bits: int, group_size: int, rows_of_x: int, config: Ke
         return 2e-4
     paired = decodes_in_pairs(bits) and rows_of_x <= MAX_GEMV_ROWS
     return 5e-3 if paired else 1e-4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run is for CPU-only machines")
+def test_last_program_adds_more_partial_sums_than_one_batch_of_loads():
+    groups = 20                 # one group a split: 20 partial sums, loaded in one batch of split_batch(20) = 32
+    w = quantized(37, 16 * groups, QuantSpec(2, 16))
+    x = torch.randn(1, 16 * groups, generator=torch.Generator().manual_seed(1))
+    config = KernelConfig(2, 1, 1, unrolled=True, early_groups=1)
+    assert split_batch(groups) > 16
+    expected = F.linear(x, w.dequantize())
+    actual = hqq_linear(x, w, config)
+    assert (actual - expected).abs().max() <= interpreted_tolerance(2, 16, 1, config) * expected.abs().max()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run is for CPU-only machines")

@@ -774,6 +774,12 @@ def _dependent_launch(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
+def split_batch(splits: int) -> int:
+    """Partial sums the last program loads at a time (_sum_partials): all of them up to 32, so that they cost it one
+    round trip to L2 (a Mixtral w2 at 2 or 3 bits has 28 splits), in two compiled variants, 16 and 32."""
+    return 16 if splits <= 16 else 32
+
+
 def _masks_groups(integer_x: bool, groups: int, config: KernelConfig) -> bool:
     """Whether the GEMV zeroes the groups past a warp's share (a select per row and group): needed where some
     split is ragged; kept for codes as floats, where dropping it was measured 1 us slower (3 bits, an H200:
@@ -812,7 +818,7 @@ def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | 
         X_LANES=x_lanes(spec.bits, spec.group_size) if integer_x else 0,
         META_GROUP=spec.meta_group_size,
         QUANT_META=weight.meta is not None, X_ROWS=rows_of_x, ROWS_PER_THREAD=config.rows_per_thread,
-        THREADS=32 * config.warps, SPLIT_BATCH=16, UNROLLED_GROUPS=config.groups_per_split if config.unrolled else 0,
+        THREADS=32 * config.warps, SPLIT_BATCH=split_batch(splits), UNROLLED_GROUPS=config.groups_per_split if config.unrolled else 0,
         EARLY_GROUPS=min(config.early_groups, config.groups_per_split) if config.unrolled else 0, PDL=pdl,
         MASK_GROUPS=_masks_groups(integer_x, groups, config),
         num_warps=config.warps, **({"launch_pdl": True} if pdl else {}),   # a launch option of Triton 3.4+
