@@ -1,6 +1,7 @@
 """GPU: the fused HQQ dequantize-and-multiply kernel on Mixtral-8x7B's expert shapes, against bf16.
 
     python benchmarks/quant_kernels.py --out $OUT/quant_kernels.json        # CUDA + Triton needed
+    python benchmarks/quant_kernels.py --no-sweep --shapes w2 --bits 2 3      # the default tiling of some rows only
 
 In one run, on one card:
 1. the card's memory bandwidth, measured: a 1 GiB device-to-device copy (read + write bytes / time);
@@ -100,6 +101,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--no-sweep", action="store_true", help="time only the default tiling")
+    parser.add_argument("--bits", type=int, nargs="+", choices=BITS, default=BITS, help="only these widths")
+    parser.add_argument("--shapes", nargs="+", choices=("w1", "w2"), default=("w1", "w2"),
+                        help="only these matrices (w1 stands for w1/w3)")
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device("cuda")
@@ -108,7 +112,8 @@ def main() -> None:
     print(f"{props.name}: measured memory bandwidth {bandwidth / 1e12:.2f} TB/s (1 GiB device-to-device copy)", flush=True)
 
     rows = []
-    for (shape_name, (n, k)), bits in itertools.product(SHAPES.items(), BITS):
+    shapes = {name: shape for name, shape in SHAPES.items() if name[:2] in args.shapes}
+    for (shape_name, (n, k)), bits in itertools.product(shapes.items(), args.bits):
         spec = QuantSpec(bits)
         fmt = PackedFormat([((n, k), spec)])
         weight = torch.randn(n, k, device=device) / k ** 0.5

@@ -423,16 +423,18 @@ if AVAILABLE:
     @triton.jit
     def _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g, first_row, rows, ok, NP,
                BITS: tl.constexpr, GROUP: tl.constexpr, META_GROUP: tl.constexpr, QUANT_META: tl.constexpr,
-               ROWS_PER_THREAD: tl.constexpr, CODE_WORDS: tl.constexpr):
+               ROWS_PER_THREAD: tl.constexpr, CODE_WORDS: tl.constexpr, EVICTION: tl.constexpr):
         """What group g's sums read from memory: its words (a tuple), scale and zero codes, and meta. CODE_WORDS:
-        8-bit codes stay in the words that hold them (_code_words), else (THREADS, ROWS) codes or fp16 values."""
+        8-bit codes stay in the words that hold them (_code_words), else (THREADS, ROWS) codes or fp16 values.
+        EVICTION: the L1 eviction policy of the words and codes (weight_eviction)."""
         first_word = g * (GROUP * BITS // 32)
         words = ()
         for i in tl.static_range(GROUP * BITS // 32):
-            words = words + (tl.load(w_ptr + (first_word + i)[:, None] * NP + rows, mask=ok, other=0).to(tl.uint32, bitcast=True),)
+            words = words + (tl.load(w_ptr + (first_word + i)[:, None] * NP + rows, mask=ok, other=0,
+                                     eviction_policy=EVICTION).to(tl.uint32, bitcast=True),)
         if CODE_WORDS:
-            scale = _code_words(s_ptr, g, first_row, NP, ROWS_PER_THREAD)
-            zero = _code_words(z_ptr, g, first_row, NP, ROWS_PER_THREAD)
+            scale = _code_words(s_ptr, g, first_row, NP, ROWS_PER_THREAD, EVICTION)
+            zero = _code_words(z_ptr, g, first_row, NP, ROWS_PER_THREAD, EVICTION)
         else:
             at = g[:, None] * NP + rows
             scale = tl.load(s_ptr + at, mask=ok, other=0)
@@ -448,14 +450,14 @@ if AVAILABLE:
         return words, scale, zero, meta
 
     @triton.jit
-    def _code_words(codes_ptr, g, first_row, NP, ROWS_PER_THREAD: tl.constexpr):
+    def _code_words(codes_ptr, g, first_row, NP, ROWS_PER_THREAD: tl.constexpr, EVICTION: tl.constexpr):
         """Group g's 8-bit scale (or zero) codes of the thread's rows in the 32-bit words that hold them, four
         rows a word ((THREADS, words)), for _row_codes to take apart where they are used."""
         WORDS: tl.constexpr = (ROWS_PER_THREAD + 3) // 4
         word = tl.arange(0, WORDS)[None, :]
         first_word = ((g * NP + first_row) // 4)[:, None]
         return tl.load(codes_ptr.to(tl.pointer_type(tl.uint32)) + first_word + word,
-                       mask=first_row[:, None] + 4 * word < NP, other=0)
+                       mask=first_row[:, None] + 4 * word < NP, other=0, eviction_policy=EVICTION)
 
     @triton.jit
     def _row_codes(codes, first_row, ROWS_PER_THREAD: tl.constexpr, CODE_WORDS: tl.constexpr):
@@ -646,7 +648,7 @@ if AVAILABLE:
         META_GROUP: tl.constexpr,
         QUANT_META: tl.constexpr, X_ROWS: tl.constexpr, ROWS_PER_THREAD: tl.constexpr, THREADS: tl.constexpr,
         SPLIT_BATCH: tl.constexpr, UNROLLED_GROUPS: tl.constexpr, EARLY_GROUPS: tl.constexpr, PDL: tl.constexpr,
-        MASK_GROUPS: tl.constexpr,
+        MASK_GROUPS: tl.constexpr, EVICTION: tl.constexpr,
     ):
         """UNROLLED_GROUPS: GROUPS_PER_SPLIT when the groups are unrolled, else 0. The loop reads the run-time
         GROUPS_PER_SPLIT: as a compile-time constant it was 12-18 % slower at 8 rows of x, 2 bits
@@ -672,7 +674,7 @@ if AVAILABLE:
             for i in tl.static_range(EARLY_GROUPS):
                 g = _group(g0, i, GROUPS, MASK_GROUPS)
                 early = early + (_fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g, first_row, rows, ok, NP,
-                                        BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, QUANT_META),)
+                                        BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, QUANT_META, EVICTION),)
             _wait_for_inputs(PDL)
             quantized_x = ()
             if X_LANES > 0:       # each warp quantizes its own groups of x, its lanes together
@@ -683,7 +685,7 @@ if AVAILABLE:
                     fetched = early[i]
                 else:
                     fetched = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g, first_row, rows, ok, NP,
-                                     BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, QUANT_META)
+                                     BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, QUANT_META, EVICTION)
                 acc = _add_group(acc, fetched, x_ptr, quantized_x, i, g, K, (g0 + i < GROUPS)[:, None], first_row, magic,
                                  zeros, BITS, GROUP, STEP, PAIRED, X_LANES, QUANT_META, X_ROWS, ROWS_PER_THREAD,
                                  QUANT_META, MASK_GROUPS)
@@ -692,14 +694,14 @@ if AVAILABLE:
             g0 = (pid_split * WARPS + warp) * GROUPS_PER_SPLIT
             last = tl.minimum(g0 + GROUPS_PER_SPLIT, GROUPS) - 1
             ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, tl.minimum(g0, last), first_row, rows, ok, NP,
-                           BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, False)
+                           BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, False, EVICTION)
             _wait_for_inputs(PDL)
             # as many steps as the first warp has groups: no warp has more
             for i in range(0, tl.minimum(GROUPS_PER_SPLIT, GROUPS - pid_split * WARPS * GROUPS_PER_SPLIT)):
                 fetched = ahead
                 g = tl.minimum(g0 + i, last)
                 ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, tl.minimum(g + 1, last), first_row, rows, ok, NP,
-                               BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, False)
+                               BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, False, EVICTION)
                 acc = _add_group(acc, fetched, x_ptr, (), 0, g, K, (g0 + i <= last)[:, None], first_row, magic,
                                  zeros, BITS, GROUP, STEP, PAIRED, 0, QUANT_META, X_ROWS, ROWS_PER_THREAD, False,
                                  MASK_GROUPS)
@@ -780,6 +782,13 @@ def split_batch(splits: int) -> int:
     return 16 if splits <= 16 else 32
 
 
+def weight_eviction(bits: int, rows_of_x: int) -> str:
+    """The L1 eviction policy of a GEMV's loads of words and codes, which it reads once: evict first at 2 and 3 bits
+    with one row of x, where that keeps the meta and x cached and was 0.1-0.2 us faster on an H200, normal
+    elsewhere (0.2 us slower at 4 bits; more rows of x not measured): gpu-2026-11-28/gemv_evict_first.txt."""
+    return "evict_first" if bits in (2, 3) and rows_of_x == 1 else ""
+
+
 def _masks_groups(integer_x: bool, groups: int, config: KernelConfig) -> bool:
     """Whether the GEMV zeroes the groups past a warp's share (a select per row and group): needed where some
     split is ragged; kept for codes as floats, where dropping it was measured 1 us slower (3 bits, an H200:
@@ -820,7 +829,7 @@ def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | 
         QUANT_META=weight.meta is not None, X_ROWS=rows_of_x, ROWS_PER_THREAD=config.rows_per_thread,
         THREADS=32 * config.warps, SPLIT_BATCH=split_batch(splits), UNROLLED_GROUPS=config.groups_per_split if config.unrolled else 0,
         EARLY_GROUPS=min(config.early_groups, config.groups_per_split) if config.unrolled else 0, PDL=pdl,
-        MASK_GROUPS=_masks_groups(integer_x, groups, config),
+        MASK_GROUPS=_masks_groups(integer_x, groups, config), EVICTION=weight_eviction(spec.bits, rows_of_x),
         num_warps=config.warps, **({"launch_pdl": True} if pdl else {}),   # a launch option of Triton 3.4+
     )
 
