@@ -426,7 +426,7 @@ if AVAILABLE:
                ROWS_PER_THREAD: tl.constexpr, CODE_WORDS: tl.constexpr, EVICTION: tl.constexpr):
         """What group g's sums read from memory: its words (a tuple), scale and zero codes, and meta. CODE_WORDS:
         8-bit codes stay in the words that hold them (_code_words), else (THREADS, ROWS) codes or fp16 values.
-        EVICTION: the L1 eviction policy of the words and codes (weight_eviction)."""
+        EVICTION: the cache eviction policy of the words and codes (weight_eviction)."""
         first_word = g * (GROUP * BITS // 32)
         words = ()
         for i in tl.static_range(GROUP * BITS // 32):
@@ -783,9 +783,10 @@ def split_batch(splits: int) -> int:
 
 
 def weight_eviction(bits: int, rows_of_x: int) -> str:
-    """The L1 eviction policy of a GEMV's loads of words and codes, which it reads once: evict first at 2 and 3 bits
-    with one row of x, where that keeps the meta and x cached and was 0.1-0.2 us faster on an H200, normal
-    elsewhere (0.2 us slower at 4 bits; more rows of x not measured): gpu-2026-11-28/gemv_evict_first.txt."""
+    """The cache eviction policy of a GEMV's loads of words and codes, which it reads once: evict first (Triton: in
+    L1, and an L2 cache hint) at 2 and 3 bits with one row of x, where it was 0.1-0.2 us faster on an H200,
+    normal elsewhere (0.2 us slower at 4 bits; more rows of x not measured): gpu-2026-11-28/gemv_evict_first.txt.
+    Which of the two hints helps was not measured."""
     return "evict_first" if bits in (2, 3) and rows_of_x == 1 else ""
 
 
