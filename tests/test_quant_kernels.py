@@ -19,8 +19,8 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from moe_offload.config import QUANT_BITS, QuantSpec  # noqa: E402
-from moe_offload.quant.kernels import (MAX_GEMV_ROWS, KernelConfig, decodes_in_pairs, hqq_linear,  # noqa: E402
-                                      quantizes_x, split_batch)
+from moe_offload.quant.kernels import (MAX_GEMV_ROWS, MAX_SPLITS, KernelConfig, decodes_in_pairs,  # noqa: E402
+                                      default_config, hqq_linear, quantizes_x)
 from moe_offload.quant.weight import PackedFormat  # noqa: E402
 
 # In the interpreter an overflow or NaN in numpy means a kernel computed on garbage, as when the meta index of
@@ -88,15 +88,43 @@ def interpreted_tolerance(bits: int, group_size: int, rows_of_x: int, config: Ke
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run is for CPU-only machines")
-def test_last_program_adds_more_partial_sums_than_one_batch_of_loads():
-    groups = 20                 # one group a split: 20 partial sums, loaded in one batch of split_batch(20) = 32
-    w = quantized(37, 16 * groups, QuantSpec(2, 16))
-    x = torch.randn(1, 16 * groups, generator=torch.Generator().manual_seed(1))
-    config = KernelConfig(2, 1, 1, unrolled=True, early_groups=1)
-    assert split_batch(groups) > 16
+def test_up_to_max_splits_programs_add_into_a_row_and_leave_the_same_bits_each_call():
+    w = quantized(37, 16 * MAX_SPLITS, QuantSpec(2, 16))
+    x = torch.randn(1, 16 * MAX_SPLITS, generator=torch.Generator().manual_seed(1))
+    config = KernelConfig(2, 1, 1, unrolled=False)          # one group a program: MAX_SPLITS partial sums a row
     expected = F.linear(x, w.dequantize())
     actual = hqq_linear(x, w, config)
     assert (actual - expected).abs().max() <= interpreted_tolerance(2, 16, 1, config) * expected.abs().max()
+    assert torch.equal(hqq_linear(x, w, config), actual)   # the accumulators were left zeroed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run is for CPU-only machines")
+def test_more_than_max_splits_programs_a_row_is_refused():
+    w = quantized(37, 16 * (MAX_SPLITS + 1), QuantSpec(2, 16))
+    with pytest.raises(ValueError, match=f"{MAX_SPLITS + 1} programs would add partial sums into each row"):
+        hqq_linear(torch.randn(1, 16 * (MAX_SPLITS + 1)), w, KernelConfig(2, 1, 1, unrolled=True))
+
+
+@pytest.mark.parametrize("bits", QUANT_BITS)
+@pytest.mark.parametrize("rows_of_x", [1, MAX_GEMV_ROWS])
+def test_default_tiling_of_a_wide_input_stays_within_max_splits(bits, rows_of_x):
+    k = 1 << 20
+    config = default_config(bits, 16, k, rows_of_x)
+    assert k // 16 / (config.groups_per_split * config.warps) <= MAX_SPLITS
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run is for CPU-only machines")
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")     # inf times a code of 0, on purpose
+def test_rows_whose_partial_sums_are_not_finite_or_too_large_come_out_nan():
+    w = quantized(32, 64, QuantSpec(8, 16))          # codes as fp32: the 1e12 stays finite up to the sums
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    x[0, 0] = float("inf")
+    x[1, 0] = 1e12                          # |partial sums| of 2^26 and more do not fit the accumulators
+    config = KernelConfig(1, 1, 1, unrolled=False)
+    actual = hqq_linear(x, w, config)
+    assert torch.isnan(actual[:2]).all()
+    expected = F.linear(x[2:], w.dequantize())
+    assert (hqq_linear(x[2:], w, config) - expected).abs().max() <= 1e-4 * expected.abs().max()   # zeroed again
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run is for CPU-only machines")

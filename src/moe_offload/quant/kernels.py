@@ -39,9 +39,10 @@ works on the current group.
 
 The input dimension is shared out (a Mixtral expert matrix has 4096-14336 rows: too few threads to fill
 the GPU): a program's warps take their own columns of the same 32 x rows_per_thread rows and add their
-sums in the program, and SPLITS programs per block of rows write fp32 partial sums; the last one to
-finish (an atomic counter) adds them in a fixed order, so a call is one kernel and the same input gives
-the same bits.
+sums in the program, and SPLITS programs per block of rows add their partial sums into one 64-bit integer a
+row, in fixed point, by atomic adds that also count the programs; the last one to arrive writes the row
+(_add_partial). Integer sums are exact in any order, so a call is one kernel and the same input gives the
+same bits.
 
 On compute capability 9.0 and up a GEMV is a programmatic dependent launch: its programs let the next kernel
 launch at once, and load their first groups' weight before they wait for the kernel
@@ -77,8 +78,8 @@ except ImportError:   # CPU installs: weight.py falls back to dequantize-then-ma
 MAGIC = 0x4B000000          # the bits of 2^23: with a code ORed into the mantissa, 2^23 + code
 PAIR_MAGIC = 0x64006400     # two fp16 1024s: with a code ORed into each half's mantissa, 1024 + code
 MAX_GEMV_ROWS = 8           # more rows of x than this: dequantize, then cuBLAS
+MAX_SPLITS = 64             # programs that add partial sums into one row (_add_partial's accumulator)
 SPLIT_COLUMNS = 128         # input columns a warp covers by default
-WIDE_INPUT = 8192           # input columns from which a batch-1 program has 4 warps, not 2
 
 
 @dataclass(frozen=True)
@@ -89,23 +90,24 @@ class KernelConfig:
     unrolled: bool          # a program's groups as straight-line code (else a loop: fewer registers)
     early_groups: int = 0   # unrolled: groups whose weight is loaded before waiting for the kernel before
     dependent_launch: bool = True   # start before the kernel before has finished, where possible (_dependent_launch)
+    max_registers: int | None = None    # a thread's registers at most (Triton's maxnreg; None: the compiler's choice)
 
 
 def default_config(bits: int, group_size: int, k: int, rows_of_x: int = 1) -> KernelConfig:
-    """4 rows a thread, 2 warps a program of SPLIT_COLUMNS input columns each, the groups unrolled for one row
-    of x: the best of benchmarks/results/gpu-2026-11-28/gemv_unrolled.txt and gemv_pairs.txt, and of
-    gpu-2026-11-28/gemv_warps_along_k.txt for the warps, on an H200 (unrolled: 8-12 % faster at batch 1, 2x
-    slower at 8 rows of x, 2 bits; 2 warps: up to 12 % faster than 4 at 4 and 8 rows of x). For one row of x
-    and WIDE_INPUT columns or more, 4 warps: half as many partial sums to add (gpu-2026-11-28/gemv_pdl.txt).
-    With integer x (one row; gpu-2026-11-28/gemv_integer_x.txt): half of a warp's groups loaded before the
-    wait for the kernel before (2 bits: 10.4 us against 11.3 with all and 13.1 with none, w1), and 256 columns
-    a warp at 4 bits (10.2-10.3 us against 11.4-12.2 with 128). Still the best of the tilings timed with 3-bit
-    integer x and the shorter 2-bit decode (gpu-2026-11-28/gemv_three_bit_dp4a.txt, run 2), or within 0.4 us."""
-    columns = 2 * SPLIT_COLUMNS if bits == 4 and quantizes_x(bits, group_size, rows_of_x) else SPLIT_COLUMNS
-    groups = max(1, columns // group_size)
-    warps = 4 if rows_of_x == 1 and k >= WIDE_INPUT else 2
+    """4 rows a thread and SPLIT_COLUMNS input columns a warp; for more rows of x, 2 warps a program and the
+    groups in a loop (gpu-2026-11-28/gemv_unrolled.txt, gemv_pairs.txt, gemv_warps_along_k.txt: 2 warps up to 12 %
+    faster than 4 at 4 and 8 rows of x; unrolled 2x slower at 8 rows). For one row of x, 4 warps and the groups
+    unrolled, half of them loaded before the wait for the kernel before, and with integer x at 2 and 4 bits 256
+    columns a warp, at 3 bits at most 72 registers a thread (so that a call's programs fit the GPU at once): the
+    best of gpu-2026-11-28/gemv_atomic_sums.txt on an H200 (2 bits: 8.8-8.9 us against 9.0 with 128 columns and
+    10.1 with 80 registers; 3 bits: 8.6-8.7 us against 9.7-10.0 without the cap)."""
+    integer_x = quantizes_x(bits, group_size, rows_of_x)
+    columns = 2 * SPLIT_COLUMNS if integer_x and bits in (2, 4) else SPLIT_COLUMNS
+    warps = 4 if rows_of_x == 1 else 2
+    groups = max(1, columns // group_size, -(-k // group_size // (warps * MAX_SPLITS)))   # wider rows: more a split
     early = early_groups(bits, group_size, rows_of_x, groups)
-    return KernelConfig(4, warps, groups, unrolled=rows_of_x == 1, early_groups=early)
+    return KernelConfig(4, warps, groups, unrolled=rows_of_x == 1, early_groups=early,
+                        max_registers=72 if integer_x and bits == 3 else None)
 
 
 def early_groups(bits: int, group_size: int, rows_of_x: int, groups_per_split: int) -> int:
@@ -159,6 +161,14 @@ if AVAILABLE:
     # below fp16's 65504; the kernel's sums are PAIR_SCALE times the true ones until it stores them.
     PAIR_SCALE = tl.constexpr(1 / 16)
     X_SPLIT = tl.constexpr(254)     # integer x: x = scale (X_SPLIT high + low), high and low int8 (_quantize_x)
+    # A row's 64-bit accumulator (_add_partial): the sum of its programs' partial sums in units of 2^-SUM_FRACTION,
+    # each raised by SUM_BIAS, in the bits below POISON (MAX_SPLITS addends below 2 SUM_BIAS), a poison bit, and the
+    # programs that arrived, in units of ARRIVAL (at most MAX_SPLITS - 1 before the last).
+    SUM_FRACTION = tl.constexpr(24)
+    SUM_BIAS = tl.constexpr(1 << 50)
+    SUM_LIMIT = tl.constexpr(2.0 ** (50 - 24))      # partial sums this large or larger do not fit (SUM_BIAS)
+    POISON = tl.constexpr(1 << 57)
+    ARRIVAL = tl.constexpr(1 << 58)
 
     @triton.jit
     def _code(words, c: tl.constexpr, magic, BITS: tl.constexpr):
@@ -613,15 +623,25 @@ if AVAILABLE:
         return new_acc
 
     @triton.jit
-    def _sum_partials(partial_ptr, rows, ok, SPLITS, STRIDE, BATCH: tl.constexpr):
-        """The programs' partial sums at `rows` (one per STRIDE elements), BATCH loads in flight at a time,
-        added in a fixed order."""
-        total = tl.zeros(rows.shape, dtype=tl.float32)
-        for first in range(0, SPLITS, BATCH):
-            for i in tl.static_range(BATCH):
-                split_ok = ok & (tl.full(rows.shape, first + i, tl.int32) < SPLITS)
-                total += tl.load(partial_ptr + (first + i) * STRIDE + rows, mask=split_ok, other=0, cache_modifier=".cg")
-        return total
+    def _add_partial(total, sums_ptr, out_ptr, rows, ok, N, SPLITS):
+        """Adds a program's partial sums `total` at `rows` into their accumulators at sums_ptr (_accumulators): one
+        relaxed atomic add a row of the fixed-point sum raised by SUM_BIAS (a positive addend) and one arrival. The
+        program that arrives last at a row has the whole sum in the value its add returns: it writes the row to
+        out_ptr and zeroes the accumulator for the next call. Integer sums do not depend on the order of arrival,
+        so the same input gives the same bits. A partial sum that is not finite or not below SUM_LIMIT in size
+        sets POISON first (an atomic or): the row comes out NaN."""
+        in_range = tl.abs(total) < SUM_LIMIT        # false for NaN
+        fixed = (tl.where(in_range, total, 0.0) * 2.0 ** SUM_FRACTION).to(tl.int64)
+        addend = (fixed + SUM_BIAS).to(tl.uint64, bitcast=True) + ARRIVAL
+        tl.atomic_or(sums_ptr + rows, tl.full(rows.shape, POISON, tl.uint64), mask=ok & ~in_range, sem="relaxed",
+                     scope="gpu")
+        before = tl.atomic_add(sums_ptr + rows, addend, mask=ok, sem="relaxed", scope="gpu")
+        last = ok & (before // ARRIVAL == SPLITS - 1)
+        fixed_sum = ((before + addend) & (POISON - 1)).to(tl.int64, bitcast=True) - SPLITS.to(tl.int64) * SUM_BIAS
+        poisoned = ((before & POISON) != 0) | ~in_range
+        value = tl.where(poisoned, float("nan"), fixed_sum.to(tl.float32) * 2.0 ** -SUM_FRACTION)
+        tl.store(out_ptr + rows, value.to(out_ptr.dtype.element_ty), mask=last & (rows < N))
+        tl.store(sums_ptr + rows, tl.zeros_like(before), mask=last)
 
     @triton.jit
     def _group(g0, i, GROUPS, MASK_GROUPS: tl.constexpr):
@@ -642,12 +662,12 @@ if AVAILABLE:
 
     @triton.jit
     def _gemv_kernel(
-        x_ptr, w_ptr, s_ptr, z_ptr, meta_ptr, partial_ptr, count_ptr, out_ptr, magic,
+        x_ptr, w_ptr, s_ptr, z_ptr, meta_ptr, sums_ptr, out_ptr, magic,
         N, K, NP, GROUPS, GROUPS_PER_SPLIT, SPLITS,
         BITS: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr, PAIRED: tl.constexpr, X_LANES: tl.constexpr,
         META_GROUP: tl.constexpr,
         QUANT_META: tl.constexpr, X_ROWS: tl.constexpr, ROWS_PER_THREAD: tl.constexpr, THREADS: tl.constexpr,
-        SPLIT_BATCH: tl.constexpr, UNROLLED_GROUPS: tl.constexpr, EARLY_GROUPS: tl.constexpr, PDL: tl.constexpr,
+        UNROLLED_GROUPS: tl.constexpr, EARLY_GROUPS: tl.constexpr, PDL: tl.constexpr,
         MASK_GROUPS: tl.constexpr, EVICTION: tl.constexpr,
     ):
         """UNROLLED_GROUPS: GROUPS_PER_SPLIT when the groups are unrolled, else 0. The loop reads the run-time
@@ -713,21 +733,11 @@ if AVAILABLE:
         for m in tl.static_range(X_ROWS):
             total = tl.sum(tl.reshape(acc[m], (WARPS, 32 * ROWS_PER_THREAD)), axis=0)
             totals = totals + (total * (1 / PAIR_SCALE) if PAIRED else total,)
-        if SPLITS == 1:
-            for m in tl.static_range(X_ROWS):
+        for m in tl.static_range(X_ROWS):
+            if SPLITS == 1:
                 tl.store(out_ptr + m * N + rows, totals[m].to(out_ptr.dtype.element_ty), mask=rows < N)
-        else:
-            for m in tl.static_range(X_ROWS):        # partial sums (SPLITS, X_ROWS, NP)
-                tl.store(partial_ptr + (pid_split * X_ROWS + m) * NP + rows, totals[m], mask=ok)
-            tl.debug_barrier()
-            # release only: acquiring here too (acq_rel) cost every program an L1 flush
-            arrived = tl.atomic_add(count_ptr + pid_rows, 1, sem="release", scope="gpu")
-            if arrived == SPLITS - 1:
-                # acquire the others' partials; the counter is ready for the next call
-                tl.atomic_xchg(count_ptr + pid_rows, 0, sem="acquire", scope="gpu")
-                for m in tl.static_range(X_ROWS):
-                    total = _sum_partials(partial_ptr + m * NP, rows, ok, SPLITS, X_ROWS * NP, SPLIT_BATCH)
-                    tl.store(out_ptr + m * N + rows, total.to(out_ptr.dtype.element_ty), mask=rows < N)
+            else:
+                _add_partial(totals[m], sums_ptr + m * NP, out_ptr + m * N, rows, ok, N, SPLITS)
 
     @triton.jit
     def _dequantize_kernel(w_ptr, s_ptr, z_ptr, meta_ptr, out_ptr, N, NP, WORDS,
@@ -756,16 +766,16 @@ if AVAILABLE:
                      mask=(rows < N)[None, :])
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_ACCUMULATORS: dict[torch.device, torch.Tensor] = {}
 
 
-def _counters(device: torch.device, blocks: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per block of rows, that every GEMV leaves zeroed again.
+def _accumulators(device: torch.device, rows: int) -> torch.Tensor:
+    """Zeroed 64-bit accumulators (_add_partial), one per row of the output, that every GEMV leaves zeroed again.
     Kernels that share them must run in order (one stream), as the model's matmuls do."""
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < blocks:
-        counters = _COUNTERS[device] = torch.zeros(max(blocks, 1024), dtype=torch.int32, device=device)
-    return counters
+    sums = _ACCUMULATORS.get(device)
+    if sums is None or sums.numel() < rows:
+        sums = _ACCUMULATORS[device] = torch.zeros(max(rows, 1 << 16), dtype=torch.int64, device=device)
+    return sums
 
 
 @functools.cache
@@ -774,12 +784,6 @@ def _dependent_launch(device: torch.device) -> bool:
     capability 9.0 and up, Triton 3.4 and up, never in the interpreter)."""
     return (os.environ.get("TRITON_INTERPRET") != "1" and hasattr(getattr(tl.extra, "cuda", None), "gdc_wait")
             and torch.cuda.get_device_capability(device)[0] >= 9)
-
-
-def split_batch(splits: int) -> int:
-    """Partial sums the last program loads at a time (_sum_partials): all of them up to 32, so that they cost it one
-    round trip to L2 (a Mixtral w2 at 2 or 3 bits has 28 splits), in two compiled variants, 16 and 32."""
-    return 16 if splits <= 16 else 32
 
 
 def weight_eviction(bits: int, rows_of_x: int) -> str:
@@ -819,19 +823,22 @@ def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | 
     meta = _meta_arg(weight)
     integer_x = quantizes_x(spec.bits, spec.group_size, rows_of_x, config)
     paired = decodes_in_pairs(spec.bits) and not integer_x
-    partial = torch.empty((splits, rows_of_x, padded) if splits > 1 else (1,), device=x.device, dtype=torch.float32)
+    if splits > MAX_SPLITS:
+        raise ValueError(f"{splits} programs would add partial sums into each row, at most {MAX_SPLITS} can: give "
+                         f"each more groups (KernelConfig.groups_per_split)")
     _gemv_kernel[(blocks, splits)](
-        x, weight.packed, weight.scale, weight.zero, meta, partial, _counters(x.device, blocks), out,
+        x, weight.packed, weight.scale, weight.zero, meta, _accumulators(x.device, rows_of_x * padded).view(torch.uint64), out,
         PAIR_MAGIC if paired else MAGIC,
         n, k, padded, groups, config.groups_per_split, splits,
         BITS=spec.bits, GROUP=spec.group_size, STEP=codes_per_step(spec.bits), PAIRED=paired,
         X_LANES=x_lanes(spec.bits, spec.group_size) if integer_x else 0,
         META_GROUP=spec.meta_group_size,
         QUANT_META=weight.meta is not None, X_ROWS=rows_of_x, ROWS_PER_THREAD=config.rows_per_thread,
-        THREADS=32 * config.warps, SPLIT_BATCH=split_batch(splits), UNROLLED_GROUPS=config.groups_per_split if config.unrolled else 0,
+        THREADS=32 * config.warps, UNROLLED_GROUPS=config.groups_per_split if config.unrolled else 0,
         EARLY_GROUPS=min(config.early_groups, config.groups_per_split) if config.unrolled else 0, PDL=pdl,
         MASK_GROUPS=_masks_groups(integer_x, groups, config), EVICTION=weight_eviction(spec.bits, rows_of_x),
         num_warps=config.warps, **({"launch_pdl": True} if pdl else {}),   # a launch option of Triton 3.4+
+        **({"maxnreg": config.max_registers} if config.max_registers else {}),
     )
 
 
