@@ -100,7 +100,7 @@ def default_config(bits: int, group_size: int, k: int, rows_of_x: int = 1) -> Ke
     unrolled, half of them loaded before the wait for the kernel before, and with integer x at 2 and 4 bits 256
     columns a warp, at 3 bits at most 72 registers a thread (so that a call's programs fit the GPU at once): the
     best of gpu-2026-11-28/gemv_atomic_sums.txt on an H200 (2 bits: 8.8-8.9 us against 9.0 with 128 columns and
-    10.1 with 80 registers; 3 bits: 8.6-8.7 us against 9.7-10.0 without the cap)."""
+    10.1 with 80 registers; 3 bits: 8.6-8.7 us against 9.6-10.0 without the cap)."""
     integer_x = quantizes_x(bits, group_size, rows_of_x)
     columns = 2 * SPLIT_COLUMNS if integer_x and bits in (2, 4) else SPLIT_COLUMNS
     warps = 4 if rows_of_x == 1 else 2
@@ -161,14 +161,15 @@ if AVAILABLE:
     # below fp16's 65504; the kernel's sums are PAIR_SCALE times the true ones until it stores them.
     PAIR_SCALE = tl.constexpr(1 / 16)
     X_SPLIT = tl.constexpr(254)     # integer x: x = scale (X_SPLIT high + low), high and low int8 (_quantize_x)
-    # A row's 64-bit accumulator (_add_partial): the sum of its programs' partial sums in units of 2^-SUM_FRACTION,
-    # each raised by SUM_BIAS, in the bits below POISON (MAX_SPLITS addends below 2 SUM_BIAS), a poison bit, and the
-    # programs that arrived, in units of ARRIVAL (at most MAX_SPLITS - 1 before the last).
+    # A row's 64-bit accumulator (_add_partial): the programs that arrived, in units of ARRIVAL (the top bits count
+    # up to MAX_SPLITS - 1 before the last), a poison bit below them, and below that the sum of the partial sums in
+    # units of 2^-SUM_FRACTION, each raised by SUM_BIAS (MAX_SPLITS addends below 2 SUM_BIAS stay below POISON).
+    ARRIVAL = tl.constexpr(1 << 64 - (MAX_SPLITS - 1).bit_length())
+    POISON = tl.constexpr(ARRIVAL.value >> 1)
     SUM_FRACTION = tl.constexpr(24)
     SUM_BIAS = tl.constexpr(1 << 50)
-    SUM_LIMIT = tl.constexpr(2.0 ** (50 - 24))      # partial sums this large or larger do not fit (SUM_BIAS)
-    POISON = tl.constexpr(1 << 57)
-    ARRIVAL = tl.constexpr(1 << 58)
+    SUM_LIMIT = tl.constexpr(SUM_BIAS.value / 2 ** SUM_FRACTION.value)     # partial sums this large do not fit
+    assert MAX_SPLITS * 2 * SUM_BIAS.value <= POISON.value
 
     @triton.jit
     def _code(words, c: tl.constexpr, magic, BITS: tl.constexpr):
@@ -769,13 +770,13 @@ if AVAILABLE:
 _ACCUMULATORS: dict[torch.device, torch.Tensor] = {}
 
 
-def _accumulators(device: torch.device, rows: int) -> torch.Tensor:
-    """Zeroed 64-bit accumulators (_add_partial), one per row of the output, that every GEMV leaves zeroed again.
+def _accumulators(device: torch.device, count: int) -> torch.Tensor:
+    """Zeroed uint64 accumulators (_add_partial), one per output value, that every GEMV leaves zeroed again.
     Kernels that share them must run in order (one stream), as the model's matmuls do."""
     sums = _ACCUMULATORS.get(device)
-    if sums is None or sums.numel() < rows:
-        sums = _ACCUMULATORS[device] = torch.zeros(max(rows, 1 << 16), dtype=torch.int64, device=device)
-    return sums
+    if sums is None or sums.numel() < count:
+        sums = _ACCUMULATORS[device] = torch.zeros(max(count, 1 << 16), dtype=torch.int64, device=device)
+    return sums.view(torch.uint64)
 
 
 @functools.cache
@@ -827,7 +828,7 @@ def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | 
         raise ValueError(f"{splits} programs would add partial sums into each row, at most {MAX_SPLITS} can: give "
                          f"each more groups (KernelConfig.groups_per_split)")
     _gemv_kernel[(blocks, splits)](
-        x, weight.packed, weight.scale, weight.zero, meta, _accumulators(x.device, rows_of_x * padded).view(torch.uint64), out,
+        x, weight.packed, weight.scale, weight.zero, meta, _accumulators(x.device, rows_of_x * padded), out,
         PAIR_MAGIC if paired else MAGIC,
         n, k, padded, groups, config.groups_per_split, splits,
         BITS=spec.bits, GROUP=spec.group_size, STEP=codes_per_step(spec.bits), PAIRED=paired,
