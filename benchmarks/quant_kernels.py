@@ -29,6 +29,7 @@ import argparse
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -49,7 +50,10 @@ TARGET = 0.60   # of the measured memory bandwidth, at batch 1
 
 
 COPIES = 8          # 8 x 22 MB (the smallest weight here) > the 50-60 MB L2 of an H100/H200
-REPLAYS = 20
+REPLAYS = 20        # replays of the graph a timed window
+WINDOWS = 5         # timed windows a case: the median is reported
+WARM_UP_S = 0.05    # replays first, for at least this long: the first ones after a pause ran up to ~0.8 us a call
+                    # slower (gemv_pdl.txt, quant_kernels_atomic_sums.txt)
 
 
 def time_ms(fn, rep: int = 100) -> float:
@@ -57,7 +61,8 @@ def time_ms(fn, rep: int = 100) -> float:
 
 
 def graph_us(call, operands) -> float:
-    """Microseconds per call(operand), replaying one CUDA graph that calls it on every operand in turn."""
+    """Microseconds per call(operand), replaying one CUDA graph that calls it on every operand in turn: the median
+    of WINDOWS timed windows after WARM_UP_S of replays."""
     for operand in operands:                  # compile and allocate outside the capture
         call(operand)
     stream = torch.cuda.Stream()
@@ -70,15 +75,19 @@ def graph_us(call, operands) -> float:
     with torch.cuda.graph(graph):
         for operand in operands:
             call(operand)
-    for _ in range(REPLAYS):        # the first replays after a pause ran ~0.8 us a call slower (gemv_pdl.txt)
+    warm_up_end = time.perf_counter() + WARM_UP_S
+    while time.perf_counter() < warm_up_end:
         graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(REPLAYS):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (REPLAYS * len(operands))
+    windows = []
+    for _ in range(WINDOWS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(REPLAYS):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        windows.append(start.elapsed_time(end) * 1e3 / (REPLAYS * len(operands)))
+    return statistics.median(windows)
 
 
 def measured_bandwidth() -> float:

@@ -79,7 +79,8 @@ MAGIC = 0x4B000000          # the bits of 2^23: with a code ORed into the mantis
 PAIR_MAGIC = 0x64006400     # two fp16 1024s: with a code ORed into each half's mantissa, 1024 + code
 MAX_GEMV_ROWS = 8           # more rows of x than this: dequantize, then cuBLAS
 MAX_SPLITS = 64             # programs that add partial sums into one row (_add_partial's accumulator)
-SPLIT_COLUMNS = 128         # input columns a warp covers by default
+SPLIT_COLUMNS = 128         # input columns a warp covers by default (one row of x)
+LOOP_GROUPS = 8             # groups a warp sums in its loop (2 to 8 rows of x) by default
 
 
 @dataclass(frozen=True)
@@ -94,17 +95,19 @@ class KernelConfig:
 
 
 def default_config(bits: int, group_size: int, k: int, rows_of_x: int = 1) -> KernelConfig:
-    """4 rows a thread and SPLIT_COLUMNS input columns a warp; for more rows of x, 2 warps a program and the
-    groups in a loop (gpu-2026-11-28/gemv_unrolled.txt, gemv_pairs.txt, gemv_warps_along_k.txt: 2 warps up to 12 %
-    faster than 4 at 4 and 8 rows of x; unrolled 2x slower at 8 rows). For one row of x, 4 warps and the groups
-    unrolled, half of them loaded before the wait for the kernel before, and with integer x at 2 and 4 bits 256
-    columns a warp, at 3 bits at most 72 registers a thread (so that a call's programs fit the GPU at once): the
-    best of gpu-2026-11-28/gemv_atomic_sums.txt on an H200 (2 bits: 8.8-8.9 us against 9.0 with 128 columns and
-    10.1 with 80 registers; 3 bits: 8.6-8.7 us against 9.6-10.0 without the cap)."""
+    """4 rows a thread. For one row of x, 4 warps and the groups unrolled, half of them loaded before the wait for
+    the kernel before; SPLIT_COLUMNS input columns a warp, with integer x at 2 and 4 bits twice that, at 3 bits at
+    most 72 registers a thread (so that a call's programs fit the GPU at once): the best of
+    gpu-2026-11-28/gemv_atomic_sums.txt on an H200 (2 bits: 8.8-8.9 us against 9.0 with 128 columns and 10.1 with
+    80 registers; 3 bits: 8.6-8.7 us against 9.6-10.0 without the cap). For more rows of x, 2 warps a program and
+    LOOP_GROUPS groups a warp in a loop (gemv_unrolled.txt, gemv_warps_along_k.txt; gemv_batch_columns.txt,
+    8 rows of x at 4 bits: 45.2 us against 51 with 4 groups and 63 with 2; at 2 bits 16 groups were 1-4 % slower)."""
     integer_x = quantizes_x(bits, group_size, rows_of_x)
-    columns = 2 * SPLIT_COLUMNS if integer_x and bits in (2, 4) else SPLIT_COLUMNS
-    warps = 4 if rows_of_x == 1 else 2
-    groups = max(1, columns // group_size, -(-k // group_size // (warps * MAX_SPLITS)))   # wider rows: more a split
+    if rows_of_x == 1:
+        warps, groups = 4, (2 * SPLIT_COLUMNS if integer_x and bits in (2, 4) else SPLIT_COLUMNS) // group_size
+    else:
+        warps, groups = 2, LOOP_GROUPS
+    groups = max(1, groups, -(-k // group_size // (warps * MAX_SPLITS)))   # wider rows: more a split
     early = early_groups(bits, group_size, rows_of_x, groups)
     return KernelConfig(4, warps, groups, unrolled=rows_of_x == 1, early_groups=early,
                         max_registers=72 if integer_x and bits == 3 else None)
