@@ -80,7 +80,6 @@ PAIR_MAGIC = 0x64006400     # two fp16 1024s: with a code ORed into each half's 
 MAX_GEMV_ROWS = 8           # more rows of x than this: dequantize, then cuBLAS
 MAX_SPLITS = 64             # programs that add partial sums into one row (_add_partial's accumulator)
 SPLIT_COLUMNS = 128         # input columns a warp covers by default (one row of x)
-LOOP_GROUPS = 8             # groups a warp sums in its loop (2 to 8 rows of x) by default
 
 
 @dataclass(frozen=True)
@@ -99,18 +98,28 @@ def default_config(bits: int, group_size: int, k: int, rows_of_x: int = 1) -> Ke
     the kernel before; SPLIT_COLUMNS input columns a warp, with integer x at 2 and 4 bits twice that, at 3 bits at
     most 72 registers a thread (so that a call's programs fit the GPU at once): the best of
     gpu-2026-11-28/gemv_atomic_sums.txt on an H200 (2 bits: 8.8-8.9 us against 9.0 with 128 columns and 10.1 with
-    80 registers; 3 bits: 8.6-8.7 us against 9.6-10.0 without the cap). For more rows of x, 2 warps a program and
-    LOOP_GROUPS groups a warp in a loop (gemv_unrolled.txt, gemv_warps_along_k.txt; gemv_batch_columns.txt,
-    8 rows of x at 4 bits: 45.2 us against 51 with 4 groups and 63 with 2; at 2 bits 16 groups were 1-4 % slower)."""
+    80 registers; 3 bits: 8.6-8.7 us against 9.6-10.0 without the cap). For more rows of x, 2 warps a program,
+    the groups in a loop, loop_columns a warp (gemv_unrolled.txt, gemv_warps_along_k.txt)."""
     integer_x = quantizes_x(bits, group_size, rows_of_x)
     if rows_of_x == 1:
-        warps, groups = 4, (2 * SPLIT_COLUMNS if integer_x and bits in (2, 4) else SPLIT_COLUMNS) // group_size
+        warps, columns = 4, (2 * SPLIT_COLUMNS if integer_x and bits in (2, 4) else SPLIT_COLUMNS)
     else:
-        warps, groups = 2, LOOP_GROUPS
-    groups = max(1, groups, -(-k // group_size // (warps * MAX_SPLITS)))   # wider rows: more a split
+        warps, columns = 2, loop_columns(bits, rows_of_x)
+    groups = max(1, columns // group_size, -(-k // group_size // (warps * MAX_SPLITS)))   # wider rows: more a split
     early = early_groups(bits, group_size, rows_of_x, groups)
     return KernelConfig(4, warps, groups, unrolled=rows_of_x == 1, early_groups=early,
                         max_registers=72 if integer_x and bits == 3 else None)
+
+
+def loop_columns(bits: int, rows_of_x: int) -> int:
+    """Input columns a warp of the loop (2 to 8 rows of x) covers by default: fewer programs add fewer partial
+    sums into each row, but fewer are at work. On an H200 (gpu-2026-11-28/gemv_batch_columns.txt), at 4 bits 256
+    columns for 4 rows of x (25.1-25.4 us against 26.8-28.1 with 128 and 38-39 with 512) and 512 for 8 (45.4-45.8
+    against 51-52 and 63-65); 128 at 2 bits (8 rows) and 3 bits (4 and 8 rows: 29.5 and 61.4-61.7 us against
+    31.4 and 65.5 with 256). Rows of x between those measured take the next measured count's."""
+    if bits != 4:
+        return SPLIT_COLUMNS
+    return 2 * SPLIT_COLUMNS if rows_of_x <= 4 else 4 * SPLIT_COLUMNS
 
 
 def early_groups(bits: int, group_size: int, rows_of_x: int, groups_per_split: int) -> int:
