@@ -99,7 +99,9 @@ def default_config(bits: int, group_size: int, k: int, rows_of_x: int = 1) -> Ke
     most 72 registers a thread (so that a call's programs fit the GPU at once): the best of
     gpu-2026-11-28/gemv_atomic_sums.txt on an H200 (2 bits: 8.8-8.9 us against 9.0 with 128 columns and 10.1 with
     80 registers; 3 bits: 8.6-8.7 us against 9.6-10.0 without the cap). For more rows of x, 2 warps a program,
-    the groups in a loop, loop_columns a warp (gemv_unrolled.txt, gemv_warps_along_k.txt)."""
+    the groups in a loop, loop_columns a warp (gemv_unrolled.txt, gemv_warps_along_k.txt: 2 warps up to 12 %
+    faster than 4, unrolled 2x slower at 8 rows; with the atomic row sums 4 warps still slower at 8 rows:
+    gemv_batch_columns.txt)."""
     integer_x = quantizes_x(bits, group_size, rows_of_x)
     if rows_of_x == 1:
         warps, columns = 4, (2 * SPLIT_COLUMNS if integer_x and bits in (2, 4) else SPLIT_COLUMNS)
@@ -116,7 +118,8 @@ def loop_columns(bits: int, rows_of_x: int) -> int:
     sums into each row, but fewer are at work. On an H200 (gpu-2026-11-28/gemv_batch_columns.txt), at 4 bits 256
     columns for 4 rows of x (25.1-25.4 us against 26.8-28.1 with 128 and 38-39 with 512) and 512 for 8 (45.4-45.8
     against 51-52 and 63-65); 128 at 2 bits (8 rows) and 3 bits (4 and 8 rows: 29.5 and 61.4-61.7 us against
-    31.4 and 65.5 with 256). Rows of x between those measured take the next measured count's."""
+    31.4 and 65.5 with 256); 8 bits not measured. Rows of x between those measured take the next measured
+    count's."""
     if bits != 4:
         return SPLIT_COLUMNS
     return 2 * SPLIT_COLUMNS if rows_of_x <= 4 else 4 * SPLIT_COLUMNS
