@@ -79,7 +79,7 @@ MAGIC = 0x4B000000          # the bits of 2^23: with a code ORed into the mantis
 PAIR_MAGIC = 0x64006400     # two fp16 1024s: with a code ORed into each half's mantissa, 1024 + code
 MAX_GEMV_ROWS = 8           # more rows of x than this: dequantize, then cuBLAS
 MAX_SPLITS = 64             # programs that add partial sums into one row (_add_partial's accumulator)
-SPLIT_COLUMNS = 128         # input columns a warp covers by default (one row of x)
+SPLIT_COLUMNS = 128         # input columns a warp covers by default
 
 
 @dataclass(frozen=True)
@@ -805,8 +805,8 @@ def _dependent_launch(device: torch.device) -> bool:
 def weight_eviction(bits: int, rows_of_x: int) -> str:
     """The cache eviction policy of a GEMV's loads of words and codes, which it reads once: evict first (Triton: in
     L1, and an L2 cache hint) at 2 and 3 bits with one row of x, where it was 0.1-0.2 us faster on an H200,
-    normal elsewhere (0.2 us slower at 4 bits; more rows of x not measured): gpu-2026-11-28/gemv_evict_first.txt.
-    Which of the two hints helps was not measured."""
+    normal elsewhere (0.2 us slower at 4 bits; at 8 rows of x no faster): gpu-2026-11-28/gemv_evict_first.txt.
+    Either hint alone, L1 no-allocate or the non-coherent path were no faster (gemv_batch_columns.txt, run 1)."""
     return "evict_first" if bits in (2, 3) and rows_of_x == 1 else ""
 
 
