@@ -139,7 +139,7 @@ def main() -> None:
         moved = fmt.nbytes + 2 * (k + n)             # the weight's buffer, x and y in bf16
         copies = [fmt.view(raw.clone())[0] for _ in range(COPIES)]
         dense_copies = [dense.clone() for _ in range(COPIES)]
-        default = default_config(bits, spec.group_size, k)
+        default = default_config(bits, spec.group_size, n, k, sm_count=props.multi_processor_count)
         default_us = graph_us(lambda q: hqq_linear(x1, q, default), copies)
         serial = replace(default, dependent_launch=False)
         serial_us = graph_us(lambda q: hqq_linear(x1, q, serial), copies)

@@ -80,6 +80,11 @@ PAIR_MAGIC = 0x64006400     # two fp16 1024s: with a code ORed into each half's 
 MAX_GEMV_ROWS = 8           # more rows of x than this: dequantize, then cuBLAS
 MAX_SPLITS = 64             # programs that add partial sums into one row (_add_partial's accumulator)
 SPLIT_COLUMNS = 128         # input columns a warp covers by default
+ROWS_PER_THREAD = 4         # the default configs' rows a thread
+PROGRAMS_PER_SM = 4         # one row of x: programs of 4 warps an SM holds at once (at most 128 registers a thread)
+# A warp's groups loaded before the wait hold their registers through it; at 2 bits (groups of 16) 7 of 16 were
+# 0.1 us faster than 8, and 9 or 10 0.4-0.5 us slower (gpu-2026-11-28/gemv_one_wave.txt)
+MAX_EARLY_GROUPS = 7
 
 
 @dataclass(frozen=True)
@@ -93,24 +98,47 @@ class KernelConfig:
     max_registers: int | None = None    # a thread's registers at most (Triton's maxnreg; None: the compiler's choice)
 
 
-def default_config(bits: int, group_size: int, k: int, rows_of_x: int = 1) -> KernelConfig:
-    """4 rows a thread. For one row of x, 4 warps and the groups unrolled, half of them loaded before the wait for
-    the kernel before; SPLIT_COLUMNS input columns a warp, with integer x at 2 and 4 bits twice that, at 3 bits at
-    most 72 registers a thread (so that a call's programs fit the GPU at once): the best of
-    gpu-2026-11-28/gemv_atomic_sums.txt on an H200 (2 bits: 8.8-8.9 us against 9.0 with 128 columns and 10.1 with
-    80 registers; 3 bits: 8.6-8.7 us against 9.6-10.0 without the cap). For more rows of x, 2 warps a program,
-    the groups in a loop, loop_columns a warp (gemv_unrolled.txt, gemv_warps_along_k.txt: 2 warps up to 12 %
-    faster than 4, unrolled 2x slower at 8 rows; with the atomic row sums 4 warps still slower at 8 rows:
-    gemv_batch_columns.txt)."""
+def default_config(bits: int, group_size: int, n: int, k: int, rows_of_x: int = 1,
+                   sm_count: int | None = None) -> KernelConfig:
+    """4 rows a thread. For one row of x, 4 warps and the groups unrolled, about half of them loaded before the
+    wait for the kernel before (early_groups); SPLIT_COLUMNS input columns a warp, with integer x at 2 and 4 bits
+    twice that, or a few groups fewer where that still fits one wave on the card's sm_count SMs (one_wave_groups);
+    with integer x at most 72 registers a thread at 3 bits and 128 at 2 (so that a call's programs fit the GPU at
+    once): the best of gpu-2026-11-28/gemv_atomic_sums.txt and gpu-2026-11-28/gemv_one_wave.txt on an H200
+    (2 bits: 8.8-8.9 us against 9.0 with 128 columns and 10.1 with 80 registers; 3 bits: 8.6-8.7 us against
+    9.6-10.0 without the cap). For more rows of x, 2 warps a program, the groups in a loop, loop_columns a warp
+    (gemv_unrolled.txt, gemv_warps_along_k.txt: 2 warps up to 12 % faster than 4, unrolled 2x slower at 8 rows;
+    with the atomic row sums 4 warps still slower at 8 rows: gemv_batch_columns.txt)."""
     integer_x = quantizes_x(bits, group_size, rows_of_x)
     if rows_of_x == 1:
         warps, columns = 4, (2 * SPLIT_COLUMNS if integer_x and bits in (2, 4) else SPLIT_COLUMNS)
+        groups = one_wave_groups(max(1, columns // group_size), warps, n, k // group_size, sm_count)
     else:
         warps, columns = 2, loop_columns(bits, rows_of_x)
-    groups = max(1, columns // group_size, -(-k // group_size // (warps * MAX_SPLITS)))   # wider rows: more a split
+        groups = max(1, columns // group_size)
+    groups = max(groups, -(-k // group_size // (warps * MAX_SPLITS)))     # wider rows: more a split
     early = early_groups(bits, group_size, rows_of_x, groups)
-    return KernelConfig(4, warps, groups, unrolled=rows_of_x == 1, early_groups=early,
-                        max_registers=72 if integer_x and bits == 3 else None)
+    registers = {2: 128, 3: 72}.get(bits) if integer_x else None
+    return KernelConfig(ROWS_PER_THREAD, warps, groups, unrolled=rows_of_x == 1, early_groups=early,
+                        max_registers=registers)
+
+
+def one_wave_groups(groups: int, warps: int, n: int, k_groups: int, sm_count: int | None) -> int:
+    """`groups` a warp for one row of x, or fewer, down to 3/4 of it: the fewest with which K's k_groups split
+    evenly among a block of rows' programs and all n rows' programs are at work at once (at most
+    PROGRAMS_PER_SM an SM). More, smaller programs and none waiting for a slot: on an H200 (132 SMs), Mixtral's
+    w2 at 2 bits takes 14 groups a warp (512 programs) in place of 16 (448): 8.6-8.8 us against 9.0-9.1, while
+    splits that leave the last program's groups ragged were 3-6 us slower
+    (benchmarks/results/gpu-2026-11-28/gemv_one_wave.txt). Measured at 2 bits only; Mixtral's shapes at 3 and
+    4 bits have no such split. sm_count None (not known): `groups`."""
+    if sm_count is None:
+        return groups
+    blocks = -(-n // (32 * ROWS_PER_THREAD))
+    for fewer in range(-(-3 * groups // 4), groups):
+        per_program = fewer * warps
+        if k_groups % per_program == 0 and blocks * (k_groups // per_program) <= PROGRAMS_PER_SM * sm_count:
+            return fewer
+    return groups
 
 
 def loop_columns(bits: int, rows_of_x: int) -> int:
@@ -126,8 +154,9 @@ def loop_columns(bits: int, rows_of_x: int) -> int:
 
 
 def early_groups(bits: int, group_size: int, rows_of_x: int, groups_per_split: int) -> int:
-    """Groups a warp loads before it waits for the kernel before: half of them with integer x, else none."""
-    return max(1, groups_per_split // 2) if quantizes_x(bits, group_size, rows_of_x) else 0
+    """Groups a warp loads before it waits for the kernel before: with integer x half of them, at most
+    MAX_EARLY_GROUPS; else none."""
+    return min(MAX_EARLY_GROUPS, max(1, groups_per_split // 2)) if quantizes_x(bits, group_size, rows_of_x) else 0
 
 
 def x_lanes(bits: int, group_size: int) -> int:
@@ -795,6 +824,12 @@ def _accumulators(device: torch.device, count: int) -> torch.Tensor:
 
 
 @functools.cache
+def _sm_count(device: torch.device) -> int | None:
+    """The GPU's streaming multiprocessors (None off CUDA: the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
+@functools.cache
 def _dependent_launch(device: torch.device) -> bool:
     """Whether GEMVs launch before the kernel before them has finished (programmatic dependent launch: compute
     capability 9.0 and up, Triton 3.4 and up, never in the interpreter)."""
@@ -827,7 +862,7 @@ def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | 
     rows_of_x = x.shape[0]
     n, k = weight.shape
     spec = weight.spec
-    config = config or default_config(spec.bits, spec.group_size, k, rows_of_x)
+    config = config or default_config(spec.bits, spec.group_size, n, k, rows_of_x, _sm_count(x.device))
     pdl = config.dependent_launch and _dependent_launch(x.device)
     if config.unrolled and weight.meta is not None and config.rows_per_thread not in (1, 2) and config.rows_per_thread % 4:
         raise ValueError(f"rows_per_thread must be 1, 2 or a multiple of 4 when unrolled (a thread's 8-bit scale "
