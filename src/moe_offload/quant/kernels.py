@@ -98,6 +98,7 @@ class KernelConfig:
     max_registers: int | None = None    # a thread's registers at most (Triton's maxnreg; None: the compiler's choice)
 
 
+@functools.cache     # hqq_gemv asks on every call, in the decode loop; the config is frozen
 def default_config(bits: int, group_size: int, n: int, k: int, rows_of_x: int = 1,
                    sm_count: int | None = None) -> KernelConfig:
     """4 rows a thread. For one row of x, 4 warps and the groups unrolled, about half of them loaded before the
