@@ -863,7 +863,8 @@ def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | 
     rows_of_x = x.shape[0]
     n, k = weight.shape
     spec = weight.spec
-    config = config or default_config(spec.bits, spec.group_size, n, k, rows_of_x, _sm_count(x.device))
+    # the padded rows: the programs launched below, which one_wave_groups counts
+    config = config or default_config(spec.bits, spec.group_size, weight.padded_rows, k, rows_of_x, _sm_count(x.device))
     pdl = config.dependent_launch and _dependent_launch(x.device)
     if config.unrolled and weight.meta is not None and config.rows_per_thread not in (1, 2) and config.rows_per_thread % 4:
         raise ValueError(f"rows_per_thread must be 1, 2 or a multiple of 4 when unrolled (a thread's 8-bit scale "
