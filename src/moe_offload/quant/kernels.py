@@ -863,15 +863,14 @@ def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | 
     rows_of_x = x.shape[0]
     n, k = weight.shape
     spec = weight.spec
-    # the padded rows: the programs launched below, which one_wave_groups counts
-    config = config or default_config(spec.bits, spec.group_size, weight.padded_rows, k, rows_of_x, _sm_count(x.device))
+    padded = weight.padded_rows         # the rows programs are launched for, as one_wave_groups counts them
+    config = config or default_config(spec.bits, spec.group_size, padded, k, rows_of_x, _sm_count(x.device))
     pdl = config.dependent_launch and _dependent_launch(x.device)
     if config.unrolled and weight.meta is not None and config.rows_per_thread not in (1, 2) and config.rows_per_thread % 4:
         raise ValueError(f"rows_per_thread must be 1, 2 or a multiple of 4 when unrolled (a thread's 8-bit scale "
                          f"codes are whole 32-bit words), not {config.rows_per_thread}")
     groups = k // spec.group_size
     splits = -(-groups // (config.groups_per_split * config.warps))
-    padded = weight.padded_rows
     blocks = -(-padded // (32 * config.rows_per_thread))
     meta = _meta_arg(weight)
     integer_x = quantizes_x(spec.bits, spec.group_size, rows_of_x, config)
