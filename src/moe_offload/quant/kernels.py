@@ -8,18 +8,20 @@ stored with the rows innermost) arrive in one vector load per word, and x is the
 thread, so a group's dot products stay in the thread's registers.
 
 For one row of x (at 3 bits in groups of at most 64) the sums are in integers (_group_int_sums). Each warp
-first quantizes its own columns of x, its lanes together (_quantize_x): per group x_k = scale (254 high_k +
-low_k), high_k and low_k int8 (high_k = x_k / (max |x| / 127) rounded, low_k the rest in 254ths: about 2^-16
-of the group's largest |x|, finer than bf16's own rounding for all but its smallest values). A word's codes
-are then planes of four codes a byte each, dotted with the matching high and low bytes of x by one DP4A
-each, exactly in int32: a lane holds the four x_k of one plane, and shuffles (SHFL) hand them to the whole
-warp. A code may sit o bits up its byte if its x_k is quantized at 2^-o (2^-14 of the largest |x| at o = 2):
-at 2 bits (word >> 4j) & 0x03030303 and & 0x0C0C0C0C are two planes for one shift, at 4 and 8 bits
-(word >> j bits) & a byte mask; at 3 bits every byte of a row's bit stream holds two whole codes, at o and
-o + 3 (o = 0, 1, 2), so a 32-code block of 3 words is 6 masked planes of those and 3 of the 8 codes that
-straddle bytes (_three_bit_plane). Per group a thread then adds s (scale (254 H + L) - z sum_k x_k) in fp32,
-decoding each row's 8-bit scale and zero once (an I2F.U8 each, reading the code's byte where it lies) with
-its run's steps and minimums (one 16-byte load).
+first quantizes its own columns of x, its lanes together (_quantize_x), per group in steps of 1/127 of the
+group's largest |x|. At 2 bits x_k takes one byte (x_bytes): an int8, as llama.cpp's q8_1 activations but in
+the weight's groups, about 2^-8 of the group's largest |x|; elsewhere two: x_k = scale (254 high_k + low_k),
+high_k and low_k int8 (low_k the rest in 254ths: about 2^-16 of the group's largest |x|, finer than bf16's own
+rounding for all but its smallest values). A word's codes are then planes of four codes a byte each, dotted
+with the matching bytes of x by one DP4A each, exactly in int32: a lane holds the four x_k of one plane, and
+shuffles (SHFL) hand them to the whole warp. At 2 bits (word >> 4j) & 0x03030303 and & 0x0C0C0C0C are two
+planes for one shift, the second's codes 2 bits up their bytes: its DP4As add into a sum of their own, a
+quarter of which counts. At 4 and 8 bits a plane is (word >> j bits) & a byte mask; at 3 bits every byte of a
+row's bit stream holds two whole codes, at o and o + 3 (o = 0, 1, 2), so a 32-code block of 3 words is 6
+masked planes of those and 3 of the 8 codes that straddle bytes (_three_bit_plane), and since o varies within
+a plane word each x_k is quantized at 2^-o (2^-14 of the largest |x| at o = 2). Per group a thread then adds
+s (scale sums - z sum_k x_k) in fp32, decoding each row's 8-bit scale and zero once (an I2F.U8 each, reading
+the code's byte where it lies) with its run's steps and minimums (one 16-byte load).
 
 With more rows of x (or groups not unrolled), at 2 and 4 bits a word's two 16-bit halves hold codes at
 the same places, so codes are decoded two at a time as an fp16 pair (_code_pair): a LOP3 keeps codes p
@@ -166,6 +168,17 @@ def x_lanes(bits: int, group_size: int) -> int:
     if bits == 3:
         return 1 << (9 * group_size // 32 - 1).bit_length()
     return group_size // 4
+
+
+def x_bytes(bits: int) -> int:
+    """Bytes a value of integer x takes (_quantize_x). One at 2 bits: x_k as an int8 in steps of 1/127 of its
+    group's largest |x| (as llama.cpp's q8_1, here in the weight's groups), the codes that sit 2 bits up their
+    bytes summed on their own so that no x_k loses bits to them; about 2^-8 of the group's largest |x| in place of
+    2^-16, and 0.5-0.7 us faster on Mixtral's shapes on an H200 (8.1-8.3 us against 8.7-8.9, 14 % fewer
+    instructions: benchmarks/results/gpu-2026-11-29/gemv_one_byte_x.txt). Two elsewhere: at 3 bits the codes of
+    one plane word sit 0-2 bits up by byte, so each x_k is scaled by its byte's 2^-o and one byte would lose up to
+    2 of its bits; 4 and 8 bits (already 77 % of the bandwidth at 4) were not measured with one."""
+    return 1 if bits == 2 else 2
 
 
 def quantizes_x(bits: int, group_size: int, rows_of_x: int, config: KernelConfig | None = None) -> bool:
@@ -378,12 +391,13 @@ if AVAILABLE:
 
     @triton.jit
     def _quantize_x(x_ptr, g0, lane, GROUPS, BITS: tl.constexpr, GROUP: tl.constexpr, LANES: tl.constexpr,
-                    WARP_GROUPS: tl.constexpr):
+                    WARP_GROUPS: tl.constexpr, X_BYTES: tl.constexpr):
         """The warp's groups g0 .. g0 + WARP_GROUPS - 1 of x, each as scale (X_SPLIT high_k + low_k) with int8 high =
-        x_k / (max |x| / 127) rounded and low the rest in X_SPLITths: a lane holds the four x_k of one plane word
-        (_group_int_sums), each times 2^-o where its code sits o bits up its byte, LANES lanes a group (x_lanes).
-        Returns per set of 32 lanes the lane's high bytes and low bytes (uint32 each), and its group's scale and
-        scale sum_k (X_SPLIT high_k + low_k) 2^o_k (exact integers below 2^24 before the scale)."""
+        x_k / (max |x| / 127) rounded: a lane holds the four x_k of one plane word (_group_int_sums), LANES lanes a
+        group (x_lanes). With X_BYTES 2 (x_bytes), low is the rest in X_SPLITths and each x_k is first times 2^-o
+        where its code sits o bits up its byte; with 1, low is 0 and x_k is as is. Returns per set of 32 lanes the
+        lane's high bytes and low bytes (uint32 each), and its group's scale and scale sum_k (X_SPLIT high_k + low_k)
+        2^o_k (exact integers below 2^24 before the scale)."""
         lane = lane[:, None]
         sets = ()
         for first in tl.static_range(0, WARP_GROUPS, 32 // LANES):
@@ -394,7 +408,7 @@ if AVAILABLE:
                 k, up, holds = _plane_byte(plane, b, BITS)
                 ok = (group < GROUPS) & holds & (k < GROUP)
                 xs = xs + (tl.load(x_ptr + group * GROUP + k, mask=ok, other=0).to(tl.float32),)
-                weights = weights + (tl.where(up == 0, 1.0, tl.where(up == 1, 0.5, 0.25)),)
+                weights = weights + (tl.where(up == 0, 1.0, tl.where(up == 1, 0.5, 0.25)) if X_BYTES == 2 else 1.0,)
             largest = tl.maximum(tl.maximum(tl.abs(xs[0]), tl.abs(xs[1])), tl.maximum(tl.abs(xs[2]), tl.abs(xs[3])))
             largest = _group_reduce(largest, lane, LANES, True)
             steps = 127 / tl.maximum(largest, 1e-30)          # a group of zeros stays zeros
@@ -404,10 +418,13 @@ if AVAILABLE:
             for b in tl.static_range(4):
                 scaled = xs[b] * (steps * weights[b])
                 high = _round(scaled)
-                low = _round((scaled - high) * X_SPLIT)
                 high_bytes |= (high.to(tl.int32).to(tl.uint32, bitcast=True) & 0xFF) << (8 * b)
-                low_bytes |= (low.to(tl.int32).to(tl.uint32, bitcast=True) & 0xFF) << (8 * b)
-                total += (high * X_SPLIT + low) / weights[b]
+                if X_BYTES == 2:
+                    low = _round((scaled - high) * X_SPLIT)
+                    low_bytes |= (low.to(tl.int32).to(tl.uint32, bitcast=True) & 0xFF) << (8 * b)
+                    total += (high * X_SPLIT + low) / weights[b]
+                else:
+                    total += high * X_SPLIT
             scale = largest / (127 * X_SPLIT)
             sets = sets + ((high_bytes, low_bytes, scale, _group_reduce(total, lane, LANES, False) * scale),)
         return sets
@@ -438,16 +455,19 @@ if AVAILABLE:
             return (w2 >> 14) & 0x00000E07
 
     @triton.jit
-    def _group_int_sums(words, quantized_x, slot: tl.constexpr, BITS: tl.constexpr, LANES: tl.constexpr):
+    def _group_int_sums(words, quantized_x, slot: tl.constexpr, BITS: tl.constexpr, LANES: tl.constexpr,
+                        X_BYTES: tl.constexpr):
         """_group_sums for one row of x from _quantize_x's bytes, the warp's group `slot`: each word's codes a plane
         of four at a time (plane j holds codes j, j + 8 / BITS, ... a byte each; at 3 bits _three_bit_plane's),
         dotted with x's high and low bytes by DP4A, exact in int32; x's bytes come from the lanes that hold them.
-        Returns the sums as 254 H + L (THREADS, ROWS), the group's sum of x, no offset, and the scale that turns
-        254 H + L into sum_k q_k x_k."""
+        With one byte of x (2 bits), the planes whose codes sit 2 bits up their bytes add into a sum of their own,
+        four times theirs. Returns the sums (THREADS, ROWS), the group's sum of x, no offset, and the scale that
+        turns the sums into sum_k q_k x_k."""
         high_bytes, low_bytes, scale, x_sum = quantized_x[slot // (32 // LANES)]
         first_lane: tl.constexpr = slot % (32 // LANES) * LANES
         high = tl.zeros(words[0].shape, dtype=tl.int32)
         low = tl.zeros(words[0].shape, dtype=tl.int32)
+        up = tl.zeros(words[0].shape, dtype=tl.int32)
         if BITS == 3:
             for block in tl.static_range(len(words) // 3):
                 for q in tl.static_range(9):
@@ -459,10 +479,18 @@ if AVAILABLE:
             for w in tl.static_range(len(words)):
                 for j in tl.static_range(PLANES):
                     codes = _code_plane(words[w], j, BITS)
-                    high = _dp4a(codes, _from_lane(high_bytes, first_lane + w * PLANES + j), high)
-                    low = _dp4a(codes, _from_lane(low_bytes, first_lane + w * PLANES + j), low)
-        dots = (high * X_SPLIT + low).to(tl.float32)
-        return (dots,), (_from_lane(x_sum, first_lane),), (0.0,), _from_lane(scale, first_lane)
+                    lane: tl.constexpr = first_lane + w * PLANES + j
+                    if X_BYTES == 2:
+                        high = _dp4a(codes, _from_lane(high_bytes, lane), high)
+                        low = _dp4a(codes, _from_lane(low_bytes, lane), low)
+                    elif j % 2 == 0:
+                        high = _dp4a(codes, _from_lane(high_bytes, lane), high)
+                    else:
+                        up = _dp4a(codes, _from_lane(high_bytes, lane), up)
+        x_sum, scale = _from_lane(x_sum, first_lane), _from_lane(scale, first_lane)
+        if X_BYTES == 1:        # sum_k q_k x_k = scale X_SPLIT (high + up / 4)
+            return ((4 * high + up).to(tl.float32),), (x_sum,), (0.0,), scale * (X_SPLIT / 4)
+        return ((high * X_SPLIT + low).to(tl.float32),), (x_sum,), (0.0,), scale
 
     @triton.jit
     def _x_quad(x_ptr, k):
@@ -642,14 +670,14 @@ if AVAILABLE:
     @triton.jit
     def _add_group(acc, fetched, x_ptr, quantized_x, slot: tl.constexpr, g, K, counts, first_row, magic, zeros,
                    BITS: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr, PAIRED: tl.constexpr,
-                   X_LANES: tl.constexpr, QUANT_META: tl.constexpr, X_ROWS: tl.constexpr,
+                   X_LANES: tl.constexpr, X_BYTES: tl.constexpr, QUANT_META: tl.constexpr, X_ROWS: tl.constexpr,
                    ROWS_PER_THREAD: tl.constexpr, CODE_WORDS: tl.constexpr, MASK_GROUPS: tl.constexpr):
         """acc + group g's products (fetched: _fetch's values; quantized_x: _quantize_x's, the group the warp's
         slot-th), or acc unchanged where not `counts` (looked at only when MASK_GROUPS)."""
         words, scale, zero, meta = fetched
         dot_scale = 1.0
         if X_LANES > 0:
-            dots, x_sums, offset_sums, dot_scale = _group_int_sums(words, quantized_x, slot, BITS, X_LANES)
+            dots, x_sums, offset_sums, dot_scale = _group_int_sums(words, quantized_x, slot, BITS, X_LANES, X_BYTES)
         elif PAIRED:
             dots, x_sums, offset_sums = _group_pair_sums(words, x_ptr, g, K, magic, BITS, GROUP, X_ROWS)
         else:
@@ -711,7 +739,7 @@ if AVAILABLE:
         x_ptr, w_ptr, s_ptr, z_ptr, meta_ptr, sums_ptr, out_ptr, magic,
         N, K, NP, GROUPS, GROUPS_PER_SPLIT, SPLITS,
         BITS: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr, PAIRED: tl.constexpr, X_LANES: tl.constexpr,
-        META_GROUP: tl.constexpr,
+        X_BYTES: tl.constexpr, META_GROUP: tl.constexpr,
         QUANT_META: tl.constexpr, X_ROWS: tl.constexpr, ROWS_PER_THREAD: tl.constexpr, THREADS: tl.constexpr,
         UNROLLED_GROUPS: tl.constexpr, EARLY_GROUPS: tl.constexpr, PDL: tl.constexpr,
         MASK_GROUPS: tl.constexpr, EVICTION: tl.constexpr,
@@ -744,7 +772,7 @@ if AVAILABLE:
             _wait_for_inputs(PDL)
             quantized_x = ()
             if X_LANES > 0:       # each warp quantizes its own groups of x, its lanes together
-                quantized_x = _quantize_x(x_ptr, g0, lane, GROUPS, BITS, GROUP, X_LANES, UNROLLED_GROUPS)
+                quantized_x = _quantize_x(x_ptr, g0, lane, GROUPS, BITS, GROUP, X_LANES, UNROLLED_GROUPS, X_BYTES)
             for i in tl.static_range(UNROLLED_GROUPS):
                 g = _group(g0, i, GROUPS, MASK_GROUPS)
                 if i < EARLY_GROUPS:
@@ -753,8 +781,8 @@ if AVAILABLE:
                     fetched = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g, first_row, rows, ok, NP,
                                      BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, QUANT_META, EVICTION)
                 acc = _add_group(acc, fetched, x_ptr, quantized_x, i, g, K, (g0 + i < GROUPS)[:, None], first_row, magic,
-                                 zeros, BITS, GROUP, STEP, PAIRED, X_LANES, QUANT_META, X_ROWS, ROWS_PER_THREAD,
-                                 QUANT_META, MASK_GROUPS)
+                                 zeros, BITS, GROUP, STEP, PAIRED, X_LANES, X_BYTES, QUANT_META, X_ROWS,
+                                 ROWS_PER_THREAD, QUANT_META, MASK_GROUPS)
         else:
             # a loop (fewer registers), the next group's loads issued before this group's sums
             g0 = (pid_split * WARPS + warp) * GROUPS_PER_SPLIT
@@ -769,8 +797,8 @@ if AVAILABLE:
                 ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, tl.minimum(g + 1, last), first_row, rows, ok, NP,
                                BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, False, EVICTION)
                 acc = _add_group(acc, fetched, x_ptr, (), 0, g, K, (g0 + i <= last)[:, None], first_row, magic,
-                                 zeros, BITS, GROUP, STEP, PAIRED, 0, QUANT_META, X_ROWS, ROWS_PER_THREAD, False,
-                                 MASK_GROUPS)
+                                 zeros, BITS, GROUP, STEP, PAIRED, 0, X_BYTES, QUANT_META, X_ROWS, ROWS_PER_THREAD,
+                                 False, MASK_GROUPS)
 
         # the warps' sums of the program's rows, added here: (32 ROWS,) per row of x
         rows = pid_rows * 32 * ROWS_PER_THREAD + tl.arange(0, 32 * ROWS_PER_THREAD)
@@ -883,7 +911,7 @@ def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | 
         PAIR_MAGIC if paired else MAGIC,
         n, k, padded, groups, config.groups_per_split, splits,
         BITS=spec.bits, GROUP=spec.group_size, STEP=codes_per_step(spec.bits), PAIRED=paired,
-        X_LANES=x_lanes(spec.bits, spec.group_size) if integer_x else 0,
+        X_LANES=x_lanes(spec.bits, spec.group_size) if integer_x else 0, X_BYTES=x_bytes(spec.bits),
         META_GROUP=spec.meta_group_size,
         QUANT_META=weight.meta is not None, X_ROWS=rows_of_x, ROWS_PER_THREAD=config.rows_per_thread,
         THREADS=32 * config.warps, UNROLLED_GROUPS=config.groups_per_split if config.unrolled else 0,
