@@ -479,14 +479,13 @@ if AVAILABLE:
             for w in tl.static_range(len(words)):
                 for j in tl.static_range(PLANES):
                     codes = _code_plane(words[w], j, BITS)
-                    lane: tl.constexpr = first_lane + w * PLANES + j
                     if X_BYTES == 2:
-                        high = _dp4a(codes, _from_lane(high_bytes, lane), high)
-                        low = _dp4a(codes, _from_lane(low_bytes, lane), low)
+                        high = _dp4a(codes, _from_lane(high_bytes, first_lane + w * PLANES + j), high)
+                        low = _dp4a(codes, _from_lane(low_bytes, first_lane + w * PLANES + j), low)
                     elif j % 2 == 0:
-                        high = _dp4a(codes, _from_lane(high_bytes, lane), high)
+                        high = _dp4a(codes, _from_lane(high_bytes, first_lane + w * PLANES + j), high)
                     else:
-                        up = _dp4a(codes, _from_lane(high_bytes, lane), up)
+                        up = _dp4a(codes, _from_lane(high_bytes, first_lane + w * PLANES + j), up)
         x_sum, scale = _from_lane(x_sum, first_lane), _from_lane(scale, first_lane)
         if X_BYTES == 1:        # sum_k q_k x_k = scale X_SPLIT (high + up / 4)
             return ((4 * high + up).to(tl.float32),), (x_sum,), (0.0,), scale * (X_SPLIT / 4)
