@@ -174,7 +174,7 @@ def x_bytes(bits: int) -> int:
     """Bytes a value of integer x takes (_quantize_x). One at 2 bits: x_k as an int8 in steps of 1/127 of its
     group's largest |x| (as llama.cpp's q8_1, here in the weight's groups), the codes that sit 2 bits up their
     bytes summed on their own so that no x_k loses bits to them; about 2^-8 of the group's largest |x| in place of
-    2^-16, and 0.5-0.7 us faster on Mixtral's shapes on an H200 (8.1-8.3 us against 8.7-8.9, 14 % fewer
+    2^-16, and 0.4-0.7 us faster on Mixtral's shapes on an H200 (8.1-8.4 us against 8.7-9.0, 14 % fewer
     instructions: benchmarks/results/gpu-2026-11-29/gemv_one_byte_x.txt). Two elsewhere: at 3 bits the codes of
     one plane word sit 0-2 bits up by byte, so each x_k is scaled by its byte's 2^-o and one byte would lose up to
     2 of its bits; 4 and 8 bits (already 77 % of the bandwidth at 4) were not measured with one."""
