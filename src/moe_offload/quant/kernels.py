@@ -460,8 +460,8 @@ if AVAILABLE:
         """_group_sums for one row of x from _quantize_x's bytes, the warp's group `slot`: each word's codes a plane
         of four at a time (plane j holds codes j, j + 8 / BITS, ... a byte each; at 3 bits _three_bit_plane's),
         dotted with x's high and low bytes by DP4A, exact in int32; x's bytes come from the lanes that hold them.
-        With one byte of x (2 bits), the planes whose codes sit 2 bits up their bytes add into a sum of their own,
-        four times theirs. Returns the sums (THREADS, ROWS), the group's sum of x, no offset, and the scale that
+        With one byte of x (2 bits), the planes whose codes sit 2 bits up their bytes add into a sum of their own
+        (each product four times its value). Returns the sums (THREADS, ROWS), the group's sum of x, no offset, and the scale that
         turns the sums into sum_k q_k x_k."""
         high_bytes, low_bytes, scale, x_sum = quantized_x[slot // (32 // LANES)]
         first_lane: tl.constexpr = slot % (32 // LANES) * LANES
