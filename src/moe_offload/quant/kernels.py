@@ -459,10 +459,10 @@ if AVAILABLE:
                         X_BYTES: tl.constexpr):
         """_group_sums for one row of x from _quantize_x's bytes, the warp's group `slot`: each word's codes a plane
         of four at a time (plane j holds codes j, j + 8 / BITS, ... a byte each; at 3 bits _three_bit_plane's),
-        dotted with x's high and low bytes by DP4A, exact in int32; x's bytes come from the lanes that hold them.
-        With one byte of x (2 bits), the planes whose codes sit 2 bits up their bytes add into a sum of their own
-        (each product four times its value). Returns the sums (THREADS, ROWS), the group's sum of x, no offset, and the scale that
-        turns the sums into sum_k q_k x_k."""
+        dotted with x's bytes by DP4A, exact in int32; x's bytes come from the lanes that hold them. With one byte
+        of x (2 bits), the planes whose codes sit 2 bits up their bytes add into a sum of their own (each product
+        four times its value). Returns the sums (THREADS, ROWS), the group's sum of x, no offset, and the scale
+        that turns the sums into sum_k q_k x_k."""
         high_bytes, low_bytes, scale, x_sum = quantized_x[slot // (32 // LANES)]
         first_lane: tl.constexpr = slot % (32 // LANES) * LANES
         high = tl.zeros(words[0].shape, dtype=tl.int32)
@@ -479,13 +479,14 @@ if AVAILABLE:
             for w in tl.static_range(len(words)):
                 for j in tl.static_range(PLANES):
                     codes = _code_plane(words[w], j, BITS)
+                    x_high = _from_lane(high_bytes, first_lane + w * PLANES + j)
                     if X_BYTES == 2:
-                        high = _dp4a(codes, _from_lane(high_bytes, first_lane + w * PLANES + j), high)
+                        high = _dp4a(codes, x_high, high)
                         low = _dp4a(codes, _from_lane(low_bytes, first_lane + w * PLANES + j), low)
                     elif j % 2 == 0:
-                        high = _dp4a(codes, _from_lane(high_bytes, first_lane + w * PLANES + j), high)
+                        high = _dp4a(codes, x_high, high)
                     else:
-                        up = _dp4a(codes, _from_lane(high_bytes, first_lane + w * PLANES + j), up)
+                        up = _dp4a(codes, x_high, up)
         x_sum, scale = _from_lane(x_sum, first_lane), _from_lane(scale, first_lane)
         if X_BYTES == 1:        # sum_k q_k x_k = scale X_SPLIT (high + up / 4)
             return ((4 * high + up).to(tl.float32),), (x_sum,), (0.0,), scale * (X_SPLIT / 4)
