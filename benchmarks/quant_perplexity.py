@@ -77,7 +77,8 @@ def main() -> None:
             first = windows_of(token_ids, args.window)[0]
             per_call = prefill(engine.model, engine.cache, first, "cpu", last_only=False)
             engine.model.weights = dequantized(engine.model.weights)
-            engine.model.provider.experts_by_layer = dequantized(engine.model.provider.experts_by_layer)
+            for slots in engine.model.provider.slots_by_layer.values():     # the CPU runs one expert at a time
+                slots.experts = dequantized(slots.experts)
             once = prefill(engine.model, engine.cache, first, "cpu", last_only=False)
             if not torch.equal(per_call, once):
                 sys.exit(f"{setting}: dequantizing once changed the logits; refusing to report")

@@ -43,6 +43,7 @@ class RecordingProvider:
 
     def __init__(self, resident, predictors: dict[str, GatePredictor]):
         self.resident, self.predictors = resident, predictors
+        self.expert_format = resident.expert_format
         self.routing: list[dict[int, list[int]]] = []                 # per token: layer -> experts
         self.router_order: list[dict[int, list[int]]] = []            # the same, most likely first
         self.predictions: dict[str, list[dict[int, dict[int, list[int]]]]] = {k: [] for k in predictors}
@@ -53,11 +54,12 @@ class RecordingProvider:
         for name in self.predictors:
             self.predictions[name].append({})
 
-    def experts(self, layer, expert_ids, residual):
-        self.routing[-1][layer] = list(expert_ids)
+    def experts(self, layer, ids, residual):
+        self.routing[-1][layer] = sorted(set(ids.flatten().tolist()))
         for name, predictor in self.predictors.items():
-            self.predictions[name][-1][layer] = predictor.predict(layer, residual)
-        return self.resident.experts(layer, expert_ids, residual)
+            guesses = predictor.predict(layer, residual)
+            self.predictions[name][-1][layer] = {target: ranked.tolist() for target, ranked in guesses.items()}
+        return self.resident.experts(layer, ids, residual)
 
     def router(self, layer, logits, top_k, renormalize):
         weights, ids = own_routing(layer, logits, top_k, renormalize)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from moe_offload.bench.routing import ReplayPredictor, ReplayRouter, RoutingTrace, record_routing
-from moe_offload.bench.runner import ForgetfulCache
+from moe_offload.engine import resident_experts
+from moe_offload.offload.cache import ForgetfulCache
 from moe_offload.bench.synthetic import SyntheticCheckpoint
 from moe_offload.cli import main
 from moe_offload.config import QuantConfig, RuntimeConfig
@@ -49,7 +50,7 @@ def test_replay_router_returns_each_forwards_own_tokens_and_wraps_at_the_end():
             weights, ids = router(layer, logits, 2, True)
             assert torch.equal(ids, trace.expert_ids[router.start:router.start + 4, layer].long())
             assert torch.allclose(weights, trace.expert_weights[router.start:router.start + 4, layer].float())
-        seen.append(router.start)
+        seen.append(int(router.start))
     assert seen == [0, 4, 0]
     router.seek(7)
     router(0, torch.zeros(1, 4), 2, True)
@@ -62,8 +63,9 @@ def test_replay_predictor_gives_recorded_ranking_for_one_token_and_votes_for_man
     predictor = ReplayPredictor(trace, router, moe_layers=(0, 1, 2), depth=2, top_n=2)
     router.seek(5)
     router(0, torch.zeros(1, 4), 2, True)
-    assert predictor.predict(0, torch.zeros(1, 8)) == {1: trace.predicted_ids[5, 0, 0, :2].tolist(),
-                                                        2: trace.predicted_ids[5, 0, 1, :2].tolist()}
+    lists = lambda guesses: {target: ids.tolist() for target, ids in guesses.items()}
+    assert lists(predictor.predict(0, torch.zeros(1, 8))) == {1: trace.predicted_ids[5, 0, 0, :2].tolist(),
+                                                              2: trace.predicted_ids[5, 0, 1, :2].tolist()}
     assert predictor.predict(2, torch.zeros(1, 8)) == {}            # nothing after the last layer
     router.seek(0)
     router(0, torch.zeros(3, 4), 2, True)
@@ -72,7 +74,7 @@ def test_replay_predictor_gives_recorded_ranking_for_one_token_and_votes_for_man
         for e in trace.predicted_ids[t, 1, 0, :2].tolist():
             votes[e] = votes.get(e, 0) + 1
     expected = sorted(votes, key=lambda e: (-votes[e], e))[:2]
-    assert predictor.predict(1, torch.zeros(3, 8)) == {2: expected}
+    assert lists(predictor.predict(1, torch.zeros(3, 8))) == {2: expected}
 
 
 def test_trace_file_round_trips_and_bad_files_are_one_line_errors(tmp_path):
@@ -128,11 +130,14 @@ def test_committed_trace_replays_onto_the_synthetic_model_through_the_router_sea
     expert_format, expert_buffer = ckpt.expert_storage(torch.float32)
     asked = {}
 
+    resident = resident_experts(config, expert_format, expert_buffer, "cpu", progress=lambda n: None)
+
     class Recording:
-        def experts(self, layer, expert_ids, residual):
-            asked.setdefault(layer, []).append(sorted(expert_ids))
-            for e in expert_ids:
-                yield e, expert_format.view(expert_buffer(layer, e))
+        expert_format = resident.expert_format
+
+        def experts(self, layer, ids, residual):
+            asked.setdefault(layer, []).append(sorted(ids.flatten().tolist()))
+            return resident.experts(layer, ids, residual)
 
     from moe_offload.model import Transformer
     router = ReplayRouter(trace, "cpu", config.moe_layers)

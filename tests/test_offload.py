@@ -225,18 +225,19 @@ class Oracle:
         if index + 1 == len(layers):
             return {}
         target = layers[index + 1]
-        return {target: self.routing[step][target]}
+        return {target: torch.tensor(self.routing[step][target])}
 
 
 class Recorder:
     def __init__(self, inner):
         self.inner, self.routing = inner, []
+        self.expert_format = inner.expert_format
 
-    def experts(self, layer, expert_ids, residual):
+    def experts(self, layer, ids, residual):
         if not self.routing or layer in self.routing[-1]:
             self.routing.append({})
-        self.routing[-1][layer] = list(expert_ids)
-        return self.inner.experts(layer, expert_ids, residual)
+        self.routing[-1][layer] = sorted(set(ids.flatten().tolist()))
+        return self.inner.experts(layer, ids, residual)
 
 
 def test_perfect_predictions_make_every_later_layer_hit_in_decode():

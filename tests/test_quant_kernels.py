@@ -334,3 +334,41 @@ def test_gpu_decode_path_agrees_with_prefill_on_perplexity():
                             for position, token in enumerate(ids[:-1])])
     nll = [F.cross_entropy(logits, targets).item() for logits in (all_at_once, one_by_one)]
     assert abs(nll[1] / nll[0] - 1) < 0.01, nll
+
+
+GROUPED_SPECS = {"2-bit g16": QuantSpec(2, 16), "3-bit g32": QuantSpec(3, 32), "4-bit g64 fp16 meta": QuantSpec(4, 64, quant_meta=False)}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run is for CPU-only machines")
+@pytest.mark.parametrize("spec", GROUPED_SPECS)
+def test_grouped_gemv_is_each_experts_gemv_bit_for_bit(spec):
+    """One launch over a slot buffer (w1 and w3 of two tokens' top-2 experts) gives what one GEMV per expert
+    and matrix gives, bit for bit: the slot table only moves the weight's pointers."""
+    from moe_offload.experts import Expert, ExpertSlots, slot_stride
+    from moe_offload.quant.kernels import hqq_gemv, hqq_grouped_gemv
+    from moe_offload.quant.weight import HQQExpertFormat
+
+    hidden, ffn, top_k = 64, 128, 2
+    fmt = HQQExpertFormat(hidden, ffn, GROUPED_SPECS[spec])
+    generator = torch.Generator().manual_seed(0)
+    slots = ExpertSlots(fmt, 3, slot_stride(fmt.nbytes), "cpu")
+    for slot in range(3):
+        expert = Expert(*(torch.randn(shape, generator=generator) / shape[1] ** 0.5
+                          for shape in ((ffn, hidden), (hidden, ffn), (ffn, hidden))))
+        slots.memory[slot, :fmt.nbytes] = fmt.pack(expert)
+    x = torch.randn(2, hidden, generator=generator)
+    table = torch.tensor([2, 0, 1, 2], dtype=torch.int32)          # token 0: slots 2, 0; token 1: slots 1, 2
+    out = torch.empty(4, 2, ffn)
+    hqq_grouped_gemv(x, slots.experts[0].w1, table, out, slots.memory.stride(0), matrices=2,
+                     matrix_stride=fmt.w3_offset, x_per_row=top_k)
+    for pair, slot in enumerate(table.tolist()):
+        for j, weight in enumerate((slots.experts[slot].w1, slots.experts[slot].w3)):
+            expected = torch.empty(1, ffn)
+            hqq_gemv(x[pair // top_k:pair // top_k + 1].contiguous(), weight, expected)
+            assert torch.equal(out[pair, j], expected[0]), (pair, j)
+    down = torch.empty(4, hidden)
+    hqq_grouped_gemv(out[:, 0].contiguous(), slots.experts[0].w2, table, down, slots.memory.stride(0))
+    for pair, slot in enumerate(table.tolist()):
+        expected = torch.empty(1, hidden)
+        hqq_gemv(out[pair:pair + 1, 0].contiguous(), slots.experts[slot].w2, expected)
+        assert torch.equal(down[pair], expected[0]), pair

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .checkpoint import Checkpoint
 from .config import ModelConfig, OffloadConfig, RuntimeConfig, SamplingParams
 from .errors import UserError
-from .experts import DenseExpertFormat, ExpertFormat, ResidentExperts
+from .experts import DenseExpertFormat, ExpertFormat, ExpertSlots, ResidentExperts, slot_stride
 from .generate import generate
 from .model import KVCache, ModelWeights, Transformer
 from .offload.planner import Plan, plan_for
@@ -70,13 +70,14 @@ def expert_storage(ckpt: Checkpoint, dtype: torch.dtype) -> tuple[ExpertFormat, 
 
 
 def resident_experts(config: ModelConfig, expert_format: ExpertFormat, expert_buffer, device, progress) -> ResidentExperts:
-    experts = {}
+    """Every expert on the device: each layer's in one slot buffer, expert e in slot e."""
+    slots_by_layer = {}
     for layer in config.moe_layers:
-        experts[layer] = []
+        slots = slots_by_layer[layer] = ExpertSlots(expert_format, config.num_experts, slot_stride(expert_format.nbytes), device)
         for expert_id in range(config.num_experts):
-            experts[layer].append(expert_format.view(expert_buffer(layer, expert_id).to(device)))
+            slots.memory[expert_id, :expert_format.nbytes].copy_(expert_buffer(layer, expert_id))
             progress(1)
-    return ResidentExperts(experts)
+    return ResidentExperts(expert_format, slots_by_layer)
 
 
 def offloaded_experts(config: ModelConfig, weights: ModelWeights, expert_format: ExpertFormat, expert_buffer,

@@ -1,18 +1,20 @@
 """The seam between the model's math and where its experts live.
 
-The MoE block asks an `ExpertProvider` for the experts a step needs and computes with whatever
-comes back; it never knows whether they were resident, streamed from host RAM or quantized.
+The MoE block asks an `ExpertProvider` for the experts of a step's routing and computes with
+whatever comes back; it never knows whether they were resident, streamed from host RAM or quantized.
 
-    provider = ResidentExperts(experts_by_layer)          # all experts on the compute device
-    for expert_id, expert in provider.experts(layer, [3, 5], residual):
-        y = swiglu(expert, x)
+    provider = ResidentExperts(fmt, {layer: ExpertSlots(fmt, num_experts, slot_stride(fmt.nbytes), device)})
+    for batch in provider.experts(layer, ids, residual):       # ids: (tokens, top_k) on the device
+        ...   # batch.memory: the layer's slots; batch.slots: each (token, choice) pair's slot
 
 An `Expert` holds three weights (w1 = gate, w3 = up, w2 = down, Mixtral's names). Each is either
 a plain tensor of shape (out, in) or a quantized weight object with a `.linear(x)` method.
 
 An `ExpertFormat` turns one expert into ONE contiguous byte buffer and back: `pack` writes the
 buffer once (on the CPU), `view` reads an `Expert` out of a buffer on any device without copying.
-Offloading moves these buffers; quantization is another format.
+Offloading moves these buffers; quantization is another format. A layer's experts on the device
+sit in one (slots, stride) buffer (`ExpertSlots`), so that a format with grouped kernels can run
+every expert of a decode step in one launch per matrix, reading the slot of each from a device table.
 
     fmt = DenseExpertFormat(config, torch.bfloat16)
     buffer = fmt.pack(expert)               # uint8 (fmt.nbytes,)
@@ -46,8 +48,24 @@ class ExpertFormat(Protocol):
         """uint8 (nbytes,) buffer on any device -> Expert whose weights are views into it."""
         ...
 
+    def runs_grouped(self, x: torch.Tensor, top_k: int) -> bool:
+        """Whether `grouped_swiglu` serves a step of these tokens x (tokens, hidden) here."""
+        ...
+
+    def grouped_swiglu(self, batch: "ExpertBatch", x: torch.Tensor, top_k: int) -> torch.Tensor:
+        """Every (token, choice) pair's SwiGLU at once, each from the slot `batch.slots` gives it (on the device):
+        x (tokens, hidden) -> (tokens * top_k, hidden), pair p from token p // top_k."""
+        ...
+
 
 BUFFER_ALIGNMENT = 64  # bytes; every tensor in a packed buffer starts at a multiple of this
+SLOT_ALIGNMENT = 512   # bytes: a slot starts where a fresh CUDA allocation would, so kernels
+                       # that pick their algorithm by alignment do what they do on a lone buffer
+
+
+def slot_stride(expert_nbytes: int) -> int:
+    """Bytes between consecutive expert slots of a layer."""
+    return -(-expert_nbytes // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
 
 
 @dataclass(frozen=True)
@@ -92,25 +110,56 @@ class DenseExpertFormat:
     def view(self, buffer: torch.Tensor) -> Expert:
         return Expert(*(slot.view(buffer) for slot in self.slots))
 
+    def runs_grouped(self, x: torch.Tensor, top_k: int) -> bool:
+        return False
+
+    def grouped_swiglu(self, batch, x, top_k):
+        raise NotImplementedError("dense experts run one expert at a time")
+
+
+class ExpertBatch(NamedTuple):
+    """Experts of one MoE step that are ready together, in the layer's slot buffer.
+
+    The step's (token, choice) pairs are numbered token-major (pair p is token p // top_k's choice p % top_k);
+    a batch serves all of them (`pairs` None) or some (`pairs`), each from the slot that holds its expert."""
+
+    memory: torch.Tensor                # uint8 (slots, stride): the layer's expert slots, one buffer
+    experts: Sequence[Expert]           # slot -> an Expert viewing that slot (made once)
+    slots: torch.Tensor | None          # int32 (pairs,) on the device: each pair's slot, for the grouped kernels
+    host_slots: list[int] | None        # the same on the host, where the provider knows it (None: read `slots`)
+    pairs: torch.Tensor | None = None   # int64 (pairs,) on the device: the step's pairs this batch serves
+
 
 class ExpertProvider(Protocol):
-    def experts(self, layer: int, expert_ids: Sequence[int], residual: torch.Tensor) -> Iterator[tuple[int, Expert]]:
-        """Yield `(expert_id, Expert)` for every id in `expert_ids`, each ready to compute with.
+    expert_format: "ExpertFormat"
 
-        `residual` is the residual stream entering the MoE block of `layer`, (tokens, hidden);
-        a provider may use it to guess the experts of later layers. The order of the yielded
-        experts is the provider's choice; the model's result does not depend on it.
+    def experts(self, layer: int, ids: torch.Tensor, residual: torch.Tensor) -> Iterator[ExpertBatch]:
+        """Yield batches that cover every (token, choice) pair of `ids` (int64 (tokens, top_k), on the device),
+        each batch ready to compute with when it is yielded and until the next is asked for.
+
+        `residual` is the residual stream entering the MoE block of `layer`, (tokens, hidden); a provider may
+        use it to guess the experts of later layers. The model's result does not depend on how the pairs are
+        split into batches nor on their order.
         """
         ...
 
 
+class ExpertSlots:
+    """A layer's expert slots on the compute device: ONE tensor (slots, stride), and an Expert viewing each slot."""
+
+    def __init__(self, expert_format: ExpertFormat, count: int, stride: int, device):
+        self.memory = torch.empty((count, stride), dtype=torch.uint8, device=device)
+        self.experts = [expert_format.view(self.memory[slot, :expert_format.nbytes]) for slot in range(count)]
+
+
 class ResidentExperts:
-    """Every expert of every MoE layer on the compute device."""
+    """Every expert of every MoE layer on the compute device: slot e of a layer holds expert e, so the router's
+    ids are the slots and a step needs nothing from the host."""
 
-    def __init__(self, experts_by_layer: dict[int, list[Expert]]):
-        self.experts_by_layer = experts_by_layer
+    def __init__(self, expert_format: ExpertFormat, slots_by_layer: dict[int, ExpertSlots]):
+        self.expert_format = expert_format
+        self.slots_by_layer = slots_by_layer
 
-    def experts(self, layer, expert_ids, residual):
-        layer_experts = self.experts_by_layer[layer]
-        for expert_id in expert_ids:
-            yield expert_id, layer_experts[expert_id]
+    def experts(self, layer, ids, residual):
+        slots = self.slots_by_layer[layer]
+        yield ExpertBatch(slots.memory, slots.experts, ids.flatten().to(torch.int32), None)

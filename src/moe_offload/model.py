@@ -3,10 +3,15 @@
     model = Transformer(config, weights, provider)
     cache = KVCache.allocate(config, batch=1, max_len=4096, device=..., dtype=...)
     logits = model(tokens, cache, start_pos=0)       # tokens: (batch, T) -> logits (batch, T, vocab)
+    logits = model(token, cache, start_pos=pos)      # pos: int64 (1,) on the device; token: (batch, 1)
 
 Family differences are plain fields of `ModelConfig` (q/k norms, qkv bias and clipping, shared
 experts, dense layers). Routed experts come from an `ExpertProvider` (see experts.py); every other
 weight is held here. A weight is a tensor (out, in) or a quantized object with `.linear(x)`.
+
+With `start_pos` a device tensor, a forward decodes one token without reading anything back to the
+host: RoPE, the KV write and attention's length all come from that tensor, so the same work can be
+captured once as CUDA graphs and replayed for every token (step.py).
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import ops
 from .config import ModelConfig
-from .experts import Expert, ExpertProvider
+from .experts import Expert, ExpertBatch, ExpertFormat, ExpertProvider
 
 
 # cuDNN attention builds a new plan for every key length, i.e. for every decoded token: leave it out.
@@ -32,11 +38,14 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     return y if bias is None else y + bias
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Normalise in fp32, as the reference implementations do, then scale in the model's dtype.
+def normalized(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x), computed in fp32 as the reference implementations do, returned in x's dtype."""
     x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * normalized(x, eps)
 
 
 def swiglu(mlp: Expert, x: torch.Tensor) -> torch.Tensor:
@@ -95,6 +104,7 @@ class ModelWeights:
 class KVCache:
     keys: list[torch.Tensor]    # per layer: (batch, kv_heads, max_len, head_dim)
     values: list[torch.Tensor]
+    rope: tuple[torch.Tensor, torch.Tensor]   # cos, sin (max_len, head_dim) fp32: rotary(arange(max_len)), made once
 
     @property
     def max_len(self) -> int:
@@ -106,6 +116,7 @@ class KVCache:
         return cls(
             keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)],
             values=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)],
+            rope=rotary(torch.arange(max_len, device=device), config.head_dim, config.rope_theta),
         )
 
     @staticmethod
@@ -128,29 +139,52 @@ def own_routing(layer: int, logits: torch.Tensor, top_k: int, renormalize: bool)
     return route(logits, top_k, renormalize)
 
 
+def expert_outputs(expert_format: ExpertFormat, batch: ExpertBatch, x: torch.Tensor, top_k: int) -> torch.Tensor:
+    """x (T, hidden) -> (pairs of the batch, hidden): each (token, choice) pair's token through the expert in its
+    slot. One token (decode): the format's grouped kernels, one launch per matrix for every pair, reading the
+    slots on the device. Otherwise each expert in turn over all of its rows (prefill: dequantize and cuBLAS)."""
+    if batch.pairs is None and expert_format.runs_grouped(x, top_k):
+        return expert_format.grouped_swiglu(batch, x, top_k)
+    slots = batch.host_slots if batch.host_slots is not None else batch.slots.tolist()
+    pairs = batch.pairs if batch.pairs is not None else torch.arange(len(slots), device=x.device)
+    out = x.new_empty(len(slots), x.shape[-1])
+    for slot in sorted(set(slots)):
+        chosen = torch.tensor([i for i, s in enumerate(slots) if s == slot], device=x.device)
+        out[chosen] = swiglu(batch.experts[slot], x[pairs[chosen] // top_k])
+    return out
+
+
 class Transformer:
     def __init__(self, config: ModelConfig, weights: ModelWeights, provider: ExpertProvider, router=own_routing):
         # router(layer, logits (T, E), top_k, renormalize) -> (weights, ids); benchmarks replace it
-        # to replay recorded routing (bench/replay.py); everything else keeps `own_routing`.
+        # to replay recorded routing (bench/routing.py); everything else keeps `own_routing`.
         self.config = config
         self.weights = weights
         self.provider = provider
         self.router = router
 
     @torch.inference_mode()
-    def __call__(self, tokens: torch.Tensor, cache: KVCache, start_pos: int, last_only: bool = False) -> torch.Tensor:
-        """tokens (batch, T) at positions start_pos.. -> logits (batch, T or 1, vocab), fp32."""
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, start_pos: int | torch.Tensor,
+                 last_only: bool = False) -> torch.Tensor:
+        """tokens (batch, T) at positions start_pos.. -> logits (batch, T or 1, vocab), fp32. `start_pos` an int64
+        (1,) device tensor: one token (T = 1), with no read back to the host."""
         cfg, w = self.config, self.weights
         batch, length = tokens.shape
-        if start_pos + length > cache.max_len:
-            raise ValueError(f"positions up to {start_pos + length} exceed the KV cache of {cache.max_len}")
+        if isinstance(start_pos, torch.Tensor):
+            if length != 1:
+                raise ValueError(f"a device-side position decodes one token at a time, got {length}")
+            positions, mask = start_pos, None
+        else:
+            if start_pos + length > cache.max_len:
+                raise ValueError(f"positions up to {start_pos + length} exceed the KV cache of {cache.max_len}")
+            positions = torch.arange(start_pos, start_pos + length, device=tokens.device)
+            mask = self._attention_mask(positions, start_pos + length)
         h = w.embed[tokens]
-        positions = torch.arange(start_pos, start_pos + length, device=h.device)
-        cos, sin = rotary(positions, cfg.head_dim, cfg.rope_theta)
-        mask = self._attention_mask(positions, start_pos + length)
+        cos, sin = cache.rope[0][positions], cache.rope[1][positions]
         with sdpa_kernel(ATTENTION_BACKENDS):
             for index, layer in enumerate(w.layers):
-                h = h + self._attention(index, layer, rms_norm(h, layer.attn_norm, cfg.rms_norm_eps), cache, start_pos, cos, sin, mask)
+                x = rms_norm(h, layer.attn_norm, cfg.rms_norm_eps)
+                h = h + self._attention(index, layer, x, cache, start_pos, positions, cos, sin, mask)
                 h = h + self._mlp(index, layer, h)
         if last_only:
             h = h[:, -1:]
@@ -168,7 +202,7 @@ class Transformer:
             visible &= keys[None, :] > positions[:, None] - window
         return visible
 
-    def _attention(self, index, layer: LayerWeights, x, cache: KVCache, start_pos, cos, sin, mask):
+    def _attention(self, index, layer: LayerWeights, x, cache: KVCache, start_pos, positions, cos, sin, mask):
         cfg, a = self.config, layer.attn
         batch, length, _ = x.shape
         q, k, v = linear(x, a.wq, a.bq), linear(x, a.wk, a.bk), linear(x, a.wv, a.bv)
@@ -184,11 +218,16 @@ class Transformer:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (batch, heads, T, head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-        end = start_pos + length
-        cache.keys[index][:batch, :, start_pos:end] = k
-        cache.values[index][:batch, :, start_pos:end] = v
-        keys, values = cache.keys[index][:batch, :, :end], cache.values[index][:batch, :, :end]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=cfg.num_heads != cfg.num_kv_heads)
+        keys, values = cache.keys[index][:batch], cache.values[index][:batch]
+        if isinstance(start_pos, torch.Tensor):
+            keys.index_copy_(2, positions, k)
+            values.index_copy_(2, positions, v)
+            out = ops.decode_attention(q, keys, values, positions, cfg.sliding_window)
+        else:
+            end = start_pos + length
+            keys[:, :, start_pos:end], values[:, :, start_pos:end] = k, v
+            out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
+                                                 enable_gqa=cfg.num_heads != cfg.num_kv_heads)
         out = out.transpose(1, 2).reshape(batch, length, cfg.num_heads * cfg.head_dim)
         return linear(out, a.wo, a.bo)
 
@@ -206,21 +245,19 @@ class Transformer:
     def _routed_experts(self, index, layer: LayerWeights, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """x (T, hidden) -> weighted sum of each token's top-k experts, (T, hidden).
 
-        Each (token, choice) pair writes its own row of `picked`, and the rows are summed in choice
-        order at the end: the result does not depend on the order in which experts arrive.
+        Each (token, choice) pair has its own row of `picked`, and the rows are summed in choice order at the
+        end: the result does not depend on which batch an expert came in, nor on the order of the batches.
         """
         top_k = self.config.top_k
         weights, ids = self.router(index, linear(x, layer.router), top_k, self.config.norm_topk_prob)
-        flat_ids = ids.flatten()
-        order = torch.argsort(flat_ids, stable=True)                        # (T * k,) grouped by expert
-        counts = torch.bincount(flat_ids, minlength=self.config.num_experts).tolist()  # the one sync
-        starts = [0]
-        for count in counts:
-            starts.append(starts[-1] + count)
-        needed = [e for e, count in enumerate(counts) if count]
-        picked = x.new_empty(flat_ids.numel(), x.shape[-1])
-        for expert_id, expert in self.provider.experts(index, needed, residual):
-            rows = order[starts[expert_id]:starts[expert_id + 1]]
-            picked[rows] = swiglu(expert, x[rows // top_k])
+        picked = None
+        for batch in self.provider.experts(index, ids, residual):
+            outputs = expert_outputs(self.provider.expert_format, batch, x, top_k)
+            if batch.pairs is None:
+                picked = outputs
+                continue
+            if picked is None:
+                picked = x.new_empty(ids.numel(), x.shape[-1])
+            picked[batch.pairs] = outputs
         weighted = picked.view(-1, top_k, x.shape[-1]).float() * weights.unsqueeze(-1)
         return weighted.sum(dim=1).to(x.dtype)

@@ -127,6 +127,7 @@ class RecordingProvider:
 
     def __init__(self, provider, predictor, moe_layers: tuple[int, ...], depth: int, ranked: int):
         self.provider = provider
+        self.expert_format = provider.expert_format
         self.predictor = predictor
         self.position = {layer: i for i, layer in enumerate(moe_layers)}
         self.moe_layers = moe_layers
@@ -139,7 +140,7 @@ class RecordingProvider:
         for t in range(residual.shape[0]):
             for target, ids in self.predictor.predict(layer, residual[t:t + 1]).items():
                 distance = self.position[target] - self.position[layer]
-                rows[t, distance - 1] = torch.tensor(ids[:self.ranked], dtype=torch.int8)
+                rows[t, distance - 1] = ids[:self.ranked].to(torch.int8)
         self.predicted.setdefault(layer, []).append(rows)
         yield from self.provider.experts(layer, expert_ids, residual)
 
@@ -197,7 +198,8 @@ class ReplayRouter:
 
     Forward i covers trace tokens [start, start + T): each forward advances by its token count,
     wrapping to the trace's beginning when the next forward would run past its end. `seek(p)`
-    places the next forward at token p. Choices are indexed by MoE layer order.
+    places the next forward at token p. Choices are indexed by MoE layer order. The position lives on
+    the device and advances there, so a captured CUDA graph replays the trace token after token.
     """
 
     def __init__(self, trace: RoutingTrace, device, moe_layers: tuple[int, ...]):
@@ -206,11 +208,15 @@ class ReplayRouter:
         self.num_tokens = trace.num_tokens
         self.first_layer = moe_layers[0]
         self.position = {layer: i for i, layer in enumerate(moe_layers)}
-        self.start = 0          # first trace token of the current forward
-        self.next_start = 0
+        self.start = torch.zeros((), dtype=torch.int64, device=device)       # first trace token of the current forward
+        self.next_start = torch.zeros((), dtype=torch.int64, device=device)
 
     def seek(self, token: int) -> None:
-        self.next_start = token % self.num_tokens
+        self.next_start.fill_(token % self.num_tokens)
+
+    def rows(self, length: int) -> torch.Tensor:
+        """The trace rows of the current forward's `length` tokens, on the device."""
+        return self.start + torch.arange(length, device=self.start.device)
 
     def __call__(self, layer, logits, top_k, renormalize):
         length = logits.shape[0]
@@ -218,9 +224,10 @@ class ReplayRouter:
             raise UserError(f"a forward of {length} tokens is longer than the routing trace ({self.num_tokens} tokens); "
                             f"record a longer trace or use a shorter prompt")
         if layer == self.first_layer:
-            self.start = self.next_start if self.next_start + length <= self.num_tokens else 0
-            self.next_start = self.start + length
-        rows = slice(self.start, self.start + length)
+            fits = self.next_start + length <= self.num_tokens
+            self.start.copy_(torch.where(fits, self.next_start, torch.zeros_like(self.next_start)))
+            self.next_start.copy_(self.start + length)
+        rows = self.rows(length)
         column = self.position[layer]
         return self.weights[rows, column], self.ids[rows, column]
 
@@ -228,7 +235,7 @@ class ReplayRouter:
 class ReplayPredictor:
     """The `ExpertPredictor` that goes with a `ReplayRouter`: the recorded gate-based predictions
     for the tokens the router is replaying. For several tokens (prefill) experts are ranked by
-    how many tokens predicted them (ties by expert id)."""
+    how many tokens predicted them (ties by expert id; experts no token predicted are -1)."""
 
     def __init__(self, trace: RoutingTrace, router: ReplayRouter, moe_layers: tuple[int, ...], depth: int, top_n: int):
         recorded_depth = trace.predicted_ids.shape[2]
@@ -236,27 +243,31 @@ class ReplayPredictor:
         if depth > recorded_depth or top_n > recorded_ranked:
             raise UserError(f"the routing trace holds predictions {recorded_depth} layers ahead, {recorded_ranked} experts "
                             f"each; asked for depth {depth} and {top_n} experts: lower them or record a deeper trace")
-        self.predicted = trace.predicted_ids[:, :, :depth, :top_n].tolist()  # plain lists: no tensor work per call
+        device = router.ids.device
+        self.predicted = trace.predicted_ids[:, :, :depth, :top_n].to(device=device, dtype=torch.int64)
+        self.num_experts = trace.num_experts
         self.router = router
         self.moe_layers = moe_layers
         self.position = {layer: i for i, layer in enumerate(moe_layers)}
         self.depth = depth
         self.top_n = top_n
 
-    def predict(self, layer: int, residual: torch.Tensor) -> dict[int, list[int]]:
+    def predict(self, layer: int, residual: torch.Tensor) -> dict[int, torch.Tensor]:
         column = self.position[layer]
-        start, length = self.router.start, residual.shape[0]
+        length = residual.shape[0]
+        rows = self.router.rows(length)
         out = {}
         for distance in range(1, self.depth + 1):
             if column + distance >= len(self.moe_layers):
                 break
-            if length == 1:
-                ranked = self.predicted[start][column][distance - 1]
-            else:
-                votes: dict[int, int] = {}
-                for token in range(start, start + length):
-                    for expert in self.predicted[token][column][distance - 1]:
-                        votes[expert] = votes.get(expert, 0) + 1
-                ranked = sorted(votes, key=lambda e: (-votes[e], e))[:self.top_n]
-            out[self.moe_layers[column + distance]] = [e for e in ranked if e >= 0]
+            ranked = self.predicted[rows, column, distance - 1]          # (tokens, top_n)
+            out[self.moe_layers[column + distance]] = ranked[0] if length == 1 else self._votes(ranked)
         return out
+
+    def _votes(self, ranked: torch.Tensor) -> torch.Tensor:
+        """The top_n experts by how many tokens predicted them, ties to the lower id; -1 for unvoted places."""
+        named = ranked.flatten()
+        votes = torch.zeros(self.num_experts + 1, device=ranked.device).index_add_(0, named + 1, torch.ones_like(named, dtype=torch.float32))[1:]
+        score = votes * (self.num_experts + 1) - torch.arange(self.num_experts, device=ranked.device)
+        top = torch.topk(score, min(self.top_n, self.num_experts)).indices
+        return torch.where(votes[top] > 0, top, -1)

@@ -49,7 +49,7 @@ from ..errors import UserError
 from ..experts import ExpertFormat
 from ..generate import PREFILL_CHUNK, generate, prefill, sample
 from ..model import KVCache, Transformer, own_routing
-from ..offload.cache import LayerCache
+from ..offload.cache import ForgetfulCache, LayerCache
 from ..offload.planner import make_plan, parse_size, workspace_bytes
 from ..offload.prefetch import GatePredictor
 from ..offload.provider import OffloadedExperts
@@ -90,17 +90,6 @@ class BenchSettings:
 
 def parse_quant(text: str) -> QuantConfig | None:
     return None if text in ("bf16", "none") else QuantConfig.parse(text)
-
-
-class ForgetfulCache(LayerCache):
-    """The paper's "without LRU" ablation: every slot is emptied before each forward of the layer,
-    so each expert use is a load (prefetched experts, if any, are still kept for their forward)."""
-
-    def schedule(self, needed):
-        for expert in [e for e in self.slot_of if e not in self.prefetched]:
-            self.free.append(self.slot_of.pop(expert))
-            del self.recency[expert], self.loaded_at[expert]
-        return super().schedule(needed)
 
 
 def fixed_routing(layer, logits, top_k, renormalize):
@@ -341,9 +330,8 @@ class Bench:
             router = fixed_routing
         elif mode == "full" and top_n:
             predictor = GatePredictor(config, weights.layers, s.prefetch_depth, top_n)
-        provider = OffloadedExperts(store, expert_format, plan.slots, self.device, predictor, measure_time=True)
-        if mode == "no-cache":
-            provider.caches = {layer: ForgetfulCache(c.num_slots, c.expert_nbytes, c.stats) for layer, c in provider.caches.items()}
+        provider = OffloadedExperts(store, expert_format, plan.slots, self.device, predictor, measure_time=True,
+                                    cache_type=ForgetfulCache if mode == "no-cache" else LayerCache)
         return Transformer(config, weights, provider, router), provider, router
 
     def measure(self, entry, config, weights, store, expert_format, plan, context, budget, compute_only=False) -> dict:

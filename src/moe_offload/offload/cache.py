@@ -199,3 +199,14 @@ class LayerCache:
         self.loaded_at[expert] = self.sequence
         self.stats.loads += 1
         self.stats.bytes_loaded += self.expert_nbytes
+
+
+class ForgetfulCache(LayerCache):
+    """The paper's "without LRU" ablation (no cache): every slot is emptied before each forward of the layer,
+    so each expert use is a load (prefetched experts, if any, are still kept for their forward)."""
+
+    def schedule(self, needed):
+        for expert in [e for e in self.slot_of if e not in self.prefetched]:
+            self.free.append(self.slot_of.pop(expert))
+            del self.recency[expert], self.loaded_at[expert]
+        return super().schedule(needed)

@@ -22,19 +22,13 @@ import torch
 
 from ..config import ModelConfig, OffloadConfig, QuantConfig
 from ..errors import UserError
+from ..experts import slot_stride
 from ..generate import PREFILL_CHUNK
 from ..model import KVCache
 from ..quant.checkpoint import dense_nbytes
 
 GiB = 2**30
-WORKSPACE_MARGIN = 384 * 2**20  # cuBLAS workspace, Triton split-k buffers, router temporaries, allocator fragmentation (64 MiB was too little on an H200 at 12 GiB)
-SLOT_ALIGNMENT = 512            # bytes: a slot starts where a fresh CUDA allocation would, so kernels
-                                # that pick their algorithm by alignment do what they do on resident experts
-
-
-def slot_stride(expert_nbytes: int) -> int:
-    """Bytes between consecutive expert slots of a layer."""
-    return -(-expert_nbytes // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
+WORKSPACE_MARGIN = 384 * 2**20  # cuBLAS workspace, Triton split-k buffers, router temporaries, the RoPE table (4 MiB at 4096 tokens), allocator fragmentation (64 MiB was too little on an H200 at 12 GiB)
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}

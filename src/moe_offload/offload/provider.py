@@ -5,20 +5,24 @@
     model = Transformer(config, weights, provider)
     provider.summary()        # hit rate, prefetch recall/precision, bytes moved, times (see cache.py)
 
-Each MoE layer owns a fixed number of slots: one device tensor (slots, stride) allocated here,
-once; each slot's Expert is made once with `ExpertFormat.view` (which must only make views, never
-read the bytes), so nothing is allocated while decoding.
-Which expert goes into which slot is decided by `LayerCache` (cache.py, LRU); this file only
-carries the decisions out, and is the one place that knows about CUDA streams and events:
+Each MoE layer owns a fixed number of slots: one device buffer (slots, stride) allocated here, once
+(experts.ExpertSlots), so nothing is allocated while decoding. Which expert goes into which slot is
+decided by `LayerCache` (cache.py, LRU); this file carries the decisions out, and is the one place
+that knows about CUDA streams and events.
 
-- copies run on a dedicated copy stream; each slot has a "ready" event (recorded after its copy)
-  and a "free" event (recorded on the compute stream after the last computation that read it);
-  a copy into a slot waits for "free", a computation waits for "ready". The host never blocks.
-- experts are yielded as they become ready: those already in slots first, then the loads in the
-  order they were started; the MoE block's sum does not depend on the order (model.py).
-- once every load of the current layer is issued, the predictor guesses the next layers' experts
-  from the current residual and their copies are started into those layers' slots (never touching
-  the current layer's slots, so nothing this step still needs is evicted).
+A step of a layer reads the host ONCE: the experts the router chose and the predictor's guesses for
+later layers come back in one copy (`_stage`, then `_read`). Then:
+- the missing experts are copied on a dedicated copy stream; each slot has a "ready" event (recorded
+  after its copy) and a "free" event (recorded on the compute stream after the last computation
+  that read it); a copy into a slot waits for "free", the computation waits for "ready";
+- once the layer's own loads are issued, the guessed experts of later layers are copied into those
+  layers' slots (never touching the current layer's, so nothing this step needs is evicted);
+- when the step's experts fit in the layer's slots at once (decode: top-k experts), the slot of every
+  (token, choice) pair goes to the device in a small table and the experts run as one batch (the
+  format's grouped kernels); otherwise they stream through the slots one expert at a time, hits first.
+
+Under CUDA graph capture (step.py) the same method only queues the device work and cuts the graph at
+the read; the host's part runs between the replays of the pieces (`_settle`, `_release`).
 On the CPU, the CPU stands in for the device: slots are CPU tensors and copies are plain copies.
 """
 
@@ -26,13 +30,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator
 
 import torch
 
-from ..experts import ExpertFormat
+from ..experts import ExpertBatch, ExpertFormat, ExpertSlots, slot_stride
 from .cache import LayerCache, LayerStats, OffloadStats
-from .planner import slot_stride
 from .prefetch import ExpertPredictor
 from .store import ExpertStore
 
@@ -41,17 +45,15 @@ PENDING_TIMINGS_LIMIT = 4096  # resolve finished timing events once this many ar
 
 class OffloadedExperts:
     def __init__(self, store: ExpertStore, expert_format: ExpertFormat, slots: dict[int, int], device,
-                 predictor: ExpertPredictor | None = None, measure_time: bool = False):
+                 predictor: ExpertPredictor | None = None, measure_time: bool = False, cache_type=LayerCache):
         self.store = store
+        self.expert_format = expert_format
         self.device = torch.device(device)
         self.predictor = predictor
         self.stats = OffloadStats({layer: LayerStats() for layer in slots})
         nbytes = expert_format.nbytes
-        self.caches = {layer: LayerCache(n, nbytes, self.stats.layers[layer]) for layer, n in slots.items()}
-        self.slot_memory = {layer: torch.empty((n, slot_stride(nbytes)), dtype=torch.uint8, device=self.device)
-                            for layer, n in slots.items()}
-        self.slot_experts = {layer: [expert_format.view(memory[i, :nbytes]) for i in range(len(memory))]
-                             for layer, memory in self.slot_memory.items()}
+        self.caches = {layer: cache_type(n, nbytes, self.stats.layers[layer]) for layer, n in slots.items()}
+        self.slots = {layer: ExpertSlots(expert_format, n, slot_stride(nbytes), self.device) for layer, n in slots.items()}
         keys = [(layer, slot) for layer, n in slots.items() for slot in range(n)]
         if self.device.type == "cuda":
             self.copier = CudaCopier(self.device, keys, self.stats, measure_time)
@@ -60,43 +62,149 @@ class OffloadedExperts:
         order = {layer: i for i, layer in enumerate(slots)}
         self.distance = lambda layer, target: order[target] - order[layer]
         self.predictions: dict[int, dict[int, list[int]]] = {}   # target layer -> {lookahead: predicted ids}
+        self.reads: dict[int, HostRead] = {}      # layer -> its routing read: staged on the device, read on the host
+        self.tables: dict[int, torch.Tensor] = {}  # layer -> int32 slot table of its pairs, on the device
+        self.in_use: dict[int, list[int]] = {}     # layer -> slots its current step computes with
+        self.graph = None                          # step.py's GraphCapture while a CUDA graph is being captured
 
-    def experts(self, layer: int, expert_ids: Sequence[int], residual: torch.Tensor):
-        cache = self.caches[layer]
-        for distance, predicted in self.predictions.pop(layer, {}).items():
-            cache.stats.record_prediction(distance, predicted, expert_ids)
-        for action, expert, slot in cache.schedule(expert_ids):
-            if action == "load":
-                self._load(layer, expert, slot)
-            elif action == "issued":
-                if self.predictor is not None:
-                    self._prefetch(layer, residual)
-            else:
-                self.copier.wait((layer, slot))
-                try:
-                    yield expert, self.slot_experts[layer][slot]
-                finally:
-                    self.copier.release((layer, slot))
+    def runs_static(self, tokens: int, top_k: int) -> bool:
+        """Whether a step of `tokens` tokens always runs as one batch: every layer has a slot for each pair."""
+        return all(cache.num_slots >= tokens * top_k for cache in self.caches.values())
+
+    def experts(self, layer: int, ids: torch.Tensor, residual: torch.Tensor) -> Iterator[ExpertBatch]:
+        self._stage(layer, ids, residual)
+        slots = self.slots[layer]
+        if self.graph is not None:        # capturing: the host's part runs between the replays
+            self.graph.cut(lambda: self._settle(layer))
+            yield ExpertBatch(slots.memory, slots.experts, self.tables[layer][:ids.numel()], None)
+            self.graph.after_piece(lambda: self._release(layer))
+            return
+        pairs, needed, guesses = self._read(layer)
+        if len(needed) <= self.caches[layer].num_slots:
+            host_slots = self._place(layer, pairs, needed, guesses)
+            yield ExpertBatch(slots.memory, slots.experts, self.tables[layer][:len(host_slots)], host_slots)
+            self._release(layer)
+        else:
+            yield from self._streamed(layer, ids, pairs, needed, guesses)
 
     def summary(self) -> dict[str, float]:
         self.copier.collect_timings(wait=True)
         return self.stats.summary()
 
-    def _load(self, layer: int, expert: int, slot: int) -> None:
-        self.copier.load((layer, slot), self.slot_memory[layer][slot, :self.store.nbytes], self.store.buffer(layer, expert))
+    # -- a layer's step ---------------------------------------------------------------------------
 
-    def _prefetch(self, layer: int, residual: torch.Tensor) -> None:
-        for target, predicted in self.predictor.predict(layer, residual).items():
+    def _stage(self, layer: int, ids: torch.Tensor, residual: torch.Tensor) -> None:
+        """Queue the layer's one read: the chosen ids and the guesses for later layers, into one host buffer."""
+        guesses = self.predictor.predict(layer, residual) if self.predictor is not None else {}
+        if layer not in self.reads:
+            self.reads[layer] = HostRead(self.device)
+            self.tables[layer] = torch.empty(ids.numel(), dtype=torch.int32, device=self.device)
+        self.reads[layer].stage([ids.flatten(), *guesses.values()], list(guesses))
+
+    def _read(self, layer: int) -> tuple[list[int], list[int], dict[int, list[int]]]:
+        """The layer's one blocking wait: its routing on the host. -> each pair's expert, the distinct experts
+        (sorted), and the guesses for later layers."""
+        pairs, guesses = self.copier.read(self.reads[layer])
+        needed = sorted(set(pairs))
+        for distance, predicted in self.predictions.pop(layer, {}).items():
+            self.caches[layer].stats.record_prediction(distance, predicted, needed)
+        return pairs, needed, guesses
+
+    def _settle(self, layer: int) -> None:
+        """The host's part of a captured step (its experts always fit: runs_static)."""
+        self._place(layer, *self._read(layer))
+
+    def _place(self, layer: int, pairs: list[int], needed: list[int], guesses: dict[int, list[int]]) -> list[int]:
+        """Experts that fit the layer's slots at once: copy the misses, start the prefetches, write each pair's
+        slot into the layer's table on the device (after which the compute stream waits for the copies) and
+        return those slots."""
+        slot_of = {}
+        for action, expert, slot in self.caches[layer].schedule(needed):
+            if action == "load":
+                self._load(layer, expert, slot)
+            elif action == "issued":
+                self._prefetch(layer, guesses)
+            else:                        # "use": all fit, so no slot of this step is refilled before it runs
+                slot_of[expert] = slot
+        self.in_use[layer] = list(slot_of.values())
+        for slot in self.in_use[layer]:
+            self.copier.wait((layer, slot))
+        host_slots = [slot_of[e] for e in pairs]
+        self.copier.write_table(self.tables[layer], host_slots)
+        return host_slots
+
+    def _streamed(self, layer: int, ids: torch.Tensor, pairs: list[int], needed: list[int],
+                  guesses: dict[int, list[int]]) -> Iterator[ExpertBatch]:
+        """More experts than slots: each in turn, hits first, the misses copied as slots free up."""
+        order = torch.argsort(ids.flatten(), stable=True)       # pairs grouped by expert, experts ascending
+        counts = Counter(pairs)
+        starts, start = {}, 0
+        for e in needed:
+            starts[e], start = start, start + counts[e]
+        slots = self.slots[layer]
+        for action, expert, slot in self.caches[layer].schedule(needed):
+            if action == "load":
+                self._load(layer, expert, slot)
+            elif action == "issued":
+                self._prefetch(layer, guesses)
+            else:
+                self.copier.wait((layer, slot))
+                chosen = order[starts[expert]:starts[expert] + counts[expert]]
+                try:
+                    yield ExpertBatch(slots.memory, slots.experts, None, [slot] * counts[expert], chosen)
+                finally:
+                    self.copier.release((layer, slot))
+
+    def _release(self, layer: int) -> None:
+        for slot in self.in_use.pop(layer, ()):
+            self.copier.release((layer, slot))
+
+    # -- copies ---------------------------------------------------------------------------------
+
+    def _load(self, layer: int, expert: int, slot: int) -> None:
+        self.copier.load((layer, slot), self.slots[layer].memory[slot, :self.store.nbytes], self.store.buffer(layer, expert))
+
+    def _prefetch(self, layer: int, guesses: dict[int, list[int]]) -> None:
+        for target, predicted in guesses.items():
             cache = self.caches.get(target)
+            predicted = [e for e in predicted if e >= 0]
             if cache is None:
                 continue
-            self.predictions.setdefault(target, {})[self.distance(layer, target)] = list(predicted)
+            self.predictions.setdefault(target, {})[self.distance(layer, target)] = predicted
             protected = set()
             for expert in predicted[:cache.num_slots]:   # most likely first; never evict a likelier one
                 protected.add(expert)
                 slot = cache.prefetch(expert, protected)
                 if slot is not None:
                     self._load(target, expert, slot)
+
+
+class HostRead:
+    """A layer's routing read: int64 device tensors copied into one host buffer (pinned on CUDA), then split."""
+
+    def __init__(self, device: torch.device):
+        self.pinned = device.type == "cuda"
+        self.host = torch.empty(0, dtype=torch.int64)
+        self.sizes: list[int] = []
+        self.targets: list[int] = []
+        self.event = torch.cuda.Event() if self.pinned else None
+
+    def stage(self, parts: list[torch.Tensor], targets: list[int]) -> None:
+        """Queue the copy of `parts`: the pairs' experts, then one guess per target layer."""
+        self.sizes, self.targets = [part.numel() for part in parts], targets
+        staged = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if self.host.numel() < staged.numel():
+            self.host = torch.empty(staged.numel(), dtype=torch.int64, pin_memory=self.pinned)
+        self.host[:staged.numel()].copy_(staged, non_blocking=True)
+
+    def split(self) -> tuple[list[int], dict[int, list[int]]]:
+        """The staged values (the copy must have finished): each pair's expert, and target -> guess."""
+        values = self.host[:sum(self.sizes)].tolist()
+        parts, start = [], 0
+        for size in self.sizes:
+            parts.append(values[start:start + size])
+            start += size
+        return parts[0], dict(zip(self.targets, parts[1:]))
 
 
 class HostCopier:
@@ -112,6 +220,12 @@ class HostCopier:
             seconds = time.perf_counter() - started
             self.stats.copy_seconds += seconds
             self.stats.wait_seconds += seconds
+
+    def read(self, read: HostRead):
+        return read.split()
+
+    def write_table(self, table: torch.Tensor, slots: list[int]) -> None:
+        table[:len(slots)] = torch.tensor(slots, dtype=torch.int32)
 
     def wait(self, key) -> None:
         pass
@@ -131,6 +245,7 @@ class CudaCopier:
         self.stream = torch.cuda.Stream(device)
         self.ready = {key: torch.cuda.Event() for key in keys}   # the slot's last copy finished
         self.free = {key: torch.cuda.Event() for key in keys}    # the slot's last reader finished
+        self.tables: dict[int, torch.Tensor] = {}                # pinned staging of each slot table
         self.timings: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         self.timings_lock = threading.Lock()   # the server's /metrics reads stats from another thread
 
@@ -141,6 +256,21 @@ class CudaCopier:
             dst.copy_(src, non_blocking=True)
             self.ready[key].record(self.stream)
             self._timed("copy", start, self.stream)
+
+    def read(self, read: HostRead):
+        """The layer's one blocking wait: for its routing read to reach the host."""
+        read.event.record(torch.cuda.current_stream(self.device))
+        read.event.synchronize()
+        return read.split()
+
+    def write_table(self, table: torch.Tensor, slots: list[int]) -> None:
+        """Slots -> the device table, through a pinned buffer of its own (it is rewritten only a step later,
+        after this copy has long run)."""
+        staging = self.tables.get(table.data_ptr())
+        if staging is None:
+            staging = self.tables[table.data_ptr()] = torch.empty(table.numel(), dtype=torch.int32, pin_memory=True)
+        staging[:len(slots)] = torch.tensor(slots, dtype=torch.int32)
+        table[:len(slots)].copy_(staging[:len(slots)], non_blocking=True)
 
     def wait(self, key) -> None:
         compute = torch.cuda.current_stream(self.device)

@@ -735,21 +735,43 @@ if AVAILABLE:
             tl.extra.cuda.gdc_wait()
 
     @triton.jit
+    def _moved(ptr, offset):
+        """`ptr` moved by `offset` bytes, its element type kept."""
+        return (ptr.to(tl.pointer_type(tl.uint8)) + offset).to(ptr.dtype)
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, meta_ptr, sums_ptr, out_ptr, magic,
         N, K, NP, GROUPS, GROUPS_PER_SPLIT, SPLITS,
+        slots_ptr, SLOT_STRIDE, MATRIX_STRIDE, MATRICES, X_PER_ROW,
         BITS: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr, PAIRED: tl.constexpr, X_LANES: tl.constexpr,
         X_BYTES: tl.constexpr, META_GROUP: tl.constexpr,
         QUANT_META: tl.constexpr, X_ROWS: tl.constexpr, ROWS_PER_THREAD: tl.constexpr, THREADS: tl.constexpr,
         UNROLLED_GROUPS: tl.constexpr, EARLY_GROUPS: tl.constexpr, PDL: tl.constexpr,
-        MASK_GROUPS: tl.constexpr, EVICTION: tl.constexpr,
+        MASK_GROUPS: tl.constexpr, EVICTION: tl.constexpr, GROUPED: tl.constexpr,
     ):
         """UNROLLED_GROUPS: GROUPS_PER_SPLIT when the groups are unrolled, else 0. The loop reads the run-time
         GROUPS_PER_SPLIT: as a compile-time constant it was 12-18 % slower at 8 rows of x, 2 bits
-        (benchmarks/results/gpu-2026-11-28/gemv_unrolled.txt, run 3)."""
+        (benchmarks/results/gpu-2026-11-28/gemv_unrolled.txt, run 3).
+
+        GROUPED (hqq_grouped_gemv): grid axis 2 runs pairs x MATRICES products, product e = (pair, j) on the
+        matrix j of the expert in slot slots[pair] (the weight's tensors SLOT_STRIDE bytes apart from slot to
+        slot and MATRIX_STRIDE from matrix to matrix) with row pair // X_PER_ROW of x, into row e of out. The
+        slot table may be the output of the kernel before, so a grouped GEMV waits before it reads anything."""
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()      # the next kernel may start loading its weight now
         pid_rows, pid_split = tl.program_id(0), tl.program_id(1)
+        if GROUPED:
+            _wait_for_inputs(PDL)
+            product = tl.program_id(2)
+            pair = product // MATRICES
+            offset = tl.load(slots_ptr + pair).to(tl.int64) * SLOT_STRIDE + (product % MATRICES) * MATRIX_STRIDE
+            w_ptr, s_ptr, z_ptr = _moved(w_ptr, offset), _moved(s_ptr, offset), _moved(z_ptr, offset)
+            if QUANT_META:
+                meta_ptr = _moved(meta_ptr, offset)
+            x_ptr += (pair // X_PER_ROW) * K
+            out_ptr += product * N
+            sums_ptr += product * NP
         WARPS: tl.constexpr = THREADS // 32
         lane, warp = tl.arange(0, THREADS) % 32, tl.arange(0, THREADS) // 32
         first_row = (pid_rows * 32 + lane) * ROWS_PER_THREAD                                    # (THREADS,)
@@ -769,7 +791,7 @@ if AVAILABLE:
                 g = _group(g0, i, GROUPS, MASK_GROUPS)
                 early = early + (_fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g, first_row, rows, ok, NP,
                                         BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, QUANT_META, EVICTION),)
-            _wait_for_inputs(PDL)
+            _wait_for_inputs(PDL and not GROUPED)
             quantized_x = ()
             if X_LANES > 0:       # each warp quantizes its own groups of x, its lanes together
                 quantized_x = _quantize_x(x_ptr, g0, lane, GROUPS, BITS, GROUP, X_LANES, UNROLLED_GROUPS, X_BYTES)
@@ -789,7 +811,7 @@ if AVAILABLE:
             last = tl.minimum(g0 + GROUPS_PER_SPLIT, GROUPS) - 1
             ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, tl.minimum(g0, last), first_row, rows, ok, NP,
                            BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, False, EVICTION)
-            _wait_for_inputs(PDL)
+            _wait_for_inputs(PDL and not GROUPED)
             # as many steps as the first warp has groups: no warp has more
             for i in range(0, tl.minimum(GROUPS_PER_SPLIT, GROUPS - pid_split * WARPS * GROUPS_PER_SPLIT)):
                 fetched = ahead
@@ -888,7 +910,22 @@ def _meta_arg(weight) -> torch.Tensor:
 
 def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | None = None) -> None:
     """out (M, N) = x (M, K) @ weight.T for 1 to MAX_GEMV_ROWS rows, in out's dtype; x and out contiguous."""
-    rows_of_x = x.shape[0]
+    _launch_gemv(x, weight, out, config, x.shape[0])
+
+
+def hqq_grouped_gemv(x: torch.Tensor, weight, slots: torch.Tensor, out: torch.Tensor, slot_stride: int,
+                     matrices: int = 1, matrix_stride: int = 0, x_per_row: int = 1) -> None:
+    """Many experts' products in one launch: out[p, j] (N,) = (matrix j of the expert in slot slots[p]) @
+    x[p // x_per_row], for every pair p of the int32 device table `slots` and j < matrices.
+
+    `weight` is matrix 0 as it sits in slot 0 of a layer's slot buffer (views into it); the same matrix of slot s
+    lies s * slot_stride bytes further, matrix j of a slot j * matrix_stride bytes after matrix 0 (w1 and w3 of an
+    expert: the same shape and spec). Each product is the one hqq_gemv computes for one row of x, bit for bit.
+    x (rows, K) and out (pairs, matrices, N) contiguous."""
+    _launch_gemv(x, weight, out, None, 1, (slots, slot_stride, matrix_stride, matrices, x_per_row))
+
+
+def _launch_gemv(x, weight, out, config, rows_of_x, grouped=None) -> None:
     n, k = weight.shape
     spec = weight.spec
     padded = weight.padded_rows         # the rows programs are launched for, as one_wave_groups counts them
@@ -906,17 +943,22 @@ def hqq_gemv(x: torch.Tensor, weight, out: torch.Tensor, config: KernelConfig | 
     if splits > MAX_SPLITS:
         raise ValueError(f"{splits} programs would add partial sums into each row, at most {MAX_SPLITS} can: give "
                          f"each more groups (KernelConfig.groups_per_split)")
-    _gemv_kernel[(blocks, splits)](
-        x, weight.packed, weight.scale, weight.zero, meta, _accumulators(x.device, rows_of_x * padded), out,
+    slots, slot_stride, matrix_stride, matrices, x_per_row = grouped or (meta, 0, 0, 1, 1)
+    products = slots.shape[0] * matrices if grouped else 1
+    _gemv_kernel[(blocks, splits, products)](
+        x, weight.packed, weight.scale, weight.zero, meta, _accumulators(x.device, rows_of_x * padded * products), out,
         PAIR_MAGIC if paired else MAGIC,
         n, k, padded, groups, config.groups_per_split, splits,
+        slots, slot_stride, matrix_stride, matrices, x_per_row,
         BITS=spec.bits, GROUP=spec.group_size, STEP=codes_per_step(spec.bits), PAIRED=paired,
         X_LANES=x_lanes(spec.bits, spec.group_size) if integer_x else 0, X_BYTES=x_bytes(spec.bits),
         META_GROUP=spec.meta_group_size,
         QUANT_META=weight.meta is not None, X_ROWS=rows_of_x, ROWS_PER_THREAD=config.rows_per_thread,
         THREADS=32 * config.warps, UNROLLED_GROUPS=config.groups_per_split if config.unrolled else 0,
-        EARLY_GROUPS=min(config.early_groups, config.groups_per_split) if config.unrolled else 0, PDL=pdl,
-        MASK_GROUPS=_masks_groups(integer_x, groups, config), EVICTION=weight_eviction(spec.bits, rows_of_x),
+        # grouped: the slot table is read after the wait, so nothing can be loaded before it
+        EARLY_GROUPS=min(config.early_groups, config.groups_per_split) if config.unrolled and not grouped else 0,
+        PDL=pdl, MASK_GROUPS=_masks_groups(integer_x, groups, config), EVICTION=weight_eviction(spec.bits, rows_of_x),
+        GROUPED=grouped is not None,
         num_warps=config.warps, **({"launch_pdl": True} if pdl else {}),   # a launch option of Triton 3.4+
         **({"maxnreg": config.max_registers} if config.max_registers else {}),
     )

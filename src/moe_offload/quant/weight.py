@@ -153,3 +153,36 @@ class HQQExpertFormat:
 
     def view(self, buffer: torch.Tensor) -> Expert:
         return Expert(*self.format.view(buffer))
+
+    def runs_grouped(self, x: torch.Tensor, top_k: int) -> bool:
+        """One token on CUDA with Triton, groups the GEMV tiles, and rows of x and of the hidden activations
+        that the GEMV can read 16 bytes at a time."""
+        if not (x.is_cuda and x.shape[0] == 1):
+            return False
+        from . import kernels
+        ffn, hidden = self.format.layouts[0].shape
+        return (kernels.AVAILABLE and kernels.gemv_tiles(self.spec.bits, self.spec.group_size)
+                and all(width * x.element_size() % 16 == 0 for width in (ffn, hidden)))
+
+    def grouped_swiglu(self, batch, x: torch.Tensor, top_k: int) -> torch.Tensor:
+        """Every pair of the batch at once: one launch for w1 and w3 of all of them, one for w2."""
+        from . import kernels
+        first = batch.experts[0]                 # the matrices of slot 0: the base the slot table moves from
+        ffn, hidden = first.w1.shape
+        pairs = batch.slots.shape[0]
+        stride = batch.memory.stride(0)
+        gate_up = torch.empty((pairs, 2, ffn), device=x.device, dtype=x.dtype)
+        kernels.hqq_grouped_gemv(x, first.w1, batch.slots, gate_up, stride, matrices=2,
+                                 matrix_stride=self.w3_offset, x_per_row=top_k)
+        activations = F.silu(gate_up[:, 0]) * gate_up[:, 1]
+        out = torch.empty((pairs, hidden), device=x.device, dtype=x.dtype)
+        kernels.hqq_grouped_gemv(activations, first.w2, batch.slots, out, stride)
+        return out
+
+    @property
+    def w3_offset(self) -> int:
+        """Bytes from each tensor of w1 to the same tensor of w3 (the same layout, so the same for every tensor)."""
+        w1, _, w3 = self.format.slots
+        offsets = {b.offset - a.offset for a, b in zip(w1, w3)}
+        assert len(offsets) == 1, offsets
+        return offsets.pop()
