@@ -20,6 +20,7 @@ from moe_offload.offload.cache import LayerCache, LayerStats, OffloadStats
 from moe_offload.offload.prefetch import GatePredictor
 from moe_offload.offload.provider import OffloadedExperts
 from moe_offload.offload.store import ExpertStore
+from moe_offload.step import DecodeStep
 
 from conftest import FIXTURE_32L, SHIPPED_MODEL, requires_fixture, write_tiny_mixtral
 
@@ -295,3 +296,22 @@ def test_cli_offload_flag_errors_are_one_line(capsys, flags, message):
     assert main(["generate", "--prompt", "x", "--device", "cpu"] + flags) == 1
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_an_offloaded_decode_step_reads_the_host_once_per_moe_layer(monkeypatch):
+    """The routing read (the layer's chosen experts and the predictor's guesses together) is the only host read
+    of a layer's step; the slots go back to the device in a table, and nothing else is read."""
+    fixture = load_fixture("shipped")
+    engine = fixture.engine
+    model = Transformer(engine.config, engine.model.weights, fixture.offloaded(slots=2, prefetch=True))
+    cache = KVCache.allocate(engine.config, 1, 64, "cpu", torch.float32)
+    step = DecodeStep(model, cache)
+    step.set(int(prefill(model, cache, fixture.prompt[:20], "cpu")[-1].argmax()), 20)
+    step()
+    reads = []
+    for name in ("tolist", "item"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _original=original, _name=name, **k:
+                            reads.append(_name) or _original(self, *a, **k))
+    step()
+    assert reads == ["tolist"] * len(engine.config.moe_layers)

@@ -32,6 +32,7 @@ from .offload.prefetch import GatePredictor
 from .offload.provider import OffloadedExperts
 from .offload.store import ExpertStore
 from .quant.checkpoint import QuantizedCheckpoint, open_checkpoint
+from .step import DecodeStep
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -134,6 +135,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.cache = cache
+        self.step = DecodeStep(model, cache)   # captures its CUDA graphs once, for every run of this engine
         self.name = name
         self.plan = plan   # the offload plan; None when every expert is resident
 
@@ -196,7 +198,7 @@ class Engine:
         decoder = self.tokenizer.stream_decoder()
         stops = StopStrings(params.stop)
         started = time.perf_counter()
-        for token in generate(self.model, self.cache, prompt_ids, params, self.tokenizer.eos_ids):
+        for token in generate(self.model, self.cache, prompt_ids, params, self.tokenizer.eos_ids, self.step):
             now = time.perf_counter()
             if not run.token_ids:
                 stats.time_to_first_token = now - started

@@ -159,6 +159,10 @@ class ResidentExperts:
     def __init__(self, expert_format: ExpertFormat, slots_by_layer: dict[int, ExpertSlots]):
         self.expert_format = expert_format
         self.slots_by_layer = slots_by_layer
+        self.graph = None     # set while a CUDA graph captures a step (step.py); a resident step needs no cut
+
+    def runs_static(self, tokens: int, top_k: int) -> bool:
+        return True
 
     def experts(self, layer, ids, residual):
         slots = self.slots_by_layer[layer]

@@ -1,9 +1,10 @@
 """Prefill, then decode through the KV cache, as a generator of token ids.
 
-    for token_id in generate(model, cache, prompt_ids, params, eos_ids):
+    for token_id in generate(model, cache, prompt_ids, params, eos_ids, step=DecodeStep(model, cache)):
         ...
 
-Sampling runs on the CPU in fp32 from a seeded generator, so a seed gives the same tokens on
+Decoding runs step.py's DecodeStep (CUDA graphs where it can). Greedy decoding picks the next token on the
+device; other sampling runs on the CPU in fp32 from a seeded generator, so a seed gives the same tokens on
 any device. Stop strings are text, not ids: the engine handles them.
 """
 
@@ -15,6 +16,7 @@ import torch
 
 from .config import SamplingParams
 from .model import KVCache, Transformer
+from .step import DecodeStep
 
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds activation memory on long prompts
 
@@ -35,24 +37,28 @@ def prefill(model: Transformer, cache: KVCache, prompt_ids: list[int], device, l
 
 
 def generate(model: Transformer, cache: KVCache, prompt_ids: list[int], params: SamplingParams,
-             eos_ids: tuple[int, ...] = ()) -> Iterator[int]:
+             eos_ids: tuple[int, ...] = (), step: DecodeStep | None = None) -> Iterator[int]:
     """Yield new token ids until EOS (not yielded), `params.max_new_tokens`, or prompt plus new
-    tokens fill the cache."""
+    tokens fill the cache. `step`: the model's decode step, reused across generations (a fresh one
+    runs eagerly for its first token and captures its graphs on the second)."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
-    device = cache.keys[0].device
+    step = step or DecodeStep(model, cache)
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-    logits = prefill(model, cache, prompt_ids, device)
-    position = len(prompt_ids)
+    token = sample(prefill(model, cache, prompt_ids, cache.keys[0].device)[-1], params, generator)
+    step.set(token, len(prompt_ids))
     for produced in range(params.max_new_tokens):
-        token = sample(logits[-1], params, generator)
         if token in eos_ids:
             return
         yield token
-        if produced + 1 == params.max_new_tokens or position + 1 >= cache.max_len:
+        if produced + 1 == params.max_new_tokens or len(prompt_ids) + produced + 1 >= cache.max_len:
             return
-        logits = model(torch.tensor([[token]], device=device), cache, start_pos=position)[0]
-        position += 1
+        logits = step()
+        if params.temperature == 0:
+            token = step.next_token()
+        else:
+            token = sample(logits, params, generator)
+            step.set(token)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:

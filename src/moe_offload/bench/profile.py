@@ -6,7 +6,9 @@ Per token, in milliseconds: wall (under the profiler, a little slower than unpro
 time of kernels on any stream other than host-to-device copies (compute), host-to-device copy
 time (the copy stream), host time blocked in synchronisations (the one routing sync per layer,
 prediction reads, the sampled token), and the host time not accounted for by waiting, which is
-mostly Python and kernel launches. Plus the top operators by host self time and by device time.
+mostly Python and kernel launches. Counts per token: kernel launches from the host (a CUDA graph's replay
+counts one), asynchronous copies issued, and blocking synchronisations. Plus the top operators by host
+self time and by device time.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import time
 import torch
 
 SYNC_KEYS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+# kernel launches from the host: a CUDA graph's replay is one launch, whatever it holds
+LAUNCH_KEYS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+COPY_KEYS = ("cudaMemcpyAsync",)
 
 
 def _device_time(event) -> float:
@@ -47,6 +52,9 @@ def profile_decode(step, tokens: int, device: torch.device, top: int = 12) -> di
         "h2d_copy_ms_per_token": per_token(copy),
         "host_sync_wait_ms_per_token": per_token(sync),
         "host_other_ms_per_token": per_token(max(wall_us - sync, 0.0)),
+        "launches_per_token": sum(e.count for e in events if e.key in LAUNCH_KEYS) / tokens,
+        "copies_per_token": sum(e.count for e in events if e.key in COPY_KEYS) / tokens,
+        "syncs_per_token": sum(e.count for e in events if e.key in SYNC_KEYS) / tokens,
         "top_host_ops": [(e.key, per_token(e.self_cpu_time_total), e.count // tokens)
                          for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]],
         "top_device_ops": [(e.key[:80], per_token(_device_time(e)), e.count // tokens)

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig, QuantConfig, SamplingParams
-from ..engine import expert_storage, resolve_device
+from ..engine import expert_storage, resident_experts, resolve_device
 from ..errors import UserError
 from ..experts import ExpertFormat
 from ..generate import PREFILL_CHUNK, generate, prefill, sample
@@ -54,6 +54,7 @@ from ..offload.planner import make_plan, parse_size, workspace_bytes
 from ..offload.prefetch import GatePredictor
 from ..offload.provider import OffloadedExperts
 from ..offload.store import ExpertStore
+from ..step import DecodeStep
 from .routing import ReplayPredictor, ReplayRouter, RoutingTrace
 
 MODES = ("full", "no-prefetch", "no-cache")
@@ -79,6 +80,7 @@ class BenchSettings:
     prefill_tokens: int = 2048
     prefill_repeats: int = 2
     compute_only: bool = True                    # also time decode with every expert a hit
+    resident: bool = True                        # also time decode with every expert on the device (no budget)
     profile_tokens: int = 0                      # profile this many decode tokens of "full" and compute-only entries
     prefetch_experts: int | None = None          # experts prefetched per layer ahead; None: top-k
     prefetch_depth: int = 1
@@ -307,6 +309,10 @@ class Bench:
             if self.s.compute_only and not self.out_of_time():
                 entry = {**common, "budget": budget_text, "routing": "fixed (experts 0..k-1: every use a hit)", "mode": "compute-only"}
                 self.add(self.measure(entry, config, weights, store, expert_format, plan, context, budget, compute_only=True))
+        if self.s.resident and not self.out_of_time():
+            for routing in self.s.routings:
+                entry = {**common, "budget": "none (every expert on the device)", "routing": routing, "mode": "resident"}
+                self.add(self.measure(entry, config, weights, store, expert_format, None, context, None))
         del weights, store
         gc.collect()
         self.empty_cache()
@@ -330,8 +336,11 @@ class Bench:
             router = fixed_routing
         elif mode == "full" and top_n:
             predictor = GatePredictor(config, weights.layers, s.prefetch_depth, top_n)
-        provider = OffloadedExperts(store, expert_format, plan.slots, self.device, predictor, measure_time=True,
-                                    cache_type=ForgetfulCache if mode == "no-cache" else LayerCache)
+        if mode == "resident":
+            provider = resident_experts(config, expert_format, store.buffer, self.device, progress=lambda n: None)
+        else:
+            provider = OffloadedExperts(store, expert_format, plan.slots, self.device, predictor, measure_time=True,
+                                        cache_type=ForgetfulCache if mode == "no-cache" else LayerCache)
         return Transformer(config, weights, provider, router), provider, router
 
     def measure(self, entry, config, weights, store, expert_format, plan, context, budget, compute_only=False) -> dict:
@@ -342,18 +351,20 @@ class Bench:
         self.empty_cache()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(device).total_memory), device)
+            if budget is not None:
+                torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(device).total_memory), device)
         try:
             model, provider, router = self.build(config, weights, store, expert_format, plan,
                                                  "fixed" if compute_only else entry["routing"], entry["mode"])
             cache = KVCache.allocate(config, 1, context, device, self.dtype)
-            result = self.decode(model, provider, router, cache, config)
+            step = DecodeStep(model, cache)
+            result = {"cuda_graphs": step.capturable, **self.decode(model, step, provider, router, cache, config)}
             if not compute_only:
                 result.update(self.prefill(model, provider, router, cache, config))
-            if s.profile_tokens and (compute_only or entry["mode"] == "full"):
-                result["profile"] = self.profile(model, router, cache, config)
+            if s.profile_tokens and entry["mode"] in ("full", "compute-only", "resident"):
+                result["profile"] = self.profile(model, step, router, cache, config)
             result["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-            result["within_budget"] = result["peak_gpu_gib"] is None or result["peak_gpu_gib"] * 2**30 <= budget
+            result["within_budget"] = result["peak_gpu_gib"] is None or budget is None or result["peak_gpu_gib"] * 2**30 <= budget
             result["status"] = "ok"
         except torch.OutOfMemoryError as e:
             result = {"status": "failed", "error": f"exceeded the {entry['budget']} budget: {str(e).splitlines()[0]}"}
@@ -375,11 +386,12 @@ class Bench:
             self.log(f"{label}: {entry['status']}: {entry['error']}")
         return entry
 
-    def decode(self, model, provider, router, cache, config) -> dict:
+    def decode(self, model, step, provider, router, cache, config) -> dict:
         s, device = self.s, self.device
         generator = torch.Generator().manual_seed(s.seed)
         runs = []
         span = s.prompt_tokens + s.new_tokens
+        summary = getattr(provider, "summary", dict)      # resident: no expert-cache counters
         for repeat in range(-1, s.repeats):       # -1: the warm-up run
             new_tokens = s.warmup_tokens if repeat < 0 else s.new_tokens
             prompt = torch.randint(3, config.vocab_size, (s.prompt_tokens,), generator=generator).tolist()
@@ -387,60 +399,66 @@ class Bench:
                 router.seek((repeat + 1) * span)
             first_at = None
             count = 0
-            for _ in generate(model, cache, prompt, SamplingParams(max_new_tokens=new_tokens)):
+            for _ in generate(model, cache, prompt, SamplingParams(max_new_tokens=new_tokens), step=step):
                 count += 1
                 if first_at is None:          # prefill done: count decode only from here
-                    provider.summary()
-                    provider.stats.reset()
+                    summary()
+                    if hasattr(provider, "stats"):
+                        provider.stats.reset()
                     first_at = time.perf_counter()
             seconds = time.perf_counter() - first_at
             if repeat >= 0:
-                runs.append({"tokens_per_s": (count - 1) / seconds, "seconds": seconds, "tokens": count - 1,
-                             **provider.summary()})
+                runs.append({"tokens_per_s": (count - 1) / seconds, "seconds": seconds, "tokens": count - 1, **summary()})
         median = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
-        return {"decode_tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
-                "decode_repeats_tokens_per_s": [round(r["tokens_per_s"], 3) for r in runs],
-                **self.transfer_figures(median, "decode", config)}
+        out = {"decode_tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+               "decode_repeats_tokens_per_s": [round(r["tokens_per_s"], 3) for r in runs]}
+        if "bytes_loaded" in median:
+            out.update(self.transfer_figures(median, "decode", config))
+        return out
 
-    def profile(self, model, router, cache, config) -> dict:
+    def profile(self, model, step, router, cache, config) -> dict:
         from .profile import profile_decode
 
-        s, device = self.s, self.device
+        s = self.s
         prompt = torch.randint(3, config.vocab_size, (s.prompt_tokens,), generator=torch.Generator().manual_seed(s.seed)).tolist()
         if isinstance(router, ReplayRouter):
             router.seek(0)
-        state = {"token": int(prefill(model, cache, prompt, device)[-1].argmax()), "position": len(prompt)}
+        step.set(int(prefill(model, cache, prompt, self.device)[-1].argmax()), len(prompt))
 
-        def step():
-            logits = model(torch.tensor([[state["token"]]], device=device), cache, start_pos=state["position"])
-            state["token"], state["position"] = int(logits[0, -1].argmax()), state["position"] + 1
-
-        for _ in range(2):      # warm
+        def decode_one():
             step()
-        return profile_decode(step, s.profile_tokens, device)
+            step.next_token()         # the token reaches the host, as generate reads it
+
+        for _ in range(2):      # warm (the first steps of a fresh DecodeStep run eagerly and capture its graphs)
+            decode_one()
+        return profile_decode(decode_one, s.profile_tokens, self.device)
 
     def prefill(self, model, provider, router, cache, config) -> dict:
         s, device = self.s, self.device
         generator = torch.Generator().manual_seed(s.seed + 1)
+        summary = getattr(provider, "summary", dict)      # resident: no expert-cache counters
         runs = []
         for repeat in range(-1, s.prefill_repeats):
             prompt = torch.randint(3, config.vocab_size, (s.prefill_tokens,), generator=generator).tolist()
             if isinstance(router, ReplayRouter):
                 router.seek(0)
-            provider.summary()
-            provider.stats.reset()
+            summary()
+            if hasattr(provider, "stats"):
+                provider.stats.reset()
             sync(device)
             started = time.perf_counter()
             logits = prefill(model, cache, prompt, device)
             sample(logits[-1], SamplingParams(max_new_tokens=1))    # the first token reaches the host
             seconds = time.perf_counter() - started
             if repeat >= 0:
-                runs.append({"tokens_per_s": s.prefill_tokens / seconds, "seconds": seconds, "tokens": 1, **provider.summary()})
+                runs.append({"tokens_per_s": s.prefill_tokens / seconds, "seconds": seconds, "tokens": 1, **summary()})
         median = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
-        figures = self.transfer_figures(median, "prefill", config)
-        return {"prefill_tokens": s.prefill_tokens, "prefill_tokens_per_s": median["tokens_per_s"],
-                "time_to_first_token_s": median["seconds"],
-                **{k: figures[k] for k in ("prefill_h2d_gbps", "prefill_link_busy", "prefill_copy_wait_share")}}
+        out = {"prefill_tokens": s.prefill_tokens, "prefill_tokens_per_s": median["tokens_per_s"],
+               "time_to_first_token_s": median["seconds"]}
+        if "bytes_loaded" in median:
+            figures = self.transfer_figures(median, "prefill", config)
+            out.update({k: figures[k] for k in ("prefill_h2d_gbps", "prefill_link_busy", "prefill_copy_wait_share")})
+        return out
 
     def transfer_figures(self, run: dict, phase: str, config: ModelConfig) -> dict:
         peak = self.report["link_peak_gbps"]

@@ -791,7 +791,8 @@ if AVAILABLE:
                 g = _group(g0, i, GROUPS, MASK_GROUPS)
                 early = early + (_fetch(w_ptr, s_ptr, z_ptr, meta_ptr, g, first_row, rows, ok, NP,
                                         BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, QUANT_META, EVICTION),)
-            _wait_for_inputs(PDL and not GROUPED)
+            if not GROUPED:     # (a grouped GEMV has waited already)
+                _wait_for_inputs(PDL)
             quantized_x = ()
             if X_LANES > 0:       # each warp quantizes its own groups of x, its lanes together
                 quantized_x = _quantize_x(x_ptr, g0, lane, GROUPS, BITS, GROUP, X_LANES, UNROLLED_GROUPS, X_BYTES)
@@ -811,7 +812,8 @@ if AVAILABLE:
             last = tl.minimum(g0 + GROUPS_PER_SPLIT, GROUPS) - 1
             ahead = _fetch(w_ptr, s_ptr, z_ptr, meta_ptr, tl.minimum(g0, last), first_row, rows, ok, NP,
                            BITS, GROUP, META_GROUP, QUANT_META, ROWS_PER_THREAD, False, EVICTION)
-            _wait_for_inputs(PDL and not GROUPED)
+            if not GROUPED:
+                _wait_for_inputs(PDL)
             # as many steps as the first warp has groups: no warp has more
             for i in range(0, tl.minimum(GROUPS_PER_SPLIT, GROUPS - pid_split * WARPS * GROUPS_PER_SPLIT)):
                 fetched = ahead

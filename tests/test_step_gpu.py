@@ -1,0 +1,116 @@
+"""The decode step on CUDA (run on the GPU machine: `python -m pytest -m gpu tests/test_step_gpu.py`): CUDA-graph
+replays against eager steps, quantized offloaded decode against quantized resident decode (the grouped GEMV path),
+and the host synchronisations a step makes."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from moe_offload.config import QuantConfig, RuntimeConfig
+from moe_offload.engine import Engine, expert_storage
+from moe_offload.generate import prefill
+from moe_offload.model import KVCache, Transformer
+from moe_offload.offload.prefetch import GatePredictor
+from moe_offload.offload.provider import OffloadedExperts
+from moe_offload.offload.store import ExpertStore
+from moe_offload.quant.checkpoint import open_checkpoint
+from moe_offload.step import DecodeStep
+
+from conftest import SHIPPED_MODEL
+
+pytestmark = pytest.mark.gpu
+
+QUANT = QuantConfig.parse("4/2")
+STEPS = 24
+
+
+@functools.cache
+def quantized():
+    """The shipped model quantized 4/2 on the GPU, resident; its experts' buffers in a pinned store; a prompt."""
+    engine = Engine.load(RuntimeConfig(model=SHIPPED_MODEL, device="cuda", dtype="bfloat16", quant=QUANT), progress=False)
+    config = engine.config
+    fmt, buffer = expert_storage(open_checkpoint(SHIPPED_MODEL, QUANT, "cuda"), torch.bfloat16)
+    store = ExpertStore(config.moe_layers, config.num_experts, fmt.nbytes, pin=True)
+    for layer in config.moe_layers:
+        for e in range(config.num_experts):
+            store.write(layer, e, buffer(layer, e).cpu())
+    prompt = engine.tokenizer.encode(open(SHIPPED_MODEL / "eval-networkx.txt").read()[:3000])[:200]
+    return engine, fmt, store, prompt
+
+
+def offloaded(slots: int, prefetch: bool) -> Transformer:
+    engine, fmt, store, _ = quantized()
+    config = engine.config
+    predictor = GatePredictor(config, engine.model.weights.layers, depth=2, top_n=3) if prefetch else None
+    provider = OffloadedExperts(store, fmt, dict.fromkeys(config.moe_layers, slots), "cuda", predictor)
+    return Transformer(config, engine.model.weights, provider)
+
+
+def decode(model: Transformer, capture: bool) -> tuple[list[torch.Tensor], DecodeStep]:
+    """Prefill the prompt, then STEPS greedy steps of a DecodeStep (graphs from its second step when `capture`)."""
+    prompt = quantized()[3]
+    cache = KVCache.allocate(model.config, 1, len(prompt) + STEPS + 1, "cuda", torch.bfloat16)
+    step = DecodeStep(model, cache)
+    step.capturable &= capture
+    step.set(int(prefill(model, cache, prompt, "cuda")[-1].argmax()), len(prompt))
+    return [step().clone() for _ in range(STEPS)], step
+
+
+def test_resident_and_offloaded_steps_are_captured():
+    engine = quantized()[0]
+    assert DecodeStep(engine.model, engine.cache).capturable
+    assert decode(offloaded(slots=2, prefetch=True), capture=True)[1].graph is not None
+    assert not decode(offloaded(slots=1, prefetch=True), capture=True)[1].capturable    # top-2 needs 2 slots
+
+
+@pytest.mark.parametrize("slots", [None, 2, 7], ids=["resident", "2_slots", "7_slots"])
+def test_graph_replayed_steps_are_bit_identical_to_eager_steps(slots):
+    model = quantized()[0].model if slots is None else offloaded(slots, prefetch=True)
+    replayed, step = decode(model, capture=True)
+    assert step.graph is not None
+    eager, _ = decode(model if slots is None else offloaded(slots, prefetch=True), capture=False)
+    for got, want in zip(replayed, eager, strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("prefetch", [False, True], ids=["no_prefetch", "prefetch"])
+@pytest.mark.parametrize("slots", [1, 2, 7])
+def test_quantized_offloaded_decode_is_bit_identical_to_quantized_resident(slots, prefetch):
+    resident, _ = decode(quantized()[0].model, capture=True)
+    model = offloaded(slots, prefetch)
+    actual, _ = decode(model, capture=True)
+    for got, want in zip(actual, resident, strict=True):
+        assert torch.equal(got, want)
+    stats = model.provider.summary()
+    assert stats["misses"] > 0 and stats["hits"] > 0
+
+
+def count_blocking_waits(monkeypatch) -> list[int]:
+    """Fails on any synchronising call torch knows of, and counts the provider's event waits (its routing reads)."""
+    waits = [0]
+    synchronize = torch.cuda.Event.synchronize
+
+    def counted(event):
+        waits[0] += 1
+        torch.cuda.set_sync_debug_mode(0)
+        synchronize(event)
+        torch.cuda.set_sync_debug_mode("error")
+
+    monkeypatch.setattr(torch.cuda.Event, "synchronize", counted)
+    return waits
+
+
+@pytest.mark.parametrize("slots", [None, 2], ids=["resident", "offloaded"])
+def test_a_decode_step_waits_for_the_host_at_most_once_per_moe_layer(slots, monkeypatch):
+    model = quantized()[0].model if slots is None else offloaded(slots, prefetch=True)
+    _, step = decode(model, capture=True)
+    waits = count_blocking_waits(monkeypatch)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert waits[0] == (0 if slots is None else len(model.config.moe_layers))
