@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import ops
+from .ops import apply_rotary, rms_norm, route
 from .config import ModelConfig
 from .experts import Expert, ExpertBatch, ExpertFormat, ExpertProvider
 
@@ -38,16 +39,6 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     return y if bias is None else y + bias
 
 
-def normalized(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x), computed in fp32 as the reference implementations do, returned in x's dtype."""
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return weight * normalized(x, eps)
-
-
 def swiglu(mlp: Expert, x: torch.Tensor) -> torch.Tensor:
     return linear(F.silu(linear(x, mlp.w1)) * linear(x, mlp.w3), mlp.w2)
 
@@ -58,13 +49,6 @@ def rotary(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.
     angles = positions.float()[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (batch, heads, T, head_dim); cos, sin: (T, head_dim)
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 @dataclass
@@ -125,15 +109,6 @@ class KVCache:
         return config.num_layers * per_layer * torch.empty((), dtype=dtype).element_size()
 
 
-def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits (T, E) -> fp32 weights (T, k) and expert ids (T, k)."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids
-
-
 def own_routing(layer: int, logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The default router of every MoE layer: `route` on the layer's own gate logits."""
     return route(logits, top_k, renormalize)
@@ -173,18 +148,18 @@ class Transformer:
         if isinstance(start_pos, torch.Tensor):
             if length != 1:
                 raise ValueError(f"a device-side position decodes one token at a time, got {length}")
-            positions, mask = start_pos, None
+            positions, rope, mask = start_pos, cache.rope, None      # the kernels look the position up
         else:
             if start_pos + length > cache.max_len:
                 raise ValueError(f"positions up to {start_pos + length} exceed the KV cache of {cache.max_len}")
             positions = torch.arange(start_pos, start_pos + length, device=tokens.device)
+            rope = cache.rope[0][positions], cache.rope[1][positions]
             mask = self._attention_mask(positions, start_pos + length)
         h = w.embed[tokens]
-        cos, sin = cache.rope[0][positions], cache.rope[1][positions]
         with sdpa_kernel(ATTENTION_BACKENDS):
             for index, layer in enumerate(w.layers):
                 x = rms_norm(h, layer.attn_norm, cfg.rms_norm_eps)
-                h = h + self._attention(index, layer, x, cache, start_pos, positions, cos, sin, mask)
+                h = h + self._attention(index, layer, x, cache, start_pos, positions, rope, mask)
                 h = h + self._mlp(index, layer, h)
         if last_only:
             h = h[:, -1:]
@@ -202,7 +177,8 @@ class Transformer:
             visible &= keys[None, :] > positions[:, None] - window
         return visible
 
-    def _attention(self, index, layer: LayerWeights, x, cache: KVCache, start_pos, positions, cos, sin, mask):
+    def _attention(self, index, layer: LayerWeights, x, cache: KVCache, start_pos, positions, rope, mask):
+        """rope: cos and sin of `positions` (T, head_dim), or with a device-side position the whole tables."""
         cfg, a = self.config, layer.attn
         batch, length, _ = x.shape
         q, k, v = linear(x, a.wq, a.bq), linear(x, a.wk, a.bk), linear(x, a.wv, a.bv)
@@ -216,14 +192,12 @@ class Transformer:
         if cfg.qk_norm == "head":
             q, k = rms_norm(q, a.q_norm, cfg.rms_norm_eps), rms_norm(k, a.k_norm, cfg.rms_norm_eps)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (batch, heads, T, head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-
         keys, values = cache.keys[index][:batch], cache.values[index][:batch]
         if isinstance(start_pos, torch.Tensor):
-            keys.index_copy_(2, positions, k)
-            values.index_copy_(2, positions, v)
+            q = ops.rotate_and_cache(q, k, v, rope, positions, keys, values)
             out = ops.decode_attention(q, keys, values, positions, cfg.sliding_window)
         else:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             end = start_pos + length
             keys[:, :, start_pos:end], values[:, :, start_pos:end] = k, v
             out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
@@ -259,5 +233,4 @@ class Transformer:
             if picked is None:
                 picked = x.new_empty(ids.numel(), x.shape[-1])
             picked[batch.pairs] = outputs
-        weighted = picked.view(-1, top_k, x.shape[-1]).float() * weights.unsqueeze(-1)
-        return weighted.sum(dim=1).to(x.dtype)
+        return ops.combine(picked, weights)

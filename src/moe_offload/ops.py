@@ -1,11 +1,20 @@
-"""Small GPU kernels of the decode step, each beside its torch twin (CPU, or no Triton).
+"""Small GPU kernels of the decode step, each beside its torch twin (the CPU, or no Triton).
 
-    out = decode_attention(q, keys, values, position, window)   # one new token against the KV cache
+    y = rms_norm(x, weight, eps)                                  # weight None: x / rms(x)
+    weights, ids = route(logits, top_k, renormalize)              # softmax, top-k, renormalise
+    q = rotate_and_cache(q, k, v, rope, position, keys, values)   # RoPE on q and k, k and v into the KV cache
+    out = decode_attention(q, keys, values, position, window)     # one new token against the KV cache
+    y = combine(picked, weights)                                  # each token's top-k outputs, weighted, summed
 
-Decode attention takes the token's position as a device tensor and reads the cache only up to it, so
-a captured CUDA graph serves every position (step.py). It is split-K ("flash decoding"): programs of
-one KV head and a range of keys each keep a running max, sum and weighted values for the head's
-group of query heads (GQA), in fp32; a second kernel merges the ranges.
+A decode step would otherwise launch dozens of tiny kernels per layer (RMSNorm alone is eight), and in
+a CUDA graph each still costs a couple of microseconds; these do the same in one launch each. They
+round as their twins do, step by step in the model's dtype where the twin does, but add in their own
+order: CPU and GPU agree to the last bits of fp32, not bit for bit.
+
+Positions are device tensors, so a captured graph serves every position (step.py). Decode attention
+reads the cache only up to the position; it is split-K ("flash decoding"): programs of one KV head and
+a range of keys each keep a running max, sum and weighted values for the head's group of query heads
+(GQA), in fp32; a second kernel merges the ranges.
 """
 
 from __future__ import annotations
@@ -27,6 +36,63 @@ KEY_BLOCK = 64          # keys it takes at a time
 MIN_QUERY_ROWS = 16     # tl.dot's smallest tile: a head group's query rows are padded to it
 
 
+def fused(x: torch.Tensor) -> bool:
+    """Whether x's work runs in this file's Triton kernels (CUDA with Triton), not in the torch twins."""
+    return x.is_cuda and AVAILABLE
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """weight * x / rms(x) over the last dimension: normalised in fp32 as the reference implementations do,
+    then scaled in x's dtype (weight None: not scaled)."""
+    if fused(x) and x.is_contiguous():
+        return _triton_rms_norm(x, weight, eps)
+    x32 = x.float()
+    normalized = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return normalized if weight is None else weight * normalized
+
+
+def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits (T, E) -> fp32 weights (T, k) and int64 expert ids (T, k): softmax in fp32, the top k
+    (ties to the lower id on the GPU), renormalised to sum to 1 when asked."""
+    if fused(logits) and logits.is_contiguous():
+        return _triton_route(logits, top_k, renormalize)
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (batch, heads, T, head_dim) rotated by cos, sin (T, head_dim): the half-split layout (rotate_half)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def rotate_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                     position: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """One token: q (batch, heads, 1, D), k and v (batch, kv_heads, 1, D); rope the cos and sin tables
+    (max_len, D) of every position. Writes RoPE(k) and v into keys, values (batch, kv_heads, max_len, D) at
+    `position` (int64 (1,)) and returns RoPE(q), (batch, heads, 1, D)."""
+    if fused(q):
+        return _triton_rotate_and_cache(q, k, v, rope, position, keys, values)
+    cos, sin = rope[0][position], rope[1][position]
+    keys.index_copy_(2, position, apply_rotary(k, cos, sin))
+    values.index_copy_(2, position, v)
+    return apply_rotary(q, cos, sin)
+
+
+def combine(picked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """picked (T * k, hidden): each (token, choice) pair's expert output; weights fp32 (T, k) -> (T, hidden):
+    sum_j weights[t, j] picked[t k + j], in fp32 in choice order, then in picked's dtype."""
+    if fused(picked) and picked.is_contiguous():
+        return _triton_combine(picked, weights)
+    top_k = weights.shape[-1]
+    weighted = picked.view(-1, top_k, picked.shape[-1]).float() * weights.unsqueeze(-1)
+    return weighted.sum(dim=1).to(picked.dtype)
+
+
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor,
                      window: int | None) -> torch.Tensor:
     """q (batch, heads, 1, D) of the token at `position` (int64 (1,)); keys, values (batch, kv_heads, max_len, D),
@@ -37,6 +103,50 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     start = max(0, end - window) if window else 0
     return F.scaled_dot_product_attention(q, keys[:, :, start:end], values[:, :, start:end],
                                           enable_gqa=q.shape[1] != keys.shape[1])
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+def _triton_rms_norm(x, weight, eps: float) -> torch.Tensor:
+    width = x.shape[-1]
+    out = torch.empty_like(x)
+    block = triton.next_power_of_2(width)
+    _rms_norm_kernel[(_rows(x),)](x, x if weight is None else weight, out, width, eps, BLOCK=block,
+                                  SCALED=weight is not None, num_warps=min(16, max(1, block // 512)))
+    return out
+
+
+def _triton_route(logits, top_k: int, renormalize: bool):
+    rows, experts = _rows(logits), logits.shape[-1]
+    weights = torch.empty((rows, top_k), device=logits.device, dtype=torch.float32)
+    ids = torch.empty((rows, top_k), device=logits.device, dtype=torch.int64)
+    _route_kernel[(rows,)](logits, weights, ids, experts, TOP_K=top_k, RENORMALIZE=renormalize,
+                           BLOCK=triton.next_power_of_2(experts), K_BLOCK=triton.next_power_of_2(top_k))
+    return weights, ids
+
+
+def _triton_rotate_and_cache(q, k, v, rope, position, keys, values) -> torch.Tensor:
+    batch, heads, _, dim = q.shape
+    kv_heads = k.shape[1]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    assert keys.stride() == values.stride() and keys.stride(-1) == 1 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+    _rotate_and_cache_kernel[(batch, heads + kv_heads)](
+        q, k, v, rope[0], rope[1], position, out, keys, values,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        keys.stride(0), keys.stride(1), keys.stride(2), heads, dim // 2,
+        HALF=triton.next_power_of_2(dim // 2))
+    return out
+
+
+def _triton_combine(picked, weights) -> torch.Tensor:
+    tokens, top_k = weights.shape
+    width = picked.shape[-1]
+    out = torch.empty((tokens, width), device=picked.device, dtype=picked.dtype)
+    block = min(1024, triton.next_power_of_2(width))
+    _combine_kernel[(tokens, triton.cdiv(width, block))](picked, weights.contiguous(), out, width, TOP_K=top_k, BLOCK=block)
+    return out
 
 
 def _triton_decode_attention(q, keys, values, position, window: int) -> torch.Tensor:
@@ -65,6 +175,85 @@ def _triton_decode_attention(q, keys, values, position, window: int) -> torch.Te
 
 
 if AVAILABLE:
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, WIDTH, eps, BLOCK: tl.constexpr, SCALED: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        inside = cols < WIDTH
+        x = tl.load(x_ptr + row * WIDTH + cols, mask=inside, other=0.0).to(tl.float32)
+        normalized = (x * tl.rsqrt(tl.sum(x * x, 0) / WIDTH + eps)).to(out_ptr.dtype.element_ty)
+        if SCALED:
+            normalized = tl.load(w_ptr + cols, mask=inside) * normalized
+        tl.store(out_ptr + row * WIDTH + cols, normalized, mask=inside)
+
+    @triton.jit
+    def _route_kernel(logits_ptr, weights_ptr, ids_ptr, EXPERTS, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+                      BLOCK: tl.constexpr, K_BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        expert = tl.arange(0, BLOCK)
+        logits = tl.load(logits_ptr + row * EXPERTS + expert, mask=expert < EXPERTS, other=float("-inf")).to(tl.float32)
+        exps = tl.exp(logits - tl.max(logits, 0))
+        left = tl.where(expert < EXPERTS, exps / tl.sum(exps, 0), -1.0)
+        place = tl.arange(0, K_BLOCK)
+        weights = tl.zeros((K_BLOCK,), tl.float32)
+        ids = tl.zeros((K_BLOCK,), tl.int64)
+        for j in tl.static_range(TOP_K):        # the largest left, the lowest id among equals; then taken out
+            best = tl.max(left, 0)
+            chosen = tl.min(tl.where(left == best, expert, BLOCK), 0)
+            weights = tl.where(place == j, best, weights)
+            ids = tl.where(place == j, chosen.to(tl.int64), ids)
+            left = tl.where(expert == chosen, -1.0, left)
+        if RENORMALIZE:
+            weights = weights / tl.sum(weights, 0)
+        tl.store(weights_ptr + row * TOP_K + place, weights, mask=place < TOP_K)
+        tl.store(ids_ptr + row * TOP_K + place, ids, mask=place < TOP_K)
+
+    @triton.jit
+    def _rotate_and_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, position_ptr, out_ptr, keys_ptr, values_ptr,
+                                 q_batch, q_head, k_batch, k_head, v_batch, v_head, cache_batch, cache_head, cache_key,
+                                 HEADS, HALF_DIM, HALF: tl.constexpr):
+        """Program (b, h): query head h, or for h >= HEADS key/value head h - HEADS. Rounds as apply_rotary does:
+        x cos and rotate_half(x) sin each in x's dtype, then their sum."""
+        b, h = tl.program_id(0), tl.program_id(1)
+        position = tl.load(position_ptr)
+        d = tl.arange(0, HALF)
+        inside = d < HALF_DIM
+        table = position * (2 * HALF_DIM)
+        cos_low = tl.load(cos_ptr + table + d, mask=inside, other=0.0)
+        cos_high = tl.load(cos_ptr + table + HALF_DIM + d, mask=inside, other=0.0)
+        sin_low = tl.load(sin_ptr + table + d, mask=inside, other=0.0)
+        sin_high = tl.load(sin_ptr + table + HALF_DIM + d, mask=inside, other=0.0)
+        if h < HEADS:
+            source = q_ptr + b * q_batch + h * q_head
+        else:
+            source = k_ptr + b * k_batch + (h - HEADS) * k_head
+        low = tl.load(source + d, mask=inside, other=0.0)
+        high = tl.load(source + HALF_DIM + d, mask=inside, other=0.0)
+        dtype = low.dtype
+        out_low = low * cos_low.to(dtype) + (-high) * sin_low.to(dtype)
+        out_high = high * cos_high.to(dtype) + low * sin_high.to(dtype)
+        if h < HEADS:
+            target = out_ptr + (b * HEADS + h) * (2 * HALF_DIM)
+        else:
+            cached = b * cache_batch + (h - HEADS) * cache_head + position * cache_key
+            target = keys_ptr + cached
+            v_source = v_ptr + b * v_batch + (h - HEADS) * v_head
+            tl.store(values_ptr + cached + d, tl.load(v_source + d, mask=inside), mask=inside)
+            tl.store(values_ptr + cached + HALF_DIM + d, tl.load(v_source + HALF_DIM + d, mask=inside), mask=inside)
+        tl.store(target + d, out_low, mask=inside)
+        tl.store(target + HALF_DIM + d, out_high, mask=inside)
+
+    @triton.jit
+    def _combine_kernel(picked_ptr, weights_ptr, out_ptr, WIDTH, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+        token, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        cols = block * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < WIDTH
+        total = tl.zeros((BLOCK,), tl.float32)
+        for j in tl.static_range(TOP_K):
+            weight = tl.load(weights_ptr + token * TOP_K + j)
+            total += tl.load(picked_ptr + (token * TOP_K + j) * WIDTH + cols, mask=inside, other=0.0).to(tl.float32) * weight
+        tl.store(out_ptr + token * WIDTH + cols, total.to(out_ptr.dtype.element_ty), mask=inside)
+
     @triton.jit
     def _attention_ranges(q_ptr, k_ptr, v_ptr, position_ptr, partial_ptr, stats_ptr,
                           q_batch, q_head, kv_batch, kv_head, kv_key, scale, WINDOW, KV_HEADS,

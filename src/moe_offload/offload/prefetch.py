@@ -20,7 +20,8 @@ from typing import Protocol
 import torch
 
 from ..config import ModelConfig
-from ..model import LayerWeights, linear, normalized
+from ..model import LayerWeights, linear
+from ..ops import rms_norm
 
 
 class ExpertPredictor(Protocol):
@@ -64,7 +65,7 @@ class GatePredictor:
         targets = self.targets.get(layer, ())
         if not targets:
             return {}
-        x = normalized(residual, self.eps) if self.apply_norm else residual
+        x = rms_norm(residual, None, self.eps) if self.apply_norm else residual
         logits = linear(x, self.gates[layer]).float().view(-1, len(targets), self.num_experts)
         probs = torch.softmax(logits, dim=-1).sum(dim=0)            # (targets, experts)
         ranked = torch.topk(probs, self.top_n).indices
