@@ -121,7 +121,8 @@ def test_offloaded_engine_allocates_exactly_the_planned_slots():
     engine = Engine.load(RuntimeConfig(model=SHIPPED_MODEL, device="cpu", dtype="float32", max_context=256),
                          progress=False, offload=offload)
     provider = engine.model.provider
-    assert {layer: len(memory) for layer, memory in provider.slot_memory.items()} == engine.plan.slots
+    memories = {layer: slots.memory for layer, slots in provider.slots.items()}
+    assert {layer: len(memory) for layer, memory in memories.items()} == engine.plan.slots
     assert provider.store.ram_experts == engine.plan.ram_experts == 20 * 2**20 // engine.plan.expert_nbytes
-    assert sum(m.numel() for m in provider.slot_memory.values()) == engine.plan.slot_bytes
-    assert all(m.stride(0) % 512 == 0 for m in provider.slot_memory.values())
+    assert sum(m.numel() for m in memories.values()) == engine.plan.slot_bytes
+    assert all(m.stride(0) % 512 == 0 for m in memories.values())

@@ -18,7 +18,7 @@ from .config import SamplingParams
 from .model import KVCache, Transformer
 from .step import DecodeStep
 
-PREFILL_CHUNK = 512  # prompt tokens per forward: bounds activation memory on long prompts
+PREFILL_CHUNK = 2048  # prompt tokens per forward: each expert crosses the link at most once per forward; bounds activations
 
 
 def prefill(model: Transformer, cache: KVCache, prompt_ids: list[int], device, last_only: bool = True) -> torch.Tensor:

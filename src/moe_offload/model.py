@@ -30,6 +30,7 @@ from .experts import Expert, ExpertBatch, ExpertFormat, ExpertProvider
 
 # cuDNN attention builds a new plan for every key length, i.e. for every decoded token: leave it out.
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+ATTENTION_CHUNK = 512   # queries per attention call in a long forward: bounds its scores, should it fall back to math
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -200,8 +201,15 @@ class Transformer:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             end = start_pos + length
             keys[:, :, start_pos:end], values[:, :, start_pos:end] = k, v
-            out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
-                                                 enable_gqa=cfg.num_heads != cfg.num_kv_heads)
+            pieces = []
+            for first in range(0, length, ATTENTION_CHUNK):
+                last = min(first + ATTENTION_CHUNK, length)
+                visible = start_pos + last           # queries see no key past their own position
+                pieces.append(F.scaled_dot_product_attention(
+                    q[:, :, first:last], keys[:, :, :visible], values[:, :, :visible],
+                    attn_mask=None if mask is None else mask[first:last, :visible],
+                    enable_gqa=cfg.num_heads != cfg.num_kv_heads))
+            out = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
         out = out.transpose(1, 2).reshape(batch, length, cfg.num_heads * cfg.head_dim)
         return linear(out, a.wo, a.bo)
 

@@ -24,7 +24,7 @@ from ..config import ModelConfig, OffloadConfig, QuantConfig
 from ..errors import UserError
 from ..experts import slot_stride
 from ..generate import PREFILL_CHUNK
-from ..model import KVCache
+from ..model import ATTENTION_CHUNK, KVCache
 from ..quant.checkpoint import dense_nbytes
 
 GiB = 2**30
@@ -53,13 +53,13 @@ def gib(n: int) -> str:
 def workspace_bytes(config: ModelConfig, chunk: int, max_context: int, itemsize: int) -> int:
     """Activations of one forward over `chunk` tokens, generously: hidden-sized temporaries, the
     top-k rows of every token (and their fp32 sum), one expert's intermediates, router
-    probabilities, and an attention score matrix in fp32 (in case attention falls back to the
-    math kernel), plus the last token's logits."""
+    probabilities, an attention score matrix in fp32 for ATTENTION_CHUNK queries (in case attention
+    falls back to the math kernel), plus the last token's logits."""
     c = config
     ffn = max(c.expert_ffn, c.dense_ffn, c.shared_expert_ffn)
-    per_token = (c.hidden_size * (8 * itemsize + c.top_k * (itemsize + 4)) + 3 * ffn * itemsize
-                 + c.num_experts * 4 + max_context * (c.num_heads * 4 + 1))
-    return chunk * per_token + 2 * c.vocab_size * 4 + WORKSPACE_MARGIN
+    per_token = (c.hidden_size * (8 * itemsize + c.top_k * (itemsize + 4)) + 3 * ffn * itemsize + c.num_experts * 4)
+    scores = min(chunk, ATTENTION_CHUNK) * max_context * (c.num_heads * 4 + 1)
+    return chunk * per_token + scores + 2 * c.vocab_size * 4 + WORKSPACE_MARGIN
 
 
 @dataclass(frozen=True)
