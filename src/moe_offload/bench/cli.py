@@ -56,6 +56,10 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--repeats", type=int, default=d["repeats"], help="timed decode runs; the median is reported (default: %(default)s)")
     bench.add_argument("--prefill-tokens", type=int, default=d["prefill_tokens"], help="prefill prompt length (default: %(default)s)")
     bench.add_argument("--prefill-repeats", type=int, default=d["prefill_repeats"], help="timed prefills (default: %(default)s)")
+    bench.add_argument("--cpu-memory", default=d["cpu_memory"],
+                       help="host RAM for experts, e.g. 11GiB; the rest is memory-mapped from disk (default: all in RAM)")
+    bench.add_argument("--no-resident", dest="resident", action="store_false",
+                       help="skip the row with every expert on the device (no offloading, no budget)")
     bench.add_argument("--no-compute-only", dest="compute_only", action="store_false",
                        help="skip the compute-only decode (every expert a hit) per budget")
     bench.add_argument("--profile", type=int, default=d["profile_tokens"], metavar="TOKENS",
@@ -108,7 +112,7 @@ def cmd_bench(args) -> None:
         budgets=_csv(args.budget), routings=_csv(args.routing), modes=_csv(args.modes), accelerate=args.accelerate,
         trace=args.trace, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, warmup_tokens=args.warmup_tokens,
         repeats=args.repeats, prefill_tokens=args.prefill_tokens, prefill_repeats=args.prefill_repeats,
-        compute_only=args.compute_only, profile_tokens=args.profile, prefetch_experts=args.prefetch, prefetch_depth=args.prefetch_depth,
+        cpu_memory=args.cpu_memory, resident=args.resident, compute_only=args.compute_only, profile_tokens=args.profile, prefetch_experts=args.prefetch, prefetch_depth=args.prefetch_depth,
         device=args.device, time_limit=args.time_limit, out=args.out)
     report = run_benchmarks(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     if args.plot is not None:

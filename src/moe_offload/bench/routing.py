@@ -235,9 +235,11 @@ class ReplayRouter:
 class ReplayPredictor:
     """The `ExpertPredictor` that goes with a `ReplayRouter`: the recorded gate-based predictions
     for the tokens the router is replaying. For several tokens (prefill) experts are ranked by
-    how many tokens predicted them (ties by expert id; experts no token predicted are -1)."""
+    how many tokens predicted them (ties by expert id; experts no token predicted are -1).
+    `costs_as`: a predictor run too, its guesses dropped, so that a replay pays what it would cost."""
 
-    def __init__(self, trace: RoutingTrace, router: ReplayRouter, moe_layers: tuple[int, ...], depth: int, top_n: int):
+    def __init__(self, trace: RoutingTrace, router: ReplayRouter, moe_layers: tuple[int, ...], depth: int, top_n: int,
+                 costs_as=None):
         recorded_depth = trace.predicted_ids.shape[2]
         recorded_ranked = trace.predicted_ids.shape[3]
         if depth > recorded_depth or top_n > recorded_ranked:
@@ -251,8 +253,11 @@ class ReplayPredictor:
         self.position = {layer: i for i, layer in enumerate(moe_layers)}
         self.depth = depth
         self.top_n = top_n
+        self.costs_as = costs_as
 
     def predict(self, layer: int, residual: torch.Tensor) -> dict[int, torch.Tensor]:
+        if self.costs_as is not None:
+            self.costs_as.predict(layer, residual)
         column = self.position[layer]
         length = residual.shape[0]
         rows = self.router.rows(length)

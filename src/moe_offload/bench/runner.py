@@ -69,6 +69,7 @@ class BenchSettings:
     model: Path | None = None                    # a Hugging Face or quantized folder instead
     quants: tuple[str, ...] = ("4/2",)          # "A/E" (attention/expert bits) or "bf16"
     budgets: tuple[str, ...] = ("12GiB",)
+    cpu_memory: str | None = None                # host RAM for experts ("11GiB"); None: all in RAM, else the rest on disk
     routings: tuple[str, ...] = ROUTINGS
     modes: tuple[str, ...] = MODES
     accelerate: bool = False                     # also run transformers + accelerate at each budget
@@ -273,7 +274,9 @@ class Bench:
         self.log(f"[{quant_text}] building {ckpt.folder.name} weights on {self.device} ...")
         weights = ckpt.dense_weights(self.device, self.dtype)
         expert_format, expert_buffer = expert_storage(ckpt, self.dtype)
-        store = ExpertStore(config.moe_layers, config.num_experts, expert_format.nbytes, pin=self.device.type == "cuda")
+        ram_experts = None if self.s.cpu_memory is None else parse_size(self.s.cpu_memory, "--cpu-memory") // expert_format.nbytes
+        store = ExpertStore(config.moe_layers, config.num_experts, expert_format.nbytes, ram_experts,
+                            pin=self.device.type == "cuda")
         for layer in config.moe_layers:
             for expert_id in range(config.num_experts):
                 store.write(layer, expert_id, expert_buffer(layer, expert_id))
@@ -281,16 +284,17 @@ class Bench:
         dense_bytes = weights_nbytes(weights)
         build_seconds = time.perf_counter() - started
         self.log(f"[{quant_text}] built in {build_seconds:.1f} s: non-expert weights {dense_bytes / 2**30:.2f} GiB on the device, "
-                 f"{store.ram_bytes / 2**30:.1f} GiB of experts in {'pinned ' if store.pinned else ''}host RAM "
-                 f"({expert_format.nbytes / 2**20:.1f} MiB each)")
+                 f"{store.ram_bytes / 2**30:.1f} GiB of experts in {'pinned ' if store.pinned else ''}host RAM, "
+                 f"{store.disk_bytes / 2**30:.1f} GiB memory-mapped from disk ({expert_format.nbytes / 2**20:.1f} MiB each)")
         self.empty_cache()
         context = max(self.s.prefill_tokens, self.s.prompt_tokens + max(self.s.new_tokens, self.s.warmup_tokens, self.s.profile_tokens + 2)) + 1
         common = {"model": ckpt.folder.name, "quant": quant_text, "expert_mib": expert_format.nbytes / 2**20,
-                  "dense_gib": dense_bytes / 2**30, "build_seconds": round(build_seconds, 1)}
+                  "dense_gib": dense_bytes / 2**30, "build_seconds": round(build_seconds, 1),
+                  "ram_gib": store.ram_bytes / 2**30, "disk_gib": store.disk_bytes / 2**30}
         for budget_text, budget in self.budgets:
             try:
                 plan = make_plan(config, expert_format.nbytes, dense_bytes, KVCache.nbytes(config, 1, context, self.dtype),
-                                 context, workspace_bytes(config, PREFILL_CHUNK, context, self.dtype.itemsize), budget)
+                                 context, workspace_bytes(config, min(PREFILL_CHUNK, context), context, self.dtype.itemsize), budget)
             except UserError as e:
                 message = str(e).replace("--gpu-memory", "--budget").replace("--max-context", "--prefill-tokens")
                 self.log(f"[{quant_text} @ {budget_text}] does not fit: {message}")
@@ -330,8 +334,9 @@ class Bench:
         if routing == "replay":
             self.trace.check_fits(len(config.moe_layers), config.num_experts, config.top_k)
             router = ReplayRouter(self.trace, self.device, config.moe_layers)
-            if mode == "full" and top_n:
-                predictor = ReplayPredictor(self.trace, router, config.moe_layers, s.prefetch_depth, top_n)
+            if mode == "full" and top_n:    # replayed guesses, at the real predictor's cost
+                gate = GatePredictor(config, weights.layers, s.prefetch_depth, top_n)
+                predictor = ReplayPredictor(self.trace, router, config.moe_layers, s.prefetch_depth, top_n, costs_as=gate)
         elif routing == "fixed":
             router = fixed_routing
         elif mode == "full" and top_n:

@@ -155,7 +155,7 @@ def plan_for(config: ModelConfig, expert_nbytes: int, dtype: torch.dtype, max_co
     dense = dense_nbytes(config, dtype, quant)
     budget = offload.gpu_memory if offload.gpu_memory is not None else free_memory(device)
     return make_plan(config, expert_nbytes, dense, KVCache.nbytes(config, 1, max_context, dtype), max_context,
-                     workspace_bytes(config, PREFILL_CHUNK, max_context, itemsize), budget,
+                     workspace_bytes(config, min(PREFILL_CHUNK, max_context), max_context, itemsize), budget,
                      offload.cpu_memory, offload.slots_per_layer)
 
 
