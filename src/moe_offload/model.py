@@ -16,6 +16,7 @@ captured once as CUDA graphs and replayed for every token (step.py).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -122,11 +123,16 @@ def expert_outputs(expert_format: ExpertFormat, batch: ExpertBatch, x: torch.Ten
     if batch.pairs is None and expert_format.runs_grouped(x, top_k):
         return expert_format.grouped_swiglu(batch, x, top_k)
     slots = batch.host_slots if batch.host_slots is not None else batch.slots.tolist()
-    pairs = batch.pairs if batch.pairs is not None else torch.arange(len(slots), device=x.device)
+    count = Counter(slots)
+    # the batch's pairs grouped by slot, ascending within a slot
+    order = torch.argsort(batch.slots, stable=True) if len(count) > 1 else torch.arange(len(slots), device=x.device)
+    pairs = order if batch.pairs is None else batch.pairs[order]
     out = x.new_empty(len(slots), x.shape[-1])
-    for slot in sorted(set(slots)):
-        chosen = torch.tensor([i for i, s in enumerate(slots) if s == slot], device=x.device)
-        out[chosen] = swiglu(batch.experts[slot], x[pairs[chosen] // top_k])
+    start = 0
+    for slot in sorted(count):
+        chosen = slice(start, start + count[slot])
+        out[order[chosen]] = swiglu(batch.experts[slot], x[pairs[chosen] // top_k])
+        start += count[slot]
     return out
 
 
