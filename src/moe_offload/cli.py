@@ -11,8 +11,10 @@ Defaults come from the dataclasses in config.py. Bad input prints one line `erro
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -24,6 +26,7 @@ from .engine import Engine
 from .errors import UserError
 from .offload.planner import parse_size
 from .server.config import ServerConfig
+from .tokenizer import check_utf8
 
 RUNTIME = {f.name: f.default for f in fields(RuntimeConfig)}
 SAMPLING = {f.name: f.default for f in fields(SamplingParams) if f.name != "stop"}
@@ -120,10 +123,28 @@ def sampling_from(args, extra_stops: tuple[str, ...] = ()) -> SamplingParams:
         raise UserError(str(e).replace("max_new_tokens", "--max-tokens")) from None
 
 
+def read_prompt(args) -> str:
+    """--prompt, or the UTF-8 text of --prompt-file ("-": standard input) less one final newline, as
+    llama.cpp's -f reads a file."""
+    if args.prompt is not None:
+        check_utf8(args.prompt, "--prompt")
+        return args.prompt
+    name = "standard input" if args.prompt_file == "-" else args.prompt_file
+    try:
+        data = sys.stdin.buffer.read() if args.prompt_file == "-" else Path(args.prompt_file).read_bytes()
+    except OSError as e:
+        raise UserError(f"--prompt-file {name}: cannot read it ({e.strerror})") from None
+    try:
+        return data.decode("utf-8").removesuffix("\n")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompt-file {name}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
 def cmd_generate(args) -> None:
+    prompt = read_prompt(args)
     engine = load_engine(args)
     params = sampling_from(args)
-    run = engine.stream(engine.tokenizer.encode(args.prompt), params)
+    run = engine.stream(engine.tokenizer.encode(prompt), params)
     for piece in run:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -138,6 +159,8 @@ def cmd_chat(args) -> None:
     engine = load_engine(args)
     params = sampling_from(args, extra_stops=engine.tokenizer.chat_stop_strings)
     history = [{"role": "system", "content": args.system}] if args.system else []
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")   # a line that is not UTF-8 is refused below, not fatal
     print("moe-offload chat: Ctrl-D or Ctrl-C to quit", file=sys.stderr)
     while True:
         try:
@@ -147,13 +170,14 @@ def cmd_chat(args) -> None:
             return
         if not line.strip():
             continue
-        history.append({"role": "user", "content": line})
+        turn = {"role": "user", "content": line}
         try:
-            run = engine.stream(engine.tokenizer.encode_chat(history), params)
+            check_utf8(line, "that line")
+            run = engine.stream(engine.tokenizer.encode_chat(history + [turn]), params)
         except UserError as e:
-            history.pop()
             print(f"error: {e}", file=sys.stderr)
             continue
+        history.append(turn)
         reply = []
         for piece in run:
             reply.append(piece)
@@ -244,7 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="complete a prompt, streaming to stdout; stats on stderr")
     add_runtime_args(gen)
-    gen.add_argument("--prompt", required=True, help="text to complete")
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text to complete")
+    prompt.add_argument("--prompt-file", metavar="PATH",
+                        help="complete the UTF-8 text of this file, - for standard input (one final newline is dropped)")
     add_sampling_args(gen)
     add_offload_args(gen)
     gen.set_defaults(func=cmd_generate)
