@@ -77,3 +77,13 @@ def test_chat_reports_a_line_that_is_not_utf8_and_goes_on():
     assert "error: that line is not valid UTF-8 (byte 0xe9 at character 3)" in done.stderr
     assert done.stdout.count("> ") == 3  # the bad line refused, the next one answered, then end of input
     assert "Traceback" not in done.stderr
+
+
+def test_generate_into_a_closed_pipe_stops_quietly():
+    """`moe-offload generate ... | head -1`: the reader leaves; no traceback, the status SIGPIPE gives."""
+    process = subprocess.Popen([sys.executable, "-m", "moe_offload.cli", "generate", "--device", "cpu", "--prompt",
+                                "def f(x):", "--max-tokens", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()      # before the first token, so that every write meets the closed pipe
+    err = process.stderr.read().decode()
+    assert process.wait(300) == 141
+    assert "Traceback" not in err and "Exception ignored" not in err and "Error" not in err

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -318,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout left (`moe-offload generate ... | head -1`): stop quietly, as Unix tools do,
+        # with stdout on /dev/null so that the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     return 0
 
 
