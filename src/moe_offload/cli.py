@@ -204,11 +204,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args) -> None:
-    from .server.app import serve
+    from .server.app import bind, serve
 
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
                           max_body_bytes=args.max_body_bytes)
-    serve(load_engine(args), config)
+    sock = bind(config)
+    serve(load_engine(args), config, sock)
 
 
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
