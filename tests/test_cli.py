@@ -59,6 +59,12 @@ def test_prompt_file_that_is_missing_or_not_utf8_is_one_error_line(tmp_path, cap
         f"error: --prompt-file {tmp_path / 'latin1.txt'}: not UTF-8 text (byte 0xe9 at offset 7)")
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_temperature_that_is_not_a_finite_number_at_least_0_is_one_error_line(capsys, value):
+    assert one_error_line(capsys, ["generate", "--prompt", "x", "--temperature", value]) == (
+        f"error: temperature must be a finite number >= 0, got {float(value)}")
+
+
 def test_prompt_and_prompt_file_exclude_each_other(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--prompt", "x", "--prompt-file", "-"])

@@ -27,6 +27,7 @@ from .bench.cli import add_bench_parser
 from .engine import Engine
 from .errors import UserError
 from .offload.planner import parse_size
+from .quant.checkpoint import is_quantized
 from .server.config import ServerConfig
 from .tokenizer import check_utf8
 
@@ -61,8 +62,8 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
                    help="expert slots per MoE layer (default: as many as --gpu-memory holds)")
     g.add_argument("--prefetch", type=int, default=OFFLOAD["prefetch_experts"],
                    help="experts to predict and prefetch per layer ahead, 0 for none (default: the model's top-k)")
-    g.add_argument("--prefetch-depth", type=int, default=OFFLOAD["prefetch_depth"],
-                   help="MoE layers ahead to predict (default: %(default)s)")
+    g.add_argument("--prefetch-depth", type=int, default=None,
+                   help=f"MoE layers ahead to predict (default: {OFFLOAD['prefetch_depth']})")
     g.add_argument("--offload-dir", default=OFFLOAD["offload_dir"],
                    help="folder for experts that do not fit in --cpu-memory (default: the system temp folder)")
     g.add_argument("--stats", action="store_true",
@@ -72,7 +73,9 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
 def offload_from(args) -> OffloadConfig:
     if not args.offload:
         given = [flag for flag, value in (("--gpu-memory", args.gpu_memory), ("--cpu-memory", args.cpu_memory),
-                                          ("--slots", args.slots), ("--offload-dir", args.offload_dir)) if value is not None]
+                                          ("--slots", args.slots), ("--prefetch", args.prefetch),
+                                          ("--prefetch-depth", args.prefetch_depth), ("--offload-dir", args.offload_dir))
+                 if value is not None]
         if given:
             raise UserError(f"{given[0]} only applies to offloaded experts; add --offload")
         return OffloadConfig()
@@ -80,7 +83,8 @@ def offload_from(args) -> OffloadConfig:
         enabled=True,
         gpu_memory=None if args.gpu_memory is None else parse_size(args.gpu_memory, "--gpu-memory"),
         cpu_memory=None if args.cpu_memory is None else parse_size(args.cpu_memory, "--cpu-memory"),
-        slots_per_layer=args.slots, prefetch_experts=args.prefetch, prefetch_depth=args.prefetch_depth,
+        slots_per_layer=args.slots, prefetch_experts=args.prefetch,
+        prefetch_depth=OFFLOAD["prefetch_depth"] if args.prefetch_depth is None else args.prefetch_depth,
         offload_dir=args.offload_dir, measure_time=args.stats)
 
 
@@ -108,6 +112,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def runtime_from(args) -> RuntimeConfig:
+    if args.quant and is_quantized(args.model):
+        raise UserError(f"--quant {args.quant}: {args.model} is already quantized (by `moe-offload quantize`); "
+                        f"drop --quant")
     quant = QuantConfig.parse(args.quant) if args.quant else None
     return RuntimeConfig(model=args.model, device=args.device, dtype=args.dtype, max_context=args.max_context, quant=quant)
 
@@ -144,8 +151,8 @@ def read_prompt(args) -> str:
 
 def cmd_generate(args) -> None:
     prompt = read_prompt(args)
-    engine = load_engine(args)
     params = sampling_from(args)
+    engine = load_engine(args)
     run = engine.stream(engine.tokenizer.encode(prompt), params)
     for piece in run:
         sys.stdout.write(piece)
