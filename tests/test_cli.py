@@ -8,7 +8,10 @@ import sys
 
 import pytest
 
-from moe_offload.cli import main
+from moe_offload.cli import fit_conversation, main
+from moe_offload.tokenizer import Tokenizer
+
+from conftest import SHIPPED_MODEL
 
 
 def moe_offload(*args, stdin: str = "") -> subprocess.CompletedProcess:
@@ -93,3 +96,29 @@ def test_generate_into_a_closed_pipe_stops_quietly():
     err = process.stderr.read().decode()
     assert process.wait(300) == 141
     assert "Traceback" not in err and "Exception ignored" not in err and "Error" not in err
+
+
+def test_chat_drops_its_oldest_turns_once_the_context_is_full_and_says_so():
+    lines = ["write a function that adds two numbers", "now one that multiplies them", "and one that divides them",
+             "and one that subtracts them", "and a class for all of it"]
+    done = moe_offload("chat", "--device", "cpu", "--max-context", "96", "--max-tokens", "24", "--system", "Be brief.",
+                       stdin="".join(line + "\n" for line in lines))
+    assert done.returncode == 0
+    assert done.stdout.count("> ") == len(lines) + 1      # every line answered
+    assert "error:" not in done.stderr
+    assert ("(dropped the 2 oldest messages: the conversation and --max-tokens 24 must fit the context of 96 tokens)"
+            in done.stderr.splitlines())
+
+
+def test_fit_conversation_keeps_the_system_message_and_the_newest_turn_and_drops_whole_exchanges():
+    tokenizer = Tokenizer.from_folder(SHIPPED_MODEL)
+    system = {"role": "system", "content": "Be brief."}
+    exchanges = [[{"role": "user", "content": f"question {i} " * 5}, {"role": "assistant", "content": f"answer {i} " * 5}]
+                 for i in range(4)]
+    newest = {"role": "user", "content": "last question"}
+    messages = [system, *(m for exchange in exchanges for m in exchange), newest]
+    assert fit_conversation(tokenizer, messages, limit=10_000) == (messages, 0)
+    limit = len(tokenizer.encode_chat([system, *exchanges[3], newest]))
+    assert fit_conversation(tokenizer, messages, limit) == ([system, *exchanges[3], newest], 6)
+    assert fit_conversation(tokenizer, messages, limit=1) == ([system, newest], 8)
+    assert fit_conversation(tokenizer, messages[1:], limit=1) == ([newest], 8)

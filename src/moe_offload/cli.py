@@ -164,6 +164,17 @@ def cmd_generate(args) -> None:
               file=sys.stderr)
 
 
+def fit_conversation(tokenizer, messages: list[dict], limit: int) -> tuple[list[dict], int]:
+    """`messages` less their oldest exchanges (a user turn and the reply to it), until the rendered
+    conversation has at most `limit` tokens or only the system message (if any) and the newest turn
+    are left; -> (the messages kept, how many were dropped)."""
+    first = 1 if messages[0]["role"] == "system" else 0
+    kept = list(messages)
+    while len(kept) - first > 1 and len(tokenizer.encode_chat(kept)) > limit:
+        del kept[first:first + 2]
+    return kept, len(messages) - len(kept)
+
+
 def cmd_chat(args) -> None:
     engine = load_engine(args)
     params = sampling_from(args, extra_stops=engine.tokenizer.chat_stop_strings)
@@ -179,14 +190,18 @@ def cmd_chat(args) -> None:
             return
         if not line.strip():
             continue
-        turn = {"role": "user", "content": line}
         try:
             check_utf8(line, "that line")
-            run = engine.stream(engine.tokenizer.encode_chat(history + [turn]), params)
+            messages, dropped = fit_conversation(engine.tokenizer, history + [{"role": "user", "content": line}],
+                                                 engine.max_context - params.max_new_tokens)
+            run = engine.stream(engine.tokenizer.encode_chat(messages), params)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             continue
-        history.append(turn)
+        if dropped:
+            print(f"(dropped the {dropped} oldest messages: the conversation and --max-tokens {params.max_new_tokens} "
+                  f"must fit the context of {engine.max_context} tokens)", file=sys.stderr)
+        history = messages
         reply = []
         for piece in run:
             reply.append(piece)
