@@ -2,6 +2,7 @@
 
     moe-offload generate --prompt "def fib(n):"          # the shipped model, on cuda if present
     moe-offload generate --model DIR --prompt TEXT --max-tokens 64 --temperature 0.7 --seed 1
+    echo "def f(x):" | moe-offload generate --prompt-file -     # the prompt from a file, - for stdin
     moe-offload chat --model DIR
     moe-offload serve --model DIR --port 8000 --api-key KEY   # OpenAI-compatible HTTP API
 
