@@ -190,7 +190,9 @@ def one_cpu_thread():
     torch.set_num_threads(threads)
 
 
-def test_bench_command_runs_every_mode_and_routing_at_toy_size(tmp_path, capsys, one_cpu_thread):
+def test_bench_command_runs_every_mode_and_routing_at_toy_size_from_any_folder(tmp_path, capsys, one_cpu_thread,
+                                                                                monkeypatch):
+    monkeypatch.chdir(tmp_path)     # the default trace is the repository's, wherever the command runs
     out = tmp_path / "report.json"
     argv = ["bench", "--synthetic", "tiny", "--quant", "bf16", "--budget", "1MiB,396MiB", "--device", "cpu",
             "--prompt-tokens", "6", "--new-tokens", "4", "--warmup-tokens", "2", "--repeats", "1",

@@ -291,6 +291,10 @@ def test_cli_offload_generates_the_resident_text_and_prints_plan_and_stats(capsy
     (["--gpu-memory", "1GiB"], "error: --gpu-memory only applies to offloaded experts; add --offload"),
     (["--offload", "--slots", "9"], "error: --slots 9: use 1 to 8"),
     (["--offload", "--prefetch-depth", "0"], "error: --prefetch-depth 0"),
+    (["--offload", "--prefetch-depth", "99"], "error: --prefetch-depth 99: use 1 to 7 (the model has 8 MoE layers)"),
+    (["--offload", "--prefetch", "100"], "error: --prefetch 100: use 0 (off) to 8 (the experts per layer)"),
+    (["--prefetch", "2"], "error: --prefetch only applies to offloaded experts; add --offload"),
+    (["--prefetch-depth", "1"], "error: --prefetch-depth only applies to offloaded experts; add --offload"),
 ])
 def test_cli_offload_flag_errors_are_one_line(capsys, flags, message):
     assert main(["generate", "--prompt", "x", "--device", "cpu"] + flags) == 1

@@ -47,6 +47,8 @@ def test_windows_do_not_overlap_and_the_tail_is_dropped():
     assert chunks == [[0, 1, 2, 3], [4, 5, 6, 7]]
     with pytest.raises(UserError, match="fewer than one window"):
         windows_of(list(range(3)), 4)
+    with pytest.raises(UserError, match=r"--max-windows must be 0 \(all windows\) or more, got -1"):
+        windows_of(list(range(10)), 4, max_windows=-1)
 
 
 def test_cli_prints_the_perplexity_and_rejects_bad_windows(tmp_path, capsys):

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
+import textwrap
 
 import pytest
 import torch
 
+from moe_offload.cli import main
 from moe_offload.config import ModelConfig, OffloadConfig, QuantConfig, RuntimeConfig
 from moe_offload.engine import Engine
 from moe_offload.errors import UserError
@@ -15,7 +18,7 @@ from moe_offload.model import KVCache
 from moe_offload.offload.planner import GiB, make_plan, parse_size, plan_for
 from moe_offload.quant.weight import QuantizedWeight
 
-from conftest import SHIPPED_MODEL, write_tiny_mixtral
+from conftest import REPO, SHIPPED_MODEL, write_tiny_mixtral
 
 CONFIG = ModelConfig(model_type="qwen3_moe", vocab_size=100, hidden_size=8, num_layers=5, num_heads=2, num_kv_heads=1,
                      head_dim=4, expert_ffn=8, num_experts=4, top_k=2, rms_norm_eps=1e-6, rope_theta=1e4,
@@ -126,3 +129,11 @@ def test_offloaded_engine_allocates_exactly_the_planned_slots():
     assert provider.store.ram_experts == engine.plan.ram_experts == 20 * 2**20 // engine.plan.expert_nbytes
     assert sum(m.numel() for m in memories.values()) == engine.plan.slot_bytes
     assert all(m.stride(0) % 512 == 0 for m in memories.values())
+
+
+def test_readme_sample_plan_is_what_the_command_prints(capsys):
+    section = (REPO / "README.md").read_text().split("## Expert offloading", 1)[1]
+    flags, sample = re.search(r"the shipped model on the CPU with `([^`]+)`.*?```\n(.*?)\n *```", section, re.S).groups()
+    assert main(["generate", "--prompt", "x", "--max-tokens", "1", "--device", "cpu", "--offload", *flags.split()]) == 0
+    printed = capsys.readouterr().err
+    assert textwrap.dedent(sample) in printed, printed

@@ -125,8 +125,10 @@ def test_folder_of_an_older_format_version_fails_with_one_line(tiny_4_2, tmp_pat
     assert "version 4" in line and "quantize the model again" in line
 
 
-def test_quant_flag_on_a_folder_quantized_otherwise_fails_with_one_line(tiny_4_2, capsys):
-    assert "already quantized" in one_error_line(capsys, GENERATE + [str(tiny_4_2), "--quant", "4/3"])
+@pytest.mark.parametrize("quant", ["4/3", "4/2"])
+def test_quant_flag_on_a_quantized_folder_fails_with_one_line_even_with_its_own_settings(tiny_4_2, capsys, quant):
+    assert one_error_line(capsys, GENERATE + [str(tiny_4_2), "--quant", quant]) == (
+        f"error: --quant {quant}: {tiny_4_2} is already quantized (by `moe-offload quantize`); drop --quant")
 
 
 def test_quantize_refuses_an_existing_out_folder_and_bad_settings(tiny, tiny_4_2, tmp_path, capsys):

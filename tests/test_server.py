@@ -653,3 +653,21 @@ def test_body_limit_is_the_flag(guarded_server):
 def test_serve_rejects_bad_flags_with_one_line(capsys):
     assert main(["serve", "--port", "70000"]) == 1
     assert capsys.readouterr().err.strip().splitlines() == ["error: --port 70000 is not a TCP port; use 0-65535"]
+    assert main(["serve", "--api-key", ""]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --api-key is empty; give a key, or leave the flag out to serve without one"]
+
+
+def test_serve_refuses_a_port_in_use_or_a_foreign_host_before_loading_the_model(capsys, monkeypatch):
+    monkeypatch.setattr("moe_offload.cli.load_engine", lambda args: pytest.fail("the model loaded before the check"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 1
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"error: --port {port}: 127.0.0.1 port {port} is in use; stop what listens there or choose another --port"]
+    assert main(["serve", "--host", "192.0.2.1"]) == 1     # TEST-NET-1: never an address of this machine
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --host 192.0.2.1: cannot listen there (Cannot assign requested address); use an address of this "
+        "machine, e.g. 127.0.0.1, or 0.0.0.0 for all of them"]

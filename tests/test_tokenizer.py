@@ -4,6 +4,7 @@ streaming that never splits a character."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -64,6 +65,15 @@ def test_tokenizer_without_template_falls_back_to_a_transcript():
     text = tok.render_chat([{"role": "user", "content": "hi"}])
     assert text == "user: hi\nassistant:"
     assert "\nuser:" in tok.chat_stop_strings
+
+
+@pytest.mark.parametrize("text, found", [("caf\udce9", "byte 0xe9 at character 3"),
+                                         ("x\ud800y", "unpaired surrogate U+D800 at character 1")])
+def test_text_without_a_utf8_form_is_a_user_error_naming_the_character(text, found):
+    from moe_offload.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape(f"the text is not valid UTF-8 ({found})")):
+        Tokenizer.from_folder(SHIPPED_MODEL).encode(text)
 
 
 @pytest.mark.parametrize("text", TEXTS)

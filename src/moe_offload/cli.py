@@ -2,6 +2,7 @@
 
     moe-offload generate --prompt "def fib(n):"          # the shipped model, on cuda if present
     moe-offload generate --model DIR --prompt TEXT --max-tokens 64 --temperature 0.7 --seed 1
+    echo "def f(x):" | moe-offload generate --prompt-file -     # the prompt from a file, - for stdin
     moe-offload chat --model DIR
     moe-offload serve --model DIR --port 8000 --api-key KEY   # OpenAI-compatible HTTP API
 
@@ -11,8 +12,12 @@ Defaults come from the dataclasses in config.py. Bad input prints one line `erro
 from __future__ import annotations
 
 import argparse
+import io
+import os
+import signal
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -23,7 +28,9 @@ from .bench.cli import add_bench_parser
 from .engine import Engine
 from .errors import UserError
 from .offload.planner import parse_size
+from .quant.checkpoint import is_quantized
 from .server.config import ServerConfig
+from .tokenizer import check_utf8
 
 RUNTIME = {f.name: f.default for f in fields(RuntimeConfig)}
 SAMPLING = {f.name: f.default for f in fields(SamplingParams) if f.name != "stop"}
@@ -56,8 +63,8 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
                    help="expert slots per MoE layer (default: as many as --gpu-memory holds)")
     g.add_argument("--prefetch", type=int, default=OFFLOAD["prefetch_experts"],
                    help="experts to predict and prefetch per layer ahead, 0 for none (default: the model's top-k)")
-    g.add_argument("--prefetch-depth", type=int, default=OFFLOAD["prefetch_depth"],
-                   help="MoE layers ahead to predict (default: %(default)s)")
+    g.add_argument("--prefetch-depth", type=int, default=None,
+                   help=f"MoE layers ahead to predict (default: {OFFLOAD['prefetch_depth']})")
     g.add_argument("--offload-dir", default=OFFLOAD["offload_dir"],
                    help="folder for experts that do not fit in --cpu-memory (default: the system temp folder)")
     g.add_argument("--stats", action="store_true",
@@ -67,7 +74,9 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
 def offload_from(args) -> OffloadConfig:
     if not args.offload:
         given = [flag for flag, value in (("--gpu-memory", args.gpu_memory), ("--cpu-memory", args.cpu_memory),
-                                          ("--slots", args.slots), ("--offload-dir", args.offload_dir)) if value is not None]
+                                          ("--slots", args.slots), ("--prefetch", args.prefetch),
+                                          ("--prefetch-depth", args.prefetch_depth), ("--offload-dir", args.offload_dir))
+                 if value is not None]
         if given:
             raise UserError(f"{given[0]} only applies to offloaded experts; add --offload")
         return OffloadConfig()
@@ -75,7 +84,8 @@ def offload_from(args) -> OffloadConfig:
         enabled=True,
         gpu_memory=None if args.gpu_memory is None else parse_size(args.gpu_memory, "--gpu-memory"),
         cpu_memory=None if args.cpu_memory is None else parse_size(args.cpu_memory, "--cpu-memory"),
-        slots_per_layer=args.slots, prefetch_experts=args.prefetch, prefetch_depth=args.prefetch_depth,
+        slots_per_layer=args.slots, prefetch_experts=args.prefetch,
+        prefetch_depth=OFFLOAD["prefetch_depth"] if args.prefetch_depth is None else args.prefetch_depth,
         offload_dir=args.offload_dir, measure_time=args.stats)
 
 
@@ -103,6 +113,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def runtime_from(args) -> RuntimeConfig:
+    if args.quant and is_quantized(args.model):
+        raise UserError(f"--quant {args.quant}: {args.model} is already quantized (by `moe-offload quantize`); "
+                        f"drop --quant")
     quant = QuantConfig.parse(args.quant) if args.quant else None
     return RuntimeConfig(model=args.model, device=args.device, dtype=args.dtype, max_context=args.max_context, quant=quant)
 
@@ -120,10 +133,28 @@ def sampling_from(args, extra_stops: tuple[str, ...] = ()) -> SamplingParams:
         raise UserError(str(e).replace("max_new_tokens", "--max-tokens")) from None
 
 
+def read_prompt(args) -> str:
+    """--prompt, or the UTF-8 text of --prompt-file ("-": standard input) less one final newline, as
+    llama.cpp's -f reads a file."""
+    if args.prompt is not None:
+        check_utf8(args.prompt, "--prompt")
+        return args.prompt
+    name = "standard input" if args.prompt_file == "-" else args.prompt_file
+    try:
+        data = sys.stdin.buffer.read() if args.prompt_file == "-" else Path(args.prompt_file).read_bytes()
+    except OSError as e:
+        raise UserError(f"--prompt-file {name}: cannot read it ({e.strerror})") from None
+    try:
+        return data.decode("utf-8").removesuffix("\n")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompt-file {name}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
 def cmd_generate(args) -> None:
-    engine = load_engine(args)
+    prompt = read_prompt(args)
     params = sampling_from(args)
-    run = engine.stream(engine.tokenizer.encode(args.prompt), params)
+    engine = load_engine(args)
+    run = engine.stream(engine.tokenizer.encode(prompt), params)
     for piece in run:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -134,10 +165,23 @@ def cmd_generate(args) -> None:
               file=sys.stderr)
 
 
+def fit_conversation(tokenizer, messages: list[dict], limit: int) -> tuple[list[dict], int]:
+    """`messages` less their oldest exchanges (a user turn and the reply to it), until the rendered
+    conversation has at most `limit` tokens or only the system message (if any) and the newest turn
+    are left; -> (the messages kept, how many were dropped)."""
+    first = 1 if messages[0]["role"] == "system" else 0
+    kept = list(messages)
+    while len(kept) - first > 1 and len(tokenizer.encode_chat(kept)) > limit:
+        del kept[first:first + 2]
+    return kept, len(messages) - len(kept)
+
+
 def cmd_chat(args) -> None:
     engine = load_engine(args)
     params = sampling_from(args, extra_stops=engine.tokenizer.chat_stop_strings)
     history = [{"role": "system", "content": args.system}] if args.system else []
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")   # a line that is not UTF-8 is refused below, not fatal
     print("moe-offload chat: Ctrl-D or Ctrl-C to quit", file=sys.stderr)
     while True:
         try:
@@ -147,13 +191,18 @@ def cmd_chat(args) -> None:
             return
         if not line.strip():
             continue
-        history.append({"role": "user", "content": line})
         try:
-            run = engine.stream(engine.tokenizer.encode_chat(history), params)
+            check_utf8(line, "that line")
+            messages, dropped = fit_conversation(engine.tokenizer, history + [{"role": "user", "content": line}],
+                                                 engine.max_context - params.max_new_tokens)
+            run = engine.stream(engine.tokenizer.encode_chat(messages), params)
         except UserError as e:
-            history.pop()
             print(f"error: {e}", file=sys.stderr)
             continue
+        if dropped:
+            print(f"(dropped the {dropped} oldest messages: the conversation and --max-tokens {params.max_new_tokens} "
+                  f"must fit the context of {engine.max_context} tokens)", file=sys.stderr)
+        history = messages
         reply = []
         for piece in run:
             reply.append(piece)
@@ -178,11 +227,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args) -> None:
-    from .server.app import serve
+    from .server.app import bind, serve
 
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
                           max_body_bytes=args.max_body_bytes)
-    serve(load_engine(args), config)
+    sock = bind(config)
+    serve(load_engine(args), config, sock)
 
 
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
@@ -244,7 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="complete a prompt, streaming to stdout; stats on stderr")
     add_runtime_args(gen)
-    gen.add_argument("--prompt", required=True, help="text to complete")
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text to complete")
+    prompt.add_argument("--prompt-file", metavar="PATH",
+                        help="complete the UTF-8 text of this file, - for standard input (one final newline is dropped)")
     add_sampling_args(gen)
     add_offload_args(gen)
     gen.set_defaults(func=cmd_generate)
@@ -291,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout left (`moe-offload generate ... | head -1`): stop quietly, as Unix tools do,
+        # with stdout on /dev/null so that the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     return 0
 
 

@@ -40,6 +40,8 @@ class PerplexityResult:
 def windows_of(token_ids: list[int], window: int, max_windows: int | None = None) -> list[list[int]]:
     if window < 2:
         raise UserError(f"--window must be at least 2 tokens, got {window}")
+    if max_windows is not None and max_windows < 0:
+        raise UserError(f"--max-windows must be 0 (all windows) or more, got {max_windows}")
     count = len(token_ids) // window
     if count == 0:
         raise UserError(f"the text has {len(token_ids)} tokens, fewer than one window of {window}; "

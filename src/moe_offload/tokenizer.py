@@ -63,6 +63,7 @@ class Tokenizer:
         return self.hf.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_utf8(text, "the text")
         return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
@@ -135,6 +136,18 @@ class StreamDecoder:
         full = decode(self.ids[self.prefix_start:])
         self.prefix_start = self.emitted_upto = len(self.ids)
         return full[len(prefix):]
+
+
+def check_utf8(text: str, what: str) -> None:
+    """Refuse text that has no UTF-8 form. Python hands over the bytes of a command line or a terminal
+    that are not UTF-8 as lone surrogates (U+DC80-U+DCFF, "surrogateescape"), which the tokenizer
+    cannot take; `what` names the text in the message."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        found = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"unpaired surrogate U+{code:04X}"
+        raise UserError(f"{what} is not valid UTF-8 ({found} at character {e.start}); use UTF-8 text") from None
 
 
 def _token_text(token) -> str | None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import UserError
 
+REPO = Path(__file__).resolve().parents[3]   # src/moe_offload/bench/cli.py -> the repository (an editable install)
 
 
 def _defaults() -> dict:
@@ -49,7 +50,8 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--modes", default=",".join(d["modes"]),
                        help="comma-separated: full (LRU + prefetch), no-prefetch, no-cache (default: %(default)s)")
     bench.add_argument("--accelerate", action="store_true", help="also measure transformers + accelerate offloading (bf16)")
-    bench.add_argument("--trace", type=Path, default=d["trace"], help="routing trace for --routing replay (default: %(default)s)")
+    bench.add_argument("--trace", type=Path, default=None,
+                       help=f"routing trace for --routing replay (default: the repository's {d['trace']}, from any folder)")
     bench.add_argument("--prompt-tokens", type=int, default=d["prompt_tokens"], help="decode prompt length (default: %(default)s)")
     bench.add_argument("--new-tokens", type=int, default=d["new_tokens"], help="tokens decoded per repeat (default: %(default)s)")
     bench.add_argument("--warmup-tokens", type=int, default=d["warmup_tokens"], help="tokens of the warm-up run (default: %(default)s)")
@@ -110,7 +112,8 @@ def cmd_bench(args) -> None:
     settings = BenchSettings(
         synthetic=None if args.model else args.synthetic, model=args.model, quants=_csv(args.quant),
         budgets=_csv(args.budget), routings=_csv(args.routing), modes=_csv(args.modes), accelerate=args.accelerate,
-        trace=args.trace, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, warmup_tokens=args.warmup_tokens,
+        trace=args.trace or REPO / _defaults()["trace"], prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+        warmup_tokens=args.warmup_tokens,
         repeats=args.repeats, prefill_tokens=args.prefill_tokens, prefill_repeats=args.prefill_repeats,
         cpu_memory=args.cpu_memory, resident=args.resident, compute_only=args.compute_only, profile_tokens=args.profile, prefetch_experts=args.prefetch, prefetch_depth=args.prefetch_depth,
         device=args.device, time_limit=args.time_limit, out=args.out)

@@ -146,10 +146,12 @@ def _ranges(slots: dict[int, int]) -> str:
 def plan_for(config: ModelConfig, expert_nbytes: int, dtype: torch.dtype, max_context: int,
              offload: OffloadConfig, device, quant: QuantConfig | None = None) -> Plan:
     """The plan for a model whose non-expert weights are in `dtype` but for the roles `quant` quantizes, on `device`."""
-    if offload.prefetch_experts is not None and offload.prefetch_experts < 0:
-        raise UserError(f"--prefetch {offload.prefetch_experts}: use 0 (off) or more experts")
-    if offload.prefetch_depth < 1:
-        raise UserError(f"--prefetch-depth {offload.prefetch_depth}: use 1 or more layers")
+    if offload.prefetch_experts is not None and not 0 <= offload.prefetch_experts <= config.num_experts:
+        raise UserError(f"--prefetch {offload.prefetch_experts}: use 0 (off) to {config.num_experts} (the experts per layer)")
+    deepest = max(1, len(config.moe_layers) - 1)
+    if not 1 <= offload.prefetch_depth <= deepest:
+        raise UserError(f"--prefetch-depth {offload.prefetch_depth}: use 1 to {deepest} (the model has "
+                        f"{len(config.moe_layers)} MoE layers)")
     device = torch.device(device)
     itemsize = dtype.itemsize
     dense = dense_nbytes(config, dtype, quant)

@@ -130,10 +130,15 @@ class QuantizedCheckpoint(Checkpoint):
         return torch.from_numpy(self.maps[path][offset:offset + size])
 
 
+def is_quantized(folder) -> bool:
+    """Whether `folder` was written by `write_quantized` (`moe-offload quantize`)."""
+    return (Path(folder) / SETTINGS_FILE).is_file()
+
+
 def open_checkpoint(folder, quant: QuantConfig | None = None, device=None) -> Checkpoint:
     """A Hugging Face folder (quantized on load when `quant` is given) or a quantized folder."""
     folder = Path(folder)
-    if not (folder / SETTINGS_FILE).is_file():
+    if not is_quantized(folder):
         ckpt = Checkpoint.open(folder)
         if quant is None:
             return ckpt
@@ -212,7 +217,7 @@ def write_quantized(source, out, quant: QuantConfig, device=None, progress_bar=N
     renames it at the end: `out` is complete or absent.
     """
     source, out = Path(source), Path(out)
-    if (source / SETTINGS_FILE).is_file():
+    if is_quantized(source):
         raise CheckpointError(f"{source} is already quantized; pass the original Hugging Face model folder")
     if out.exists():
         raise CheckpointError(f"{out} already exists; choose a new --out folder or remove it")

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API: FastAPI routes over one Engine and its Scheduler.
 
-    engine = Engine.load(RuntimeConfig(model=DIR))
-    serve(engine, ServerConfig(port=8000))                  # blocks; what `moe-offload serve` runs
+    config = ServerConfig(port=8000)
+    sock = bind(config)                                     # before loading: a port in use fails at once
+    serve(Engine.load(RuntimeConfig(model=DIR)), config, sock)   # blocks; what `moe-offload serve` runs
     app = create_app(engine, ServerConfig())                # the ASGI app, for any ASGI server
 
 Routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with
@@ -18,10 +19,12 @@ or its generation stops at the next step.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import json
 import logging
 import secrets
+import socket
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -214,16 +217,38 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     return app
 
 
-def serve(engine: Engine, config: ServerConfig) -> None:
-    """Run the server until Ctrl-C (what `moe-offload serve` does after loading the engine)."""
+def bind(config: ServerConfig) -> socket.socket:
+    """The server's socket, bound as uvicorn binds one (SO_REUSEADDR) but before the model loads, so that a
+    port in use or a --host that is not this machine's is one line at once. `serve` listens on it."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"--host {config.host!r} is neither an address nor a known host name ({e})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"--port {config.port}: {config.host} port {config.port} is in use; stop what listens "
+                            f"there or choose another --port") from None
+        raise UserError(f"--host {config.host}: cannot listen there ({e.strerror}); use an address of this machine, "
+                        f"e.g. 127.0.0.1, or 0.0.0.0 for all of them") from None
+    return sock
+
+
+def serve(engine: Engine, config: ServerConfig, sock: socket.socket) -> None:
+    """Run the server on `sock` (from `bind`) until Ctrl-C: what `moe-offload serve` does after loading the engine."""
     import uvicorn
 
     if not config.api_key and not _is_loopback(config.host):
         log.warning("serving on %s without --api-key: anyone who can reach this address can use the model", config.host)
-    print(f"serving {engine.name} on http://{config.host}:{config.port} (OpenAI API under /v1); Ctrl-C stops",
-          flush=True)
-    uvicorn.run(create_app(engine, config), host=config.host, port=config.port, log_level="info",
-                timeout_graceful_shutdown=5)
+    port = sock.getsockname()[1]    # the one the system chose for --port 0
+    print(f"serving {engine.name} on http://{config.host}:{port} (OpenAI API under /v1); Ctrl-C stops", flush=True)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, config), log_level="info", timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
 
 
 def model_card(engine: Engine) -> dict:

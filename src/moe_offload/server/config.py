@@ -21,6 +21,8 @@ class ServerConfig:
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
             raise UserError(f"--port {self.port} is not a TCP port; use 0-65535")
+        if self.api_key is not None and not self.api_key.strip():
+            raise UserError("--api-key is empty; give a key, or leave the flag out to serve without one")
         if self.max_queue < 1:
             raise UserError(f"--max-queue must be at least 1, got {self.max_queue}")
         if self.max_body_bytes < 1024:
