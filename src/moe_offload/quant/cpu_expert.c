@@ -18,8 +18,9 @@
 
 #define LANES 16            /* output rows (HQQ) or columns of K (dense) of one vector */
 #define MAX_ROWS 8          /* rows of x one call takes */
-#define ROW_BLOCK 32        /* pack.ROW_MULTIPLE: HQQ rows are padded to whole blocks; threads share whole blocks */
-#define PANEL 256           /* HQQ output rows whose sums a thread keeps (in L1) while it walks down K */
+#define ROW_BLOCK 32        /* pack.ROW_MULTIPLE: HQQ rows are padded to whole blocks; panels are whole blocks */
+#define PANEL 256           /* output rows at most a thread takes at once; HQQ keeps their sums in L1 while it walks
+                               down K, reading runs of 4 PANEL bytes a word (128 rows were 2x slower at 2 bits) */
 #define PREFETCH_BYTES 4096 /* how far ahead, in bytes of a panel's words, a thread asks for the next groups (into
                                L2: prefetches into L1 were 20 % slower, the L1's queue of misses being short) */
 
@@ -378,15 +379,6 @@ static void prepare_unit(const struct matrix *w, const float *x, int64_t r, int6
 
 /* ---- threads ---- */
 
-static int thread_id(void)
-{
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
-
 static int thread_count(void)
 {
 #ifdef _OPENMP
@@ -404,13 +396,18 @@ static void prepare(const struct matrix *w, const float *x, int64_t rows, struct
     for (int64_t i = 0; i < rows * units; i++) prepare_unit(w, x, i / units, i % units, a);
 }
 
-/* This thread's share of w's rows: HQQ's padded rows (or a dense matrix's own), in whole ROW_BLOCKs. */
-static void share(const struct matrix *w, int64_t *first, int64_t *last)
+/* The rows w's output is computed in: HQQ's padded rows (whole ROW_BLOCKs), a dense matrix's own. */
+static int64_t computed_rows(const struct matrix *w) { return w->storage == HQQ ? w->padded_rows : w->rows; }
+
+/* Rows of a panel, the unit of work that a free thread takes next: whole ROW_BLOCKs, at most PANEL, and as
+   even as that allows, so that `threads` running at one speed take the same number of panels of `count` rows
+   (Mixtral's 14336 rows on 16 threads: 64 panels of 224). A thread that the OS sets aside (for the Python
+   thread that drives the GPU, say) then holds up one panel, not a fixed share of the rows. */
+static int64_t panel_rows(int64_t count, int threads)
 {
-    const int64_t count = w->storage == HQQ ? w->padded_rows : w->rows;
-    const int64_t blocks = (count + ROW_BLOCK - 1) / ROW_BLOCK, t = thread_id(), threads = thread_count();
-    *first = min64(count, blocks * t / threads * ROW_BLOCK);
-    *last = min64(count, blocks * (t + 1) / threads * ROW_BLOCK);
+    const int64_t blocks = (count + ROW_BLOCK - 1) / ROW_BLOCK, per_thread = (blocks + threads - 1) / threads;
+    const int64_t panels = threads * ((per_thread * ROW_BLOCK + PANEL - 1) / PANEL);
+    return (blocks + panels - 1) / panels * ROW_BLOCK;
 }
 
 static float silu(float v) { return v / (1.0f + expf(-v)); }
@@ -423,19 +420,19 @@ int moe_cpu_linear(const struct matrix *w, const float *x, int64_t rows, float *
     if (!failed) {
 #pragma omp parallel num_threads((int)threads)
         {
-            int64_t first, last;
+            const int64_t count = computed_rows(w), size = panel_rows(count, thread_count());
             prepare(w, x, rows, &a);
-            share(w, &first, &last);
-            matrix_rows(w, &a, (int)rows, first, last, y + first, w->rows);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t first = 0; first < count; first += size)
+                matrix_rows(w, &a, (int)rows, first, min64(first + size, count), y + first, w->rows);
         }
     }
     release(&a);
     return failed;
 }
 
-/* y (rows, hidden) = w2 (silu(w1 x) * (w3 x)): each thread computes its share of w1's and w3's rows (the same
-   rows of both, so h = silu(gate) * up is its own to finish), then, once h is whole, its share of w2's rows.
-   0: done; 1: out of memory. */
+/* y (rows, hidden) = w2 (silu(w1 x) * (w3 x)): a panel of h is the same rows of w1 and w3 (so its thread
+   finishes h = silu(gate) * up), a panel of y rows of w2 once h is whole. 0: done; 1: out of memory. */
 int moe_cpu_swiglu(const struct matrix *w1, const struct matrix *w3, const struct matrix *w2,
                    const float *x, int64_t rows, float *y, int64_t threads)
 {
@@ -446,23 +443,24 @@ int moe_cpu_swiglu(const struct matrix *w1, const struct matrix *w3, const struc
     if (!failed) {
 #pragma omp parallel num_threads((int)threads)
         {
-            int64_t first, last;
+            const int64_t count = computed_rows(w1), size = panel_rows(count, thread_count());
             prepare(w1, x, rows, &a1);
             prepare(w3, x, rows, &a3);
-            share(w1, &first, &last);
-            for (int64_t p = first; p < last; p += PANEL) {
-                const int64_t end = min64(p + PANEL, last);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t first = 0; first < count; first += size) {
+                const int64_t last = min64(first + size, count);
                 float up[MAX_ROWS * PANEL];
-                matrix_rows(w1, &a1, (int)rows, p, end, h + p, ffn);
-                matrix_rows(w3, &a3, (int)rows, p, end, up, PANEL);
+                matrix_rows(w1, &a1, (int)rows, first, last, h + first, ffn);
+                matrix_rows(w3, &a3, (int)rows, first, last, up, PANEL);
                 for (int64_t r = 0; r < rows; r++)
-                    for (int64_t n = p; n < min64(end, ffn); n++)
-                        h[r * ffn + n] = silu(h[r * ffn + n]) * up[r * PANEL + n - p];
+                    for (int64_t n = first; n < min64(last, ffn); n++)
+                        h[r * ffn + n] = silu(h[r * ffn + n]) * up[r * PANEL + n - first];
             }
-#pragma omp barrier
+            const int64_t count2 = computed_rows(w2), size2 = panel_rows(count2, thread_count());
             prepare(w2, h, rows, &a2);
-            share(w2, &first, &last);
-            matrix_rows(w2, &a2, (int)rows, first, last, y + first, w2->rows);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t first = 0; first < count2; first += size2)
+                matrix_rows(w2, &a2, (int)rows, first, min64(first + size2, count2), y + first, w2->rows);
         }
     }
     free(h);
