@@ -432,26 +432,27 @@ int moe_cpu_linear(const struct matrix *w, const float *x, int64_t rows, float *
 }
 
 /* y (rows, hidden) = w2 (silu(w1 x) * (w3 x)): a panel of h is the same rows of w1 and w3 (so its thread
-   finishes h = silu(gate) * up), a panel of y rows of w2 once h is whole. 0: done; 1: out of memory. */
+   finishes h = silu(gate) * up), a panel of y rows of w2 once h is whole. w1 and w3 share a layout, so x is
+   prepared once for both. 0: done; 1: out of memory; 2: w1 and w3 differ in layout. */
 int moe_cpu_swiglu(const struct matrix *w1, const struct matrix *w3, const struct matrix *w2,
                    const float *x, int64_t rows, float *y, int64_t threads)
 {
+    if (w1->storage != w3->storage || w1->bits != w3->bits || w1->group_size != w3->group_size) return 2;
     const int64_t ffn = w1->rows;
     float *h = malloc(sizeof(float) * rows * ffn);
-    struct activations a1, a3, a2;
-    int failed = allocate(w1, x, rows, &a1) | allocate(w3, x, rows, &a3) | allocate(w2, h, rows, &a2) | !h;
+    struct activations a13, a2;
+    int failed = allocate(w1, x, rows, &a13) | allocate(w2, h, rows, &a2) | !h;
     if (!failed) {
 #pragma omp parallel num_threads((int)threads)
         {
             const int64_t count = computed_rows(w1), size = panel_rows(count, thread_count());
-            prepare(w1, x, rows, &a1);
-            prepare(w3, x, rows, &a3);
+            prepare(w1, x, rows, &a13);
 #pragma omp for schedule(dynamic, 1)
             for (int64_t first = 0; first < count; first += size) {
                 const int64_t last = min64(first + size, count);
                 float up[MAX_ROWS * PANEL];
-                matrix_rows(w1, &a1, (int)rows, first, last, h + first, ffn);
-                matrix_rows(w3, &a3, (int)rows, first, last, up, PANEL);
+                matrix_rows(w1, &a13, (int)rows, first, last, h + first, ffn);
+                matrix_rows(w3, &a13, (int)rows, first, last, up, PANEL);
                 for (int64_t r = 0; r < rows; r++)
                     for (int64_t n = first; n < min64(last, ffn); n++)
                         h[r * ffn + n] = silu(h[r * ffn + n]) * up[r * PANEL + n - first];
@@ -464,6 +465,6 @@ int moe_cpu_swiglu(const struct matrix *w1, const struct matrix *w3, const struc
         }
     }
     free(h);
-    release(&a1); release(&a3); release(&a2);
+    release(&a13); release(&a2);
     return failed;
 }

@@ -6,36 +6,47 @@
     y = cpu_linear(weight, x)                             # one matrix: a QuantizedWeight or a dense (N, K) tensor
     backend()                                             # "c", or "torch: <why the C kernels are not in use>"
 
-At batch 1 a missed expert is read once; the CPU reads it at host-memory speed, where a copy would read it
-at the link's. So the kernels are built to stream the packed bytes: all rows of x (1 to MAX_ROWS; more are
-taken MAX_ROWS at a time) share one pass over the weight, on `threads` threads (default: every core this
-process may use), and nothing is copied or converted first: the weight is read where it lies, pinned or not.
-Every product is an fp32 multiply-add, x and the outputs are fp32 inside (y comes back in x's dtype), so the
-result is dequantize-then-matmul in fp32 up to the order of the sums (tests/test_cpu_kernels.py bounds it).
+At batch 1 a missed expert is read once; the CPU reads it at host-memory speed, where a copy would read it at
+the link's. So the kernels stream the packed bytes: all rows of x (1 to MAX_ROWS; more are taken MAX_ROWS at a
+time) share one pass over the weight, on `threads` threads (default: every core this process may use), and
+nothing is copied or converted first: the weight is read where it lies, pinned or not. Every product is an
+fp32 multiply of the exact weight or code by x, sums are fp32, and y comes back in x's dtype: the result is
+dequantize-then-matmul in fp32 up to the order of the sums (tests/test_cpu_kernels.py bounds the difference).
+HQQ takes 2, 3, 4 and 8 bits with 8-bit or fp16 scales and zeros, at any group size but 3-bit groups of 16
+(they end mid-word); dense takes bf16 and fp32. Anything else falls back to torch.
 
-The layouts (pack.py, weight.py). An HQQ (N, K) matrix keeps each row's codes along K in 32-bit words stored
-(words, padded rows), rows innermost, and per group of K columns a scale and a zero stored (groups, padded
-rows): uint8 codes, value = min + code * step with the (step, min) of its run of meta_group_size consecutive
-elements of the flattened (groups, padded rows) array, or fp16. So the vector lanes are 16 consecutive output
-rows: one 64-byte load is a word of 16 rows, every shift of it a code of 16 rows (a code becomes the float
-2^bits + code by two integer operations, the code shifted under the exponent of 2^bits), and each code
-multiplies x[r, k], the same for all 16 lanes, into the group's sums; then y += scale (sum - (zero + 2^bits)
-sum_k x[r, k]). A thread walks down K over a panel of up to 256 rows, so what it reads is runs of 1 KiB, and
-asks for the next groups' runs ahead. 3-bit codes straddle words; a chunk of 3 words holds 32 whole codes.
-A dense matrix is (N, K) row-major (bf16 or fp32): the lanes run along K, a few rows at once share x's loads.
+How the HQQ kernel reads its layout (pack.py, weight.py). An (N, K) matrix keeps each row's codes along K in
+32-bit words stored (words, padded rows), rows innermost, and per group of K columns a scale and a zero stored
+(groups, padded rows): uint8 codes, value = min + code * step with the (step, min) of its run of
+meta_group_size consecutive elements of the flattened (groups, padded rows) array, or fp16. So a vector's 16
+lanes are 16 consecutive output rows: one 64-byte load is a word of 16 rows, and code c of it is an AND
+(code * 2^position, exact as an int) and a conversion, multiplied by x[r, k] * 2^-position (scaled once per
+call; the product is code * x exactly as fp32 rounds it) into the group's sums, 8 chains of sums at once; per
+group y += scale (sum - zero sum_k x[r, k]). A thread walks down K over a panel of up to 256 rows, reading runs
+of 1 KiB, one a word (512-byte runs were 2x slower at 2 bits: the 4 KiB-aligned stride between words makes
+short runs hard on the memory system), and asks for the next groups' runs into L2 ahead of use. A 3-bit code
+may straddle two words; 3 words hold 32 whole codes. Dense (N, K) row-major bf16 or fp32 puts K in the lanes:
+a 64-byte load is 32 bf16 columns, even ones by a shift, odd ones by a mask (x is rearranged to match).
 
-Why a small C file built on first use. Speed needs explicit vectors (the loop over 16 rows of a word) and
-threads that do not pass through Python; a clean install needs no build step and nothing heavy at run time.
-The C source (cpu_expert.c) ships in the package and is compiled once with the system's C compiler
-(`$CC`, else cc, gcc or clang; -O3 -march=native -fopenmp) into a per-user cache keyed by the source, the
-compiler, its flags and the CPU, written to a temporary name and renamed, then called through ctypes on the
-tensors' data pointers (ctypes lets go of the GIL for the call). It includes no torch or Python header, so it
-builds in seconds with any gcc or clang and does not break when torch changes; GCC's vector extensions give
-AVX-512 code on the CPUs that have it and AVX2 or NEON elsewhere from one source. torch.utils.cpp_extension
-would need torch's headers, ninja and a C++ build of a minute per torch version; numba is a heavy dependency
-whose vectorizer does not see the word-of-16-rows structure. Without a compiler or OpenMP (or with
-MOE_OFFLOAD_CPU_KERNELS=torch) every call falls back to dequantize-then-matmul in torch, slower but the same
-result, and backend() says why in one line.
+Threads take panels as they come free (OpenMP, dynamic): a thread the OS sets aside holds up one panel, not a
+share of the rows. The OpenMP runtime is torch's own libgomp (same soname: one copy in the process), whose
+waiting threads spin for a while before they sleep; on a host that also drives a GPU from Python, leave that
+thread a core (threads = cores - 1), or start Python with OMP_WAIT_POLICY=passive (a busy 2-core machine:
+11 ms an expert with it, 32 ms without).
+
+Why a small C file built on first use. Speed needs explicit vectors (16 rows of a word at once) and threads
+that do not pass through Python; a clean install needs no build step and nothing heavy at run time. The C
+source (cpu_expert.c) ships in the package and is compiled once with the system's C compiler (`$CC`, else cc,
+gcc or clang; -O3 -march=native -fopenmp; 5-15 s) into a per-user cache keyed by the source, the compiler, its
+flags and the CPU ($MOE_OFFLOAD_CACHE, else $XDG_CACHE_HOME or ~/.cache, then moe-offload/cpu_kernels),
+written to a temporary name and renamed, then called through ctypes on the tensors' data pointers (ctypes lets
+go of the GIL for the call). It includes no torch or Python header, so any gcc or clang builds it and a new
+torch does not break it; GCC's vector extensions give AVX-512 code where the CPU has it and AVX2 or NEON
+elsewhere from one source (one AVX-512 intrinsic, under #ifdef, where GCC 12 would go lane by lane).
+torch.utils.cpp_extension would need torch's headers, ninja and a C++ build per torch version; numba is a
+heavy dependency whose vectorizer does not see the word-of-16-rows structure. Without a compiler, when it
+cannot build the file (no OpenMP, say), or with MOE_OFFLOAD_CPU_KERNELS=torch, every call falls back to
+dequantize-then-matmul in torch, slower but the same result, and backend() says why in one line.
 """
 
 from __future__ import annotations
@@ -90,8 +101,9 @@ def cpu_linear(weight: QuantizedWeight | torch.Tensor, x: torch.Tensor, threads:
     x32 = _rows_of(x, matrix.cols)
     y = torch.empty(x32.shape[0], matrix.rows, dtype=torch.float32)
     for rows in _row_slices(x32.shape[0]):
-        library.moe_cpu_linear(ctypes.byref(matrix), _address(x32[rows]), rows.stop - rows.start,
-                               _address(y[rows]), threads or default_threads())
+        if library.moe_cpu_linear(ctypes.byref(matrix), _address(x32[rows]), rows.stop - rows.start,
+                                  _address(y[rows]), threads or default_threads()):
+            raise MemoryError(f"cpu_linear: no memory for the activations of {rows.stop - rows.start} rows")
     return y.to(x.dtype)
 
 
@@ -113,6 +125,8 @@ def cpu_swiglu(expert_format: ExpertFormat, buffer: torch.Tensor, x: torch.Tenso
     for rows in _row_slices(x32.shape[0]):
         status = library.moe_cpu_swiglu(*(ctypes.byref(m) for m in matrices), _address(x32[rows]),
                                         rows.stop - rows.start, _address(y[rows]), threads or default_threads())
+        if status == 2:
+            raise ValueError("cpu_swiglu: w1 and w3 of one expert must share a layout (bits, group size, dtype)")
         if status:
             raise MemoryError(f"cpu_swiglu: no memory for the activations of {rows.stop - rows.start} rows")
     return y.to(x.dtype)
