@@ -269,8 +269,10 @@ static inline __attribute__((always_inline)) void dense_rows(
         for (int i = 0; i < at_once && n + i < last; i++)
             for (int r = 0; r < rows; r++) {
                 float sum = lane_sum(acc[i][r]);
-                for (int64_t c = vector_end; c < k; c++)
-                    sum += (bf16 ? bf16_to_f32(((const uint16_t *)row[i])[c]) : ((const float *)row[i])[c]) * a->x[r * k + c];
+                for (int64_t c = vector_end; c < k; c++) {
+                    float weight = bf16 ? bf16_to_f32(((const uint16_t *)row[i])[c]) : ((const float *)row[i])[c];
+                    sum += weight * a->x[r * k + c];
+                }
                 out[r * out_stride + n + i - first] = sum;
             }
     }

@@ -112,7 +112,8 @@ def cpu_swiglu(expert_format: ExpertFormat, buffer: torch.Tensor, x: torch.Tenso
     """One expert, its uint8 (nbytes,) CPU buffer read in place: x (rows, hidden) -> w2 (silu(w1 x) * (w3 x)),
     (rows, hidden) in x's dtype."""
     if buffer.device.type != "cpu":
-        raise ValueError(f"cpu_swiglu reads the expert where it lies: expected a CPU buffer, got one on {buffer.device}")
+        raise ValueError(f"cpu_swiglu reads the expert where it lies: expected a CPU buffer, got one on "
+                         f"{buffer.device}")
     w1, w2, w3 = expert_format.view(buffer)
     library, _ = _library()
     matrices = [describe(w) for w in (w1, w3, w2)]
@@ -205,8 +206,9 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("MOE_OFFLOAD_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe-offload"
-    return Path(root) / "cpu_kernels"
+    if os.environ.get("MOE_OFFLOAD_CACHE"):
+        return Path(os.environ["MOE_OFFLOAD_CACHE"]) / "cpu_kernels"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe-offload" / "cpu_kernels"
 
 
 def _build_key(compiler: str) -> str:
