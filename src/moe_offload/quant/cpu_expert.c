@@ -21,8 +21,8 @@
 #define ROW_BLOCK 32        /* pack.ROW_MULTIPLE: HQQ rows are padded to whole blocks; panels are whole blocks */
 #define PANEL 256           /* output rows at most a thread takes at once; HQQ keeps their sums in L1 while it walks
                                down K, reading runs of 4 PANEL bytes a word (128 rows were 2x slower at 2 bits) */
-#define PREFETCH_BYTES 4096 /* how far ahead, in bytes of a panel's words, a thread asks for the next groups (into
-                               L2: prefetches into L1 were 20 % slower, the L1's queue of misses being short) */
+#define PREFETCH_BYTES 4096 /* how far ahead, in bytes of a panel's words, a thread asks for the next groups' words,
+                               scales and zeros (into L2: into L1 was 20 % slower, the L1's queue of misses short) */
 
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
@@ -210,10 +210,16 @@ static inline __attribute__((always_inline)) void hqq_panel(
     for (int v = 0; v < vectors; v++)
         for (int r = 0; r < rows; r++) sums[v][r] = (f32x16){0};
     for (int64_t g = 0; g < groups; g++) {
-        if (g + ahead < groups)
+        if (g + ahead < groups) {
             for (int64_t j = 0; j < group_words; j++)
                 for (int64_t line = 0; line < last - first; line += 16)
                     __builtin_prefetch(words + ((g + ahead) * group_words + j) * stride + line, 0, 2);
+            const int64_t at = (g + ahead) * stride + first, size = w->meta ? 1 : 2;   /* bytes a scale */
+            for (int64_t byte = 0; byte < (last - first) * size; byte += 64) {     /* 10 % faster at 2 bits */
+                __builtin_prefetch((const char *)w->scale + at * size + byte, 0, 2);
+                __builtin_prefetch((const char *)w->zero + at * size + byte, 0, 2);
+            }
+        }
         f32x16 scale[PANEL / LANES], zero[PANEL / LANES];
         panel_scales(w, g, first, vectors, scale, zero);
         int v0 = 0;
