@@ -225,10 +225,12 @@ def test_unsupported_layouts_fall_back_to_torch():
     assert cpu_kernels.describe(half) is None
 
 
-def test_bad_x_gets_one_clear_error():
+def test_bad_arguments_get_one_clear_error():
     weight = random_quantized(40, 64, QuantSpec(4))
     with pytest.raises(ValueError, match=r"expected x of shape \(rows, 64\)"):
         cpu_kernels.cpu_linear(weight, random_x(2, 32))
+    with pytest.raises(ValueError, match="threads must be at least 1, got 0"):
+        cpu_kernels.cpu_linear(weight, random_x(2, 64), threads=0)
 
 
 @pytest.fixture

@@ -6,6 +6,9 @@
     y = cpu_linear(weight, x)                             # one matrix: a QuantizedWeight or a dense (N, K) tensor
     backend()                                             # "c", or "torch: <why the C kernels are not in use>"
 
+The first call builds the kernels (seconds, once per machine and version): call backend() at start-up, not in
+the decode loop.
+
 At batch 1 a missed expert is read once; the CPU reads it at host-memory speed, where a copy would read it at
 the link's. So the kernels stream the packed bytes: all rows of x (1 to MAX_ROWS; more are taken MAX_ROWS at a
 time) share one pass over the weight, on `threads` threads (default: every core this process may use), and
@@ -102,7 +105,7 @@ def cpu_linear(weight: QuantizedWeight | torch.Tensor, x: torch.Tensor, threads:
     y = torch.empty(x32.shape[0], matrix.rows, dtype=torch.float32)
     for rows in _row_slices(x32.shape[0]):
         if library.moe_cpu_linear(ctypes.byref(matrix), _address(x32[rows]), rows.stop - rows.start,
-                                  _address(y[rows]), threads or default_threads()):
+                                  _address(y[rows]), _thread_count(threads)):
             raise MemoryError(f"cpu_linear: no memory for the activations of {rows.stop - rows.start} rows")
     return y.to(x.dtype)
 
@@ -125,7 +128,7 @@ def cpu_swiglu(expert_format: ExpertFormat, buffer: torch.Tensor, x: torch.Tenso
     y = torch.empty(x32.shape[0], matrices[2].rows, dtype=torch.float32)
     for rows in _row_slices(x32.shape[0]):
         status = library.moe_cpu_swiglu(*(ctypes.byref(m) for m in matrices), _address(x32[rows]),
-                                        rows.stop - rows.start, _address(y[rows]), threads or default_threads())
+                                        rows.stop - rows.start, _address(y[rows]), _thread_count(threads))
         if status == 2:
             raise ValueError("cpu_swiglu: w1 and w3 of one expert must share a layout (bits, group size, dtype)")
         if status:
@@ -173,6 +176,14 @@ def _rows_of(x: torch.Tensor, k: int) -> torch.Tensor:
     if x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
         raise ValueError(f"expected x of shape (rows, {k}) on the CPU, got {list(x.shape)} on {x.device}")
     return x.float().contiguous()
+
+
+def _thread_count(threads: int | None) -> int:
+    if threads is None:
+        return default_threads()
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    return threads
 
 
 def _row_slices(rows: int) -> list[slice]:
