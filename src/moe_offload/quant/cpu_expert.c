@@ -225,7 +225,11 @@ static inline __attribute__((always_inline)) void hqq_panel(
         int v0 = 0;
         for (; v0 + at_once <= vectors; v0 += at_once)
             add_group(w, a, rows, bits, at_once, first, g, v0, scale, zero, sums);
-        for (; v0 < vectors; v0 += 2)       /* what is left: whole ROW_BLOCKs */
+        if (at_once > 4 && vectors - v0 >= 4) {     /* what is left, whole ROW_BLOCKs: as few calls as can be */
+            add_group(w, a, rows, bits, 4, first, g, v0, scale, zero, sums);
+            v0 += 4;
+        }
+        if (at_once > 2 && vectors - v0 >= 2)
             add_group(w, a, rows, bits, 2, first, g, v0, scale, zero, sums);
     }
     for (int v = 0; v < vectors; v++)
