@@ -134,10 +134,7 @@ static inline __attribute__((always_inline)) void add_chunk(
     }
 }
 
-/* The scales and zeros of group g for the `vectors` x 16 rows from `first`. With 8-bit codes, value =
-   min + code * step of the run holding the code: runs are meta_group_size consecutive elements of the
-   flattened (groups, padded rows) arrays (hqq.MetaCodes), so 16 rows share one run unless they cross a
-   run's end (never with the default 128: rows and runs both start at multiples of 32). */
+/* panel_scales for 16 rows whose codes lie in two runs: each lane finds its own. */
 static void scales_across_runs(const struct matrix *w, int64_t i, f32x16 s, f32x16 z, f32x16 *scale, f32x16 *zero)
 {
     for (int lane = 0; lane < LANES; lane++) {
@@ -147,6 +144,10 @@ static void scales_across_runs(const struct matrix *w, int64_t i, f32x16 s, f32x
     }
 }
 
+/* The scales and zeros of group g for the `vectors` x 16 rows from `first`. With 8-bit codes, value =
+   min + code * step of the run holding the code: runs are meta_group_size consecutive elements of the
+   flattened (groups, padded rows) arrays (hqq.MetaCodes), so 16 rows share one run unless they cross a
+   run's end (never with the default 128: rows and runs both start at multiples of 32). */
 static inline __attribute__((always_inline)) void panel_scales(
     const struct matrix *w, int64_t g, int64_t first, int vectors, f32x16 *scale, f32x16 *zero)
 {
