@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Triton kernels on a machine without CUDA run in Triton's interpreter (tests call them explicitly; the code
+# itself sends only CUDA tensors to Triton). Triton reads this when a kernel is defined, i.e. when its module is
+# first imported, which any test module may do first: so it is set here, before every test module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"

@@ -8,14 +8,11 @@ expert shapes.
 from __future__ import annotations
 
 import functools
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # must be set before triton is imported
 pytest.importorskip("triton")
 
 from moe_offload.config import QUANT_BITS, QuantSpec  # noqa: E402
