@@ -18,7 +18,7 @@ from moe_offload.generate import PREFILL_CHUNK, prefill
 from moe_offload.model import KVCache, Transformer
 from moe_offload.offload.cache import LayerCache, LayerStats, OffloadStats
 from moe_offload.offload.prefetch import GatePredictor
-from moe_offload.offload.provider import OffloadedExperts
+from moe_offload.offload.provider import HostRead, OffloadedExperts
 from moe_offload.offload.store import ExpertStore
 from moe_offload.step import DecodeStep
 
@@ -312,10 +312,12 @@ def test_an_offloaded_decode_step_reads_the_host_once_per_moe_layer(monkeypatch)
     step = DecodeStep(model, cache)
     step.set(int(prefill(model, cache, fixture.prompt[:20], "cpu")[-1].argmax()), 20)
     step()
-    reads = []
-    for name in ("tolist", "item"):
+    routing_reads, other_reads = [], []
+    split = HostRead.split
+    monkeypatch.setattr(HostRead, "split", lambda read: routing_reads.append(read) or split(read))
+    for name in ("tolist", "item", "numpy", "cpu"):
         original = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _original=original, _name=name, **k:
-                            reads.append(_name) or _original(self, *a, **k))
+                            other_reads.append(_name) or _original(self, *a, **k))
     step()
-    assert reads == ["tolist"] * len(engine.config.moe_layers)
+    assert len(routing_reads) == len(engine.config.moe_layers) and other_reads == []

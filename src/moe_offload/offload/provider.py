@@ -185,6 +185,7 @@ class HostRead:
     def __init__(self, device: torch.device):
         self.pinned = device.type == "cuda"
         self.host = torch.empty(0, dtype=torch.int64)
+        self.values = self.host.numpy()      # the same memory, for a fast read into Python ints
         self.sizes: list[int] = []
         self.targets: list[int] = []
         self.event = torch.cuda.Event() if self.pinned else None
@@ -195,11 +196,12 @@ class HostRead:
         staged = torch.cat(parts) if len(parts) > 1 else parts[0]
         if self.host.numel() < staged.numel():
             self.host = torch.empty(staged.numel(), dtype=torch.int64, pin_memory=self.pinned)
+            self.values = self.host.numpy()
         self.host[:staged.numel()].copy_(staged, non_blocking=True)
 
     def split(self) -> tuple[list[int], dict[int, list[int]]]:
         """The staged values (the copy must have finished): each pair's expert, and target -> guess."""
-        values = self.host[:sum(self.sizes)].tolist()
+        values = self.values[:sum(self.sizes)].tolist()
         parts, start = [], 0
         for size in self.sizes:
             parts.append(values[start:start + size])
@@ -245,7 +247,7 @@ class CudaCopier:
         self.stream = torch.cuda.Stream(device)
         self.ready = {key: torch.cuda.Event() for key in keys}   # the slot's last copy finished
         self.free = {key: torch.cuda.Event() for key in keys}    # the slot's last reader finished
-        self.tables: dict[int, torch.Tensor] = {}                # pinned staging of each slot table
+        self.tables: dict[tuple[int, int], tuple] = {}           # (table, length) -> its pinned staging
         self.timings: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         self.timings_lock = threading.Lock()   # the server's /metrics reads stats from another thread
 
@@ -265,12 +267,14 @@ class CudaCopier:
 
     def write_table(self, table: torch.Tensor, slots: list[int]) -> None:
         """Slots -> the device table, through a pinned buffer of its own (it is rewritten only a step later,
-        after this copy has long run)."""
-        staging = self.tables.get(table.data_ptr())
-        if staging is None:
-            staging = self.tables[table.data_ptr()] = torch.empty(table.numel(), dtype=torch.int32, pin_memory=True)
-        staging[:len(slots)] = torch.tensor(slots, dtype=torch.int32)
-        table[:len(slots)].copy_(staging[:len(slots)], non_blocking=True)
+        after this copy has long run); the buffers and views are made once per table and length."""
+        key = (table.data_ptr(), len(slots))
+        if key not in self.tables:
+            staging = torch.empty(len(slots), dtype=torch.int32, pin_memory=True)
+            self.tables[key] = staging.numpy(), staging, table[:len(slots)]
+        values, staging, target = self.tables[key]
+        values[:] = slots
+        target.copy_(staging, non_blocking=True)
 
     def wait(self, key) -> None:
         compute = torch.cuda.current_stream(self.device)
