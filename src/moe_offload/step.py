@@ -15,6 +15,7 @@ capture then reuses); eager and replayed steps compute the same bits. Elsewhere 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
@@ -38,8 +39,10 @@ class GraphCapture:
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             self._begin()
-            result = forward()
-            self.pieces[-1][0].capture_end()
+            try:
+                result = forward()
+            finally:
+                self.pieces[-1][0].capture_end()     # also after a failure: leave the stream out of capture
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         return result
 
@@ -90,18 +93,29 @@ class DecodeStep:
         if self.graph is not None:
             self.graph.replay()
         elif self.capturable and self.steps > 0:
-            self.graph = GraphCapture(self.position.device)
-            provider = self.model.provider
-            provider.graph = self.graph
-            try:
-                self.logits = self.graph.record(self._forward)
-            finally:
-                provider.graph = None
-            self.graph.replay()
+            self._capture()
         else:
             self.logits = self._forward()
         self.steps += 1
         return self.logits
+
+    def _capture(self) -> None:
+        """Capture the step and replay it; should capture fail, say so once and stay eager (the same bits)."""
+        graph = GraphCapture(self.position.device)
+        self.model.provider.graph = graph
+        try:
+            self.logits = graph.record(self._forward)
+        except RuntimeError as e:
+            print(f"warning: decoding without CUDA graphs, capturing the step failed: {str(e).splitlines()[0]}",
+                  file=sys.stderr)
+            self.capturable = False
+        finally:
+            self.model.provider.graph = None
+        if self.capturable:
+            self.graph = graph
+            graph.replay()
+        else:
+            self.logits = self._forward()
 
     def next_token(self) -> int:
         return int(self.token)
