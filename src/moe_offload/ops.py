@@ -264,7 +264,7 @@ if AVAILABLE:
         pid, split = tl.program_id(0), tl.program_id(1)
         b, h = pid // KV_HEADS, pid % KV_HEADS
         position = tl.load(position_ptr)
-        lo = split * KEYS
+        lo = (split * KEYS).to(tl.int64)
         hi = tl.minimum(lo + KEYS, position + 1)
         if WINDOW > 0:
             lo = tl.maximum(lo, position + 1 - WINDOW)
