@@ -56,6 +56,7 @@ class GraphCapture:
         """Run `host_work` after the current piece replays."""
         self.pieces[-1][1].append(host_work)
 
+    @torch.inference_mode()      # the host work writes tensors the forward made, in inference mode
     def replay(self) -> None:
         for graph, host_work in self.pieces:
             graph.replay()
