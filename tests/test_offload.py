@@ -18,7 +18,8 @@ from moe_offload.generate import PREFILL_CHUNK, prefill
 from moe_offload.model import KVCache, Transformer
 from moe_offload.offload.cache import LayerCache, LayerStats, OffloadStats
 from moe_offload.offload.prefetch import GatePredictor
-from moe_offload.offload.provider import HostRead, OffloadedExperts
+from moe_offload.offload import provider as provider_module
+from moe_offload.offload.provider import OffloadedExperts
 from moe_offload.offload.store import ExpertStore
 from moe_offload.step import DecodeStep
 
@@ -313,8 +314,8 @@ def test_an_offloaded_decode_step_reads_the_host_once_per_moe_layer(monkeypatch)
     step.set(int(prefill(model, cache, fixture.prompt[:20], "cpu")[-1].argmax()), 20)
     step()
     routing_reads, other_reads = [], []
-    split = HostRead.split
-    monkeypatch.setattr(HostRead, "split", lambda read: routing_reads.append(read) or split(read))
+    split = provider_module.split
+    monkeypatch.setattr(provider_module, "split", lambda read: routing_reads.append(read) or split(read))
     for name in ("tolist", "item", "numpy", "cpu"):
         original = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _original=original, _name=name, **k:

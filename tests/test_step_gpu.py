@@ -114,3 +114,22 @@ def test_a_decode_step_waits_for_the_host_at_most_once_per_moe_layer(slots, monk
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert waits[0] == (0 if slots is None else len(model.config.moe_layers))
+
+
+@pytest.mark.parametrize("slots", [2, 8], ids=["2_slots", "8_slots"])
+def test_a_captured_step_stays_right_after_longer_eager_forwards(slots):
+    """A captured step keeps the read buffers and slot table it recorded: prefills staged after the capture (more
+    pairs, a longer read; with 8 slots every expert of a prefill fits, so the slot table grows) change nothing."""
+    engine, _, _, prompt = quantized()
+    outputs = []
+    for model in (engine.model, offloaded(slots, prefetch=True)):
+        cache = KVCache.allocate(engine.config, 1, 400, "cuda", torch.bfloat16)
+        step = DecodeStep(model, cache)
+        logits = []
+        for length in (8, 150):          # the second prefill stages its reads after the capture
+            step.set(int(prefill(model, cache, prompt[:length], "cuda")[-1].argmax()), length)
+            logits += [step().clone() for _ in range(6)]
+        assert step.graph is not None
+        outputs.append(logits)
+    for got, want in zip(*outputs, strict=True):
+        assert torch.equal(got, want)

@@ -32,7 +32,9 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from ..experts import ExpertBatch, ExpertFormat, ExpertSlots, slot_stride
@@ -62,8 +64,7 @@ class OffloadedExperts:
         order = {layer: i for i, layer in enumerate(slots)}
         self.distance = lambda layer, target: order[target] - order[layer]
         self.predictions: dict[int, dict[int, list[int]]] = {}   # target layer -> {lookahead: predicted ids}
-        self.reads: dict[int, HostRead] = {}      # layer -> its routing read: staged on the device, read on the host
-        self.tables: dict[int, torch.Tensor] = {}  # layer -> int32 slot table of its pairs, on the device
+        self.buffers: dict[int, ReadBuffers] = {}  # layer -> where its routing reads land and its slot tables lie
         self.in_use: dict[int, list[int]] = {}     # layer -> slots its current step computes with
         self.graph = None                          # step.py's GraphCapture while a CUDA graph is being captured
 
@@ -72,17 +73,17 @@ class OffloadedExperts:
         return all(cache.num_slots >= tokens * top_k for cache in self.caches.values())
 
     def experts(self, layer: int, ids: torch.Tensor, residual: torch.Tensor) -> Iterator[ExpertBatch]:
-        self._stage(layer, ids, residual)
+        read = self._stage(layer, ids, residual)
         slots = self.slots[layer]
-        if self.graph is not None:        # capturing: the host's part runs between the replays
-            self.graph.cut(lambda: self._settle(layer))
-            yield ExpertBatch(slots.memory, slots.experts, self.tables[layer][:ids.numel()], None)
+        if self.graph is not None:        # capturing: the host's part runs between the replays, on this read
+            self.graph.cut(lambda: self._settle(layer, read))
+            yield ExpertBatch(slots.memory, slots.experts, read.table, None)
             self.graph.after_piece(lambda: self._release(layer))
             return
-        pairs, needed, guesses = self._read(layer)
+        pairs, needed, guesses = self._read(layer, read)
         if len(needed) <= self.caches[layer].num_slots:
-            host_slots = self._place(layer, pairs, needed, guesses)
-            yield ExpertBatch(slots.memory, slots.experts, self.tables[layer][:len(host_slots)], host_slots)
+            host_slots = self._place(layer, read, pairs, needed, guesses)
+            yield ExpertBatch(slots.memory, slots.experts, read.table, host_slots)
             self._release(layer)
         else:
             yield from self._streamed(layer, ids, pairs, needed, guesses)
@@ -93,28 +94,28 @@ class OffloadedExperts:
 
     # -- a layer's step ---------------------------------------------------------------------------
 
-    def _stage(self, layer: int, ids: torch.Tensor, residual: torch.Tensor) -> None:
+    def _stage(self, layer: int, ids: torch.Tensor, residual: torch.Tensor) -> "RoutingRead":
         """Queue the layer's one read: the chosen ids and the guesses for later layers, into one host buffer."""
         guesses = self.predictor.predict(layer, residual) if self.predictor is not None else {}
-        if layer not in self.reads:
-            self.reads[layer] = HostRead(self.device)
-            self.tables[layer] = torch.empty(ids.numel(), dtype=torch.int32, device=self.device)
-        self.reads[layer].stage([ids.flatten(), *guesses.values()], list(guesses))
+        if layer not in self.buffers:
+            self.buffers[layer] = ReadBuffers(self.device)
+        return self.buffers[layer].stage([ids.flatten(), *guesses.values()], list(guesses))
 
-    def _read(self, layer: int) -> tuple[list[int], list[int], dict[int, list[int]]]:
+    def _read(self, layer: int, read: "RoutingRead") -> tuple[list[int], list[int], dict[int, list[int]]]:
         """The layer's one blocking wait: its routing on the host. -> each pair's expert, the distinct experts
         (sorted), and the guesses for later layers."""
-        pairs, guesses = self.copier.read(self.reads[layer])
+        pairs, guesses = self.copier.read(read)
         needed = sorted(set(pairs))
         for distance, predicted in self.predictions.pop(layer, {}).items():
             self.caches[layer].stats.record_prediction(distance, predicted, needed)
         return pairs, needed, guesses
 
-    def _settle(self, layer: int) -> None:
+    def _settle(self, layer: int, read: "RoutingRead") -> None:
         """The host's part of a captured step (its experts always fit: runs_static)."""
-        self._place(layer, *self._read(layer))
+        self._place(layer, read, *self._read(layer, read))
 
-    def _place(self, layer: int, pairs: list[int], needed: list[int], guesses: dict[int, list[int]]) -> list[int]:
+    def _place(self, layer: int, read: "RoutingRead", pairs: list[int], needed: list[int],
+               guesses: dict[int, list[int]]) -> list[int]:
         """Experts that fit the layer's slots at once: copy the misses, start the prefetches, write each pair's
         slot into the layer's table on the device (after which the compute stream waits for the copies) and
         return those slots."""
@@ -130,7 +131,7 @@ class OffloadedExperts:
         for slot in self.in_use[layer]:
             self.copier.wait((layer, slot))
         host_slots = [slot_of[e] for e in pairs]
-        self.copier.write_table(self.tables[layer], host_slots)
+        self.copier.write_table(read.table, host_slots)
         return host_slots
 
     def _streamed(self, layer: int, ids: torch.Tensor, pairs: list[int], needed: list[int],
@@ -179,34 +180,51 @@ class OffloadedExperts:
                     self._load(target, expert, slot)
 
 
-class HostRead:
-    """A layer's routing read: int64 device tensors copied into one host buffer (pinned on CUDA), then split."""
+class RoutingRead(NamedTuple):
+    """One staged read of a layer's step: the host memory its copy lands in, what the copy holds (the pairs'
+    experts, then one guess per target layer), and the device slot table of its pairs. A captured step keeps
+    the read it recorded: its copy lands there on every replay, whatever later eager steps stage."""
+
+    values: np.ndarray               # the pinned host buffer, as numpy (a fast read into Python ints)
+    sizes: list[int]
+    targets: list[int]
+    table: torch.Tensor              # int32 (pairs,) on the device
+    event: torch.cuda.Event | None   # recorded after the copy (CUDA)
+
+
+class ReadBuffers:
+    """A layer's host buffer for routing reads (pinned on CUDA) and device buffer for slot tables, grown as needed
+    (a grown buffer is a new one: a captured read keeps the old)."""
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.pinned = device.type == "cuda"
         self.host = torch.empty(0, dtype=torch.int64)
-        self.values = self.host.numpy()      # the same memory, for a fast read into Python ints
-        self.sizes: list[int] = []
-        self.targets: list[int] = []
+        self.values = self.host.numpy()     # the same memory, made once per buffer
+        self.table = torch.empty(0, dtype=torch.int32, device=device)
         self.event = torch.cuda.Event() if self.pinned else None
 
-    def stage(self, parts: list[torch.Tensor], targets: list[int]) -> None:
-        """Queue the copy of `parts`: the pairs' experts, then one guess per target layer."""
-        self.sizes, self.targets = [part.numel() for part in parts], targets
+    def stage(self, parts: list[torch.Tensor], targets: list[int]) -> RoutingRead:
+        """Queue the copy of `parts` (int64 device tensors) into the host buffer."""
         staged = torch.cat(parts) if len(parts) > 1 else parts[0]
         if self.host.numel() < staged.numel():
             self.host = torch.empty(staged.numel(), dtype=torch.int64, pin_memory=self.pinned)
             self.values = self.host.numpy()
+        pairs = parts[0].numel()
+        if self.table.numel() < pairs:
+            self.table = torch.empty(pairs, dtype=torch.int32, device=self.device)
         self.host[:staged.numel()].copy_(staged, non_blocking=True)
+        return RoutingRead(self.values, [part.numel() for part in parts], targets, self.table[:pairs], self.event)
 
-    def split(self) -> tuple[list[int], dict[int, list[int]]]:
-        """The staged values (the copy must have finished): each pair's expert, and target -> guess."""
-        values = self.values[:sum(self.sizes)].tolist()
-        parts, start = [], 0
-        for size in self.sizes:
-            parts.append(values[start:start + size])
-            start += size
-        return parts[0], dict(zip(self.targets, parts[1:]))
+
+def split(read: RoutingRead) -> tuple[list[int], dict[int, list[int]]]:
+    """A read's values (its copy must have finished): each pair's expert, and target layer -> guess."""
+    values = read.values[:sum(read.sizes)].tolist()
+    parts, start = [], 0
+    for size in read.sizes:
+        parts.append(values[start:start + size])
+        start += size
+    return parts[0], dict(zip(read.targets, parts[1:]))
 
 
 class HostCopier:
@@ -223,8 +241,8 @@ class HostCopier:
             self.stats.copy_seconds += seconds
             self.stats.wait_seconds += seconds
 
-    def read(self, read: HostRead):
-        return read.split()
+    def read(self, read: RoutingRead):
+        return split(read)
 
     def write_table(self, table: torch.Tensor, slots: list[int]) -> None:
         table[:len(slots)] = torch.tensor(slots, dtype=torch.int32)
@@ -259,11 +277,11 @@ class CudaCopier:
             self.ready[key].record(self.stream)
             self._timed("copy", start, self.stream)
 
-    def read(self, read: HostRead):
+    def read(self, read: RoutingRead):
         """The layer's one blocking wait: for its routing read to reach the host."""
         read.event.record(torch.cuda.current_stream(self.device))
         read.event.synchronize()
-        return read.split()
+        return split(read)
 
     def write_table(self, table: torch.Tensor, slots: list[int]) -> None:
         """Slots -> the device table, through a pinned buffer of its own (it is rewritten only a step later,
