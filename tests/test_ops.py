@@ -11,18 +11,20 @@ from moe_offload import ops  # noqa: E402
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run is for CPU-only machines")
-@pytest.mark.parametrize("heads, kv_heads, dim, max_len, position, window", [
-    (4, 2, 16, 600, 0, None),         # the first token: one key
-    (4, 2, 16, 600, 300, None),       # keys in two ranges, the second ragged
-    (8, 8, 24, 600, 599, None),       # no grouping, a head size that is not a power of 2, the last position
-    (6, 2, 16, 600, 450, 100),        # a sliding window that starts inside a range
+@pytest.mark.parametrize("heads, kv_heads, dim, max_len, positions, window", [
+    (4, 2, 16, 600, [0, 5], None),          # the first token: one key
+    (4, 2, 16, 600, [300, 17], None),       # keys in two ranges, the second ragged
+    (8, 8, 24, 600, [599, 256], None),      # no grouping, a head size that is not a power of 2, the last position
+    (6, 2, 16, 600, [450, 120], 100),       # a sliding window that starts inside a range
 ])
-def test_decode_attention_kernel_matches_sdpa_over_the_visible_keys(heads, kv_heads, dim, max_len, position, window):
-    generator = torch.Generator().manual_seed(position)
+def test_decode_attention_kernel_matches_sdpa_over_each_rows_visible_keys(heads, kv_heads, dim, max_len, positions, window):
+    """Two sequences, each at its own position, in cache rows 2 and 0 of three."""
+    generator = torch.Generator().manual_seed(positions[0])
     q = torch.randn(2, heads, 1, dim, generator=generator)
-    keys, values = (torch.randn(2, kv_heads, max_len, dim, generator=generator) for _ in range(2))
-    expected = ops.decode_attention(q, keys, values, torch.tensor([position]), window)      # the torch twin
-    actual = ops._triton_decode_attention(q, keys, values, torch.tensor([position]), window or 0)
+    keys, values = (torch.randn(3, kv_heads, max_len, dim, generator=generator) for _ in range(2))
+    positions, rows = torch.tensor(positions), torch.tensor([2, 0])
+    expected = ops.decode_attention(q, keys, values, positions, rows, window)      # the torch twin
+    actual = ops._triton_decode_attention(q, keys, values, positions, rows, window or 0)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -48,17 +50,18 @@ def test_route_kernel_picks_the_twins_experts_and_weights(experts, top_k, renorm
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run is for CPU-only machines")
 @pytest.mark.parametrize("heads, kv_heads, dim", [(4, 2, 16), (6, 3, 24)])
 def test_rotate_and_cache_kernel_writes_what_its_twin_writes(heads, kv_heads, dim):
+    """Two sequences at their own positions, in cache rows 2 and 0 of three."""
     from moe_offload.model import rotary
 
     generator = torch.Generator().manual_seed(dim)
-    max_len, position = 40, torch.tensor([17])
+    max_len, positions, rows = 40, torch.tensor([17, 3]), torch.tensor([2, 0])
     rope = rotary(torch.arange(max_len), dim, 10000.0)
     # q, k, v as the model hands them over: transposed views of (batch, 1, heads, dim) projections
     q, k, v = (torch.randn(2, 1, n, dim, generator=generator).transpose(1, 2) for n in (heads, kv_heads, kv_heads))
-    caches = [[torch.randn(2, kv_heads, max_len, dim, generator=generator) for _ in range(2)]]
+    caches = [[torch.randn(3, kv_heads, max_len, dim, generator=generator) for _ in range(2)]]
     caches.append([c.clone() for c in caches[0]])
-    got = ops._triton_rotate_and_cache(q, k, v, rope, position, *caches[0])
-    want = ops.rotate_and_cache(q, k, v, rope, position, *caches[1])
+    got = ops._triton_rotate_and_cache(q, k, v, rope, positions, rows, *caches[0])
+    want = ops.rotate_and_cache(q, k, v, rope, positions, rows, *caches[1])
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     for got_cache, want_cache in zip(*caches):
         torch.testing.assert_close(got_cache, want_cache, rtol=1e-6, atol=1e-6)

@@ -54,23 +54,23 @@ def decode(model: Transformer, capture: bool) -> tuple[list[torch.Tensor], Decod
     prompt = quantized()[3]
     cache = KVCache.allocate(model.config, 1, len(prompt) + STEPS + 1, "cuda", torch.bfloat16)
     step = DecodeStep(model, cache)
-    step.capturable &= capture
-    step.set(int(prefill(model, cache, prompt, "cuda")[-1].argmax()), len(prompt))
-    return [step().clone() for _ in range(STEPS)], step
+    step.capturable[1] &= capture
+    step.set(0, int(prefill(model, cache, prompt, "cuda")[-1].argmax()), len(prompt), row=0)
+    return [step(1).clone() for _ in range(STEPS)], step
 
 
 def test_resident_and_offloaded_steps_are_captured():
     engine = quantized()[0]
-    assert DecodeStep(engine.model, engine.cache).capturable
-    assert decode(offloaded(slots=2, prefetch=True), capture=True)[1].graph is not None
-    assert not decode(offloaded(slots=1, prefetch=True), capture=True)[1].capturable    # top-2 needs 2 slots
+    assert DecodeStep(engine.model, engine.cache).capturable[1]
+    assert 1 in decode(offloaded(slots=2, prefetch=True), capture=True)[1].graphs
+    assert not decode(offloaded(slots=1, prefetch=True), capture=True)[1].capturable[1]    # top-2 needs 2 slots
 
 
 @pytest.mark.parametrize("slots", [None, 2, 7], ids=["resident", "2_slots", "7_slots"])
 def test_graph_replayed_steps_are_bit_identical_to_eager_steps(slots):
     model = quantized()[0].model if slots is None else offloaded(slots, prefetch=True)
     replayed, step = decode(model, capture=True)
-    assert step.graph is not None
+    assert 1 in step.graphs
     eager, _ = decode(model if slots is None else offloaded(slots, prefetch=True), capture=False)
     for got, want in zip(replayed, eager, strict=True):
         assert torch.equal(got, want)
@@ -110,7 +110,7 @@ def test_a_decode_step_waits_for_the_host_at_most_once_per_moe_layer(slots, monk
     waits = count_blocking_waits(monkeypatch)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        step()
+        step(1)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert waits[0] == (0 if slots is None else len(model.config.moe_layers))
@@ -127,9 +127,9 @@ def test_a_captured_step_stays_right_after_longer_eager_forwards(slots):
         step = DecodeStep(model, cache)
         logits = []
         for length in (8, 150):          # the second prefill stages its reads after the capture
-            step.set(int(prefill(model, cache, prompt[:length], "cuda")[-1].argmax()), length)
-            logits += [step().clone() for _ in range(6)]
-        assert step.graph is not None
+            step.set(0, int(prefill(model, cache, prompt[:length], "cuda")[-1].argmax()), length, row=0)
+            logits += [step(1).clone() for _ in range(6)]
+        assert 1 in step.graphs
         outputs.append(logits)
     for got, want in zip(*outputs, strict=True):
         assert torch.equal(got, want)

@@ -161,7 +161,7 @@ class ResidentExperts:
         self.slots_by_layer = slots_by_layer
         self.graph = None     # set while a CUDA graph captures a step (step.py); a resident step needs no cut
 
-    def runs_static(self, tokens: int, top_k: int) -> bool:
+    def holds_at_once(self, experts: int) -> bool:
         return True
 
     def experts(self, layer, ids, residual):

@@ -46,19 +46,19 @@ def generate(model: Transformer, cache: KVCache, prompt_ids: list[int], params: 
     step = step or DecodeStep(model, cache)
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     token = sample(prefill(model, cache, prompt_ids, cache.keys[0].device)[-1], params, generator)
-    step.set(token, len(prompt_ids))
+    step.set(0, token, len(prompt_ids), row=0)
     for produced in range(params.max_new_tokens):
         if token in eos_ids:
             return
         yield token
         if produced + 1 == params.max_new_tokens or len(prompt_ids) + produced + 1 >= cache.max_len:
             return
-        logits = step()
+        logits = step(1)[0]
         if params.temperature == 0:
-            token = step.next_token()
+            token = step.next_tokens(1)[0]
         else:
             token = sample(logits, params, generator)
-            step.set(token)
+            step.set(0, token)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:

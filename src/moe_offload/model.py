@@ -3,15 +3,16 @@
     model = Transformer(config, weights, provider)
     cache = KVCache.allocate(config, batch=1, max_len=4096, device=..., dtype=...)
     logits = model(tokens, cache, start_pos=0)       # tokens: (batch, T) -> logits (batch, T, vocab)
-    logits = model(token, cache, start_pos=pos)      # pos: int64 (1,) on the device; token: (batch, 1)
+    logits = model(tokens, cache, positions, rows)   # decode: tokens (n, 1); positions, cache rows: int64 (n,) on the device
 
 Family differences are plain fields of `ModelConfig` (q/k norms, qkv bias and clipping, shared
 experts, dense layers). Routed experts come from an `ExpertProvider` (see experts.py); every other
 weight is held here. A weight is a tensor (out, in) or a quantized object with `.linear(x)`.
 
-With `start_pos` a device tensor, a forward decodes one token without reading anything back to the
-host: RoPE, the KV write and attention's length all come from that tensor, so the same work can be
-captured once as CUDA graphs and replayed for every token (step.py).
+With `start_pos` a device tensor, a forward decodes one token per row without reading anything back to
+the host: each row's position and KV cache row come from device tensors, which RoPE, the KV write and
+attention's length read on the device, so the same work can be captured once as CUDA graphs and replayed
+for every token and every placement of sequences in the cache (step.py).
 """
 
 from __future__ import annotations
@@ -105,6 +106,10 @@ class KVCache:
             rope=rotary(torch.arange(max_len, device=device), config.head_dim, config.rope_theta),
         )
 
+    def row(self, index: int) -> "KVCache":
+        """One sequence's cache: row `index` of every layer's keys and values (views), for its prefill."""
+        return KVCache([k[index:index + 1] for k in self.keys], [v[index:index + 1] for v in self.values], self.rope)
+
     @staticmethod
     def nbytes(config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype) -> int:
         per_layer = 2 * batch * config.num_kv_heads * max_len * config.head_dim
@@ -118,10 +123,14 @@ def own_routing(layer: int, logits: torch.Tensor, top_k: int, renormalize: bool)
 
 def expert_outputs(expert_format: ExpertFormat, batch: ExpertBatch, x: torch.Tensor, top_k: int) -> torch.Tensor:
     """x (T, hidden) -> (pairs of the batch, hidden): each (token, choice) pair's token through the expert in its
-    slot. One token (decode): the format's grouped kernels, one launch per matrix for every pair, reading the
-    slots on the device. Otherwise each expert in turn over all of its rows (prefill: dequantize and cuBLAS)."""
-    if batch.pairs is None and expert_format.runs_grouped(x, top_k):
-        return expert_format.grouped_swiglu(batch, x, top_k)
+    slot. Decode: the format's grouped kernels, one launch per matrix for every pair, reading the slots on the
+    device (one expert's pairs too, so that a product is the same whichever batch brought it). Otherwise each
+    expert in turn over all of its rows (prefill: dequantize and cuBLAS)."""
+    if expert_format.runs_grouped(x, top_k):
+        if batch.pairs is None:
+            return expert_format.grouped_swiglu(batch, x, top_k)
+        one_slot = torch.full_like(batch.pairs, batch.host_slots[0], dtype=torch.int32)
+        return expert_format.grouped_swiglu(batch._replace(slots=one_slot), x[batch.pairs // top_k], 1)
     slots = batch.host_slots if batch.host_slots is not None else batch.slots.tolist()
     count = Counter(slots)
     # the batch's pairs grouped by slot, ascending within a slot
@@ -147,15 +156,16 @@ class Transformer:
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, cache: KVCache, start_pos: int | torch.Tensor,
-                 last_only: bool = False) -> torch.Tensor:
-        """tokens (batch, T) at positions start_pos.. -> logits (batch, T or 1, vocab), fp32. `start_pos` an int64
-        (1,) device tensor: one token (T = 1), with no read back to the host."""
+                 rows: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """tokens (batch, T) at positions start_pos.. in cache rows 0..batch-1 -> logits (batch, T or 1, vocab),
+        fp32. Or decode: tokens (n, 1), start_pos int64 (n,) on the device (each row's position) and `rows` int64
+        (n,) (each row's KV cache row), with no read back to the host."""
         cfg, w = self.config, self.weights
         batch, length = tokens.shape
         if isinstance(start_pos, torch.Tensor):
-            if length != 1:
-                raise ValueError(f"a device-side position decodes one token at a time, got {length}")
-            positions, rope, mask = start_pos, cache.rope, None      # the kernels look the position up
+            if length != 1 or rows is None:
+                raise ValueError(f"device-side positions decode one token a row, in given cache rows; got {length}")
+            positions, rope, mask = start_pos, cache.rope, None      # the kernels look each row's position up
         else:
             if start_pos + length > cache.max_len:
                 raise ValueError(f"positions up to {start_pos + length} exceed the KV cache of {cache.max_len}")
@@ -166,7 +176,7 @@ class Transformer:
         with sdpa_kernel(ATTENTION_BACKENDS):
             for index, layer in enumerate(w.layers):
                 x = rms_norm(h, layer.attn_norm, cfg.rms_norm_eps)
-                h = h + self._attention(index, layer, x, cache, start_pos, positions, rope, mask)
+                h = h + self._attention(index, layer, x, cache, start_pos, positions, rows, rope, mask)
                 h = h + self._mlp(index, layer, h)
         if last_only:
             h = h[:, -1:]
@@ -184,7 +194,7 @@ class Transformer:
             visible &= keys[None, :] > positions[:, None] - window
         return visible
 
-    def _attention(self, index, layer: LayerWeights, x, cache: KVCache, start_pos, positions, rope, mask):
+    def _attention(self, index, layer: LayerWeights, x, cache: KVCache, start_pos, positions, rows, rope, mask):
         """rope: cos and sin of `positions` (T, head_dim), or with a device-side position the whole tables."""
         cfg, a = self.config, layer.attn
         batch, length, _ = x.shape
@@ -199,11 +209,12 @@ class Transformer:
         if cfg.qk_norm == "head":
             q, k = rms_norm(q, a.q_norm, cfg.rms_norm_eps), rms_norm(k, a.k_norm, cfg.rms_norm_eps)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (batch, heads, T, head_dim)
-        keys, values = cache.keys[index][:batch], cache.values[index][:batch]
         if isinstance(start_pos, torch.Tensor):
-            q = ops.rotate_and_cache(q, k, v, rope, positions, keys, values)
-            out = ops.decode_attention(q, keys, values, positions, cfg.sliding_window)
+            keys, values = cache.keys[index], cache.values[index]
+            q = ops.rotate_and_cache(q, k, v, rope, positions, rows, keys, values)
+            out = ops.decode_attention(q, keys, values, positions, rows, cfg.sliding_window)
         else:
+            keys, values = cache.keys[index][:batch], cache.values[index][:batch]
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             end = start_pos + length
             keys[:, :, start_pos:end], values[:, :, start_pos:end] = k, v

@@ -2,8 +2,8 @@
 
     y = rms_norm(x, weight, eps)                                  # weight None: x / rms(x)
     weights, ids = route(logits, top_k, renormalize)              # softmax, top-k, renormalise
-    q = rotate_and_cache(q, k, v, rope, position, keys, values)   # RoPE on q and k, k and v into the KV cache
-    out = decode_attention(q, keys, values, position, window)     # one new token against the KV cache
+    q = rotate_and_cache(q, k, v, rope, positions, rows, keys, values)   # RoPE on q and k, k and v into the cache
+    out = decode_attention(q, keys, values, positions, rows, window)     # one new token a row against the cache
     y = combine(picked, weights)                                  # each token's top-k outputs, weighted, summed
 
 A decode step would otherwise launch dozens of tiny kernels per layer (RMSNorm alone is eight), and in
@@ -11,8 +11,9 @@ a CUDA graph each still costs a couple of microseconds; these do the same in one
 round as their twins do, step by step in the model's dtype where the twin does, but add in their own
 order: CPU and GPU agree to the last bits of fp32, not bit for bit.
 
-Positions are device tensors, so a captured graph serves every position (step.py). Decode attention
-reads the cache only up to the position; it is split-K ("flash decoding"): programs of one KV head and
+Decoding takes one token per row of the batch, each with its own position and KV cache row (device tensors),
+so a captured graph serves every position and every placement of sequences (step.py). Decode attention
+reads each row's cache only up to its position; it is split-K ("flash decoding"): programs of one KV head and
 a range of keys each keep a running max, sum and weighted values for the head's group of query heads
 (GQA), in fp32; a second kernel merges the ranges.
 """
@@ -71,15 +72,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def rotate_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                     position: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """One token: q (batch, heads, 1, D), k and v (batch, kv_heads, 1, D); rope the cos and sin tables
-    (max_len, D) of every position. Writes RoPE(k) and v into keys, values (batch, kv_heads, max_len, D) at
-    `position` (int64 (1,)) and returns RoPE(q), (batch, heads, 1, D)."""
+                     positions: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """One token a row: q (n, heads, 1, D), k and v (n, kv_heads, 1, D) at positions (int64 (n,)); rope the cos and
+    sin tables (max_len, D) of every position. Writes RoPE(k) and v into keys, values (cache rows, kv_heads,
+    max_len, D) at row rows[b] (int64 (n,)), position positions[b], and returns RoPE(q), (n, heads, 1, D)."""
     if fused(q):
-        return _triton_rotate_and_cache(q, k, v, rope, position, keys, values)
-    cos, sin = rope[0][position], rope[1][position]
-    keys.index_copy_(2, position, apply_rotary(k, cos, sin))
-    values.index_copy_(2, position, v)
+        return _triton_rotate_and_cache(q, k, v, rope, positions, rows, keys, values)
+    cos, sin = rope[0][positions][:, None, None], rope[1][positions][:, None, None]    # (n, 1, 1, D)
+    keys[rows, :, positions] = apply_rotary(k, cos, sin)[:, :, 0]
+    values[rows, :, positions] = v[:, :, 0]
     return apply_rotary(q, cos, sin)
 
 
@@ -93,16 +94,19 @@ def combine(picked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return weighted.sum(dim=1).to(picked.dtype)
 
 
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor,
-                     window: int | None) -> torch.Tensor:
-    """q (batch, heads, 1, D) of the token at `position` (int64 (1,)); keys, values (batch, kv_heads, max_len, D),
-    written up to that position -> (batch, heads, 1, D): attention over keys position - window < j <= position."""
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                     rows: torch.Tensor, window: int | None) -> torch.Tensor:
+    """q (n, heads, 1, D) of one token a row, at positions (int64 (n,)); keys, values (cache rows, kv_heads, max_len,
+    D), row rows[b] written up to positions[b] -> (n, heads, 1, D): attention over keys p - window < j <= p."""
     if q.is_cuda and AVAILABLE:
-        return _triton_decode_attention(q, keys, values, position, window or 0)
-    end = int(position[-1]) + 1             # the host knows it for free on the CPU
-    start = max(0, end - window) if window else 0
-    return F.scaled_dot_product_attention(q, keys[:, :, start:end], values[:, :, start:end],
-                                          enable_gqa=q.shape[1] != keys.shape[1])
+        return _triton_decode_attention(q, keys, values, positions, rows, window or 0)
+    out = []
+    for b, (row, position) in enumerate(zip(rows.tolist(), positions.tolist())):   # free on the CPU
+        start = max(0, position + 1 - window) if window else 0
+        out.append(F.scaled_dot_product_attention(q[b:b + 1], keys[row:row + 1, :, start:position + 1],
+                                                  values[row:row + 1, :, start:position + 1],
+                                                  enable_gqa=q.shape[1] != keys.shape[1]))
+    return torch.cat(out) if len(out) > 1 else out[0]
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -127,13 +131,13 @@ def _triton_route(logits, top_k: int, renormalize: bool):
     return weights, ids
 
 
-def _triton_rotate_and_cache(q, k, v, rope, position, keys, values) -> torch.Tensor:
+def _triton_rotate_and_cache(q, k, v, rope, positions, rows, keys, values) -> torch.Tensor:
     batch, heads, _, dim = q.shape
     kv_heads = k.shape[1]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     assert keys.stride() == values.stride() and keys.stride(-1) == 1 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
     _rotate_and_cache_kernel[(batch, heads + kv_heads)](
-        q, k, v, rope[0], rope[1], position, out, keys, values,
+        q, k, v, rope[0], rope[1], positions, rows, out, keys, values,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2), heads, dim // 2,
         HALF=triton.next_power_of_2(dim // 2))
@@ -149,7 +153,7 @@ def _triton_combine(picked, weights) -> torch.Tensor:
     return out
 
 
-def _triton_decode_attention(q, keys, values, position, window: int) -> torch.Tensor:
+def _triton_decode_attention(q, keys, values, positions, rows, window: int) -> torch.Tensor:
     batch, heads, _, dim = q.shape
     kv_heads, max_len = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
@@ -161,7 +165,7 @@ def _triton_decode_attention(q, keys, values, position, window: int) -> torch.Te
     out = torch.empty((batch, heads, 1, dim), device=q.device, dtype=q.dtype)
     assert keys.stride() == values.stride() and keys.stride(-1) == 1 and q.stride(-1) == 1
     _attention_ranges[(batch * kv_heads, splits)](
-        q, keys, values, position, partial, stats,
+        q, keys, values, positions, rows, partial, stats,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         1 / math.sqrt(dim), window, kv_heads,
         GROUP=group, GROUP_PAD=group_pad, DIM=dim, DIM_PAD=dim_pad, KEYS=KEYS_PER_SPLIT, BLOCK=KEY_BLOCK,
@@ -209,13 +213,13 @@ if AVAILABLE:
         tl.store(ids_ptr + row * TOP_K + place, ids, mask=place < TOP_K)
 
     @triton.jit
-    def _rotate_and_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, position_ptr, out_ptr, keys_ptr, values_ptr,
+    def _rotate_and_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr, rows_ptr, out_ptr, keys_ptr, values_ptr,
                                  q_batch, q_head, k_batch, k_head, v_batch, v_head, cache_batch, cache_head, cache_key,
                                  HEADS, HALF_DIM, HALF: tl.constexpr):
         """Program (b, h): query head h, or for h >= HEADS key/value head h - HEADS. Rounds as apply_rotary does:
         x cos and rotate_half(x) sin each in x's dtype, then their sum."""
         b, h = tl.program_id(0), tl.program_id(1)
-        position = tl.load(position_ptr)
+        position = tl.load(positions_ptr + b)
         d = tl.arange(0, HALF)
         inside = d < HALF_DIM
         table = position * (2 * HALF_DIM)
@@ -235,7 +239,7 @@ if AVAILABLE:
         if h < HEADS:
             target = out_ptr + (b * HEADS + h) * (2 * HALF_DIM)
         else:
-            cached = b * cache_batch + (h - HEADS) * cache_head + position * cache_key
+            cached = tl.load(rows_ptr + b) * cache_batch + (h - HEADS) * cache_head + position * cache_key
             target = keys_ptr + cached
             v_source = v_ptr + b * v_batch + (h - HEADS) * v_head
             tl.store(values_ptr + cached + d, tl.load(v_source + d, mask=inside), mask=inside)
@@ -255,7 +259,7 @@ if AVAILABLE:
         tl.store(out_ptr + token * WIDTH + cols, total.to(out_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _attention_ranges(q_ptr, k_ptr, v_ptr, position_ptr, partial_ptr, stats_ptr,
+    def _attention_ranges(q_ptr, k_ptr, v_ptr, positions_ptr, rows_ptr, partial_ptr, stats_ptr,
                           q_batch, q_head, kv_batch, kv_head, kv_key, scale, WINDOW, KV_HEADS,
                           GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, DIM_PAD: tl.constexpr,
                           KEYS: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
@@ -263,7 +267,7 @@ if AVAILABLE:
         max score m, sum of exp(score - m) l, and sum of exp(score - m) v (fp32), or m = -inf when none is."""
         pid, split = tl.program_id(0), tl.program_id(1)
         b, h = pid // KV_HEADS, pid % KV_HEADS
-        position = tl.load(position_ptr)
+        position = tl.load(positions_ptr + b)
         lo = (split * KEYS).to(tl.int64)
         hi = tl.minimum(lo + KEYS, position + 1)
         if WINDOW > 0:
@@ -272,7 +276,7 @@ if AVAILABLE:
         d = tl.arange(0, DIM_PAD)
         q = tl.load(q_ptr + b * q_batch + (h * GROUP + g)[:, None] * q_head + d[None, :],
                     mask=(g < GROUP)[:, None] & (d < DIM)[None, :], other=0.0)
-        base = b * kv_batch + h * kv_head
+        base = tl.load(rows_ptr + b) * kv_batch + h * kv_head
         top = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
         total = tl.zeros((GROUP_PAD,), tl.float32)
         acc = tl.zeros((GROUP_PAD, DIM_PAD), tl.float32)

@@ -363,7 +363,7 @@ class Bench:
                                                  "fixed" if compute_only else entry["routing"], entry["mode"])
             cache = KVCache.allocate(config, 1, context, device, self.dtype)
             step = DecodeStep(model, cache)
-            result = {"cuda_graphs": step.capturable, **self.decode(model, step, provider, router, cache, config)}
+            result = {"cuda_graphs": step.capturable[1], **self.decode(model, step, provider, router, cache, config)}
             if not compute_only:
                 result.update(self.prefill(model, provider, router, cache, config))
             if s.profile_tokens and entry["mode"] in ("full", "compute-only", "resident"):
@@ -428,11 +428,11 @@ class Bench:
         prompt = torch.randint(3, config.vocab_size, (s.prompt_tokens,), generator=torch.Generator().manual_seed(s.seed)).tolist()
         if isinstance(router, ReplayRouter):
             router.seek(0)
-        step.set(int(prefill(model, cache, prompt, self.device)[-1].argmax()), len(prompt))
+        step.set(0, int(prefill(model, cache, prompt, self.device)[-1].argmax()), len(prompt), row=0)
 
         def decode_one():
-            step()
-            step.next_token()         # the token reaches the host, as generate reads it
+            step(1)
+            step.next_tokens(1)       # the token reaches the host, as generate reads it
 
         for _ in range(2):      # warm (the first steps of a fresh DecodeStep run eagerly and capture its graphs)
             decode_one()

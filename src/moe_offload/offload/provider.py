@@ -68,9 +68,9 @@ class OffloadedExperts:
         self.in_use: dict[int, list[int]] = {}     # layer -> slots its current step computes with
         self.graph = None                          # step.py's GraphCapture while a CUDA graph is being captured
 
-    def runs_static(self, tokens: int, top_k: int) -> bool:
-        """Whether a step of `tokens` tokens always runs as one batch: every layer has a slot for each pair."""
-        return all(cache.num_slots >= tokens * top_k for cache in self.caches.values())
+    def holds_at_once(self, experts: int) -> bool:
+        """Whether every layer has slots for `experts` experts at once (a step that needs no more runs as one batch)."""
+        return all(cache.num_slots >= experts for cache in self.caches.values())
 
     def experts(self, layer: int, ids: torch.Tensor, residual: torch.Tensor) -> Iterator[ExpertBatch]:
         read = self._stage(layer, ids, residual)
@@ -111,7 +111,7 @@ class OffloadedExperts:
         return pairs, needed, guesses
 
     def _settle(self, layer: int, read: "RoutingRead") -> None:
-        """The host's part of a captured step (its experts always fit: runs_static)."""
+        """The host's part of a captured step (its experts always fit: holds_at_once)."""
         self._place(layer, read, *self._read(layer, read))
 
     def _place(self, layer: int, read: "RoutingRead", pairs: list[int], needed: list[int],

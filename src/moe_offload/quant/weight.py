@@ -32,6 +32,8 @@ from ..experts import Expert, TensorSlot, lay_out
 from . import pack as bitpack
 from .hqq import MetaCodes, QuantizedMatrix, quantize
 
+GROUPED_TOKENS = 32   # tokens a step at most for grouped kernels (one GEMV program set a pair); prefill dequantizes
+
 
 @dataclass
 class QuantizedWeight:
@@ -155,9 +157,9 @@ class HQQExpertFormat:
         return Expert(*self.format.view(buffer))
 
     def runs_grouped(self, x: torch.Tensor, top_k: int) -> bool:
-        """One token on CUDA with Triton, groups the GEMV tiles, and rows of x and of the hidden activations
-        that the GEMV can read 16 bytes at a time."""
-        if not (x.is_cuda and x.shape[0] == 1):
+        """A decode step's tokens (at most GROUPED_TOKENS) on CUDA with Triton, groups the GEMV tiles, and rows of
+        x and of the hidden activations that the GEMV can read 16 bytes at a time."""
+        if not (x.is_cuda and x.shape[0] <= GROUPED_TOKENS):
             return False
         from . import kernels
         ffn, hidden = self.format.layouts[0].shape
