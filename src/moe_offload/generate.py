@@ -1,7 +1,8 @@
-"""Prefill, then decode through the KV cache, as a generator of token ids.
+"""Prefill, then decode through the KV cache: one generation, or a batch of them joining and leaving.
 
     for token_id in generate(model, cache, prompt_ids, params, eos_ids, step=DecodeStep(model, cache)):
         ...
+    batch = Batch(model, cache, step)               # several generations at once (continuous batching)
 
 Decoding runs step.py's DecodeStep (CUDA graphs where it can). Greedy decoding picks the next token on the
 device; other sampling runs on the CPU in fp32 from a seeded generator, so a seed gives the same tokens on
@@ -10,7 +11,9 @@ any device. Stop strings are text, not ids: the engine handles them.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -19,6 +22,7 @@ from .model import KVCache, Transformer
 from .step import DecodeStep
 
 PREFILL_CHUNK = 2048  # prompt tokens per forward: each expert crosses the link at most once per forward; bounds activations
+INTERLEAVED_PREFILL_CHUNK = 512   # prompt tokens a step while other generations decode: bounds their wait
 
 
 def prefill(model: Transformer, cache: KVCache, prompt_ids: list[int], device, last_only: bool = True) -> torch.Tensor:
@@ -36,29 +40,146 @@ def prefill(model: Transformer, cache: KVCache, prompt_ids: list[int], device, l
     return torch.cat(pieces)
 
 
+@dataclass(eq=False)
+class Generation:
+    """One sequence being decoded in a Batch: its prompt and sampling, its KV cache row, its progress."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    eos_ids: tuple[int, ...]
+    row: int                               # its KV cache row
+    generator: torch.Generator | None      # seeded host sampling; None: greedy, or the process's generator
+    prefilled: int = 0                     # prompt tokens through the model so far
+    produced: int = 0                      # new tokens so far
+    done: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.params.temperature == 0
+
+
+class Batch:
+    """Continuous batching on one model and KV cache: generations join (a free cache row, their prompt prefilled a
+    chunk a step) and leave (done or cancelled) between steps; a step decodes one token of every running one.
+
+        batch = Batch(model, cache, step)                # cache rows: the most generations at once
+        generation = batch.add(prompt_ids, params, eos_ids)
+        for generation, token in batch.step(): ...      # the new tokens of this step, one per generation at most
+        batch.cancel(generation)                          # leave now (its cache row is free again)
+
+    A prompt is prefilled PREFILL_CHUNK tokens a step when nothing else runs, `interleaved_chunk` while others
+    decode, so that a long prompt arriving delays their next tokens by one chunk's forward, not the whole prompt.
+    """
+
+    def __init__(self, model: Transformer, cache: KVCache, step: DecodeStep | None = None,
+                 interleaved_chunk: int = INTERLEAVED_PREFILL_CHUNK):
+        self.model, self.cache = model, cache
+        self.decode_step = step or DecodeStep(model, cache)
+        self.interleaved_chunk = interleaved_chunk
+        self.free_rows = list(range(cache.keys[0].shape[0] - 1, -1, -1))     # pop() gives row 0 first
+        self.prefilling: deque[Generation] = deque()
+        self.running: list[Generation] = []       # running[i] is the DecodeStep's sequence i
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.prefilling or self.running)
+
+    @property
+    def full(self) -> bool:
+        return not self.free_rows
+
+    def add(self, prompt_ids: list[int], params: SamplingParams, eos_ids: tuple[int, ...] = ()) -> Generation:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if not self.free_rows:
+            raise RuntimeError(f"the batch is full: {self.cache.keys[0].shape[0]} sequences already")
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        generation = Generation(list(prompt_ids), params, eos_ids, self.free_rows.pop(), generator)
+        self.prefilling.append(generation)
+        return generation
+
+    def cancel(self, generation: Generation) -> None:
+        """`generation` leaves the batch now (a no-op once it has left)."""
+        generation.done = True
+        self._leave(generation)
+
+    def step(self) -> list[tuple[Generation, int]]:
+        """One chunk of the first prompt still prefilling, then one token of every running generation."""
+        tokens = []
+        if self.prefilling:
+            self._prefill_chunk(self.prefilling[0], tokens)
+        if self.running:
+            self._decode(tokens)
+        return tokens
+
+    def _prefill_chunk(self, generation: Generation, tokens: list) -> None:
+        chunk = PREFILL_CHUNK if not self.running else self.interleaved_chunk
+        start = generation.prefilled
+        ids = generation.prompt_ids[start:start + chunk]
+        device = self.cache.keys[0].device
+        logits = self.model(torch.tensor([ids], device=device), self.cache.row(generation.row), start_pos=start,
+                            last_only=True)
+        generation.prefilled += len(ids)
+        if generation.prefilled < len(generation.prompt_ids):
+            return
+        self.prefilling.popleft()
+        token = sample(logits[0, -1], generation.params, generation.generator)
+        if self._take(generation, token, tokens):
+            self.decode_step.set(len(self.running), token, len(generation.prompt_ids), generation.row)
+            self.running.append(generation)
+        else:
+            self.free_rows.append(generation.row)
+
+    def _decode(self, tokens: list) -> None:
+        count = len(self.running)
+        logits = self.decode_step(count)
+        greedy = self.decode_step.next_tokens(count)         # one read for every greedy choice
+        for index, generation in enumerate(list(self.running)):
+            token = greedy[index]
+            if not generation.greedy:
+                token = sample(logits[index], generation.params, generation.generator)
+                self.decode_step.set(index, token)
+            if not self._take(generation, token, tokens):
+                self._leave(generation)
+
+    def _take(self, generation: Generation, token: int, tokens: list) -> bool:
+        """Record the generation's new token; -> whether it goes on (not EOS, room for more)."""
+        if token in generation.eos_ids:
+            generation.done = True
+            return False
+        generation.produced += 1
+        tokens.append((generation, token))
+        position = len(generation.prompt_ids) + generation.produced
+        generation.done = generation.produced == generation.params.max_new_tokens or position >= self.cache.max_len
+        return not generation.done
+
+    def _leave(self, generation: Generation) -> None:
+        if generation in self.prefilling:
+            self.prefilling.remove(generation)
+        elif generation in self.running:
+            index, last = self.running.index(generation), len(self.running) - 1
+            if index != last:                       # keep the running ones first in the step's tables
+                self.decode_step.move(last, index)
+                self.running[index] = self.running[last]
+            self.running.pop()
+        else:
+            return
+        self.free_rows.append(generation.row)
+
+
 def generate(model: Transformer, cache: KVCache, prompt_ids: list[int], params: SamplingParams,
              eos_ids: tuple[int, ...] = (), step: DecodeStep | None = None) -> Iterator[int]:
-    """Yield new token ids until EOS (not yielded), `params.max_new_tokens`, or prompt plus new
-    tokens fill the cache. `step`: the model's decode step, reused across generations (a fresh one
-    runs eagerly for its first token and captures its graphs on the second)."""
-    if not prompt_ids:
-        raise ValueError("the prompt is empty")
-    step = step or DecodeStep(model, cache)
-    generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-    token = sample(prefill(model, cache, prompt_ids, cache.keys[0].device)[-1], params, generator)
-    step.set(0, token, len(prompt_ids), row=0)
-    for produced in range(params.max_new_tokens):
-        if token in eos_ids:
-            return
-        yield token
-        if produced + 1 == params.max_new_tokens or len(prompt_ids) + produced + 1 >= cache.max_len:
-            return
-        logits = step(1)[0]
-        if params.temperature == 0:
-            token = step.next_tokens(1)[0]
-        else:
-            token = sample(logits, params, generator)
-            step.set(0, token)
+    """Yield new token ids until EOS (not yielded), `params.max_new_tokens`, or prompt plus new tokens fill the
+    cache: one generation on a batch of its own. `step`: the model's decode step, reused across generations (a
+    fresh one runs eagerly for its first token and captures its graphs on the second)."""
+    batch = Batch(model, cache, step)
+    generation = batch.add(prompt_ids, params, eos_ids)
+    try:
+        while not generation.done:
+            for _, token in batch.step():
+                yield token
+    finally:
+        batch.cancel(generation)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
