@@ -117,7 +117,8 @@ def runtime_from(args) -> RuntimeConfig:
         raise UserError(f"--quant {args.quant}: {args.model} is already quantized (by `moe-offload quantize`); "
                         f"drop --quant")
     quant = QuantConfig.parse(args.quant) if args.quant else None
-    return RuntimeConfig(model=args.model, device=args.device, dtype=args.dtype, max_context=args.max_context, quant=quant)
+    return RuntimeConfig(model=args.model, device=args.device, dtype=args.dtype, max_context=args.max_context, quant=quant,
+                         max_batch=getattr(args, "max_batch", RUNTIME["max_batch"]))
 
 
 def load_engine(args) -> Engine:
@@ -220,6 +221,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=SERVER["port"], help="TCP port (default: %(default)s)")
     p.add_argument("--api-key", default=SERVER["api_key"],
                    help="require `Authorization: Bearer KEY` on every endpoint but /health (default: none)")
+    p.add_argument("--max-batch", type=int, default=SERVER["max_batch"],
+                   help="sequences decoded together, each with its own KV cache of --max-context tokens; joining and "
+                        "leaving between steps (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=SERVER["max_queue"],
                    help="requests allowed to wait for the model before new ones get 429 (default: %(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=SERVER["max_body_bytes"],
@@ -229,8 +233,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args) -> None:
     from .server.app import bind, serve
 
-    config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
-                          max_body_bytes=args.max_body_bytes)
+    config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+                          max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
     sock = bind(config)
     serve(load_engine(args), config, sock)
 

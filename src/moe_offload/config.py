@@ -178,6 +178,7 @@ class RuntimeConfig:
     device: str = "auto"
     dtype: str = "auto"
     max_context: int = 4096      # KV cache length; capped by the model's max_position_embeddings
+    max_batch: int = 1           # sequences decoded together (the server's continuous batching): KV cache rows
     quant: "QuantConfig | None" = None   # HQQ quantization on load (quant/); None: the checkpoint's own weights
 
 

@@ -25,7 +25,7 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig, OffloadConfig, RuntimeConfig, SamplingParams
 from .errors import UserError
 from .experts import DenseExpertFormat, ExpertFormat, ExpertSlots, ResidentExperts, slot_stride
-from .generate import generate
+from .generate import Batch, Generation
 from .model import KVCache, ModelWeights, Transformer
 from .offload.planner import Plan, plan_for
 from .offload.prefetch import GatePredictor
@@ -112,20 +112,52 @@ class RunStats:
                 f"decode: {self.decode_tokens_per_second:.2f} tokens/s")
 
 
-@dataclass
+@dataclass(eq=False)
 class Run:
-    """One generation: iterate for text pieces; afterwards `token_ids`, `finish_reason`, `stats`."""
+    """One generation's text. The CLI iterates it for text pieces (`Engine.stream`); the server feeds it the tokens
+    that its batch's steps produce (`Engine.start`, `take`, `finish`). Afterwards `token_ids`, `finish_reason`,
+    `stats`."""
 
-    pieces: Iterator[str]
+    generation: Generation
+    decoder: object                    # the tokenizer's stream decoder: tokens -> text, never half a character
+    stops: "StopStrings"
+    max_context: int
+    pieces: Iterator[str] = iter(())
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None   # "stop" (EOS or a stop string) or "length"
     stats: RunStats = field(default_factory=RunStats)
+    started: float = field(default_factory=time.perf_counter)
 
     def __iter__(self):
         return self.pieces
 
     def text(self) -> str:
         return "".join(self)
+
+    def take(self, token: int) -> tuple[str, bool]:
+        """A new token -> (the text it makes safe to emit now, whether a stop string ended the run)."""
+        now = time.perf_counter()
+        if not self.token_ids:
+            self.stats.time_to_first_token = now - self.started
+        else:
+            self.stats.decode_seconds = now - self.started - self.stats.time_to_first_token
+        self.token_ids.append(token)
+        self.stats.new_tokens = len(self.token_ids)
+        text, stopped = self.stops.feed(self.decoder.push(token))
+        if stopped:
+            self.finish_reason = "stop"
+        return text, stopped
+
+    def finish(self) -> str:
+        """The generation has ended on its own (EOS, its token count, the context): the text held back until now."""
+        params = self.generation.params
+        out_of_room = (len(self.token_ids) == params.max_new_tokens
+                       or len(self.generation.prompt_ids) + len(self.token_ids) >= self.max_context)
+        self.finish_reason = "length" if out_of_room else "stop"  # else: EOS
+        text, stopped = self.stops.feed(self.decoder.flush(), final=True)
+        if stopped:
+            self.finish_reason = "stop"
+        return text
 
 
 class Engine:
@@ -136,12 +168,18 @@ class Engine:
         self.tokenizer = tokenizer
         self.cache = cache
         self.step = DecodeStep(model, cache)   # captures its CUDA graphs once, for every run of this engine
+        self.batch = Batch(model, cache, self.step)   # the generations running; as many at once as the cache has rows
         self.name = name
         self.plan = plan   # the offload plan; None when every expert is resident
 
     @property
     def max_context(self) -> int:
         return self.cache.max_len
+
+    @property
+    def max_batch(self) -> int:
+        """Generations at once: the KV cache's rows."""
+        return self.cache.keys[0].shape[0]
 
     @classmethod
     def load(cls, runtime: RuntimeConfig = RuntimeConfig(), progress: bool = True,
@@ -156,7 +194,10 @@ class Engine:
         tokenizer = Tokenizer.from_folder(runtime.model, eos_ids=config.eos_token_ids)
         expert_format, expert_buffer = expert_storage(ckpt, dtype)
         quant = ckpt.quant if isinstance(ckpt, QuantizedCheckpoint) else None
-        plan = plan_for(config, expert_format.nbytes, dtype, max_context, offload, device, quant) if offload.enabled else None
+        if runtime.max_batch < 1:
+            raise UserError(f"--max-batch must be at least 1, got {runtime.max_batch}")
+        plan = (plan_for(config, expert_format.nbytes, dtype, max_context, offload, device, quant, runtime.max_batch)
+                if offload.enabled else None)
         if plan and progress:
             print(plan.describe(), file=sys.stderr)
         total = ckpt.num_dense_tensors() + len(config.moe_layers) * config.num_experts
@@ -167,7 +208,7 @@ class Engine:
             else:
                 provider = resident_experts(config, expert_format, expert_buffer, device, progress=bar.update)
         model = Transformer(config, weights, provider)
-        cache = KVCache.allocate(config, batch=1, max_len=max_context, device=device, dtype=dtype)
+        cache = KVCache.allocate(config, batch=runtime.max_batch, max_len=max_context, device=device, dtype=dtype)
         return cls(config, model, tokenizer, cache, name=Path(runtime.model).name, plan=plan)
 
     def expert_stats(self) -> dict[str, float]:
@@ -186,40 +227,34 @@ class Engine:
                 f"shorten the prompt or raise --max-context (the model allows {self.config.max_position_embeddings})"
             )
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Run:
+    def start(self, prompt_ids: list[int], params: SamplingParams) -> Run:
+        """A generation joins the engine's batch; its tokens come from `self.batch.step()` (fed to `Run.take`)."""
         self.check_prompt(prompt_ids)
-        run = Run(pieces=iter(()))
-        run.pieces = self._pieces(run, prompt_ids, params)
+        generation = self.batch.add(prompt_ids, params, self.tokenizer.eos_ids)
+        run = Run(generation, self.tokenizer.stream_decoder(), StopStrings(params.stop), self.max_context)
+        run.stats.prompt_tokens = len(prompt_ids)
         return run
 
-    def _pieces(self, run: Run, prompt_ids: list[int], params: SamplingParams) -> Iterator[str]:
-        stats = run.stats
-        stats.prompt_tokens = len(prompt_ids)
-        decoder = self.tokenizer.stream_decoder()
-        stops = StopStrings(params.stop)
-        started = time.perf_counter()
-        for token in generate(self.model, self.cache, prompt_ids, params, self.tokenizer.eos_ids, self.step):
-            now = time.perf_counter()
-            if not run.token_ids:
-                stats.time_to_first_token = now - started
-                first_at = now
-            else:
-                stats.decode_seconds = now - first_at
-            run.token_ids.append(token)
-            stats.new_tokens = len(run.token_ids)
-            text, stopped = stops.feed(decoder.push(token))
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Run:
+        """One generation on its own: iterate the run for its text pieces."""
+        run = self.start(prompt_ids, params)
+        run.pieces = self._pieces(run)
+        return run
+
+    def _pieces(self, run: Run) -> Iterator[str]:
+        try:
+            while not run.generation.done:
+                for _, token in self.batch.step():
+                    text, stopped = run.take(token)
+                    if text:
+                        yield text
+                    if stopped:
+                        return
+            text = run.finish()
             if text:
                 yield text
-            if stopped:
-                run.finish_reason = "stop"
-                return
-        out_of_room = len(run.token_ids) == params.max_new_tokens or len(prompt_ids) + len(run.token_ids) >= self.max_context
-        run.finish_reason = "length" if out_of_room else "stop"  # else: EOS
-        text, stopped = stops.feed(decoder.flush(), final=True)
-        if stopped:
-            run.finish_reason = "stop"
-        if text:
-            yield text
+        finally:
+            self.batch.cancel(run.generation)
 
 
 class StopStrings:

@@ -104,12 +104,13 @@ class Batch:
         self._leave(generation)
 
     def step(self) -> list[tuple[Generation, int]]:
-        """One chunk of the first prompt still prefilling, then one token of every running generation."""
+        """One token of every running generation, then one chunk of the first prompt still prefilling (whose first
+        token, when its prompt is done, comes with this step; it decodes from the next)."""
         tokens = []
-        if self.prefilling:
-            self._prefill_chunk(self.prefilling[0], tokens)
         if self.running:
             self._decode(tokens)
+        if self.prefilling:
+            self._prefill_chunk(self.prefilling[0], tokens)
         return tokens
 
     def _prefill_chunk(self, generation: Generation, tokens: list) -> None:

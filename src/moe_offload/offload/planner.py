@@ -74,6 +74,7 @@ class Plan:
     ram_experts: int       # experts in host RAM; the rest on disk
     disk_experts: int
     num_experts: int       # per MoE layer
+    max_batch: int = 1     # sequences the KV cache holds
 
     @property
     def slot_bytes(self) -> int:
@@ -87,7 +88,7 @@ class Plan:
         n = sum(self.slots.values())
         lines = [
             f"offload plan: device {gib(self.device_bytes)} of {gib(self.device_budget)}: "
-            f"non-expert weights {gib(self.dense_bytes)}, KV cache {gib(self.kv_bytes)} ({self.max_context} tokens), "
+            f"non-expert weights {gib(self.dense_bytes)}, KV cache {gib(self.kv_bytes)} ({kv_tokens(self.max_batch, self.max_context)}), "
             f"workspace {gib(self.workspace_bytes)}, expert slots {gib(self.slot_bytes)} "
             f"({n} slots of {self.expert_nbytes / 2**20:.1f} MiB)",
             f"  slots per layer (of {self.num_experts} experts): {_ranges(self.slots)}",
@@ -99,7 +100,7 @@ class Plan:
 
 def make_plan(config: ModelConfig, expert_nbytes: int, dense_bytes: int, kv_bytes: int, max_context: int,
               workspace: int, device_budget: int, host_budget: int | None = None,
-              slots_per_layer: int | None = None) -> Plan:
+              slots_per_layer: int | None = None, max_batch: int = 1) -> Plan:
     layers = config.moe_layers
     fixed = dense_bytes + kv_bytes + workspace
     stride = slot_stride(expert_nbytes)
@@ -107,9 +108,10 @@ def make_plan(config: ModelConfig, expert_nbytes: int, dense_bytes: int, kv_byte
     if device_budget < smallest:
         raise UserError(
             f"--gpu-memory {gib(device_budget)} is too small: non-expert weights {gib(dense_bytes)}, KV cache "
-            f"{gib(kv_bytes)} for {max_context} tokens and workspace {gib(workspace)} plus one expert slot per "
-            f"layer ({len(layers)} x {expert_nbytes / 2**20:.1f} MiB) need {_round_up_gib(smallest)} GiB; raise "
-            f"--gpu-memory to at least {_round_up_gib(smallest)}GiB, or lower --max-context")
+            f"{gib(kv_bytes)} for {kv_tokens(max_batch, max_context)} and workspace {gib(workspace)} plus one expert "
+            f"slot per layer ({len(layers)} x {expert_nbytes / 2**20:.1f} MiB) need {_round_up_gib(smallest)} GiB; "
+            f"raise --gpu-memory to at least {_round_up_gib(smallest)}GiB, or lower --max-context"
+            + (" or --max-batch" if max_batch > 1 else ""))
     if slots_per_layer is not None:
         if not 1 <= slots_per_layer <= config.num_experts:
             raise UserError(f"--slots {slots_per_layer}: use 1 to {config.num_experts} (the experts per layer)")
@@ -125,7 +127,11 @@ def make_plan(config: ModelConfig, expert_nbytes: int, dense_bytes: int, kv_byte
     all_experts = len(layers) * config.num_experts
     ram = all_experts if host_budget is None else min(all_experts, host_budget // expert_nbytes)
     return Plan(device_budget, dense_bytes, kv_bytes, max_context, workspace, expert_nbytes, slots,
-                ram, all_experts - ram, config.num_experts)
+                ram, all_experts - ram, config.num_experts, max_batch)
+
+
+def kv_tokens(max_batch: int, max_context: int) -> str:
+    return f"{max_context} tokens" if max_batch == 1 else f"{max_batch} sequences x {max_context} tokens"
 
 
 def _round_up_gib(n: int) -> str:
@@ -144,8 +150,9 @@ def _ranges(slots: dict[int, int]) -> str:
 
 
 def plan_for(config: ModelConfig, expert_nbytes: int, dtype: torch.dtype, max_context: int,
-             offload: OffloadConfig, device, quant: QuantConfig | None = None) -> Plan:
-    """The plan for a model whose non-expert weights are in `dtype` but for the roles `quant` quantizes, on `device`."""
+             offload: OffloadConfig, device, quant: QuantConfig | None = None, max_batch: int = 1) -> Plan:
+    """The plan for a model whose non-expert weights are in `dtype` but for the roles `quant` quantizes, on `device`,
+    with a KV cache of `max_batch` sequences of `max_context` tokens."""
     if offload.prefetch_experts is not None and not 0 <= offload.prefetch_experts <= config.num_experts:
         raise UserError(f"--prefetch {offload.prefetch_experts}: use 0 (off) to {config.num_experts} (the experts per layer)")
     deepest = max(1, len(config.moe_layers) - 1)
@@ -156,9 +163,9 @@ def plan_for(config: ModelConfig, expert_nbytes: int, dtype: torch.dtype, max_co
     itemsize = dtype.itemsize
     dense = dense_nbytes(config, dtype, quant)
     budget = offload.gpu_memory if offload.gpu_memory is not None else free_memory(device)
-    return make_plan(config, expert_nbytes, dense, KVCache.nbytes(config, 1, max_context, dtype), max_context,
+    return make_plan(config, expert_nbytes, dense, KVCache.nbytes(config, max_batch, max_context, dtype), max_context,
                      workspace_bytes(config, min(PREFILL_CHUNK, max_context), max_context, itemsize), budget,
-                     offload.cpu_memory, offload.slots_per_layer)
+                     offload.cpu_memory, offload.slots_per_layer, max_batch)
 
 
 def free_memory(device) -> int:

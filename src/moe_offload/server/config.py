@@ -15,6 +15,7 @@ class ServerConfig:
     host: str = "127.0.0.1"          # loopback: reachable from this machine only
     port: int = 8000
     api_key: str | None = None       # when set, every endpoint but /health needs `Authorization: Bearer KEY`
+    max_batch: int = 8               # sequences decoded together (RuntimeConfig.max_batch of the served engine)
     max_queue: int = 64              # requests waiting for the engine before new ones get 429
     max_body_bytes: int = 1 << 20    # larger request bodies get 413
 
@@ -23,6 +24,8 @@ class ServerConfig:
             raise UserError(f"--port {self.port} is not a TCP port; use 0-65535")
         if self.api_key is not None and not self.api_key.strip():
             raise UserError("--api-key is empty; give a key, or leave the flag out to serve without one")
+        if self.max_batch < 1:
+            raise UserError(f"--max-batch must be at least 1, got {self.max_batch}")
         if self.max_queue < 1:
             raise UserError(f"--max-queue must be at least 1, got {self.max_queue}")
         if self.max_body_bytes < 1024:

@@ -3,6 +3,7 @@
     metrics = Metrics()
     metrics.count_request("/v1/completions", 200)
     metrics.record_sequence(prompt_tokens=12, new_tokens=16, time_to_first_token=0.2, decode_seconds=0.9)
+    metrics.record_step(batch_size=4, tokens=4, seconds=0.05, inter_token=[0.05, 0.05, 0.05])
     text = metrics.render(queue_depth=3, queue_capacity=64, active=1, expert_stats=engine.expert_stats())
 
 Written by the event loop (requests) and the scheduler thread (sequences), hence the lock.
@@ -19,6 +20,24 @@ from collections import Counter
 
 PREFIX = "moe_offload"
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)   # seconds
+ITL_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)          # seconds
+
+
+class Histogram:
+    """Cumulative bucket counts, count and sum of observed values (Prometheus' histogram)."""
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.buckets = [0] * len(bounds)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.count += 1
+        self.sum += value
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.buckets[i] += 1
 
 
 class Metrics:
@@ -31,9 +50,12 @@ class Metrics:
         self.decode_tokens = 0              # tokens after each sequence's first
         self.decode_seconds = 0.0
         self.last_decode_tokens_per_second = 0.0
-        self.ttft_buckets = [0] * len(TTFT_BUCKETS)
-        self.ttft_count = 0
-        self.ttft_sum = 0.0
+        self.time_to_first_token = Histogram(TTFT_BUCKETS)
+        self.inter_token = Histogram(ITL_BUCKETS)
+        self.batch_size = 0                 # sequences in the engine's last step
+        self.steps = 0
+        self.step_tokens = 0                # tokens that engine steps produced, every sequence's
+        self.step_seconds = 0.0
 
     def count_request(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -51,11 +73,18 @@ class Metrics:
                 self.decode_seconds += decode_seconds
                 self.last_decode_tokens_per_second = (new_tokens - 1) / decode_seconds
             if time_to_first_token is not None:
-                self.ttft_count += 1
-                self.ttft_sum += time_to_first_token
-                for i, bound in enumerate(TTFT_BUCKETS):
-                    if time_to_first_token <= bound:
-                        self.ttft_buckets[i] += 1
+                self.time_to_first_token.observe(time_to_first_token)
+
+    def record_step(self, batch_size: int, tokens: int, seconds: float, inter_token: list[float]) -> None:
+        """One step of the engine's batch: its sequences, the tokens it made, its time, and for each sequence that
+        had a token before, the time since that one."""
+        with self._lock:
+            self.batch_size = batch_size
+            self.steps += 1
+            self.step_tokens += tokens
+            self.step_seconds += seconds
+            for value in inter_token:
+                self.inter_token.observe(value)
 
     def render(self, queue_depth: int, queue_capacity: int, active: int, expert_stats: dict) -> str:
         with self._lock:
@@ -73,7 +102,14 @@ class Metrics:
             out.family("decode_tokens_per_second", "gauge", "decode speed of the last finished sequence",
                        [({}, self.last_decode_tokens_per_second)])
             out.histogram("time_to_first_token_seconds", "arrival to first token, queue wait and prefill included",
-                          TTFT_BUCKETS, self.ttft_buckets, self.ttft_count, self.ttft_sum)
+                          self.time_to_first_token)
+            out.histogram("inter_token_seconds", "time between a sequence's consecutive tokens", self.inter_token)
+            out.family("batch_size", "gauge", "sequences in the engine's last step", [({}, self.batch_size)])
+            out.family("steps_total", "counter", "engine steps (one token of every running sequence)", [({}, self.steps)])
+            out.family("step_tokens_total", "counter", "tokens made by engine steps, all sequences together",
+                       [({}, self.step_tokens)])
+            out.family("step_seconds_total", "counter", "seconds in engine steps (step_tokens_total over it: aggregate "
+                       "tokens/s)", [({}, self.step_seconds)])
         out.family("queue_depth", "gauge", "requests waiting for the engine", [({}, queue_depth)])
         out.family("queue_capacity", "gauge", "waiting requests allowed before 429", [({}, queue_capacity)])
         out.family("active_sequences", "gauge", "sequences being generated now", [({}, active)])
@@ -94,12 +130,13 @@ class Exposition:
         self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
         self.lines += [f"{name}{_labels(labels)} {_number(value)}" for labels, value in samples]
 
-    def histogram(self, name: str, help_text: str, bounds, cumulative_counts, count: int, total: float) -> None:
+    def histogram(self, name: str, help_text: str, histogram: Histogram) -> None:
         name = f"{PREFIX}_{name}"
         self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-        for bound, n in zip(bounds, cumulative_counts):
+        for bound, n in zip(histogram.bounds, histogram.buckets):
             self.lines.append(f'{name}_bucket{{le="{bound}"}} {n}')
-        self.lines += [f'{name}_bucket{{le="+Inf"}} {count}', f"{name}_sum {_number(total)}", f"{name}_count {count}"]
+        self.lines += [f'{name}_bucket{{le="+Inf"}} {histogram.count}', f"{name}_sum {_number(histogram.sum)}",
+                       f"{name}_count {histogram.count}"]
 
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"

@@ -9,16 +9,12 @@
     scheduler.cancel(sequence)              # client gone: leaves the queue, or stops at the next step
 
 Requests wait in arrival order in a bounded queue (`max_waiting`). One worker thread owns the
-Engine: it admits waiting sequences while fewer than `max_active` are active, then calls `step()`,
-which produces the next text piece of every active sequence and hands it to that sequence's
-asyncio queue (thread-safely, through its event loop). A sequence that ends, fails or is cancelled
-leaves at once; its Run's generator is closed in the worker thread, the one that iterates it.
-
-The Engine owns one KV cache, so today `max_active` is 1 and a step advances one Run. Batching
-several sequences per step slots in here and nowhere else: with an engine that steps a batch of
-runs (one forward for all active sequences), `max_active` becomes the batch size and `step()`
-makes one batched call instead of a loop of `next(run)`. Sequence, submit, cancel and pieces, and
-so the HTTP API, stay as they are.
+Engine: between steps it admits waiting sequences while the engine's batch has room (the KV cache's
+rows, `--max-batch`), then calls `step()`: one step of the engine's batch (a chunk of a newcomer's
+prompt, then one token of every running sequence: generate.Batch), whose tokens become each
+sequence's text pieces, handed to its asyncio queue (thread-safely, through its event loop). A
+sequence that ends, fails or is cancelled leaves the batch at once, between steps (a cancelled
+prompt stops between its prefill chunks).
 """
 
 from __future__ import annotations
@@ -33,6 +29,7 @@ from dataclasses import dataclass
 
 from ..config import SamplingParams
 from ..engine import Engine, Run, RunStats
+from ..generate import Generation
 from .metrics import Metrics
 
 log = logging.getLogger("moe_offload.server")
@@ -64,6 +61,7 @@ class Sequence:
         self.events: asyncio.Queue = asyncio.Queue()   # str pieces, then Finished | Failed | CANCELLED
         self.arrived = time.perf_counter()
         self.admitted: float | None = None
+        self.last_token_at: float | None = None
         self.run: Run | None = None
         self.cancelled = threading.Event()
         self.finished = False    # set when the Finished event has been read: the run ended normally
@@ -90,13 +88,12 @@ class Sequence:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, metrics: Metrics, max_waiting: int, max_active: int = 1):
+    def __init__(self, engine: Engine, metrics: Metrics, max_waiting: int):
         self.engine = engine
         self.metrics = metrics
         self.max_waiting = max_waiting
-        self.max_active = max_active
         self._waiting: deque[Sequence] = deque()
-        self._active: list[Sequence] = []
+        self._active: dict[Generation, Sequence] = {}    # by their place in the engine's batch
         self._changed = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="moe-offload-scheduler", daemon=True)
@@ -136,55 +133,73 @@ class Scheduler:
                 self.metrics.record_sequence(0, 0, None, 0.0, outcome="cancelled")
 
     def step(self) -> None:
-        """Produce the next text piece of every active sequence (the unit a batched engine would fuse)."""
-        for sequence in list(self._active):
-            self._advance(sequence)
+        """One step of the engine's batch: every active sequence gets its next text piece, or ends."""
+        for sequence in [s for s in self._active.values() if s.cancelled.is_set()]:
+            self._end(sequence, CANCELLED, "cancelled")
+        if not self._active:
+            return
+        started = time.perf_counter()
+        try:
+            tokens = self.engine.batch.step()
+        except Exception as e:      # a failed forward fails every sequence in it
+            log.exception("generation failed")
+            for sequence in list(self._active.values()):
+                self._end(sequence, Failed(e), "failed")
+            return
+        now = time.perf_counter()
+        gaps = [now - self._active[g].last_token_at for g, _ in tokens if self._active[g].last_token_at is not None]
+        self.metrics.record_step(len(self._active), len(tokens), now - started, gaps)
+        for generation, token in tokens:
+            sequence = self._active[generation]
+            sequence.last_token_at = now
+            text, stopped = sequence.run.take(token)
+            if text:
+                sequence.deliver(text)
+            if stopped:
+                self._end(sequence, Finished(sequence.run), "finished")
+        for sequence in [s for s in self._active.values() if s.run.generation.done]:
+            text = sequence.run.finish()
+            if text:
+                sequence.deliver(text)
+            self._end(sequence, Finished(sequence.run), "finished")
 
     def _work(self) -> None:
         while self._admit():
             self.step()
-        for sequence in list(self._active):
+        for sequence in list(self._active.values()):
             self._end(sequence, CANCELLED, "cancelled")
 
     def _admit(self) -> bool:
-        """Move waiting sequences into free active places; blocks while there is nothing to do."""
+        """Move waiting sequences into the engine's batch while it has room; blocks while there is nothing to do."""
         with self._changed:
             while not self._active and not self._waiting and not self._stopping:
                 self._changed.wait()
             if self._stopping:
                 return False
             admitted = []
-            while self._waiting and len(self._active) < self.max_active:
+            while self._waiting and len(self._active) + len(admitted) < self.engine.max_batch:
                 admitted.append(self._waiting.popleft())
-                self._active.append(admitted[-1])
         for sequence in admitted:
             sequence.admitted = time.perf_counter()
             try:
-                sequence.run = self.engine.stream(sequence.prompt_ids, sequence.params)
+                sequence.run = self.engine.start(sequence.prompt_ids, sequence.params)
             except Exception as e:
-                self._end(sequence, Failed(e), "failed")
+                self._report(sequence, Failed(e), "failed")
+                continue
+            with self._changed:
+                self._active[sequence.run.generation] = sequence
         return True
-
-    def _advance(self, sequence: Sequence) -> None:
-        if sequence.cancelled.is_set():
-            self._end(sequence, CANCELLED, "cancelled")
-            return
-        try:
-            piece = next(sequence.run.pieces)
-        except StopIteration:
-            self._end(sequence, Finished(sequence.run), "finished")
-        except Exception as e:
-            log.exception("generation failed")
-            self._end(sequence, Failed(e), "failed")
-        else:
-            sequence.deliver(piece)
 
     def _end(self, sequence: Sequence, event, outcome: str) -> None:
         run = sequence.run
         if run is not None:
-            run.pieces.close()   # a generator must be closed by the thread that iterates it
-        with self._changed:
-            self._active.remove(sequence)
+            self.engine.batch.cancel(run.generation)    # leaves the batch (a no-op once done)
+            with self._changed:
+                self._active.pop(run.generation, None)
+        self._report(sequence, event, outcome)
+
+    def _report(self, sequence: Sequence, event, outcome: str) -> None:
+        run = sequence.run
         stats = run.stats if run is not None else RunStats()
         ttft = sequence.admitted - sequence.arrived + stats.time_to_first_token if stats.new_tokens else None
         self.metrics.record_sequence(stats.prompt_tokens, stats.new_tokens, ttft, stats.decode_seconds, outcome)
