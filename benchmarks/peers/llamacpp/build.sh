@@ -17,12 +17,14 @@ DIR=${2:-/tmp/llamacpp-$BACKEND}
 JOBS=${JOBS:-$(nproc)}
 
 case $BACKEND in
-    cuda) flags=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-90}) ;;
+    cuda) flags=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-90})
+          command -v nvcc >/dev/null || export PATH=$PATH:/usr/local/cuda/bin ;;
     cpu) flags=(-DGGML_CUDA=OFF) ;;
     *) echo "usage: build.sh cuda|cpu [BUILD_DIR]" >&2; exit 2 ;;
 esac
 mkdir -p "$DIR"
-if [ ! -f "$DIR/llama.cpp/LLAMA_COMMIT" ]; then
+if [ "$(cat "$DIR/llama.cpp/LLAMA_COMMIT" 2>/dev/null)" != "$(tar -xzOf "$TARBALL" llama.cpp/LLAMA_COMMIT)" ]; then
+    rm -rf "$DIR/llama.cpp" "$DIR/build"
     tar -xzf "$TARBALL" -C "$DIR"
 fi
 COMMIT=$(cat "$DIR/llama.cpp/LLAMA_COMMIT")

@@ -122,19 +122,25 @@ class MemorySampler:
         return (max(self.samples) - self.before) * MIB
 
 
-def run_bench(args, model: dict, n_cpu_moe: int, log) -> dict:
-    """One llama-bench process at one placement: its speeds per test and the GPU memory it took."""
+def run_bench(args, model: dict, n_cpu_moe: int, log, timeout: float | None) -> dict:
+    """One llama-bench process at one placement: its speeds per test (those it finished within `timeout`
+    seconds) and the GPU memory it took."""
     cmd = [args.bench, "-m", model["path"], "-p", ",".join(map(str, args.prompts)), "-n", str(args.gen),
            "-t", str(args.threads), "-r", str(args.reps), "-ngl", "99", "--n-cpu-moe", str(n_cpu_moe), "-o", "jsonl"]
     log.write(f"\n$ {' '.join(cmd)}\n")
     log.flush()
     start = time.perf_counter()
     with MemorySampler(args.gpu) as sampler:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+        try:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, timeout=timeout)
+            stdout, returncode = proc.stdout, proc.returncode
+        except subprocess.TimeoutExpired as expired:
+            stdout, returncode = expired.stdout or "", "timeout"
+            stdout = stdout.decode() if isinstance(stdout, bytes) else stdout
     seconds = time.perf_counter() - start
-    log.write(proc.stdout)
-    tests = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    row = {"n_cpu_moe": n_cpu_moe, "returncode": proc.returncode, "seconds": round(seconds, 1),
+    log.write(stdout)
+    tests = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    row = {"n_cpu_moe": n_cpu_moe, "returncode": returncode, "seconds": round(seconds, 1),
            "gpu_peak_bytes": sampler.peak_bytes(), "command": " ".join(cmd), "tests": {}}
     for test in tests:
         name = f"pp{test['n_prompt']}" if test["n_prompt"] else f"tg{test['n_gen']}"
@@ -235,11 +241,11 @@ def main() -> None:
     with open(out / f"llamacpp_{tag}.log", "w") as log:
         def measure(placement: str, n: int, budget: int | None = None, predicted: int | None = None) -> dict | None:
             elapsed = time.perf_counter() - start
-            if args.time_limit and durations and elapsed + max(durations) > args.time_limit:
+            if args.time_limit and elapsed + max(durations, default=0) > args.time_limit:
                 report["skipped"].append({"placement": placement, "n_cpu_moe": n, "why": "time limit"})
                 print(f"skipped {placement} (--n-cpu-moe {n}): time limit", flush=True)
                 return None
-            row = run_bench(args, model, n, log)
+            row = run_bench(args, model, n, log, args.time_limit - elapsed if args.time_limit else None)
             durations.append(row["seconds"])
             row.update(placement=placement, budget_bytes=budget, predicted_gpu_bytes=predicted)
             if budget is not None and row["gpu_peak_bytes"] is not None:
