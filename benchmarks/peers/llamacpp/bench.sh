@@ -20,7 +20,8 @@ LIMIT=${LIMIT:-570}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if ! python3 -c "import gguf" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/llamacpp-site carry/llamacpp/gguf-*.whl || exit 1
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --no-index --no-deps --no-compile --upgrade \
+        --target /tmp/llamacpp-site carry/llamacpp/gguf-*.whl || exit 1
     export PYTHONPATH=/tmp/llamacpp-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

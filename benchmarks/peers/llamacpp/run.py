@@ -10,7 +10,8 @@ the first N layers in host RAM, computed there by the CPU (static: nothing moves
 32 tokens or more llama.cpp copies those experts to the GPU for the batch unless `--no-op-offload`). In order:
 1. every expert on the CPU (N = layers): its peak GPU memory is the base that all other placements add to;
 2. each budget: the smallest N whose predicted peak (the base plus the GGUF's bytes of the experts of the
-   layers on the GPU) fits, then measured; while the measured peak exceeds the budget, N + 1 and again;
+   layers on the GPU) fits, then measured; while the measured peak exceeds the budget, N grows by the layers
+   whose experts make up the excess (at least 1), and again (--max-retries);
 3. everything on the GPU (N = 0).
 Each placement is one llama-bench process (prompts --prompts, --gen generated tokens, --threads, --reps
 repetitions after llama-bench's warm-up; tokens are random ids), with nvidia-smi sampling the card's used
@@ -209,7 +210,7 @@ def main() -> None:
     parser.add_argument("--gpu", type=int, default=0, help="nvidia-smi's index of the card llama.cpp uses")
     parser.add_argument("--overhead", type=parse_size, default=parse_size("1GiB"),
                         help="without nvidia-smi: the GPU memory assumed beside the weights (KV cache, buffers, context)")
-    parser.add_argument("--max-retries", type=int, default=2, help="re-runs with N + 1 when a budget's peak overflows")
+    parser.add_argument("--max-retries", type=int, default=2, help="re-runs with a larger N when a budget's peak overflows")
     parser.add_argument("--time-limit", type=float, default=0, help="seconds; skip a placement that would end past it (0: none)")
     parser.add_argument("--out", required=True, help="folder for llamacpp_<experts>.json and its log")
     args = parser.parse_args()
@@ -267,7 +268,7 @@ def main() -> None:
             report["settings"]["base_bytes"] = {"measured": base}
         for budget in budgets:
             n = choose_n_cpu_moe(budget, base, model)
-            name = f"budget {budget / GIB:g} GiB" if budget >= GIB else f"budget {budget / MIB:g} MiB"
+            name = f"budget {budget // GIB} GiB" if budget % GIB == 0 else f"budget {budget / MIB:g} MiB"
             if n is None:
                 report["skipped"].append({"placement": name, "why": f"every expert on the CPU already takes {fmt_size(base)}"})
                 print(f"skipped {name}: every expert on the CPU already takes {fmt_size(base)}", flush=True)
@@ -276,7 +277,8 @@ def main() -> None:
                 row = measure(name, n, budget, base + (layers - n) * model["expert_bytes_per_layer"])
                 if row is None or row.get("fits") is not False or n == layers:
                     break
-                n += 1
+                over = row["gpu_peak_bytes"] - budget          # move that many bytes of experts back to the CPU
+                n = min(layers, n + max(1, -(-over // model["expert_bytes_per_layer"])))
         measure("all on GPU", 0, predicted=base + layers * model["expert_bytes_per_layer"])
 
     report["seconds"] = round(time.perf_counter() - start, 1)
