@@ -8,7 +8,7 @@
 #     BACKEND=cpu TINY=1 bash benchmarks/peers/llamacpp/bench.sh --budgets 3MiB,4MiB,5MiB --overhead 1MiB \
 #         --prompts 64,256 --gen 16                                   # here: a CPU test of the whole pipeline
 #
-# Arguments go to run.py. LIMIT (default 570 s) is the time the whole script may take; run.py skips placements
+# Arguments go to run.py; MOE_OFFLOAD_COMMIT=<hash> names our commit where the copy has no .git. LIMIT (default 570 s) is the time the whole script may take; run.py skips placements
 # that would end past it. A second call on the same (still warm) machine reuses the build and the GGUF in /tmp.
 set -uo pipefail
 cd "$(dirname "$0")/../../.."
@@ -30,6 +30,9 @@ tiny=()
 [ -n "${TINY:-}" ] && tiny=(--tiny)
 model=/tmp/llamacpp-mixtral${TINY:+-tiny}-$EXPERTS.gguf
 writer=
+for other in /tmp/llamacpp-mixtral*.gguf*; do      # one GGUF at a time: the three full ones need 63 GB of disk
+    [ "$other" = "$model" ] || rm -f "$other"
+done
 if [ ! -s "$model" ]; then
     (python3 $HERE/write_gguf.py "${tiny[@]}" --experts "$EXPERTS" --out "$model.part" && mv "$model.part" "$model") &
     writer=$!
