@@ -1,7 +1,7 @@
 """llama.cpp's llama-bench on one GGUF at GPU memory budgets: the system our users would pick instead of us.
 
     python benchmarks/peers/llamacpp/run.py --bench /tmp/llamacpp-cuda/build/bin/llama-bench \\
-        --model /tmp/mixtral-q2_k.gguf --budgets 12,8,16 --out $OUT [--threads 16] [--time-limit 300]
+        --model /tmp/llamacpp-mixtral-q2_k.gguf --budgets 12,8,16 --out $OUT [--threads 16] [--time-limit 300]
 
 Needs gguf (gguf-py from PyPI) and numpy, and nvidia-smi for the GPU memory; not dependencies of moe-offload.
 
