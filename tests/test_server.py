@@ -172,6 +172,83 @@ def test_models_lists_the_served_model_and_health_answers(client, server):
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
 
 
+def test_a_model_is_found_by_its_id_and_an_unknown_one_is_404(client, server):
+    assert client.models.retrieve(MODEL).model_dump() == client.models.list().data[0].model_dump()
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    assert_openai_error(httpx.get(f"{server.url}/v1/models/org/other-model"), 404, "model")
+
+
+def optional_fields(spec: dict, request: str) -> list[str]:
+    schema = spec["components"]["schemas"][request]
+    return [name for name in schema["properties"] if name not in schema.get("required", ())]
+
+
+def test_null_is_the_default_of_every_optional_field(server, spec):
+    """The SDKs send JSON null for unset fields (`temperature=None`): the answer is the one without them."""
+    for path, request, body in (("/v1/completions", "CompletionRequest", {**COMPLETION, "prompt": "def f(x):"}),
+                                ("/v1/chat/completions", "ChatCompletionRequest", CHAT)):
+        body = {**body, "max_tokens": 6, "seed": 5}
+        nulls = {name: None for name in optional_fields(spec, request) if name not in body}
+        assert {"temperature", "top_p", "n", "stream", "stop", "presence_penalty", "logprobs", "user"} <= set(nulls)
+        plain = httpx.post(f"{server.url}{path}", json=body, timeout=60)
+        nulled = httpx.post(f"{server.url}{path}", json={**body, **nulls}, timeout=60)
+        assert plain.status_code == nulled.status_code == 200, nulled.text
+        assert plain.json()["choices"] == nulled.json()["choices"]
+
+
+def test_null_sampling_fields_through_the_openai_sdk(client):
+    out = client.completions.create(model=MODEL, prompt="x = ", max_tokens=3, temperature=None, top_p=None, n=None,
+                                    stream=None, presence_penalty=None, frequency_penalty=None, seed=None, stop=None)
+    assert out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_reply_resent_as_history_is_accepted(client):
+    """`message.model_dump()` carries OpenAI's null reply fields (annotations, audio, function_call, refusal, tool_calls)."""
+    messages = [{"role": "user", "content": "Write a loop."}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0).choices[0].message
+    assert {"annotations", "audio", "function_call", "refusal", "tool_calls"} <= set(reply.model_dump())
+    messages += [reply.model_dump(), {"role": "user", "content": "Again."}]
+    again = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    assert again.choices[0].message.role == "assistant"
+    messages[1] = {**reply.model_dump(), "annotations": [], "tool_calls": []}
+    assert client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1).choices
+
+
+def test_tokenize_and_detokenize_in_vllm_shape(server, engine):
+    ids = engine.tokenizer.encode("def fibonacci(n):")
+    r = httpx.post(f"{server.url}/tokenize", json={"model": MODEL, "prompt": "def fibonacci(n):", "return_token_strs": True})
+    assert r.json() == {"count": len(ids), "max_model_len": 4096, "tokens": ids,
+                        "token_strs": engine.tokenizer.token_texts(ids)}
+    assert "".join(r.json()["token_strs"]) == engine.tokenizer.decode(ids)
+    bare = httpx.post(f"{server.url}/tokenize", json={"prompt": "def fibonacci(n):", "add_special_tokens": False}).json()
+    assert bare["tokens"] == ids[1:]      # without BOS
+    assert httpx.post(f"{server.url}/detokenize", json={"model": MODEL, "tokens": ids}).json()["prompt"] == \
+        "def fibonacci(n):"
+
+
+def test_tokenize_messages_counts_what_chat_prefills(server, client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort a list."}]
+    counted = httpx.post(f"{server.url}/tokenize", json={"model": MODEL, "messages": messages}).json()["count"]
+    used = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1).usage.prompt_tokens
+    assert counted == used
+
+
+def test_tokenize_and_detokenize_in_llama_server_shape(server, engine):
+    ids = engine.tokenizer.encode("import os", add_special_tokens=False)
+    assert httpx.post(f"{server.url}/tokenize", json={"content": "import os"}).json() == {"tokens": ids}
+    special = httpx.post(f"{server.url}/tokenize", json={"content": "import os", "add_special": True}).json()
+    assert special["tokens"] == engine.tokenizer.encode("import os")
+    pieces = httpx.post(f"{server.url}/tokenize", json={"content": "import os", "with_pieces": True}).json()["tokens"]
+    assert [p["id"] for p in pieces] == ids and "".join(p["piece"] for p in pieces) == "import os"
+    assert httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json()["content"] == "import os"
+
+
+def test_tokenizer_info_names_the_special_tokens_as_lm_eval_probes_it(server):
+    info = httpx.get(f"{server.url}/tokenizer_info").json()
+    assert (info["bos_token"], info["eos_token"], info["model_max_length"]) == ("<s>", "</s>", 4096)
+
+
 def test_metrics_count_requests_and_generated_tokens(client, server):
     before = server.metrics()
     out = client.completions.create(model=MODEL, prompt="class A:", max_tokens=5, temperature=0)
@@ -468,6 +545,20 @@ HOSTILE = [  # (path, body: dict or raw bytes, status, param)
      "messages.0.content"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x " * 9000}]}, 400, "messages"),
     ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x", "colour": 1}]}, 400,
+     "messages.0.colour"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x", "annotations": []}]}, 400,
+     "messages.0.annotations"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "assistant", "content": "x", "audio": {"id": "a"}}]}, 400,
+     "messages.0.audio"),
+    ("/v1/chat/completions", {**CHAT, "model": None}, 400, "model"),
+    ("/v1/completions", {**COMPLETION, "prompt": None}, 400, "prompt"),
+    ("/tokenize", {"prompt": "x", "content": "x"}, 400, "prompt"),
+    ("/tokenize", {"prompt": "x", "with_pieces": True}, 400, "with_pieces"),
+    ("/tokenize", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
+    ("/tokenize", {"text": "x"}, 400, "text"),
+    ("/detokenize", {"tokens": [1, 99_999_999]}, 400, "tokens"),
+    ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
     ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 5000, "max_tokens": None}, 400, "max_completion_tokens"),
     ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 5}, 400, "max_completion_tokens"),
     ("/v1/chat/completions", {**CHAT, "max_tokens": 4000, "messages": [{"role": "user", "content": "x " * 400}]}, 400,
@@ -526,8 +617,9 @@ def from_schema(schema: dict, components: dict):
     if kind == "object":
         properties = schema.get("properties", {})
         if not properties:
-            return st.dictionaries(st.text(max_size=8), from_schema(schema.get("additionalProperties", {}), components)
-                                   if schema.get("additionalProperties") else json_values(1), max_size=3)
+            values = schema.get("additionalProperties")   # a schema, or true: anything
+            return st.dictionaries(st.text(max_size=8), from_schema(values, components) if isinstance(values, dict)
+                                   else json_values(1), max_size=3)
         required = set(schema.get("required", ()))
         return st.fixed_dictionaries(
             {k: from_schema(v, components) for k, v in properties.items() if k in required},
@@ -539,10 +631,11 @@ def from_schema(schema: dict, components: dict):
 def fuzzed_request(draw, spec: dict):
     """A body drawn from the published schema, then (mostly) broken in one place."""
     components = spec["components"]["schemas"]
-    path = draw(st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+    path = draw(st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]))
+    generates = path.startswith("/v1/")
     ref = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
     body = draw(from_schema(ref, components))
-    body.update(model=MODEL, max_tokens=1)               # keep valid requests to one token
+    body.update(model=MODEL, **({"max_tokens": 1} if generates else {}))   # keep valid requests to one token
     body.pop("max_completion_tokens", None)
     mutation = draw(st.sampled_from(["none", "replace", "add", "remove"]))
     if mutation == "replace":
@@ -555,7 +648,7 @@ def fuzzed_request(draw, spec: dict):
         body[draw(st.text(min_size=1, max_size=12).filter(lambda k: k not in body))] = draw(json_values())
     elif mutation == "remove":
         del body[draw(st.sampled_from(sorted(body)))]
-        if "max_tokens" not in body:
+        if generates and "max_tokens" not in body:
             body["max_tokens"] = 1
     return path, body
 
@@ -565,7 +658,7 @@ def spec(server):
     return httpx.get(f"{server.url}/openapi.json").json()
 
 
-def assert_well_formed(r: httpx.Response, stream: bool):
+def assert_well_formed(r: httpx.Response, path: str, stream: bool):
     assert r.status_code < 500, r.text
     if r.status_code >= 400:
         error = r.json()["error"]
@@ -574,17 +667,21 @@ def assert_well_formed(r: httpx.Response, stream: bool):
     assert r.status_code == 200
     if stream:
         assert r.text.rstrip().endswith("data: [DONE]"), r.text
+    elif path == "/tokenize":
+        assert isinstance(r.json()["tokens"], list)
+    elif path == "/detokenize":
+        assert isinstance(r.json()["prompt"], str)
     else:
         assert len(r.json()["choices"]) == 1
 
 
-@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_schema_fuzzing_gets_well_formed_answers_never_5xx(server, spec, data):
     path, body = data.draw(fuzzed_request(spec))
     r = httpx.post(f"{server.url}{path}", json=body, timeout=60)
     event(f"{path} {r.status_code}")     # the mix shows with --hypothesis-show-statistics
-    assert_well_formed(r, stream=body.get("stream") is True)
+    assert_well_formed(r, path, stream=body.get("stream") is True)
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))

@@ -4,6 +4,7 @@
     ids = tok.encode("def main():")                          # BOS added as the tokenizer declares
     ids = tok.encode_chat([{"role": "user", "content": "hi"}])
     stream = tok.stream_decoder(); text = stream.push(token_id)   # never splits a character
+    texts = tok.token_texts(ids)                             # each token's share of decode(ids)
 
 Chat templates are rendered the way transformers renders them (sandboxed Jinja, trim_blocks,
 lstrip_blocks, its `tojson` and `raise_exception`). A tokenizer without a template gets a plain
@@ -67,6 +68,21 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's piece of `decode(ids)`, in order: they join to the whole text. A token that ends
+        inside a character has "" and the one that completes the character carries all of it."""
+        decoder = self.stream_decoder()
+        texts = [decoder.push(token_id) for token_id in ids]
+        if texts:
+            texts[-1] += decoder.flush()
+        return texts
+
+    def info(self) -> dict:
+        """The special tokens and chat template, as vLLM's GET /tokenizer_info gives them."""
+        return {"tokenizer_class": self.settings.get("tokenizer_class"), "bos_token": self.bos_token,
+                "eos_token": self.eos_token, "pad_token": _token_text(self.settings.get("pad_token")),
+                "unk_token": _token_text(self.settings.get("unk_token")), "chat_template": self.chat_template}
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if self.chat_template is None:

@@ -4,9 +4,11 @@
     serve(engine, ServerConfig(port=8000))                  # blocks; what `moe-offload serve` runs
     app = create_app(engine, ServerConfig())                # the ASGI app, for any ASGI server
 
-Routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with
-`stream: true` as server-sent events ending in `data: [DONE]`), GET /metrics (Prometheus text),
-GET /openapi.json (request schemas included, for clients and fuzzers).
+Routes: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST
+/v1/chat/completions (both with `stream: true` as server-sent events ending in `data: [DONE]`),
+POST /tokenize and POST /detokenize (vLLM's and llama-server's shapes), GET /tokenizer_info
+(vLLM's), GET /metrics (Prometheus text), GET /openapi.json (request schemas included, for
+clients and fuzzers).
 
 Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with a 4xx for
 anything the client can fix and 5xx only for our own faults. Bodies are read and parsed here, not
@@ -38,13 +40,14 @@ from ..errors import UserError
 from .config import ServerConfig
 from .metrics import Metrics
 from .scheduler import CANCELLED, QueueFull, Scheduler, Sequence
-from .schemas import (COMPLETION_DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest, SamplingFields,
-                      describe)
+from .schemas import (COMPLETION_DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                      SamplingFields, TokenizeRequest, describe)
 
 log = logging.getLogger("moe_offload.server")
 
 PUBLIC_PATHS = ("/health",)
-COUNTED_PATHS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+COUNTED_PATHS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
+                 "/detokenize", "/tokenizer_info")
 CLIENT_CLOSED = 499    # nginx's status for "the client went away before the answer"
 
 
@@ -131,6 +134,29 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [model_card(engine)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        _check_model(engine, model_id)
+        return model_card(engine)
+
+    @app.post("/tokenize", openapi_extra=_request_body(TokenizeRequest))
+    async def tokenize(request: Request):
+        body = _validate(TokenizeRequest, await read_json(request, config.max_body_bytes))
+        _check_optional_model(engine, body.model)
+        return tokenize_answer(engine, body)
+
+    @app.post("/detokenize", openapi_extra=_request_body(DetokenizeRequest))
+    async def detokenize(request: Request):
+        body = _validate(DetokenizeRequest, await read_json(request, config.max_body_bytes))
+        _check_optional_model(engine, body.model)
+        _check_token_ids(engine, body.tokens, "tokens")
+        text = engine.tokenizer.decode(body.tokens)
+        return {"prompt": text, "content": text}    # vLLM's key, llama-server's key
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return engine.tokenizer.info() | {"model_max_length": engine.max_context}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics_text():
@@ -288,16 +314,48 @@ def _check_model(engine: Engine, name: str) -> None:
                        param="model", code="model_not_found")
 
 
+def _check_optional_model(engine: Engine, name: str | None) -> None:
+    if name is not None:
+        _check_model(engine, name)
+
+
+def _check_token_ids(engine: Engine, ids: list[int], param: str) -> None:
+    vocab = engine.config.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ApiError(400, f"{param}: token id {bad} is outside the vocabulary [0, {vocab})", param=param)
+
+
 def _completion_prompt_ids(engine: Engine, prompt) -> list[int]:
     if isinstance(prompt, str):
         return engine.tokenizer.encode(prompt)
     if prompt and isinstance(prompt[0], str):
         return engine.tokenizer.encode(prompt[0])
-    vocab = engine.config.vocab_size
-    bad = next((t for t in prompt if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise ApiError(400, f"prompt: token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
+    _check_token_ids(engine, prompt, "prompt")
     return list(prompt)
+
+
+def tokenize_answer(engine: Engine, body: TokenizeRequest) -> dict:
+    """vLLM's answer ({"count", "max_model_len", "tokens", "token_strs"}) or llama-server's ({"tokens"})."""
+    tokenizer = engine.tokenizer
+    if body.content is not None:
+        ids = tokenizer.encode(body.content, add_special_tokens=body.add_special)
+        if body.with_pieces:
+            return {"tokens": [{"id": i, "piece": piece} for i, piece in zip(ids, tokenizer.token_texts(ids))]}
+        return {"tokens": ids}
+    if body.messages is not None:
+        messages = [m.as_template_message() for m in body.messages]
+        try:
+            if body.add_special_tokens is None:   # the ids /v1/chat/completions would prefill
+                ids = tokenizer.encode_chat(messages, body.add_generation_prompt)
+            else:
+                ids = tokenizer.encode(tokenizer.render_chat(messages, body.add_generation_prompt), body.add_special_tokens)
+        except UserError as e:
+            raise ApiError(400, str(e), param="messages") from None
+    else:
+        ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
+    token_strs = tokenizer.token_texts(ids) if body.return_token_strs else None
+    return {"count": len(ids), "max_model_len": engine.max_context, "tokens": ids, "token_strs": token_strs}
 
 
 def _sampling_params(engine: Engine, body: SamplingFields, prompt_ids: list[int], requested: int | None,
@@ -333,7 +391,7 @@ def _openapi(app: FastAPI) -> dict:
     if app.openapi_schema is None:
         spec = get_openapi(title=app.title, version="1", summary=app.summary, routes=app.routes)
         schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-        for model in (CompletionRequest, ChatCompletionRequest):
+        for model in (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest):
             schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(schema.pop("$defs", {}))
             schemas[model.__name__] = schema

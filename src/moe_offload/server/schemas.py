@@ -3,10 +3,11 @@
     body = CompletionRequest.model_validate(json_object)      # raises pydantic.ValidationError
     message = describe(validation_error)                     # -> ("max_tokens", "max_tokens: ...")
 
-Strict: no coercion ("5" is not an int, true is not 1), no NaN or infinity, unknown top-level
-fields rejected (a parameter the client believes has an effect must not be silently dropped).
-OpenAI parameters we do not implement are accepted only at their neutral value (n=1,
-presence_penalty=0, echo=false, ...), so clients that always send them keep working.
+Strict: no coercion ("5" is not an int, true is not 1), no NaN or infinity, unknown fields
+rejected (a parameter the client believes has an effect must not be silently dropped). Null is
+the default of every optional field, as in OpenAI's API (the SDKs send `"temperature": null` for
+an unset one). OpenAI parameters we do not implement are accepted only at their neutral value
+(n=1, presence_penalty=0, echo=false, ...), so clients that always send them keep working.
 
 Defaults are OpenAI's: temperature 1.0, top_p 1.0, max_tokens 16 for completions and "the rest of
 the context" for chat; no seed (then sampling draws from torch's global generator).
@@ -14,6 +15,7 @@ the context" for chat; no seed (then sampling draws from torch's global generato
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,8 +25,26 @@ INT64 = 2**63
 COMPLETION_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
 
 
+def _optional_fields_are_nullable(schema: dict, model: type[BaseModel]) -> None:
+    """The published schema says what `Strict` accepts: null for every optional field."""
+    required = set(schema.get("required", ()))
+    for name, field in schema.get("properties", {}).items():
+        if name not in required and {"type": "null"} not in field.get("anyOf", ()):
+            schema["properties"][name] = {"anyOf": [field, {"type": "null"}], "default": field.get("default")}
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False,
+                              json_schema_extra=_optional_fields_are_nullable)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data):
+        """`"field": null` is the field's default when the field is optional (a required one stays an error)."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
 
 
 class StreamOptions(Strict):
@@ -114,7 +134,12 @@ class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
-    refusal: str | None = None          # echoed back by clients that resend our own replies; ignored
+    # The fields of OpenAI's own replies, so that a reply resent as history (`message.model_dump()`)
+    # is accepted: null or empty, or ignored (`refusal`, `annotations`); assistant messages only.
+    refusal: str | None = None
+    annotations: list | None = None
+    audio: dict | None = None
+    function_call: dict | None = None
     tool_calls: list | None = None
 
     @field_validator("content", mode="wrap")
@@ -123,9 +148,15 @@ class ChatMessage(Strict):
         return _as("a string or a list of {\"type\": \"text\", \"text\": ...} parts", value, handler)
 
     @model_validator(mode="after")
-    def _no_tool_calls(self):
+    def _reply_fields_on_replies_only(self):
         if self.tool_calls:
             raise ValueError("tool_calls: tools are not supported by this server")
+        for name, what in (("audio", "audio replies"), ("function_call", "functions")):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name}: {what} are not supported by this server; send null")
+        for name in ("refusal", "annotations"):
+            if getattr(self, name) is not None and self.role != "assistant":
+                raise ValueError(f"{name}: only assistant messages carry it")
         return self
 
     def as_template_message(self) -> dict:
@@ -157,6 +188,38 @@ class ChatCompletionRequest(SamplingFields):
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
 
+class TokenizeRequest(Strict):
+    """POST /tokenize, in vLLM's shape (`prompt` or `messages`, `add_special_tokens`) or llama-server's
+    (`content`, `add_special`, `with_pieces`); exactly one of `prompt`, `messages`, `content`."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    content: str | None = None
+    add_special_tokens: bool | None = None    # vLLM: true for a prompt, false for messages (the template writes BOS)
+    add_generation_prompt: bool = True        # vLLM, with messages
+    return_token_strs: bool = False           # vLLM: also each token's text
+    add_special: bool = False                 # llama-server
+    with_pieces: bool = False                 # llama-server: tokens as {"id", "piece"}
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        given = [name for name in ("prompt", "messages", "content") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("prompt: send exactly one of prompt, messages (vLLM) or content (llama-server)")
+        llama_fields = [name for name in ("add_special", "with_pieces") if getattr(self, name)]
+        if self.content is None and llama_fields:
+            raise ValueError(f"{llama_fields[0]}: llama-server's fields go with content, not with prompt or messages")
+        return self
+
+
+class DetokenizeRequest(Strict):
+    """POST /detokenize: vLLM's and llama-server's shape alike."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
 def _as(expected: str, value, handler):
     """Run the field's own validation, but report a union mismatch as one line naming what is expected."""
     try:
@@ -172,9 +235,10 @@ def describe(error: ValidationError) -> tuple[str | None, str]:
     if first["type"] == "extra_forbidden":
         return param, f"unrecognized field {param!r}; remove it (see /openapi.json for the accepted fields)"
     message = first["msg"].removeprefix("Value error, ")
-    if param is None and ": " in message:   # a whole-request check names its field first: "n: ..."
-        param = message.split(": ", 1)[0]
-        return param, message
+    named = re.match(r"([a-z_]+): ", message) if first["type"] == "value_error" else None
+    if named:   # a check of a whole object names its field first: "n: ..." (the request), "audio: ..." (a message)
+        param = ".".join([*(str(part) for part in first["loc"]), named[1]])
+        return param, f"{param}: {message.removeprefix(named[0])}"
     if first["type"] == "missing":
         message = "required field is missing"
     return param, f"{param}: {message}" if param else message
