@@ -167,6 +167,48 @@ def test_stop_strings_cut_the_text(client, engine):
     assert out.choices[0].finish_reason == "stop"
 
 
+def test_a_batch_of_prompts_gets_one_choice_each_in_order(client, engine):
+    prompts = ["def add(a, b):", "class Stack:", "import os\n"]
+    expected = [expected_completion(engine, p, max_new_tokens=5) for p in prompts]
+    by_text = client.completions.create(model=MODEL, prompt=prompts, max_tokens=5, temperature=0)
+    by_ids = client.completions.create(model=MODEL, prompt=[engine.tokenizer.encode(p) for p in prompts], max_tokens=5,
+                                       temperature=0)
+    for out in (by_text, by_ids):
+        assert [c.index for c in out.choices] == [0, 1, 2]
+        assert [c.text for c in out.choices] == expected
+        assert out.usage.prompt_tokens == sum(len(engine.tokenizer.encode(p)) for p in prompts)
+
+
+def test_n_completions_per_prompt_are_indexed_prompt_major_and_seeded_apart(client, engine):
+    """Prompt i, completion j is choice i * n + j; with a seed, completion j samples with seed + j."""
+    prompts, n = ["def add(a, b):", "for i in range(10):"], 3
+    out = client.completions.create(model=MODEL, prompt=prompts, n=n, max_tokens=6, temperature=1.0, seed=11)
+    assert [c.index for c in out.choices] == list(range(len(prompts) * n))
+    for i, prompt in enumerate(prompts):
+        for j in range(n):
+            reference = expected_completion(engine, prompt, max_new_tokens=6, temperature=1.0, seed=11 + j)
+            assert out.choices[i * n + j].text == reference, (i, j)
+    assert len({c.text for c in out.choices[:n]}) > 1, "a prompt's completions should differ"
+    assert out.usage.prompt_tokens == sum(len(engine.tokenizer.encode(p)) for p in prompts)   # once per prompt
+
+
+def test_n_chat_choices_streamed_equal_non_streamed(client):
+    messages = [{"role": "user", "content": "Sort a list."}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, n=2, max_tokens=6, temperature=1.0, seed=4)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, n=2, max_tokens=6, temperature=1.0,
+                                                 seed=4, stream=True, stream_options={"include_usage": True}))
+    streamed = {0: "", 1: ""}
+    finished = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    assert streamed == {c.index: c.message.content for c in whole.choices}
+    assert finished == {c.index: c.finish_reason for c in whole.choices}
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
 def test_models_lists_the_served_model_and_health_answers(client, server):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
@@ -523,11 +565,17 @@ HOSTILE = [  # (path, body: dict or raw bytes, status, param)
     ("/v1/completions", {**COMPLETION, "stream": "yes"}, 400, "stream"),
     ("/v1/completions", {**COMPLETION, "stop": 3}, 400, "stop"),
     ("/v1/completions", {**COMPLETION, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ("/v1/completions", {**COMPLETION, "n": 2}, 400, "n"),
+    ("/v1/completions", {**COMPLETION, "n": 0}, 400, "n"),
+    ("/v1/completions", {**COMPLETION, "n": 129}, 400, "n"),
+    ("/v1/completions", {**COMPLETION, "best_of": 3, "n": 2}, 400, "best_of"),
     ("/v1/completions", {**COMPLETION, "logprobs": 3}, 400, "logprobs"),
     ("/v1/completions", {**COMPLETION, "frobnicate": 1}, 400, "frobnicate"),
     ("/v1/completions", {**COMPLETION, "prompt": 5}, 400, "prompt"),
-    ("/v1/completions", {**COMPLETION, "prompt": ["a", "b"]}, 400, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": [[1, 2], []]}, 400, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": [["a"]]}, 400, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": ["a", 1]}, 400, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": [[1, 2], [99_999_999]]}, 400, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": ["x", "hello world " * 3000]}, 400, "prompt"),
     ("/v1/completions", {**COMPLETION, "prompt": []}, 400, "prompt"),
     ("/v1/completions", {**COMPLETION, "prompt": [1, 99_999_999]}, 400, "prompt"),
     ("/v1/completions", {**COMPLETION, "prompt": [-1]}, 400, "prompt"),
@@ -582,7 +630,8 @@ def test_hostile_requests_get_one_line_openai_errors_and_the_server_stays_up(ser
 
 
 def json_values(depth: int = 2):
-    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+    floats = st.floats(allow_nan=False, allow_infinity=False)     # JSON has neither
+    scalars = st.none() | st.booleans() | st.integers() | floats | st.text(max_size=20)
     return st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
                         max_leaves=depth * 4)
 
@@ -637,6 +686,8 @@ def fuzzed_request(draw, spec: dict):
     body = draw(from_schema(ref, components))
     body.update(model=MODEL, **({"max_tokens": 1} if generates else {}))   # keep valid requests to one token
     body.pop("max_completion_tokens", None)
+    if type(body.get("n")) is int:
+        body["n"] = min(body["n"], 2)                     # and to a few choices
     mutation = draw(st.sampled_from(["none", "replace", "add", "remove"]))
     if mutation == "replace":
         key = draw(st.sampled_from(sorted(body)))
@@ -658,21 +709,27 @@ def spec(server):
     return httpx.get(f"{server.url}/openapi.json").json()
 
 
-def assert_well_formed(r: httpx.Response, path: str, stream: bool):
+def assert_well_formed(r: httpx.Response, path: str, body: dict):
     assert r.status_code < 500, r.text
     if r.status_code >= 400:
         error = r.json()["error"]
         assert isinstance(error["message"], str) and error["message"]
         return
     assert r.status_code == 200
-    if stream:
+    if body.get("stream") is True:
         assert r.text.rstrip().endswith("data: [DONE]"), r.text
     elif path == "/tokenize":
         assert isinstance(r.json()["tokens"], list)
     elif path == "/detokenize":
         assert isinstance(r.json()["prompt"], str)
     else:
-        assert len(r.json()["choices"]) == 1
+        assert len(r.json()["choices"]) == expected_choices(body)
+
+
+def expected_choices(body: dict) -> int:
+    prompt = body.get("prompt")
+    prompts = len(prompt) if isinstance(prompt, list) and not isinstance(prompt[0], int) else 1
+    return prompts * (body.get("n") or 1)
 
 
 @settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -681,7 +738,7 @@ def test_schema_fuzzing_gets_well_formed_answers_never_5xx(server, spec, data):
     path, body = data.draw(fuzzed_request(spec))
     r = httpx.post(f"{server.url}{path}", json=body, timeout=60)
     event(f"{path} {r.status_code}")     # the mix shows with --hypothesis-show-statistics
-    assert_well_formed(r, path, stream=body.get("stream") is True)
+    assert_well_formed(r, path, body)
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -739,6 +796,23 @@ def test_full_queue_answers_429_with_retry_after(guarded_server):
             assert r.headers["Retry-After"] == "1"
             waiting.close()
     poll(lambda: guarded_server.metrics(headers)["moe_offload_active_sequences"] == 0)
+
+
+def test_later_choices_of_an_admitted_request_are_not_refused_by_a_full_queue(guarded_server):
+    """A (n=2) runs its first choice while B fills the one-place queue: A's second choice still runs."""
+    url, headers = guarded_server.url, {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": MODEL, "prompt": "def main():", "max_tokens": 60, "temperature": 0, "stream": True, "n": 2}
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as a:
+        with a.stream("POST", "/v1/completions", json=body) as active:
+            lines = active.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            waiting = raw_request(guarded_server.port, "/v1/completions", {**body, "n": 1, "stream": False}, headers)
+            poll(lambda: guarded_server.metrics(headers)["moe_offload_queue_depth"] == 1)
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    ended = sorted(c["index"] for e in events for c in e["choices"] if c["finish_reason"])
+    assert ended == [0, 1], events[-1]
+    assert waiting.recv(64).startswith(b"HTTP/1.1 200")
+    waiting.close()
 
 
 def test_body_limit_is_the_flag(guarded_server):

@@ -13,8 +13,9 @@ clients and fuzzers).
 Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with a 4xx for
 anything the client can fix and 5xx only for our own faults. Bodies are read and parsed here, not
 by FastAPI, so that size, UTF-8, JSON and schema problems each get their own one-line message.
-A client that disconnects (streaming or not) cancels its sequence: it leaves the queue at once,
-or its generation stops at the next step.
+A request's choices (prompts x n) run one after another (server/choices.py). A client that
+disconnects (streaming or not) cancels its request: it leaves the queue at once, or its generation
+stops at the next step.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
@@ -35,11 +37,12 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import SamplingParams
-from ..engine import Engine, Run
+from ..engine import Engine
 from ..errors import UserError
 from .config import ServerConfig
 from .metrics import Metrics
-from .scheduler import CANCELLED, QueueFull, Scheduler, Sequence
+from .choices import Choices, Job
+from .scheduler import QueueFull, Scheduler
 from .schemas import (COMPLETION_DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                       SamplingFields, TokenizeRequest, describe)
 
@@ -71,11 +74,14 @@ class CompletionShape:
     """The JSON of /v1/completions answers and chunks."""
 
     object, chunk_object, id_prefix = "text_completion", "text_completion", "cmpl-"
-    first_delta = None
 
     @staticmethod
-    def choice(text: str, finish_reason: str | None) -> dict:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def first_delta(index: int) -> dict | None:
+        return None
+
+    @staticmethod
+    def choice(index: int, text: str, finish_reason: str | None) -> dict:
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
     delta = choice
 
@@ -84,16 +90,20 @@ class ChatShape:
     """The JSON of /v1/chat/completions answers and chunks."""
 
     object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
-    first_delta = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
     @staticmethod
-    def choice(text: str, finish_reason: str | None) -> dict:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+    def first_delta(index: int) -> dict | None:
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+    @staticmethod
+    def choice(index: int, text: str, finish_reason: str | None) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
                 "finish_reason": finish_reason}
 
     @staticmethod
-    def delta(text: str, finish_reason: str | None) -> dict:
-        return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish_reason}
+    def delta(index: int, text: str, finish_reason: str | None) -> dict:
+        return {"index": index, "delta": {"content": text} if text else {}, "logprobs": None,
+                "finish_reason": finish_reason}
 
 
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
@@ -167,9 +177,11 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def completions(request: Request):
         body = _validate(CompletionRequest, await read_json(request, config.max_body_bytes))
         _check_model(engine, body.model)
-        prompt_ids = _completion_prompt_ids(engine, body.prompt)
-        params = _sampling_params(engine, body, prompt_ids, body.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS)
-        return await respond(request, body, CompletionShape, prompt_ids, params)
+        jobs = []
+        for prompt_ids in _completion_prompts(engine, body.prompt):
+            params = _sampling_params(engine, body, prompt_ids, body.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS)
+            jobs += _samples(len(jobs), prompt_ids, params, body.n)
+        return await respond(request, body, CompletionShape, jobs)
 
     @app.post("/v1/chat/completions", openapi_extra=_request_body(ChatCompletionRequest))
     async def chat_completions(request: Request):
@@ -181,44 +193,52 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             raise ApiError(400, str(e), param="messages") from None
         params = _sampling_params(engine, body, prompt_ids, body.new_tokens_limit, None,
                                   extra_stops=engine.tokenizer.chat_stop_strings)
-        return await respond(request, body, ChatShape, prompt_ids, params)
+        return await respond(request, body, ChatShape, _samples(0, prompt_ids, params, body.n))
 
-    async def respond(request: Request, body: SamplingFields, shape, prompt_ids: list[int], params: SamplingParams):
-        sequence = Sequence(prompt_ids, params, asyncio.get_running_loop())
+    async def respond(request: Request, body: SamplingFields, shape, jobs: list[Job]):
+        choices = Choices(scheduler, jobs, asyncio.get_running_loop())
         try:
-            scheduler.submit(sequence)
+            choices.start()
         except QueueFull as e:
             raise ApiError(429, f"the server is busy: {e}; retry after a second", code="rate_limit_exceeded",
                            headers={"Retry-After": "1"}) from None
-        watcher = asyncio.create_task(cancel_on_disconnect(request, sequence))
+        watcher = asyncio.create_task(cancel_on_disconnect(request, choices))
         envelope = {"id": f"{shape.id_prefix}{uuid.uuid4().hex}", "object": shape.object, "created": int(time.time()),
                     "model": engine.name}
         if body.stream:
-            events = stream_events(sequence, watcher, {**envelope, "object": shape.chunk_object}, shape, body.include_usage)
+            events = stream_events(choices, watcher, {**envelope, "object": shape.chunk_object}, shape, body.include_usage)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        texts: dict[int, list[str]] = {job.index: [] for job in jobs}
         try:
-            text = "".join([piece async for piece in sequence.pieces()])
+            async for job, _sequence, piece in choices.events():
+                if piece is not None:
+                    texts[job.index].append(piece)
         except UserError as e:
             raise ApiError(400, str(e)) from None
         finally:
             watcher.cancel()
-            scheduler.cancel(sequence)   # a no-op when it finished; stops it if we got here any other way
-        if not sequence.finished:   # cancelled: the client has gone
+            choices.cancel()   # a no-op when all finished; stops the running one if we got here any other way
+        if choices.gone:
             return Response(status_code=CLIENT_CLOSED)
-        run = sequence.run
-        return {**envelope, "choices": [shape.choice(text, run.finish_reason)], "usage": usage(run)}
+        answers = [shape.choice(job.index, "".join(texts[job.index]), sequence.run.finish_reason)
+                   for job, sequence in choices.ended]
+        return {**envelope, "choices": answers, "usage": choices.usage()}
 
-    async def stream_events(sequence: Sequence, watcher: asyncio.Task, envelope: dict, shape, include_usage: bool):
+    async def stream_events(choices: Choices, watcher: asyncio.Task, envelope: dict, shape, include_usage: bool):
         try:
-            if shape.first_delta:
-                yield sse({**envelope, "choices": [shape.first_delta]})
-            async for piece in sequence.pieces():
-                yield sse({**envelope, "choices": [shape.delta(piece, None)]})
-            if not sequence.finished:   # cancelled: nobody is listening
+            started = set()
+            async for job, sequence, piece in choices.events():
+                if job.index not in started and shape.first_delta(job.index):
+                    yield sse({**envelope, "choices": [shape.first_delta(job.index)]})
+                started.add(job.index)
+                if piece is None:
+                    yield sse({**envelope, "choices": [shape.delta(job.index, "", sequence.run.finish_reason)]})
+                else:
+                    yield sse({**envelope, "choices": [shape.delta(job.index, piece, None)]})
+            if choices.gone:   # cancelled: nobody is listening
                 return
-            yield sse({**envelope, "choices": [shape.delta("", sequence.run.finish_reason)]})
             if include_usage:
-                yield sse({**envelope, "choices": [], "usage": usage(sequence.run)})
+                yield sse({**envelope, "choices": [], "usage": choices.usage()})
         except UserError as e:
             yield sse(error_body(400, str(e)))
         except Exception:
@@ -226,14 +246,13 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             yield sse(error_body(500, "generation failed; see the server log"))
         finally:
             watcher.cancel()
-            scheduler.cancel(sequence)
+            choices.cancel()
         yield "data: [DONE]\n\n"
 
-    async def cancel_on_disconnect(request: Request, sequence: Sequence):
+    async def cancel_on_disconnect(request: Request, choices: Choices):
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        scheduler.cancel(sequence)
-        sequence.events.put_nowait(CANCELLED)
+        choices.cancel()
 
     app.state.scheduler = scheduler
     app.state.metrics = metrics
@@ -255,11 +274,6 @@ def serve(engine: Engine, config: ServerConfig) -> None:
 def model_card(engine: Engine) -> dict:
     return {"id": engine.name, "object": "model", "created": 0, "owned_by": "moe-offload",
             "max_context": engine.max_context}
-
-
-def usage(run: Run) -> dict:
-    prompt, completion = run.stats.prompt_tokens, len(run.token_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def sse(payload: dict) -> str:
@@ -326,13 +340,23 @@ def _check_token_ids(engine: Engine, ids: list[int], param: str) -> None:
         raise ApiError(400, f"{param}: token id {bad} is outside the vocabulary [0, {vocab})", param=param)
 
 
-def _completion_prompt_ids(engine: Engine, prompt) -> list[int]:
+def _completion_prompts(engine: Engine, prompt) -> list[list[int]]:
+    """A string, a list of strings, a list of token ids, or a list of token-id lists -> token-id lists."""
     if isinstance(prompt, str):
-        return engine.tokenizer.encode(prompt)
-    if prompt and isinstance(prompt[0], str):
-        return engine.tokenizer.encode(prompt[0])
-    _check_token_ids(engine, prompt, "prompt")
-    return list(prompt)
+        return [engine.tokenizer.encode(prompt)]
+    if isinstance(prompt[0], str):
+        return [engine.tokenizer.encode(text) for text in prompt]
+    if isinstance(prompt[0], int):
+        prompt = [prompt]
+    for ids in prompt:
+        _check_token_ids(engine, ids, "prompt")
+    return prompt
+
+
+def _samples(first_index: int, prompt_ids: list[int], params: SamplingParams, n: int) -> list[Job]:
+    """The n completions of one prompt; with a seed, completion j samples with seed + j."""
+    return [Job(first_index + j, j, prompt_ids, params if params.seed is None else replace(params, seed=params.seed + j))
+            for j in range(n)]
 
 
 def tokenize_answer(engine: Engine, body: TokenizeRequest) -> dict:

@@ -120,9 +120,10 @@ class Scheduler:
             self._changed.notify_all()
         self._thread.join(timeout)
 
-    def submit(self, sequence: Sequence) -> None:
+    def submit(self, sequence: Sequence, follow_up: bool = False) -> None:
+        """Queue `sequence` at the back; `follow_up`: a later choice of a request already admitted, never refused."""
         with self._changed:
-            if len(self._waiting) >= self.max_waiting:
+            if len(self._waiting) >= self.max_waiting and not follow_up:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting (the limit, --max-queue)")
             self._waiting.append(sequence)
             self._changed.notify()

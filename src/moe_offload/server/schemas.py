@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 MAX_STOP_STRINGS = 4          # as OpenAI
 INT64 = 2**63
 COMPLETION_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
+MAX_N = 128                   # completions per prompt, as OpenAI
 
 
 def _optional_fields_are_nullable(schema: dict, model: type[BaseModel]) -> None:
@@ -60,7 +61,7 @@ class SamplingFields(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=-INT64, lt=INT64)
     stop: str | list[str] | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
@@ -78,7 +79,7 @@ class SamplingFields(Strict):
 
     @model_validator(mode="after")
     def _neutral_values_only(self):
-        unsupported = {"n": self.n != 1, "presence_penalty": self.presence_penalty != 0,
+        unsupported = {"presence_penalty": self.presence_penalty != 0,
                        "frequency_penalty": self.frequency_penalty != 0, "logit_bias": bool(self.logit_bias)}
         unsupported.update(self._unsupported())
         for name, used in unsupported.items():
@@ -106,7 +107,7 @@ class SamplingFields(Strict):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     best_of: int | None = None
     logprobs: int | None = None
@@ -115,13 +116,15 @@ class CompletionRequest(SamplingFields):
     @field_validator("prompt", mode="wrap")
     @classmethod
     def _prompt(cls, value, handler):
-        prompt = _as("a string, a list of one string, or a list of token ids", value, handler)
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) and len(prompt) != 1:
-            raise ValueError(f"one prompt per request (n=1); got a list of {len(prompt)} prompts")
+        prompt = _as("a string, a list of strings, a list of token ids, or a list of token-id lists", value, handler)
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("the list is empty; send at least one prompt")
+        if isinstance(prompt, list) and isinstance(prompt[0], list) and not all(prompt):
+            raise ValueError(f"token-id list {prompt.index([])} is empty")
         return prompt
 
     def _unsupported(self) -> dict[str, bool]:
-        return {"echo": self.echo, "best_of": self.best_of not in (None, 1), "logprobs": self.logprobs is not None,
+        return {"echo": self.echo, "best_of": self.best_of not in (None, self.n), "logprobs": self.logprobs is not None,
                 "suffix": self.suffix is not None}
 
 
