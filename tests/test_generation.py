@@ -96,3 +96,38 @@ def test_top_p_keeps_the_smallest_set_reaching_the_mass():
     params = SamplingParams(temperature=1.0, top_p=0.75)
     seen = {sample(logits, params, torch.Generator().manual_seed(s)) for s in range(200)}
     assert seen == {0, 1}
+
+
+def reference_logprobs(reference, token_ids: list[int]) -> torch.Tensor:
+    """transformers' log_softmax over the vocabulary at every position of `token_ids`."""
+    with torch.no_grad():
+        return reference(torch.tensor([token_ids])).logits[0].float().log_softmax(-1)
+
+
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=1.5, top_k=20, seed=3)], ids=["greedy", "sampled"])
+def test_logprobs_are_the_models_raw_distribution_as_transformers_computes_it(engine, reference, sampling):
+    """Prompt tokens 1..T-1 and every new token, with their top alternatives; sampled or not, the
+    distribution is log_softmax(logits) before temperature and top-k."""
+    ids = engine.tokenizer.encode(PROMPTS[2])
+    run = engine.stream(ids, SamplingParams(max_new_tokens=12, logprobs=3, prompt_logprobs=2, **sampling))
+    run.text()
+    expected = reference_logprobs(reference, ids + run.token_ids)
+    entries = run.prompt_logprobs + run.logprobs
+    assert len(run.prompt_logprobs) == len(ids) - 1 and len(run.logprobs) == len(run.token_ids)
+    for position, entry in enumerate(entries):
+        assert entry.token_id == (ids + run.token_ids)[position + 1]
+        assert entry.logprob == pytest.approx(float(expected[position, entry.token_id]), abs=1e-4)
+        top = expected[position].topk(len(entry.top))
+        assert [i for i, _ in entry.top] == top.indices.tolist()
+        assert [lp for _, lp in entry.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert [len(e.top) for e in run.prompt_logprobs] == [2] * (len(ids) - 1)
+    assert [len(e.top) for e in run.logprobs] == [3] * len(run.token_ids)
+
+
+def test_no_new_tokens_still_gives_the_prompts_logprobs(engine, reference):
+    ids = engine.tokenizer.encode(PROMPTS[0])
+    run = engine.stream(ids, SamplingParams(max_new_tokens=0, prompt_logprobs=0))
+    assert run.text() == "" and run.token_ids == [] and run.finish_reason == "length"
+    expected = reference_logprobs(reference, ids)
+    assert [e.logprob for e in run.prompt_logprobs] == pytest.approx(
+        [float(expected[i, ids[i + 1]]) for i in range(len(ids) - 1)], abs=1e-4)

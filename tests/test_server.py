@@ -209,6 +209,73 @@ def test_n_chat_choices_streamed_equal_non_streamed(client):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+def engine_logprobs(engine, prompt_ids: list[int], **sampling):
+    """(prompt entries, new-token entries, new tokens) from the in-process engine."""
+    run = engine.stream(prompt_ids, SamplingParams(**sampling))
+    run.text()
+    return run.prompt_logprobs, run.logprobs, run.token_ids
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(server, engine):
+    """lm-eval's loglikelihood request: token-id prompts, echo, logprobs 1, max_tokens 1, greedy."""
+    prompts = [engine.tokenizer.encode(p) for p in ("def add(a, b):\n    return a + b", "class Stack:")]
+    body = {"model": MODEL, "prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0, "seed": 1234}
+    out = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+    for ids, choice in zip(prompts, out["choices"]):
+        prompt_entries, new_entries, new_ids = engine_logprobs(engine, ids, max_new_tokens=1, logprobs=1, prompt_logprobs=1)
+        logprobs = choice["logprobs"]
+        assert choice["text"] == engine.tokenizer.decode(ids) + engine.tokenizer.decode(new_ids)
+        assert logprobs["token_logprobs"] == [None] + [e.logprob for e in prompt_entries + new_entries]
+        assert logprobs["top_logprobs"][0] is None
+        for entry, top in zip(prompt_entries + new_entries, logprobs["top_logprobs"][1:]):
+            assert top[engine.tokenizer.token_text(entry.top[0][0])] == entry.top[0][1]
+            assert top[engine.tokenizer.token_text(entry.token_id)] == entry.logprob
+            assert len(top) in (1, 2)     # the likeliest, and the token itself when it is another
+        assert "".join(logprobs["tokens"]) == choice["text"]
+        assert logprobs["text_offset"] == [sum(map(len, logprobs["tokens"][:k])) for k in range(len(ids) + 1)]
+
+
+def test_echo_with_no_new_tokens_returns_the_prompt_and_its_logprobs(client, engine):
+    prompt = "import numpy as np"
+    out = client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=0, max_tokens=0)
+    choice = out.choices[0]
+    prompt_entries, _, _ = engine_logprobs(engine, engine.tokenizer.encode(prompt), max_new_tokens=0, prompt_logprobs=0)
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert choice.logprobs.token_logprobs == [None] + [e.logprob for e in prompt_entries]
+    assert out.usage.completion_tokens == 0
+    assert client.completions.create(model=MODEL, prompt=prompt, echo=True, max_tokens=2).choices[0].text.startswith(prompt)
+
+
+def test_completion_logprobs_streamed_equal_non_streamed(client):
+    settings_ = dict(model=MODEL, prompt="def fibonacci(n):", max_tokens=12, temperature=0.8, seed=2, logprobs=3, echo=True)
+    whole = client.completions.create(**settings_).choices[0].logprobs
+    merged = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for chunk in client.completions.create(**settings_, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            for key in merged:
+                merged[key] += getattr(chunk.choices[0].logprobs, key)
+    assert merged == whole.model_dump()
+    assert all(len(top) in (3, 4) for top in whole.top_logprobs[1:])
+
+
+def test_chat_logprobs_with_top_alternatives_streamed_and_not(client, engine):
+    messages = [{"role": "user", "content": "Sort a list."}]
+    settings_ = dict(model=MODEL, messages=messages, max_tokens=8, temperature=1.0, seed=9, logprobs=True, top_logprobs=2)
+    whole = client.chat.completions.create(**settings_).choices[0]
+    _, entries, _ = engine_logprobs(engine, engine.tokenizer.encode_chat(messages), max_new_tokens=8, temperature=1.0,
+                                    seed=9, logprobs=2)
+    content = whole.logprobs.content
+    assert [t.logprob for t in content] == [e.logprob for e in entries]
+    assert [[a.logprob for a in t.top_logprobs] for t in content] == [[lp for _, lp in e.top] for e in entries]
+    assert "".join(t.token for t in content) == whole.message.content
+    assert all(bytes(t.bytes).decode() == t.token for t in content)
+    streamed = [t for chunk in client.chat.completions.create(**settings_, stream=True)
+                for choice in chunk.choices if choice.logprobs for t in choice.logprobs.content]
+    assert [t.model_dump() for t in streamed] == [t.model_dump() for t in content]
+    plain = client.chat.completions.create(**{**settings_, "logprobs": None, "top_logprobs": None}).choices[0]
+    assert plain.logprobs is None and plain.message.content == whole.message.content
+
+
 def test_models_lists_the_served_model_and_health_answers(client, server):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
@@ -486,8 +553,8 @@ def test_a_failing_generation_leaves_the_queued_ones_untouched(engine, monkeypat
     poison = engine.tokenizer.encode("raise here")
     real_generate = engine_module.generate
 
-    def generate_or_fail(model, cache, prompt_ids, *rest):
-        tokens = real_generate(model, cache, prompt_ids, *rest)
+    def generate_or_fail(model, cache, prompt_ids, *rest, **options):
+        tokens = real_generate(model, cache, prompt_ids, *rest, **options)
         if prompt_ids == poison:
             yield next(tokens)
             raise RuntimeError("injected fault")
@@ -568,7 +635,14 @@ HOSTILE = [  # (path, body: dict or raw bytes, status, param)
     ("/v1/completions", {**COMPLETION, "n": 0}, 400, "n"),
     ("/v1/completions", {**COMPLETION, "n": 129}, 400, "n"),
     ("/v1/completions", {**COMPLETION, "best_of": 3, "n": 2}, 400, "best_of"),
-    ("/v1/completions", {**COMPLETION, "logprobs": 3}, 400, "logprobs"),
+    ("/v1/completions", {**COMPLETION, "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {**COMPLETION, "logprobs": -1}, 400, "logprobs"),
+    ("/v1/completions", {**COMPLETION, "logprobs": True}, 400, "logprobs"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": 0, "echo": False}, 400, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {**CHAT, "logprobs": 1}, 400, "logprobs"),
     ("/v1/completions", {**COMPLETION, "frobnicate": 1}, 400, "frobnicate"),
     ("/v1/completions", {**COMPLETION, "prompt": 5}, 400, "prompt"),
     ("/v1/completions", {**COMPLETION, "prompt": [[1, 2], []]}, 400, "prompt"),

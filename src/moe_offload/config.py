@@ -146,18 +146,26 @@ def _as_tuple(value) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick the next token. temperature 0 means greedy."""
+    """How to pick the next token (temperature 0 means greedy), and what to report of the distributions.
 
-    max_new_tokens: int = 128
+    Log-probabilities are of the model's own distribution, log_softmax(logits), before temperature
+    and any other setting here changes it (as vLLM reports them by default)."""
+
+    max_new_tokens: int = 128   # 0: prefill only (for prompt_logprobs)
     temperature: float = 0.0
     top_k: int = 0              # 0: no top-k cut
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    logprobs: int | None = None          # each new token's log-probability and this many likeliest alternatives
+    prompt_logprobs: int | None = None   # the same for every prompt token after the first
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be at least 0, got {self.max_new_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:

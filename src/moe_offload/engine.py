@@ -26,6 +26,7 @@ from .config import ModelConfig, OffloadConfig, RuntimeConfig, SamplingParams
 from .errors import UserError
 from .experts import DenseExpertFormat, ExpertFormat, ExpertSlots, ResidentExperts, slot_stride
 from .generate import generate
+from .logprobs import LogprobRecorder, TokenLogprob
 from .model import KVCache, ModelWeights, Transformer
 from .offload.planner import Plan, plan_for
 from .offload.prefetch import GatePredictor
@@ -114,12 +115,17 @@ class RunStats:
 
 @dataclass
 class Run:
-    """One generation: iterate for text pieces; afterwards `token_ids`, `finish_reason`, `stats`."""
+    """One generation: iterate for text pieces; afterwards `token_ids`, `finish_reason`, `stats`, and the
+    log-probabilities that SamplingParams asked for (logprobs.py). Each list grows before the piece
+    that needs it is yielded: piece k is the text of tokens up to `piece_ends[k]`."""
 
     pieces: Iterator[str]
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None   # "stop" (EOS or a stop string) or "length"
     stats: RunStats = field(default_factory=RunStats)
+    piece_ends: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)          # one per new token (params.logprobs)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)   # prompt tokens 1..T-1 (params.prompt_logprobs)
 
     def __iter__(self):
         return self.pieces
@@ -197,8 +203,13 @@ class Engine:
         stats.prompt_tokens = len(prompt_ids)
         decoder = self.tokenizer.stream_decoder()
         stops = StopStrings(params.stop)
+        recorder = None
+        if params.logprobs is not None or params.prompt_logprobs is not None:
+            recorder = LogprobRecorder(prompt_ids, params.logprobs or 0, params.prompt_logprobs)
+            run.prompt_logprobs = recorder.prompt
         started = time.perf_counter()
-        for token in generate(self.model, self.cache, prompt_ids, params, self.tokenizer.eos_ids, self.step):
+        for token in generate(self.model, self.cache, prompt_ids, params, self.tokenizer.eos_ids, self.step,
+                              watch=recorder.see if recorder else None):
             now = time.perf_counter()
             if not run.token_ids:
                 stats.time_to_first_token = now - started
@@ -206,9 +217,12 @@ class Engine:
             else:
                 stats.decode_seconds = now - first_at
             run.token_ids.append(token)
+            if params.logprobs is not None:
+                run.logprobs.append(recorder.take(token))
             stats.new_tokens = len(run.token_ids)
             text, stopped = stops.feed(decoder.push(token))
             if text:
+                run.piece_ends.append(len(run.token_ids))
                 yield text
             if stopped:
                 run.finish_reason = "stop"
@@ -219,6 +233,7 @@ class Engine:
         if stopped:
             run.finish_reason = "stop"
         if text:
+            run.piece_ends.append(len(run.token_ids))
             yield text
 
 

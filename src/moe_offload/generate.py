@@ -10,7 +10,7 @@ any device. Stop strings are text, not ids: the engine handles them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -37,15 +37,22 @@ def prefill(model: Transformer, cache: KVCache, prompt_ids: list[int], device, l
 
 
 def generate(model: Transformer, cache: KVCache, prompt_ids: list[int], params: SamplingParams,
-             eos_ids: tuple[int, ...] = (), step: DecodeStep | None = None) -> Iterator[int]:
+             eos_ids: tuple[int, ...] = (), step: DecodeStep | None = None,
+             watch: Callable[[torch.Tensor], None] | None = None) -> Iterator[int]:
     """Yield new token ids until EOS (not yielded), `params.max_new_tokens`, or prompt plus new
     tokens fill the cache. `step`: the model's decode step, reused across generations (a fresh one
-    runs eagerly for its first token and captures its graphs on the second)."""
+    runs eagerly for its first token and captures its graphs on the second). `watch(logits)`, when
+    given, sees each distribution before a token is picked from it: the prompt's last position
+    (1, vocab), or every position (T, vocab) when `params.prompt_logprobs` is set; then (vocab,) a step
+    (a buffer the next step overwrites). For logprobs only: reading logits costs greedy decoding a sync."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     step = step or DecodeStep(model, cache)
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-    token = sample(prefill(model, cache, prompt_ids, cache.keys[0].device)[-1], params, generator)
+    logits = prefill(model, cache, prompt_ids, cache.keys[0].device, last_only=params.prompt_logprobs is None)
+    if watch:
+        watch(logits)
+    token = sample(logits[-1], params, generator)
     step.set(token, len(prompt_ids))
     for produced in range(params.max_new_tokens):
         if token in eos_ids:
@@ -54,6 +61,8 @@ def generate(model: Transformer, cache: KVCache, prompt_ids: list[int], params: 
         if produced + 1 == params.max_new_tokens or len(prompt_ids) + produced + 1 >= cache.max_len:
             return
         logits = step()
+        if watch:
+            watch(logits)
         if params.temperature == 0:
             token = step.next_token()
         else:

@@ -5,6 +5,7 @@
     ids = tok.encode_chat([{"role": "user", "content": "hi"}])
     stream = tok.stream_decoder(); text = stream.push(token_id)   # never splits a character
     texts = tok.token_texts(ids)                             # each token's share of decode(ids)
+    tok.token_text(token_id)                                 # one token's text on its own
 
 Chat templates are rendered the way transformers renders them (sandboxed Jinja, trim_blocks,
 lstrip_blocks, its `tojson` and `raise_exception`). A tokenizer without a template gets a plain
@@ -77,6 +78,20 @@ class Tokenizer:
         if texts:
             texts[-1] += decoder.flush()
         return texts
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text on its own, special tokens by name, with the leading space that decoding the
+        token alone can drop (it is decoded after an anchor token, whose text is then cut off)."""
+        text = self.hf.decode([*self._anchor, token_id], skip_special_tokens=False)
+        return text[len(self._anchor_text):]
+
+    @cached_property
+    def _anchor(self) -> list[int]:
+        return self.hf.encode("a", add_special_tokens=False).ids[-1:]
+
+    @cached_property
+    def _anchor_text(self) -> str:
+        return self.hf.decode(self._anchor, skip_special_tokens=False)
 
     def info(self) -> dict:
         """The special tokens and chat template, as vLLM's GET /tokenizer_info gives them."""

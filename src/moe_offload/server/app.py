@@ -43,6 +43,7 @@ from .config import ServerConfig
 from .metrics import Metrics
 from .choices import Choices, Job
 from .scheduler import QueueFull, Scheduler
+from .shapes import ChatShape, ChoiceWriter, CompletionShape
 from .schemas import (COMPLETION_DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                       SamplingFields, TokenizeRequest, describe)
 
@@ -68,42 +69,6 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 def error_response(status: int, message: str, param=None, code=None, headers=None) -> JSONResponse:
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
-
-
-class CompletionShape:
-    """The JSON of /v1/completions answers and chunks."""
-
-    object, chunk_object, id_prefix = "text_completion", "text_completion", "cmpl-"
-
-    @staticmethod
-    def first_delta(index: int) -> dict | None:
-        return None
-
-    @staticmethod
-    def choice(index: int, text: str, finish_reason: str | None) -> dict:
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-
-    delta = choice
-
-
-class ChatShape:
-    """The JSON of /v1/chat/completions answers and chunks."""
-
-    object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
-
-    @staticmethod
-    def first_delta(index: int) -> dict | None:
-        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-
-    @staticmethod
-    def choice(index: int, text: str, finish_reason: str | None) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish_reason}
-
-    @staticmethod
-    def delta(index: int, text: str, finish_reason: str | None) -> dict:
-        return {"index": index, "delta": {"content": text} if text else {}, "logprobs": None,
-                "finish_reason": finish_reason}
 
 
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
@@ -178,9 +143,9 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         body = _validate(CompletionRequest, await read_json(request, config.max_body_bytes))
         _check_model(engine, body.model)
         jobs = []
-        for prompt_ids in _completion_prompts(engine, body.prompt):
+        for prompt_ids, text in _completion_prompts(engine, body.prompt):
             params = _sampling_params(engine, body, prompt_ids, body.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS)
-            jobs += _samples(len(jobs), prompt_ids, params, body.n)
+            jobs += _samples(len(jobs), prompt_ids, params, body.n, echo=text if body.echo else None)
         return await respond(request, body, CompletionShape, jobs)
 
     @app.post("/v1/chat/completions", openapi_extra=_request_body(ChatCompletionRequest))
@@ -220,21 +185,23 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             choices.cancel()   # a no-op when all finished; stops the running one if we got here any other way
         if choices.gone:
             return Response(status_code=CLIENT_CLOSED)
-        answers = [shape.choice(job.index, "".join(texts[job.index]), sequence.run.finish_reason)
+        answers = [ChoiceWriter(shape, job, engine.tokenizer).whole(sequence.run, "".join(texts[job.index]))
                    for job, sequence in choices.ended]
         return {**envelope, "choices": answers, "usage": choices.usage()}
 
     async def stream_events(choices: Choices, watcher: asyncio.Task, envelope: dict, shape, include_usage: bool):
+        def chunk(choice: dict) -> str:
+            return sse({**envelope, "choices": [choice]})
+
         try:
-            started = set()
+            writers: dict[int, ChoiceWriter] = {}
             async for job, sequence, piece in choices.events():
-                if job.index not in started and shape.first_delta(job.index):
-                    yield sse({**envelope, "choices": [shape.first_delta(job.index)]})
-                started.add(job.index)
-                if piece is None:
-                    yield sse({**envelope, "choices": [shape.delta(job.index, "", sequence.run.finish_reason)]})
-                else:
-                    yield sse({**envelope, "choices": [shape.delta(job.index, piece, None)]})
+                if job.index not in writers:
+                    writers[job.index] = ChoiceWriter(shape, job, engine.tokenizer)
+                    for choice in writers[job.index].opening(sequence.run):
+                        yield chunk(choice)
+                writer = writers[job.index]
+                yield chunk(writer.end(sequence.run) if piece is None else writer.piece(sequence.run, piece))
             if choices.gone:   # cancelled: nobody is listening
                 return
             if include_usage:
@@ -340,23 +307,25 @@ def _check_token_ids(engine: Engine, ids: list[int], param: str) -> None:
         raise ApiError(400, f"{param}: token id {bad} is outside the vocabulary [0, {vocab})", param=param)
 
 
-def _completion_prompts(engine: Engine, prompt) -> list[list[int]]:
-    """A string, a list of strings, a list of token ids, or a list of token-id lists -> token-id lists."""
+def _completion_prompts(engine: Engine, prompt) -> list[tuple[list[int], str]]:
+    """A string, a list of strings, a list of token ids, or a list of token-id lists -> (token ids, text) each;
+    the text as sent, or decoded from the ids."""
+    tokenizer = engine.tokenizer
     if isinstance(prompt, str):
-        return [engine.tokenizer.encode(prompt)]
+        return [(tokenizer.encode(prompt), prompt)]
     if isinstance(prompt[0], str):
-        return [engine.tokenizer.encode(text) for text in prompt]
+        return [(tokenizer.encode(text), text) for text in prompt]
     if isinstance(prompt[0], int):
         prompt = [prompt]
     for ids in prompt:
         _check_token_ids(engine, ids, "prompt")
-    return prompt
+    return [(ids, tokenizer.decode(ids)) for ids in prompt]
 
 
-def _samples(first_index: int, prompt_ids: list[int], params: SamplingParams, n: int) -> list[Job]:
+def _samples(first_index: int, prompt_ids: list[int], params: SamplingParams, n: int, echo: str | None = None) -> list[Job]:
     """The n completions of one prompt; with a seed, completion j samples with seed + j."""
-    return [Job(first_index + j, j, prompt_ids, params if params.seed is None else replace(params, seed=params.seed + j))
-            for j in range(n)]
+    return [Job(first_index + j, j, prompt_ids, params if params.seed is None else replace(params, seed=params.seed + j),
+                echo) for j in range(n)]
 
 
 def tokenize_answer(engine: Engine, body: TokenizeRequest) -> dict:
@@ -402,7 +371,8 @@ def _sampling_params(engine: Engine, body: SamplingFields, prompt_ids: list[int]
                             f"tokens and the prompt uses {len(prompt_ids)}, so at most {room}",
                        param=field, code="context_length_exceeded")
     return SamplingParams(max_new_tokens=requested, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                          stop=body.stop_strings + extra_stops)
+                          stop=body.stop_strings + extra_stops, logprobs=body.logprobs_top,
+                          prompt_logprobs=body.prompt_logprobs_top)
 
 
 def _request_body(model: type[BaseModel]) -> dict:

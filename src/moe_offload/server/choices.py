@@ -28,6 +28,7 @@ class Job:
     sample: int             # j: which of the prompt's n completions (0 counts the prompt's tokens in usage)
     prompt_ids: list[int]
     params: SamplingParams
+    echo: str | None = None   # completions' echo: the prompt's text, put before the completion
 
 
 class Choices:

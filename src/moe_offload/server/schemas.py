@@ -24,6 +24,7 @@ MAX_STOP_STRINGS = 4          # as OpenAI
 INT64 = 2**63
 COMPLETION_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
 MAX_N = 128                   # completions per prompt, as OpenAI
+MAX_LOGPROBS = 20             # alternatives per token, as OpenAI's chat (and vLLM)
 
 
 def _optional_fields_are_nullable(schema: dict, model: type[BaseModel]) -> None:
@@ -56,7 +57,7 @@ class SamplingFields(Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)   # 0: only with completions' echo
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=-INT64, lt=INT64)
@@ -91,6 +92,16 @@ class SamplingFields(Strict):
         return {}
 
     @property
+    def logprobs_top(self) -> int | None:
+        """Alternatives to report for each new token; None: no logprobs."""
+        return None
+
+    @property
+    def prompt_logprobs_top(self) -> int | None:
+        """Alternatives to report for each prompt token; None: none."""
+        return None
+
+    @property
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
@@ -108,9 +119,9 @@ class SamplingFields(Strict):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
+    echo: bool = False                                       # the prompt before the completion (and its logprobs)
     best_of: int | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)   # OpenAI's legacy shape, alternatives per token
     suffix: str | None = None
 
     @field_validator("prompt", mode="wrap")
@@ -124,8 +135,21 @@ class CompletionRequest(SamplingFields):
         return prompt
 
     def _unsupported(self) -> dict[str, bool]:
-        return {"echo": self.echo, "best_of": self.best_of not in (None, self.n), "logprobs": self.logprobs is not None,
-                "suffix": self.suffix is not None}
+        return {"best_of": self.best_of not in (None, self.n), "suffix": self.suffix is not None}
+
+    @model_validator(mode="after")
+    def _nothing_to_do_only_with_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 new tokens only make sense with echo (the prompt's logprobs); ask for 1 or more")
+        return self
+
+    @property
+    def logprobs_top(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def prompt_logprobs_top(self) -> int | None:
+        return self.logprobs if self.echo else None
 
 
 class TextPart(Strict):
@@ -171,16 +195,21 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
-
-    def _unsupported(self) -> dict[str, bool]:
-        return {"logprobs": self.logprobs, "top_logprobs": self.top_logprobs is not None}
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @model_validator(mode="after")
     def _one_limit(self):
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise ValueError("max_completion_tokens: send it or max_tokens, not both")
+        if self.max_tokens == 0:
+            raise ValueError("max_tokens: must be at least 1")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs: true")
         return self
+
+    @property
+    def logprobs_top(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def new_tokens_limit(self) -> int | None:
