@@ -276,6 +276,21 @@ def test_chat_logprobs_with_top_alternatives_streamed_and_not(client, engine):
     assert plain.logprobs is None and plain.message.content == whole.message.content
 
 
+@pytest.mark.parametrize("sampling", [
+    dict(temperature=0.0, repetition_penalty=1.4),
+    dict(temperature=0.9, seed=3, top_k=20, min_p=0.05, repetition_penalty=1.2, presence_penalty=0.5,
+         frequency_penalty=0.3),
+    dict(temperature=1.0, seed=5, top_k=-1, top_p=0.9, presence_penalty=-1.0),
+], ids=["greedy-penalized", "all", "vllm-top-k-off"])
+def test_sampling_fields_reach_the_engine(client, engine, sampling):
+    """vLLM's extra fields (top_k, min_p, repetition_penalty) go in the SDK's extra_body."""
+    openai_fields = {k: v for k, v in sampling.items() if k in ("temperature", "seed", "top_p", "presence_penalty")}
+    extra = {k: v for k, v in sampling.items() if k not in openai_fields}
+    out = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=16, extra_body=extra, **openai_fields)
+    params = {**sampling, "top_k": max(sampling.get("top_k", 0), 0)}
+    assert out.choices[0].text == expected_completion(engine, PROMPTS[0], max_new_tokens=16, **params)
+
+
 def test_models_lists_the_served_model_and_health_answers(client, server):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
@@ -628,6 +643,12 @@ HOSTILE = [  # (path, body: dict or raw bytes, status, param)
     ("/v1/completions", {**COMPLETION, "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {**COMPLETION, "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {**COMPLETION, "top_p": 1.01}, 400, "top_p"),
+    ("/v1/completions", {**COMPLETION, "top_k": -2}, 400, "top_k"),
+    ("/v1/completions", {**COMPLETION, "top_k": 2.5}, 400, "top_k"),
+    ("/v1/completions", {**COMPLETION, "min_p": 1.5}, 400, "min_p"),
+    ("/v1/completions", {**COMPLETION, "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("/v1/chat/completions", {**CHAT, "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("/v1/chat/completions", {**CHAT, "frequency_penalty": -3}, 400, "frequency_penalty"),
     ("/v1/completions", {**COMPLETION, "seed": 2**64}, 400, "seed"),
     ("/v1/completions", {**COMPLETION, "stream": "yes"}, 400, "stream"),
     ("/v1/completions", {**COMPLETION, "stop": 3}, 400, "stop"),

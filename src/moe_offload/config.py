@@ -155,6 +155,10 @@ class SamplingParams:
     temperature: float = 0.0
     top_k: int = 0              # 0: no top-k cut
     top_p: float = 1.0
+    min_p: float = 0.0          # drop tokens less likely than min_p x the likeliest one; 0: off
+    repetition_penalty: float = 1.0   # CTRL's, as transformers: logits of prompt and output tokens / it (x it if < 0)
+    presence_penalty: float = 0.0     # OpenAI's: subtracted from the logit of each token already in the output
+    frequency_penalty: float = 0.0    # OpenAI's: subtracted once per time the token is in the output
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     logprobs: int | None = None          # each new token's log-probability and this many likeliest alternatives
@@ -172,6 +176,22 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def picks_on_host(self) -> bool:
+        """Whether each token is picked by `generate.sample` on the host; else greedily on the device."""
+        return self.temperature != 0 or self.penalized
 
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"

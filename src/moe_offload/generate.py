@@ -3,9 +3,10 @@
     for token_id in generate(model, cache, prompt_ids, params, eos_ids, step=DecodeStep(model, cache)):
         ...
 
-Decoding runs step.py's DecodeStep (CUDA graphs where it can). Greedy decoding picks the next token on the
-device; other sampling runs on the CPU in fp32 from a seeded generator, so a seed gives the same tokens on
-any device. Stop strings are text, not ids: the engine handles them.
+Decoding runs step.py's DecodeStep (CUDA graphs where it can). Greedy decoding without penalties picks the
+next token on the device; other sampling (and penalized greedy) runs on the CPU in fp32 from a seeded
+generator, so a seed gives the same tokens on any device. Stop strings are text, not ids: the engine
+handles them.
 """
 
 from __future__ import annotations
@@ -52,33 +53,61 @@ def generate(model: Transformer, cache: KVCache, prompt_ids: list[int], params: 
     logits = prefill(model, cache, prompt_ids, cache.keys[0].device, last_only=params.prompt_logprobs is None)
     if watch:
         watch(logits)
-    token = sample(logits[-1], params, generator)
+    output_ids: list[int] = []
+    token = sample(logits[-1], params, generator, prompt_ids, output_ids)
     step.set(token, len(prompt_ids))
     for produced in range(params.max_new_tokens):
         if token in eos_ids:
             return
         yield token
+        output_ids.append(token)
         if produced + 1 == params.max_new_tokens or len(prompt_ids) + produced + 1 >= cache.max_len:
             return
         logits = step()
         if watch:
             watch(logits)
-        if params.temperature == 0:
-            token = step.next_token()
-        else:
-            token = sample(logits, params, generator)
+        if params.picks_on_host:
+            token = sample(logits, params, generator, prompt_ids, output_ids)
             step.set(token)
+        else:
+            token = step.next_token()
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
-    """logits (vocab,) -> one token id; temperature, then top-k, then top-p, as transformers orders them."""
-    logits = logits.float().cpu()
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+           prompt_ids: list[int] = (), output_ids: list[int] = ()) -> int:
+    """logits (vocab,) -> one token id: the penalties (`prompt_ids` and `output_ids`: the tokens so far),
+    then greedy, or temperature, top-k, top-p and min-p (warp) and a draw from `generator`."""
+    logits = penalize(logits.float().cpu(), params, prompt_ids, output_ids)
     if params.temperature == 0:
         return int(logits.argmax())
-    scaled = logits / params.temperature
-    if not torch.isfinite(scaled).all():   # a temperature so small (< ~1e-37) that fp32 overflows: greedy is its limit
+    warped = warp(logits, params)
+    if warped is None:
         return int(logits.argmax())
-    logits = scaled
+    return int(torch.multinomial(warped.softmax(-1), 1, generator=generator))
+
+
+def penalize(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
+    """logits (vocab,) fp32 with the repetition penalty on every token of the prompt and the output (as
+    transformers and vLLM), then the presence and frequency penalties on the output's tokens (as vLLM)."""
+    if not params.penalized:
+        return logits
+    logits = logits.clone()
+    if params.repetition_penalty != 1:
+        seen = torch.tensor([*prompt_ids, *output_ids], dtype=torch.int64).unique()
+        scores = logits[seen]
+        logits[seen] = torch.where(scores < 0, scores * params.repetition_penalty, scores / params.repetition_penalty)
+    if output_ids and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(output_ids, dtype=torch.int64), minlength=logits.numel())[:logits.numel()]
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    return logits
+
+
+def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor | None:
+    """Temperature, then top-k, top-p and min-p, as transformers orders them: logits (vocab,) fp32 with the
+    dropped tokens at -inf; None for a temperature so small (< ~1e-37) that fp32 overflows (greedy is its limit)."""
+    logits = logits / params.temperature
+    if not torch.isfinite(logits).all():
+        return None
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -88,5 +117,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         drop = cumulative - sorted_logits.softmax(-1) >= params.top_p   # keep the smallest set reaching top_p
         drop[0] = False   # the likeliest token always stays, even for a top_p that is 0 in fp32 (5e-324)
         logits[order[drop]] = float("-inf")
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    if params.min_p:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    return logits

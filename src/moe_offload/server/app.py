@@ -370,8 +370,10 @@ def _sampling_params(engine: Engine, body: SamplingFields, prompt_ids: list[int]
         raise ApiError(400, f"{field}: {requested} new tokens do not fit: the context holds {engine.max_context} "
                             f"tokens and the prompt uses {len(prompt_ids)}, so at most {room}",
                        param=field, code="context_length_exceeded")
-    return SamplingParams(max_new_tokens=requested, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                          stop=body.stop_strings + extra_stops, logprobs=body.logprobs_top,
+    return SamplingParams(max_new_tokens=requested, temperature=body.temperature, top_k=max(body.top_k, 0),
+                          top_p=body.top_p, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                          presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                          seed=body.seed, stop=body.stop_strings + extra_stops, logprobs=body.logprobs_top,
                           prompt_logprobs=body.prompt_logprobs_top)
 
 

@@ -10,7 +10,8 @@ an unset one). OpenAI parameters we do not implement are accepted only at their 
 (n=1, presence_penalty=0, echo=false, ...), so clients that always send them keep working.
 
 Defaults are OpenAI's: temperature 1.0, top_p 1.0, max_tokens 16 for completions and "the rest of
-the context" for chat; no seed (then sampling draws from torch's global generator).
+the context" for chat; no seed (then sampling draws from torch's global generator). vLLM's extra
+sampling fields (top_k, min_p, repetition_penalty) are accepted too, with their neutral defaults.
 """
 
 from __future__ import annotations
@@ -60,13 +61,16 @@ class SamplingFields(Strict):
     max_tokens: int | None = Field(None, ge=0)   # 0: only with completions' echo
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1)                          # vLLM's: 0 or -1 keep all
+    min_p: float = Field(0.0, ge=0, le=1)                 # vLLM's
+    repetition_penalty: float = Field(1.0, gt=0)          # vLLM's (and transformers')
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
     seed: int | None = Field(None, ge=-INT64, lt=INT64)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
@@ -80,8 +84,7 @@ class SamplingFields(Strict):
 
     @model_validator(mode="after")
     def _neutral_values_only(self):
-        unsupported = {"presence_penalty": self.presence_penalty != 0,
-                       "frequency_penalty": self.frequency_penalty != 0, "logit_bias": bool(self.logit_bias)}
+        unsupported = {"logit_bias": bool(self.logit_bias)}
         unsupported.update(self._unsupported())
         for name, used in unsupported.items():
             if used:
