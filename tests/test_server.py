@@ -28,6 +28,8 @@ from moe_offload.cli import main
 from moe_offload.config import RuntimeConfig, SamplingParams
 from moe_offload.engine import Engine
 from moe_offload import engine as engine_module
+from moe_offload import generate as generate_module
+from moe_offload.model import Transformer
 from moe_offload.server.metrics import Metrics
 from moe_offload.server.scheduler import Scheduler, Sequence
 
@@ -92,9 +94,9 @@ def server():
 
 @pytest.fixture(scope="module")
 def guarded_server():
-    """Offloaded experts (2 slots per layer), an API key, a queue of one, a 4 KiB body limit."""
+    """Offloaded experts (2 slots per layer), an API key, a queue of one, a 4 KiB body limit, 2 s to send it."""
     with running_server("--offload", "--slots", "2", "--api-key", API_KEY, "--max-queue", "1",
-                        "--max-body-bytes", "4096") as s:
+                        "--max-body-bytes", "4096", "--body-timeout", "2") as s:
         yield s
 
 
@@ -601,6 +603,53 @@ def test_a_failing_generation_leaves_the_queued_ones_untouched(engine, monkeypat
     assert admitted == sorted(admitted), "sequences must start in arrival order"
 
 
+def test_a_request_cancelled_during_its_prefill_stops_between_chunks(engine, monkeypatch):
+    """In process: a 60-chunk prompt whose client leaves after the second chunk runs no third; the
+    next request's text is unaffected."""
+    monkeypatch.setattr(generate_module, "PREFILL_CHUNK", 8)
+    forwards = []
+    real_call = Transformer.__call__
+
+    def counting_call(model, tokens, cache, start_pos, **options):
+        forwards.append((tokens.shape[1], int(start_pos)))
+        if len(forwards) == 2:   # the client leaves during the second chunk
+            leave()
+        return real_call(model, tokens, cache, start_pos, **options)
+
+    monkeypatch.setattr(Transformer, "__call__", counting_call)
+    long_prompt = (engine.tokenizer.encode("def f(x):\n    return x\n" * 60) * 3)[:480]
+
+    async def scenario():
+        nonlocal leave
+        metrics = Metrics()
+        scheduler = Scheduler(engine, metrics, max_waiting=8)
+        scheduler.start()
+        loop = asyncio.get_running_loop()
+        cancelled = Sequence(long_prompt, SamplingParams(max_new_tokens=4), loop)
+
+        def leave():   # the client's disconnect, seen by the event loop while the worker runs the chunk
+            loop.call_soon_threadsafe(scheduler.cancel, cancelled)
+            assert cancelled.cancelled.wait(10)
+
+        after = Sequence(engine.tokenizer.encode(PROMPTS[0]), SamplingParams(max_new_tokens=4), loop)
+        scheduler.submit(cancelled)
+        scheduler.submit(after)
+        pieces = [piece async for piece in cancelled.pieces()]
+        text = "".join([piece async for piece in after.pieces()])
+        scheduler.stop()
+        return pieces, cancelled.finished, text, metrics.sequences
+
+    leave = None
+    pieces, finished, text, outcomes = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+    assert pieces == [] and not finished
+    after_prompt = len(engine.tokenizer.encode(PROMPTS[0]))
+    assert forwards[:2] == [(8, 0), (8, 8)]                  # two of the 60 chunks, then `after`'s prefill
+    assert forwards[2:] == [(min(after_prompt - k, 8), k) for k in range(0, after_prompt, 8)] + \
+        [(1, after_prompt + k) for k in range(3)]
+    assert outcomes["cancelled"] == 1 and outcomes["finished"] == 1
+    assert text == expected_completion(engine, PROMPTS[0], max_new_tokens=4)
+
+
 def poll(condition, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -914,6 +963,34 @@ def test_body_limit_is_the_flag(guarded_server):
     headers = {"Authorization": f"Bearer {API_KEY}"}
     r = httpx.post(f"{guarded_server.url}/v1/completions", json={**COMPLETION, "prompt": "x" * 5000}, headers=headers)
     assert_openai_error(r, 413)
+
+
+def test_a_body_sent_too_slowly_gets_408_and_the_connection_closes(guarded_server):
+    """A client trickling its body (one byte every 0.2 s of 200) is cut off at --body-timeout (2 s)."""
+    body = json.dumps({**COMPLETION, "prompt": "x" * 150}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", guarded_server.port)) as connection:
+        connection.sendall(head)
+        connection.settimeout(0.2)
+        answer = b""
+        for byte in body:
+            try:
+                connection.sendall(bytes([byte]))
+                answer += connection.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:    # the server closed the connection after answering
+                break
+            if b"\r\n\r\n" in answer:
+                break
+    elapsed = time.monotonic() - start
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert 2 <= elapsed < 10
+    error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+    assert error["code"] == "request_timeout" and "--body-timeout" in error["message"]
+    assert httpx.get(f"{guarded_server.url}/health").status_code == 200
 
 
 def test_serve_rejects_bad_flags_with_one_line(capsys):

@@ -188,13 +188,15 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="requests allowed to wait for the model before new ones get 429 (default: %(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=SERVER["max_body_bytes"],
                    help="larger request bodies get 413 (default: %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=SERVER["body_timeout"],
+                   help="seconds a client has to send a whole request body, else 408 (default: %(default)s)")
 
 
 def cmd_serve(args) -> None:
     from .server.app import serve
 
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
-                          max_body_bytes=args.max_body_bytes)
+                          max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout)
     serve(load_engine(args), config)
 
 

@@ -192,13 +192,17 @@ class Engine:
                 f"shorten the prompt or raise --max-context (the model allows {self.config.max_position_embeddings})"
             )
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Run:
+    def stream(self, prompt_ids: list[int], params: SamplingParams,
+               stop_requested: Callable[[], bool] | None = None) -> Run:
+        """`stop_requested()`, asked between the prompt's chunks, ends the run before its first token
+        (`finish_reason` stays None): a cancelled request need not prefill a long prompt to the end."""
         self.check_prompt(prompt_ids)
         run = Run(pieces=iter(()))
-        run.pieces = self._pieces(run, prompt_ids, params)
+        run.pieces = self._pieces(run, prompt_ids, params, stop_requested)
         return run
 
-    def _pieces(self, run: Run, prompt_ids: list[int], params: SamplingParams) -> Iterator[str]:
+    def _pieces(self, run: Run, prompt_ids: list[int], params: SamplingParams,
+                stop_requested: Callable[[], bool] | None) -> Iterator[str]:
         stats = run.stats
         stats.prompt_tokens = len(prompt_ids)
         decoder = self.tokenizer.stream_decoder()
@@ -209,7 +213,7 @@ class Engine:
             run.prompt_logprobs = recorder.prompt
         started = time.perf_counter()
         for token in generate(self.model, self.cache, prompt_ids, params, self.tokenizer.eos_ids, self.step,
-                              watch=recorder.see if recorder else None):
+                              watch=recorder.see if recorder else None, stop_requested=stop_requested):
             now = time.perf_counter()
             if not run.token_ids:
                 stats.time_to_first_token = now - started
@@ -227,6 +231,8 @@ class Engine:
             if stopped:
                 run.finish_reason = "stop"
                 return
+        if not run.token_ids and stop_requested and stop_requested():
+            return
         out_of_room = len(run.token_ids) == params.max_new_tokens or len(prompt_ids) + len(run.token_ids) >= self.max_context
         run.finish_reason = "length" if out_of_room else "stop"  # else: EOS
         text, stopped = stops.feed(decoder.flush(), final=True)

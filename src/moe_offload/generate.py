@@ -22,11 +22,15 @@ from .step import DecodeStep
 PREFILL_CHUNK = 2048  # prompt tokens per forward: each expert crosses the link at most once per forward; bounds activations
 
 
-def prefill(model: Transformer, cache: KVCache, prompt_ids: list[int], device, last_only: bool = True) -> torch.Tensor:
+def prefill(model: Transformer, cache: KVCache, prompt_ids: list[int], device, last_only: bool = True,
+            stop_requested: Callable[[], bool] | None = None) -> torch.Tensor | None:
     """Run the prompt through the model in chunks; returns logits (1, vocab) of its last token,
-    or (T, vocab) for every position when `last_only` is False."""
+    or (T, vocab) for every position when `last_only` is False; None when `stop_requested()` says so
+    before a chunk."""
     pieces = []
     for start in range(0, len(prompt_ids), PREFILL_CHUNK):
+        if stop_requested and stop_requested():
+            return None
         chunk = torch.tensor([prompt_ids[start:start + PREFILL_CHUNK]], device=device)
         is_last = start + PREFILL_CHUNK >= len(prompt_ids)
         logits = model(chunk, cache, start_pos=start, last_only=last_only)
@@ -39,18 +43,22 @@ def prefill(model: Transformer, cache: KVCache, prompt_ids: list[int], device, l
 
 def generate(model: Transformer, cache: KVCache, prompt_ids: list[int], params: SamplingParams,
              eos_ids: tuple[int, ...] = (), step: DecodeStep | None = None,
-             watch: Callable[[torch.Tensor], None] | None = None) -> Iterator[int]:
+             watch: Callable[[torch.Tensor], None] | None = None,
+             stop_requested: Callable[[], bool] | None = None) -> Iterator[int]:
     """Yield new token ids until EOS (not yielded), `params.max_new_tokens`, or prompt plus new
     tokens fill the cache. `step`: the model's decode step, reused across generations (a fresh one
     runs eagerly for its first token and captures its graphs on the second). `watch(logits)`, when
     given, sees each distribution before a token is picked from it: the prompt's last position
     (1, vocab), or every position (T, vocab) when `params.prompt_logprobs` is set; then (vocab,) a step
-    (a buffer the next step overwrites). For logprobs only: reading logits costs greedy decoding a sync."""
+    (a buffer the next step overwrites). For logprobs only: reading logits costs greedy decoding a sync.
+    `stop_requested()`, asked between the prompt's chunks, ends the generation before its first token."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     step = step or DecodeStep(model, cache)
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-    logits = prefill(model, cache, prompt_ids, cache.keys[0].device, last_only=params.prompt_logprobs is None)
+    logits = prefill(model, cache, prompt_ids, cache.keys[0].device, params.prompt_logprobs is None, stop_requested)
+    if logits is None:
+        return
     if watch:
         watch(logits)
     output_ids: list[int] = []

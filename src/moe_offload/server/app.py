@@ -117,13 +117,13 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     @app.post("/tokenize", openapi_extra=_request_body(TokenizeRequest))
     async def tokenize(request: Request):
-        body = _validate(TokenizeRequest, await read_json(request, config.max_body_bytes))
+        body = _validate(TokenizeRequest, await read_json(request, config))
         _check_optional_model(engine, body.model)
         return tokenize_answer(engine, body)
 
     @app.post("/detokenize", openapi_extra=_request_body(DetokenizeRequest))
     async def detokenize(request: Request):
-        body = _validate(DetokenizeRequest, await read_json(request, config.max_body_bytes))
+        body = _validate(DetokenizeRequest, await read_json(request, config))
         _check_optional_model(engine, body.model)
         _check_token_ids(engine, body.tokens, "tokens")
         text = engine.tokenizer.decode(body.tokens)
@@ -140,7 +140,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     @app.post("/v1/completions", openapi_extra=_request_body(CompletionRequest))
     async def completions(request: Request):
-        body = _validate(CompletionRequest, await read_json(request, config.max_body_bytes))
+        body = _validate(CompletionRequest, await read_json(request, config))
         _check_model(engine, body.model)
         jobs = []
         for prompt_ids, text in _completion_prompts(engine, body.prompt):
@@ -150,7 +150,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions", openapi_extra=_request_body(ChatCompletionRequest))
     async def chat_completions(request: Request):
-        body = _validate(ChatCompletionRequest, await read_json(request, config.max_body_bytes))
+        body = _validate(ChatCompletionRequest, await read_json(request, config))
         _check_model(engine, body.model)
         try:
             prompt_ids = engine.tokenizer.encode_chat([m.as_template_message() for m in body.messages])
@@ -247,17 +247,20 @@ def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def read_json(request: Request, limit: int) -> dict:
-    """The body as a JSON object; 413 past `limit` bytes, 400 for bad UTF-8, bad JSON or a non-object."""
+async def read_json(request: Request, config: ServerConfig) -> dict:
+    """The body as a JSON object; 413 past --max-body-bytes, 408 when it takes longer than --body-timeout to
+    arrive (a client trickling it would hold a connection forever), 400 for bad UTF-8, bad JSON or a non-object."""
+    limit = config.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request body has {declared} bytes; the limit is {limit} (--max-body-bytes)",
                        code="request_too_large")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"the request body exceeds {limit} bytes (--max-body-bytes)", code="request_too_large")
+    try:
+        async with asyncio.timeout(config.body_timeout):
+            body = await _read_body(request, limit)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {config.body_timeout:g} s (--body-timeout); "
+                            "send it at once", code="request_timeout", headers={"Connection": "close"}) from None
     if not body:
         raise ApiError(400, "the request body is empty; send a JSON object")
     try:
@@ -275,6 +278,15 @@ async def read_json(request: Request, limit: int) -> dict:
     except UnicodeEncodeError:
         raise ApiError(400, "the request contains an unpaired UTF-16 surrogate escape (\\ud800-\\udfff); send valid Unicode") from None
     return data
+
+
+async def _read_body(request: Request, limit: int) -> bytearray:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"the request body exceeds {limit} bytes (--max-body-bytes)", code="request_too_large")
+    return body
 
 
 def _reject_constant(name: str):

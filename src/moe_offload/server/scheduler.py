@@ -7,6 +7,7 @@
     async for piece in sequence.pieces():   # text pieces; ends at Finished, raises at Failed
         ...
     scheduler.cancel(sequence)              # client gone: leaves the queue, or stops at the next step
+                                            # (or the next chunk of its prompt's prefill)
 
 Requests wait in arrival order in a bounded queue (`max_waiting`). One worker thread owns the
 Engine: it admits waiting sequences while fewer than `max_active` are active, then calls `step()`,
@@ -161,7 +162,7 @@ class Scheduler:
         for sequence in admitted:
             sequence.admitted = time.perf_counter()
             try:
-                sequence.run = self.engine.stream(sequence.prompt_ids, sequence.params)
+                sequence.run = self.engine.stream(sequence.prompt_ids, sequence.params, sequence.cancelled.is_set)
             except Exception as e:
                 self._end(sequence, Failed(e), "failed")
         return True
@@ -173,7 +174,10 @@ class Scheduler:
         try:
             piece = next(sequence.run.pieces)
         except StopIteration:
-            self._end(sequence, Finished(sequence.run), "finished")
+            if sequence.cancelled.is_set():   # cancelled during its prefill, which stopped between chunks
+                self._end(sequence, CANCELLED, "cancelled")
+            else:
+                self._end(sequence, Finished(sequence.run), "finished")
         except Exception as e:
             log.exception("generation failed")
             self._end(sequence, Failed(e), "failed")
