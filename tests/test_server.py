@@ -33,6 +33,8 @@ from moe_offload.model import Transformer
 from moe_offload.server.metrics import Metrics
 from moe_offload.server.scheduler import Scheduler, Sequence
 
+from structured_schemas import SCHEMAS
+
 MODEL = "default_model"      # the served id: the shipped model's folder name
 API_KEY = "test-key-123"
 
@@ -291,6 +293,30 @@ def test_sampling_fields_reach_the_engine(client, engine, sampling):
     out = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=16, extra_body=extra, **openai_fields)
     params = {**sampling, "top_k": max(sampling.get("top_k", 0), 0)}
     assert out.choices[0].text == expected_completion(engine, PROMPTS[0], max_new_tokens=16, **params)
+
+
+@pytest.mark.parametrize("schema", SCHEMAS, ids=lambda model: model.__name__)
+def test_parse_with_a_pydantic_response_format_returns_an_object_that_validates(client, schema):
+    """The SDK sends the model's strict JSON schema; every reply token is drawn from what keeps it valid."""
+    messages = [{"role": "user", "content": f"Give me a {schema.__name__} as JSON."}]
+    reply = client.chat.completions.parse(model=MODEL, messages=messages, response_format=schema, max_tokens=400,
+                                          temperature=0)
+    message = reply.choices[0].message
+    assert isinstance(message.parsed, schema), message.content
+    assert schema.model_validate_json(message.content) == message.parsed
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_json_object_mode_replies_with_a_json_object_streamed_or_not(client):
+    settings_ = dict(model=MODEL, messages=[{"role": "user", "content": "JSON please"}], max_tokens=300,
+                     temperature=1.0, seed=8, response_format={"type": "json_object"})
+    whole = client.chat.completions.create(**settings_).choices[0]
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**settings_, stream=True)
+                       if c.choices)
+    assert isinstance(json.loads(whole.message.content), dict) and whole.finish_reason == "stop"
+    assert streamed == whole.message.content
+    text = client.chat.completions.create(**{**settings_, "response_format": {"type": "text"}}).choices[0].message.content
+    assert text != whole.message.content
 
 
 def test_models_lists_the_served_model_and_health_answers(client, server):
@@ -737,6 +763,16 @@ HOSTILE = [  # (path, body: dict or raw bytes, status, param)
      "messages.0.content"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x " * 9000}]}, 400, "messages"),
     ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "xml"}}, 400, "response_format.type"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, 400, "response_format.json_schema"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x y"}}}, 400,
+     "response_format.json_schema.name"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "frob"}}}}, 400, "response_format.json_schema.schema"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "string", "pattern": "(("}}}}, 400, "response_format.json_schema.schema"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}}}, 400, "response_format.json_schema.schema"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x", "colour": 1}]}, 400,
      "messages.0.colour"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x", "annotations": []}]}, 400,

@@ -163,6 +163,7 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     logprobs: int | None = None          # each new token's log-probability and this many likeliest alternatives
     prompt_logprobs: int | None = None   # the same for every prompt token after the first
+    grammar: str | None = None           # only tokens that keep the text in this grammar (constrain.py's text)
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
@@ -191,7 +192,7 @@ class SamplingParams:
     @property
     def picks_on_host(self) -> bool:
         """Whether each token is picked by `generate.sample` on the host; else greedily on the device."""
-        return self.temperature != 0 or self.penalized
+        return self.temperature != 0 or self.penalized or self.grammar is not None
 
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"

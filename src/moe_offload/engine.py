@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig, OffloadConfig, RuntimeConfig, SamplingParams
+from .constrain import Grammars
 from .errors import UserError
 from .experts import DenseExpertFormat, ExpertFormat, ExpertSlots, ResidentExperts, slot_stride
 from .generate import generate
@@ -176,6 +178,11 @@ class Engine:
         cache = KVCache.allocate(config, batch=1, max_len=max_context, device=device, dtype=dtype)
         return cls(config, model, tokenizer, cache, name=Path(runtime.model).name, plan=plan)
 
+    @cached_property
+    def grammars(self) -> Grammars:
+        """Constrained decoding's token table (constrain.py), built on first use."""
+        return Grammars(self.tokenizer, self.config.vocab_size)
+
     def expert_stats(self) -> dict[str, float]:
         """Expert-cache counters for --stats and /metrics (hit rate, prefetch recall, ...; see
         offload/cache.py for each one); empty when resident."""
@@ -212,8 +219,10 @@ class Engine:
             recorder = LogprobRecorder(prompt_ids, params.logprobs or 0, params.prompt_logprobs)
             run.prompt_logprobs = recorder.prompt
         started = time.perf_counter()
+        constraint = self.grammars.constraint(params.grammar) if params.grammar else None
         for token in generate(self.model, self.cache, prompt_ids, params, self.tokenizer.eos_ids, self.step,
-                              watch=recorder.see if recorder else None, stop_requested=stop_requested):
+                              watch=recorder.see if recorder else None, stop_requested=stop_requested,
+                              constraint=constraint):
             now = time.perf_counter()
             if not run.token_ids:
                 stats.time_to_first_token = now - started

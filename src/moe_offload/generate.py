@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .config import SamplingParams
+from .constrain import Constraint
 from .model import KVCache, Transformer
 from .step import DecodeStep
 
@@ -44,14 +45,16 @@ def prefill(model: Transformer, cache: KVCache, prompt_ids: list[int], device, l
 def generate(model: Transformer, cache: KVCache, prompt_ids: list[int], params: SamplingParams,
              eos_ids: tuple[int, ...] = (), step: DecodeStep | None = None,
              watch: Callable[[torch.Tensor], None] | None = None,
-             stop_requested: Callable[[], bool] | None = None) -> Iterator[int]:
+             stop_requested: Callable[[], bool] | None = None, constraint: Constraint | None = None) -> Iterator[int]:
     """Yield new token ids until EOS (not yielded), `params.max_new_tokens`, or prompt plus new
     tokens fill the cache. `step`: the model's decode step, reused across generations (a fresh one
     runs eagerly for its first token and captures its graphs on the second). `watch(logits)`, when
     given, sees each distribution before a token is picked from it: the prompt's last position
     (1, vocab), or every position (T, vocab) when `params.prompt_logprobs` is set; then (vocab,) a step
     (a buffer the next step overwrites). For logprobs only: reading logits costs greedy decoding a sync.
-    `stop_requested()`, asked between the prompt's chunks, ends the generation before its first token."""
+    `stop_requested()`, asked between the prompt's chunks, ends the generation before its first token.
+    `constraint` (params.grammar's, constrain.py): each token is picked among those it allows, after
+    the step's forward is launched (so that on a GPU the mask overlaps it), and then accepted."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     step = step or DecodeStep(model, cache)
@@ -62,30 +65,36 @@ def generate(model: Transformer, cache: KVCache, prompt_ids: list[int], params: 
     if watch:
         watch(logits)
     output_ids: list[int] = []
-    token = sample(logits[-1], params, generator, prompt_ids, output_ids)
+    token = sample(logits[-1], params, generator, prompt_ids, output_ids, constraint and constraint.allowed())
     step.set(token, len(prompt_ids))
     for produced in range(params.max_new_tokens):
         if token in eos_ids:
             return
         yield token
         output_ids.append(token)
+        if constraint:
+            constraint.accept(token)
         if produced + 1 == params.max_new_tokens or len(prompt_ids) + produced + 1 >= cache.max_len:
             return
         logits = step()
         if watch:
             watch(logits)
         if params.picks_on_host:
-            token = sample(logits, params, generator, prompt_ids, output_ids)
+            token = sample(logits, params, generator, prompt_ids, output_ids, constraint and constraint.allowed())
             step.set(token)
         else:
             token = step.next_token()
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-           prompt_ids: list[int] = (), output_ids: list[int] = ()) -> int:
-    """logits (vocab,) -> one token id: the penalties (`prompt_ids` and `output_ids`: the tokens so far),
-    then greedy, or temperature, top-k, top-p and min-p (warp) and a draw from `generator`."""
-    logits = penalize(logits.float().cpu(), params, prompt_ids, output_ids)
+           prompt_ids: list[int] = (), output_ids: list[int] = (), allowed: torch.Tensor | None = None) -> int:
+    """logits (vocab,) -> one token id: only `allowed` ones (bool (vocab,), a grammar's), the penalties
+    (`prompt_ids` and `output_ids`: the tokens so far), then greedy, or temperature, top-k, top-p and
+    min-p (warp) and a draw from `generator`."""
+    logits = logits.float().cpu()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    logits = penalize(logits, params, prompt_ids, output_ids)
     if params.temperature == 0:
         return int(logits.argmax())
     warped = warp(logits, params)
@@ -114,7 +123,7 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor | None:
     """Temperature, then top-k, top-p and min-p, as transformers orders them: logits (vocab,) fp32 with the
     dropped tokens at -inf; None for a temperature so small (< ~1e-37) that fp32 overflows (greedy is its limit)."""
     logits = logits / params.temperature
-    if not torch.isfinite(logits).all():
+    if not torch.isfinite(logits.max()):
         return None
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import SamplingParams
+from ..constrain import GrammarError, json_schema_grammar
 from ..engine import Engine
 from ..errors import UserError
 from .config import ServerConfig
@@ -158,6 +159,9 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             raise ApiError(400, str(e), param="messages") from None
         params = _sampling_params(engine, body, prompt_ids, body.new_tokens_limit, None,
                                   extra_stops=engine.tokenizer.chat_stop_strings)
+        if body.response_format and body.response_format.reply_schema is not None:
+            grammar = await _checked_grammar(engine, body.response_format.reply_schema, "response_format.json_schema.schema")
+            params = replace(params, grammar=grammar)
         return await respond(request, body, ChatShape, _samples(0, prompt_ids, params, body.n))
 
     async def respond(request: Request, body: SamplingFields, shape, jobs: list[Job]):
@@ -332,6 +336,17 @@ def _completion_prompts(engine: Engine, prompt) -> list[tuple[list[int], str]]:
     for ids in prompt:
         _check_token_ids(engine, ids, "prompt")
     return [(ids, tokenizer.decode(ids)) for ids in prompt]
+
+
+async def _checked_grammar(engine: Engine, schema: dict, param: str) -> str:
+    """The grammar of JSON valid under `schema`, compiled once to check it (in a thread: a large schema,
+    or the first one, which builds the token table, can take a second); 400 naming `param` if it cannot be."""
+    try:
+        grammar = json_schema_grammar(schema)
+        await asyncio.to_thread(engine.grammars.check, grammar)
+    except GrammarError as e:
+        raise ApiError(400, f"{param}: cannot be compiled: {e}", param=param) from None
+    return grammar
 
 
 def _samples(first_index: int, prompt_ids: list[int], params: SamplingParams, n: int, echo: str | None = None) -> list[Job]:

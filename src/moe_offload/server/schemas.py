@@ -194,11 +194,37 @@ class ChatMessage(Strict):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+class JsonSchemaFormat(Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")   # None: any JSON object
+    strict: bool | None = None                           # the schema is enforced either way
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema: send it with type json_schema, and only then")
+        return self
+
+    @property
+    def reply_schema(self) -> dict | None:
+        """The JSON schema the reply must validate against; None: free text."""
+        if self.type == "json_object" or (self.json_schema and self.json_schema.schema_ is None):
+            return {"type": "object"}
+        return self.json_schema.schema_ if self.json_schema else None
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _one_limit(self):
