@@ -319,6 +319,73 @@ def test_json_object_mode_replies_with_a_json_object_streamed_or_not(client):
     assert text != whole.message.content
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                           "parameters": {"type": "object", "properties": {
+                                               "city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
+                                               "required": ["city", "unit"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}}
+
+
+def test_a_tool_call_round_trip_through_the_openai_sdk(client):
+    """tool_choice "required": the reply is a call of a declared tool with valid arguments; its result
+    goes back as a tool message, and the next reply is text."""
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER, CLOCK], tool_choice="required",
+                                           parallel_tool_calls=False, max_tokens=200, temperature=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.type == "function"
+    arguments = json.loads(call.function.arguments)
+    assert call.function.name in ("get_weather", "get_time")
+    if call.function.name == "get_weather":
+        assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("C", "F")
+    messages += [choice.message.model_dump(), {"role": "tool", "tool_call_id": call.id, "content": "18 C, sunny"}]
+    answer = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER, CLOCK], max_tokens=12,
+                                            temperature=0).choices[0]
+    assert answer.finish_reason in ("stop", "length") and answer.message.tool_calls is None
+    assert isinstance(answer.message.content, str)
+
+
+def test_parallel_calls_are_each_a_valid_call_and_a_cut_reply_keeps_finish_reason_length(client):
+    """This model, made to call tools, keeps calling: the calls it finished are parsed, the one cut at
+    max_tokens stays in the content, and the reply says "length"."""
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER],
+                                           tool_choice="required", max_tokens=100, temperature=0).choices[0]
+    assert reply.finish_reason == "length" and len(reply.message.tool_calls) >= 2
+    assert all(set(json.loads(call.function.arguments)) == {"city", "unit"} for call in reply.message.tool_calls)
+    assert reply.message.content.startswith("<tool_call>")
+
+
+def test_a_named_tool_choice_calls_that_tool_once_without_parallel_calls(client):
+    messages = [{"role": "user", "content": "Time in Tokyo?"}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER, CLOCK], max_tokens=200,
+                                           tool_choice={"type": "function", "function": {"name": "get_time"}},
+                                           parallel_tool_calls=False, temperature=0.7, seed=3)
+    (call,) = reply.choices[0].message.tool_calls
+    assert call.function.name == "get_time" and isinstance(json.loads(call.function.arguments)["zone"], str)
+
+
+def test_a_streamed_tool_call_comes_whole_in_the_last_chunk(client):
+    settings_ = dict(model=MODEL, messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=[WEATHER],
+                     tool_choice="required", parallel_tool_calls=False, max_tokens=200, temperature=0)
+    whole = client.chat.completions.create(**settings_).choices[0].message.tool_calls[0]
+    chunks = [c for c in client.chat.completions.create(**settings_, stream=True) if c.choices]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    (last,) = [c.choices[0] for c in chunks if c.choices[0].delta.tool_calls]
+    (call,) = last.delta.tool_calls
+    assert last.finish_reason == "tool_calls" and call.index == 0
+    assert (call.function.name, call.function.arguments) == (whole.function.name, whole.function.arguments)
+
+
+def test_with_tool_choice_auto_a_reply_without_a_call_is_text(client):
+    """The shipped model was trained on Python, not on tools: left to choose, it writes text."""
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "def f(x):"}],
+                                           tools=[WEATHER], max_tokens=8, temperature=0).choices[0]
+    assert reply.message.tool_calls is None and reply.message.content and reply.finish_reason in ("stop", "length")
+
+
 def test_models_lists_the_served_model_and_health_answers(client, server):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
@@ -762,7 +829,25 @@ HOSTILE = [  # (path, body: dict or raw bytes, status, param)
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "messages.0.content"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x " * 9000}]}, 400, "messages"),
-    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools.0.function"),
+    ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, 400, "tool_choice"),
+    ("/v1/chat/completions", {**CHAT, "tool_choice": "sometimes", "tools": [WEATHER]}, 400, "tool_choice"),
+    ("/v1/chat/completions", {**CHAT, "tools": [WEATHER], "tool_choice": {"type": "function", "function": {
+        "name": "get_time"}}}, 400, "tool_choice"),
+    ("/v1/chat/completions", {**CHAT, "tools": [WEATHER, WEATHER]}, 400, "tools"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "a b"}}]}, 400,
+     "tools.0.function.name"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "frob"}}}]}, 400, "tools.0.function.parameters"),
+    ("/v1/chat/completions", {**CHAT, "tools": [WEATHER], "tool_choice": "required",
+                              "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.tool_call_id"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]}, 400,
+     "messages.0.tool_call_id"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x", "tool_calls": []}]}, 400,
+     "messages.0.tool_calls"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f"}}]}]}, 400, "messages.0.tool_calls.0.function.arguments"),
     ("/v1/chat/completions", {**CHAT, "response_format": {"type": "xml"}}, 400, "response_format.type"),
     ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, 400, "response_format.json_schema"),
     ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x y"}}}, 400,

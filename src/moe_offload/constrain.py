@@ -18,10 +18,14 @@ model cannot stall a JSON answer in endless blank lines. Once the grammar is com
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .errors import UserError
-from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 JSON_OPTIONS = {"whitespace_flexible": False}     # compact JSON: `{"a":1}`, as json.dumps(separators=(",", ":"))
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import UserError
+from .tools import plain_messages
 
 FALLBACK_ROLE_PREFIX = "\n{role}: "
 
@@ -99,12 +100,22 @@ class Tokenizer:
                 "eos_token": self.eos_token, "pad_token": _token_text(self.settings.get("pad_token")),
                 "unk_token": _token_text(self.settings.get("unk_token")), "chat_template": self.chat_template}
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template writes tools, tool calls and tool results itself (it reads `tools`)."""
+        return self.chat_template is not None and "tools" in self.chat_template
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """`tools`: OpenAI's function tools; a template that does not render them gets them, and the
+        conversation's calls and results, written as text (tools.py)."""
+        if not self.renders_tools:
+            messages, tools = plain_messages(messages, tools), None
         if self.chat_template is None:
             return _fallback_transcript(messages, add_generation_prompt)
         try:
             return self._compiled_template.render(
                 messages=messages,
+                **({"tools": tools} if tools else {}),
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
@@ -114,8 +125,9 @@ class Tokenizer:
         except Exception as e:  # jinja errors, raise_exception() from the template itself
             raise UserError(f"chat template failed on these messages: {e}") from None
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        text = self.render_chat(messages, add_generation_prompt)
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
+        text = self.render_chat(messages, add_generation_prompt, tools)
         if self.chat_template is None:
             return self.encode(text)
         # Templates write their own BOS, as transformers assumes.

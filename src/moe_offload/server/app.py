@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import SamplingParams
 from ..constrain import GrammarError, json_schema_grammar
+from ..tools import tool_call_grammar
 from ..engine import Engine
 from ..errors import UserError
 from .config import ServerConfig
@@ -153,16 +154,26 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def chat_completions(request: Request):
         body = _validate(ChatCompletionRequest, await read_json(request, config))
         _check_model(engine, body.model)
+        tools = body.tool_specs()
         try:
-            prompt_ids = engine.tokenizer.encode_chat([m.as_template_message() for m in body.messages])
+            prompt_ids = engine.tokenizer.encode_chat([m.as_template_message() for m in body.messages], tools=tools)
         except UserError as e:
             raise ApiError(400, str(e), param="messages") from None
         params = _sampling_params(engine, body, prompt_ids, body.new_tokens_limit, None,
                                   extra_stops=engine.tokenizer.chat_stop_strings)
-        if body.response_format and body.response_format.reply_schema is not None:
-            grammar = await _checked_grammar(engine, body.response_format.reply_schema, "response_format.json_schema.schema")
+        for i, tool in enumerate(body.tools or ()):
+            if tool.function.parameters is not None:
+                param = f"tools.{i}.function.parameters"
+                await _checked_grammar(engine, _json_grammar(tool.function.parameters, param), param)
+        if body.calls_required:
+            name = None if body.tool_mode == "required" else body.tool_mode
+            grammar = await _checked_grammar(engine, tool_call_grammar(tools, name, body.parallel_tool_calls), "tools")
             params = replace(params, grammar=grammar)
-        return await respond(request, body, ChatShape, _samples(0, prompt_ids, params, body.n))
+        elif body.response_format and body.response_format.reply_schema is not None:
+            param = "response_format.json_schema.schema"
+            grammar = await _checked_grammar(engine, _json_grammar(body.response_format.reply_schema, param), param)
+            params = replace(params, grammar=grammar)
+        return await respond(request, body, ChatShape, _samples(0, prompt_ids, params, body.n, tools=tools))
 
     async def respond(request: Request, body: SamplingFields, shape, jobs: list[Job]):
         choices = Choices(scheduler, jobs, asyncio.get_running_loop())
@@ -205,7 +216,9 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                     for choice in writers[job.index].opening(sequence.run):
                         yield chunk(choice)
                 writer = writers[job.index]
-                yield chunk(writer.end(sequence.run) if piece is None else writer.piece(sequence.run, piece))
+                choice = writer.end(sequence.run) if piece is None else writer.piece(sequence.run, piece)
+                if choice is not None:
+                    yield chunk(choice)
             if choices.gone:   # cancelled: nobody is listening
                 return
             if include_usage:
@@ -338,21 +351,28 @@ def _completion_prompts(engine: Engine, prompt) -> list[tuple[list[int], str]]:
     return [(ids, tokenizer.decode(ids)) for ids in prompt]
 
 
-async def _checked_grammar(engine: Engine, schema: dict, param: str) -> str:
-    """The grammar of JSON valid under `schema`, compiled once to check it (in a thread: a large schema,
-    or the first one, which builds the token table, can take a second); 400 naming `param` if it cannot be."""
+def _json_grammar(schema: dict, param: str) -> str:
     try:
-        grammar = json_schema_grammar(schema)
+        return json_schema_grammar(schema)
+    except GrammarError as e:
+        raise ApiError(400, f"{param}: cannot be compiled: {e}", param=param) from None
+
+
+async def _checked_grammar(engine: Engine, grammar: str, param: str) -> str:
+    """`grammar`, compiled once to check it (in a thread: a large schema, or the first one, which builds the
+    token table, can take a second); 400 naming `param` if it cannot be."""
+    try:
         await asyncio.to_thread(engine.grammars.check, grammar)
     except GrammarError as e:
         raise ApiError(400, f"{param}: cannot be compiled: {e}", param=param) from None
     return grammar
 
 
-def _samples(first_index: int, prompt_ids: list[int], params: SamplingParams, n: int, echo: str | None = None) -> list[Job]:
+def _samples(first_index: int, prompt_ids: list[int], params: SamplingParams, n: int, echo: str | None = None,
+             tools: list[dict] | None = None) -> list[Job]:
     """The n completions of one prompt; with a seed, completion j samples with seed + j."""
     return [Job(first_index + j, j, prompt_ids, params if params.seed is None else replace(params, seed=params.seed + j),
-                echo) for j in range(n)]
+                echo, tools) for j in range(n)]
 
 
 def tokenize_answer(engine: Engine, body: TokenizeRequest) -> dict:

@@ -29,6 +29,7 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     echo: str | None = None   # completions' echo: the prompt's text, put before the completion
+    tools: list[dict] | None = None   # chat's tools: the reply is parsed for calls of them (tools.py)
 
 
 class Choices:

@@ -16,6 +16,7 @@ sampling fields (top_k, min_p, repetition_penalty) are accepted too, with their 
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Literal
 
@@ -160,17 +161,32 @@ class TextPart(Strict):
     text: str
 
 
+TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"   # OpenAI's function names
+
+
+class CalledFunction(Strict):
+    name: str
+    arguments: str            # JSON text, as OpenAI sends it
+
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None    # null only in an assistant message (one that calls tools)
     name: str | None = None
-    # The fields of OpenAI's own replies, so that a reply resent as history (`message.model_dump()`)
-    # is accepted: null or empty, or ignored (`refusal`, `annotations`); assistant messages only.
+    tool_calls: list[ToolCall] | None = None       # an assistant message's calls
+    tool_call_id: str | None = None                # a tool message's: the call it answers
+    # The other fields of OpenAI's own replies, so that a reply resent as history (`message.model_dump()`)
+    # is accepted: null, or ignored (`refusal`, `annotations`); assistant messages only.
     refusal: str | None = None
     annotations: list | None = None
     audio: dict | None = None
     function_call: dict | None = None
-    tool_calls: list | None = None
 
     @field_validator("content", mode="wrap")
     @classmethod
@@ -178,20 +194,50 @@ class ChatMessage(Strict):
         return _as("a string or a list of {\"type\": \"text\", \"text\": ...} parts", value, handler)
 
     @model_validator(mode="after")
-    def _reply_fields_on_replies_only(self):
-        if self.tool_calls:
-            raise ValueError("tool_calls: tools are not supported by this server")
-        for name, what in (("audio", "audio replies"), ("function_call", "functions")):
+    def _fields_of_their_roles(self):
+        if self.content is None and self.role != "assistant":
+            raise ValueError("content: required field is missing")
+        for name, what in (("audio", "audio replies"), ("function_call", "functions (use tools)")):
             if getattr(self, name) is not None:
                 raise ValueError(f"{name}: {what} are not supported by this server; send null")
-        for name in ("refusal", "annotations"):
+        for name in ("refusal", "annotations", "tool_calls"):
             if getattr(self, name) is not None and self.role != "assistant":
                 raise ValueError(f"{name}: only assistant messages carry it")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool_call_id: a tool message carries it (the id of the call it answers), no other")
         return self
 
     def as_template_message(self) -> dict:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        """The message as chat templates take it (tools.py: calls with their arguments as objects)."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or ())
+        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _json_or_text(c.function.arguments)}} for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class FunctionSpec(Strict):
+    name: str = Field(pattern=TOOL_NAME)
+    description: str | None = None
+    parameters: dict | None = None     # a JSON schema of the arguments; None: any object
+    strict: bool | None = None         # the schema is enforced when a call is required, strict or not
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class JsonSchemaFormat(Strict):
@@ -225,16 +271,50 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @field_validator("tool_choice", mode="wrap")
+    @classmethod
+    def _tool_choice(cls, value, handler):
+        return _as('"none", "auto", "required" or {"type": "function", "function": {"name": ...}}', value, handler)
 
     @model_validator(mode="after")
-    def _one_limit(self):
+    def _consistent(self):
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise ValueError("max_completion_tokens: send it or max_tokens, not both")
         if self.max_tokens == 0:
             raise ValueError("max_tokens: must be at least 1")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs: true")
+        names = [tool.function.name for tool in self.tools or ()]
+        if len(set(names)) < len(names):
+            raise ValueError("tools: two tools have the same name")
+        if self.tool_choice not in (None, "none") and not names:
+            raise ValueError("tool_choice: needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice: names {self.tool_choice.function.name!r}, which is not among the tools")
+        if self.calls_required and self.response_format and self.response_format.reply_schema is not None:
+            raise ValueError("response_format: a reply that must call a tool cannot also follow a response format")
         return self
+
+    @property
+    def tool_mode(self) -> str:
+        """"none" (no tools: plain text), "auto" (text or calls), "required" (one call or more), or a tool's name."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return self.tool_choice or ("auto" if self.tools else "none")
+
+    @property
+    def calls_required(self) -> bool:
+        return self.tool_mode not in ("none", "auto")
+
+    def tool_specs(self) -> list[dict] | None:
+        """The tools as chat templates take them; None when the reply may not call any."""
+        if self.tool_mode == "none":
+            return None
+        return [tool.model_dump(exclude_none=True, by_alias=True) for tool in self.tools]
 
     @property
     def logprobs_top(self) -> int | None:
@@ -279,6 +359,13 @@ class DetokenizeRequest(Strict):
 
     model: str | None = None
     tokens: list[int]
+
+
+def _json_or_text(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def _as(expected: str, value, handler):

@@ -6,6 +6,9 @@
     writer.end(run)            # the last chunk of the choice: finish_reason, the logprobs not yet sent
     writer.whole(run, text)    # or, not streamed, the whole choice
 
+A reply that may call tools (the job has tools) is parsed for calls when it ends (tools.py): streamed,
+it comes whole in its last chunk, with `tool_calls` and finish_reason "tool_calls" when it has calls.
+
 Logprobs are of the model's raw distribution (logprobs.py). Each token is reported with its share of
 the text (Tokenizer.token_texts), so completions' `tokens` join to the text and `text_offset` points
 into it; a token that ends inside a character has the text "" and the one that completes it carries
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from ..engine import Run
 from ..logprobs import TokenLogprob
 from ..tokenizer import Tokenizer
+from ..tools import parse_tool_calls
 from .choices import Job
 
 
@@ -66,14 +70,18 @@ class ChatShape:
     role_delta = True
 
     @staticmethod
-    def choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                "finish_reason": finish_reason}
+    def choice(index: int, text: str | None, finish_reason: str | None, logprobs: dict | None = None,
+               calls: list[dict] | None = None) -> dict:
+        message = {"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
     @staticmethod
-    def delta(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
-        return {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
-                "finish_reason": finish_reason}
+    def delta(index: int, text: str | None, finish_reason: str | None, logprobs: dict | None = None,
+              calls: list[dict] | None = None) -> dict:
+        delta = {"content": text} if text else {}
+        if calls:
+            delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
     @staticmethod
     def logprobs(reports: list[TokenReport], tokenizer: Tokenizer) -> dict:
@@ -95,6 +103,7 @@ class ChoiceWriter:
         self.reported = 0                           # new tokens whose logprobs went out
         self.offset = len(self.echo)
         self.pieces = 0
+        self.withheld: list[str] = []               # a reply that may call tools is parsed when it ends
 
     @property
     def wants_logprobs(self) -> bool:
@@ -110,21 +119,37 @@ class ChoiceWriter:
             deltas.append(self.shape.delta(index, self.echo, None, self._format(prompt) if prompt else None))
         return deltas
 
-    def piece(self, run: Run, text: str) -> dict:
+    def piece(self, run: Run, text: str) -> dict | None:
+        """The chunk of a piece; None while a reply that may call tools is withheld."""
         end = run.piece_ends[self.pieces]
         self.pieces += 1
+        if self.job.tools is not None:
+            self.withheld.append(text)
+            return None
         return self.shape.delta(self.job.index, text, None, self._format(self._new_reports(run, end, final=False)))
 
     def end(self, run: Run) -> dict:
-        reports = self._new_reports(run, len(run.token_ids), final=True)
-        return self.shape.delta(self.job.index, "", run.finish_reason, self._format(reports))
+        logprobs = self._format(self._new_reports(run, len(run.token_ids), final=True))
+        if self.job.tools is not None:
+            return self.shape.delta(self.job.index, *self._tool_reply(run, "".join(self.withheld), logprobs))
+        return self.shape.delta(self.job.index, "", run.finish_reason, logprobs)
 
     def whole(self, run: Run, text: str) -> dict:
         logprobs = None
         if self.wants_logprobs:
             reports = self._prompt_reports(run) + self._new_reports(run, len(run.token_ids), final=True)
             logprobs = self.shape.logprobs(reports, self.tokenizer)
+        if self.job.tools is not None:
+            return self.shape.choice(self.job.index, *self._tool_reply(run, text, logprobs))
         return self.shape.choice(self.job.index, self.echo + text, run.finish_reason, logprobs)
+
+    def _tool_reply(self, run: Run, text: str, logprobs: dict | None) -> tuple:
+        """(content, finish_reason, logprobs, calls): calls found in the text leave the content; finish_reason
+        "tool_calls" when the reply ended by itself (a reply cut at max_tokens stays "length")."""
+        content, calls = parse_tool_calls(text, self.job.tools)
+        if not calls:
+            return text, run.finish_reason, logprobs, None
+        return content, "tool_calls" if run.finish_reason == "stop" else run.finish_reason, logprobs, calls
 
     def _format(self, reports: list[TokenReport]) -> dict | None:
         return self.shape.logprobs(reports, self.tokenizer) if reports else None
