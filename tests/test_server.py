@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from pydantic import BaseModel
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -384,6 +385,40 @@ def test_with_tool_choice_auto_a_reply_without_a_call_is_text(client):
     reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "def f(x):"}],
                                            tools=[WEATHER], max_tokens=8, temperature=0).choices[0]
     assert reply.message.tool_calls is None and reply.message.content and reply.finish_reason in ("stop", "length")
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+
+
+def test_langchain_bind_tools_and_with_structured_output(server):
+    from langchain_openai import ChatOpenAI
+
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return "18 C"
+
+    llm = ChatOpenAI(base_url=f"{server.url}/v1", model=MODEL, api_key="unused", max_tokens=200, temperature=0,
+                     max_retries=0)
+    calls = llm.bind_tools([get_weather], tool_choice="required", parallel_tool_calls=False).invoke("Weather?").tool_calls
+    assert [(c["name"], set(c["args"])) for c in calls] == [("get_weather", {"city"})]
+    for method in ("json_schema", "function_calling"):
+        assert isinstance(llm.with_structured_output(Person, method=method).invoke("A person, please"), Person)
+
+
+def test_litellm_json_mode(server, monkeypatch):
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")     # no download of its price list
+    import litellm
+
+    reply = litellm.completion(model=f"openai/{MODEL}", api_base=f"{server.url}/v1", api_key="unused",
+                               messages=[{"role": "user", "content": "JSON please"}], max_tokens=300, temperature=1.0,
+                               seed=8, response_format={"type": "json_object"})
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    typed = litellm.completion(model=f"openai/{MODEL}", api_base=f"{server.url}/v1", api_key="unused",
+                               messages=[{"role": "user", "content": "A person"}], max_tokens=200, temperature=0,
+                               response_format=Person)
+    assert Person.model_validate_json(typed.choices[0].message.content)
 
 
 def test_models_lists_the_served_model_and_health_answers(client, server):
