@@ -66,6 +66,10 @@ class Tokenizer:
         return self.hf.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """BOS is never doubled: a text that starts with it (one decoded with its special tokens, as lm-eval
+        sends them) keeps only its own, as llama.cpp and lm-eval's hf backend do."""
+        if add_special_tokens and self.bos_token and text.startswith(self.bos_token):
+            add_special_tokens = False
         return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
