@@ -127,3 +127,11 @@ def test_the_plain_transcript_writes_tools_as_text_too():
     text = Tokenizer.from_folder(SHIPPED_MODEL).render_chat(TOOL_CONVERSATION, tools=TOOLS)
     assert text.startswith("user: # Tools") and "\nassistant: <tool_call>" in text
     assert text.endswith("user: <tool_response>\n18 C\n</tool_response>\nassistant:")
+
+
+def test_a_text_that_starts_with_bos_gets_no_second_one():
+    tok = Tokenizer.from_folder(SHIPPED_MODEL)
+    ids = tok.encode("def main():")
+    assert ids[0] == 1 and ids[1] != 1
+    assert tok.encode("<s>def main():") == ids
+    assert tok.encode("<s>def main():", add_special_tokens=False) == ids
