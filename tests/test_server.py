@@ -421,6 +421,89 @@ def test_litellm_json_mode(server, monkeypatch):
     assert Person.model_validate_json(typed.choices[0].message.content)
 
 
+@pytest.fixture(scope="module")
+def claude(server):
+    """The anthropic SDK, unmodified."""
+    import anthropic
+
+    return anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+
+
+def test_anthropic_messages_streamed_equal_non_streamed_and_the_engine(claude, engine):
+    settings_ = dict(model=MODEL, max_tokens=12, system="You write Python.", extra_body={"temperature": 0.0},
+                     messages=[{"role": "user", "content": "Sort a list."}])
+    reply = claude.messages.create(**settings_)
+    with claude.messages.stream(**settings_) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    expected = expected_chat(engine, [{"role": "system", "content": "You write Python."},
+                                      {"role": "user", "content": "Sort a list."}], max_new_tokens=12)
+    assert reply.type == "message" and reply.role == "assistant" and reply.id.startswith("msg_")
+    assert [block.type for block in reply.content] == ["text"]
+    assert reply.content[0].text == streamed == final.content[0].text == expected
+    assert reply.stop_reason in ("end_turn", "max_tokens") and final.stop_reason == reply.stop_reason
+    assert reply.usage.output_tokens == final.usage.output_tokens <= 12
+    counted = claude.messages.count_tokens(model=MODEL, system=settings_["system"], messages=settings_["messages"])
+    assert counted.input_tokens == reply.usage.input_tokens
+
+
+def test_anthropic_stop_sequences_name_the_one_that_stopped(claude, engine):
+    messages = [{"role": "user", "content": "def fibonacci(n):"}]
+    greedy = {"temperature": 0}
+    full = claude.messages.create(model=MODEL, max_tokens=24, extra_body=greedy, messages=messages).content[0].text
+    stop = full.strip()[:3]
+    reply = claude.messages.create(model=MODEL, max_tokens=24, extra_body=greedy, messages=messages,
+                                   stop_sequences=["@@never@@", stop])
+    assert reply.content[0].text == full[:full.index(stop)]
+    assert (reply.stop_reason, reply.stop_sequence) == ("stop_sequence", stop)
+
+
+WEATHER_TOOL = {"name": "get_weather", "description": "The weather in a city", "input_schema": {
+    "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
+    "required": ["city", "unit"]}}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_anthropic_tool_use_round_trip(claude, stream):
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    settings_ = dict(model=MODEL, max_tokens=200, extra_body={"temperature": 0}, tools=[WEATHER_TOOL],
+                     tool_choice={"type": "any", "disable_parallel_tool_use": True})
+    if stream:
+        with claude.messages.stream(messages=messages, **settings_) as events:
+            reply = events.get_final_message()
+    else:
+        reply = claude.messages.create(messages=messages, **settings_)
+    assert reply.stop_reason == "tool_use"
+    (use,) = [block for block in reply.content if block.type == "tool_use"]
+    assert use.name == "get_weather" and set(use.input) == {"city", "unit"} and use.id.startswith("toolu_")
+    messages += [{"role": "assistant", "content": [block.model_dump() for block in reply.content]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "18 C"}]}]
+    answer = claude.messages.create(model=MODEL, max_tokens=10, tools=[WEATHER_TOOL], messages=messages,
+                                    tool_choice={"type": "none"})
+    assert [block.type for block in answer.content] == ["text"] and answer.stop_reason in ("end_turn", "max_tokens")
+
+
+def test_anthropic_output_format_gives_json_valid_against_the_schema(claude):
+    schema = Person.model_json_schema()
+    reply = claude.messages.create(model=MODEL, max_tokens=200, messages=[{"role": "user", "content": "A person"}],
+                                   output_config={"format": {"type": "json_schema", "schema": schema}})
+    assert Person.model_validate_json(reply.content[0].text) and reply.stop_reason == "end_turn"
+
+
+def test_anthropic_errors_are_in_anthropics_shape(claude, server):
+    import anthropic
+
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        claude.messages.create(model=MODEL, max_tokens=0, messages=[{"role": "user", "content": "hi"}])
+    assert bad.value.body == {"type": "error", "error": {"type": "invalid_request_error",
+                                                         "message": bad.value.body["error"]["message"]}}
+    assert "max_tokens" in bad.value.body["error"]["message"]
+    with pytest.raises(anthropic.NotFoundError):
+        claude.messages.create(model="claude-x", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    r = httpx.post(f"{server.url}/v1/messages", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
 def test_models_lists_the_served_model_and_health_answers(client, server):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
@@ -866,6 +949,14 @@ HOSTILE = [  # (path, body: dict or raw bytes, status, param)
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x " * 9000}]}, 400, "messages"),
     ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools.0.function"),
     ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, 400, "tool_choice"),
+    ("/v1/messages", {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": [
+        {"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]}, 400, None),
+    ("/v1/messages", {"model": MODEL, "max_tokens": 1, "messages": [], "temperature": 1.5}, 400, None),
+    ("/v1/messages", {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "x"}],
+                      "tool_choice": {"type": "tool", "name": "nope"}, "tools": [WEATHER_TOOL]}, 400, None),
+    ("/v1/messages", {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "x"}],
+                      "tools": [{**WEATHER_TOOL, "input_schema": {"type": "frob"}}]}, 400, None),
+    ("/v1/messages/count_tokens", {"model": MODEL, "messages": [{"role": "system", "content": "x"}]}, 400, None),
     ("/v1/chat/completions", {**CHAT, "tool_choice": "sometimes", "tools": [WEATHER]}, 400, "tool_choice"),
     ("/v1/chat/completions", {**CHAT, "tools": [WEATHER], "tool_choice": {"type": "function", "function": {
         "name": "get_time"}}}, 400, "tool_choice"),
@@ -914,11 +1005,21 @@ HOSTILE = [  # (path, body: dict or raw bytes, status, param)
 ]
 
 
+def assert_anthropic_error(r: httpx.Response, status: int):
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert body["type"] == "error" and set(body["error"]) == {"type", "message"}
+    assert body["error"]["message"] and "\n" not in body["error"]["message"]
+
+
 def test_hostile_requests_get_one_line_openai_errors_and_the_server_stays_up(server):
     with httpx.Client(base_url=server.url, timeout=60) as http:
         for path, body, status, param in HOSTILE:
             r = http.post(path, content=body) if isinstance(body, bytes) else http.post(path, json=body)
-            assert_openai_error(r, status, param)
+            if path.startswith("/v1/messages"):
+                assert_anthropic_error(r, status)
+            else:
+                assert_openai_error(r, status, param)
         assert_openai_error(http.post("/v1/completions", content=b"x" * (2 << 20)), 413)
         assert_openai_error(http.post("/v1/completions", content=(b"x" * 65536 for _ in range(32))), 413)  # chunked
         assert_openai_error(http.get("/v1/completions"), 405)
@@ -980,7 +1081,7 @@ def from_schema(schema: dict, components: dict):
 def fuzzed_request(draw, spec: dict):
     """A body drawn from the published schema, then (mostly) broken in one place."""
     components = spec["components"]["schemas"]
-    path = draw(st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]))
+    path = draw(st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/v1/messages"]))
     generates = path.startswith("/v1/")
     ref = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
     body = draw(from_schema(ref, components))
@@ -1016,7 +1117,10 @@ def assert_well_formed(r: httpx.Response, path: str, body: dict):
         assert isinstance(error["message"], str) and error["message"]
         return
     assert r.status_code == 200
-    if body.get("stream") is True:
+    if path == "/v1/messages":
+        assert r.text.rstrip().endswith('"type": "message_stop"}') if body.get("stream") is True else \
+            r.json()["type"] == "message"
+    elif body.get("stream") is True:
         assert r.text.rstrip().endswith("data: [DONE]"), r.text
     elif path == "/tokenize":
         assert isinstance(r.json()["tokens"], list)
@@ -1070,6 +1174,11 @@ def test_api_key_required_everywhere_but_health(guarded_server):
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).completions.create(model=MODEL, prompt="x", max_tokens=1)
     keyed = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0)
     assert keyed.chat.completions.create(model=MODEL, messages=CHAT["messages"], max_tokens=2).choices[0].message.role == "assistant"
+
+    count = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}   # Anthropic's SDK sends x-api-key
+    refused = httpx.post(f"{url}/v1/messages/count_tokens", json=count, headers={"x-api-key": "wrong"})
+    assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+    assert httpx.post(f"{url}/v1/messages/count_tokens", json=count, headers={"x-api-key": API_KEY}).status_code == 200
 
 
 def test_offloaded_engine_serves_the_resident_text_and_exports_cache_metrics(guarded_server, engine):

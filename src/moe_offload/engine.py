@@ -124,6 +124,7 @@ class Run:
     pieces: Iterator[str]
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None   # "stop" (EOS or a stop string) or "length"
+    stop_string: str | None = None     # the stop string that ended it, if one did
     stats: RunStats = field(default_factory=RunStats)
     piece_ends: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)          # one per new token (params.logprobs)
@@ -238,7 +239,7 @@ class Engine:
                 run.piece_ends.append(len(run.token_ids))
                 yield text
             if stopped:
-                run.finish_reason = "stop"
+                run.finish_reason, run.stop_string = "stop", stops.matched
                 return
         if not run.token_ids and stop_requested and stop_requested():
             return
@@ -246,7 +247,7 @@ class Engine:
         run.finish_reason = "length" if out_of_room else "stop"  # else: EOS
         text, stopped = stops.feed(decoder.flush(), final=True)
         if stopped:
-            run.finish_reason = "stop"
+            run.finish_reason, run.stop_string = "stop", stops.matched
         if text:
             run.piece_ends.append(len(run.token_ids))
             yield text
@@ -258,14 +259,16 @@ class StopStrings:
     def __init__(self, stops: tuple[str, ...]):
         self.stops = tuple(s for s in stops if s)
         self.held = ""
+        self.matched: str | None = None   # the stop string reached (the first in the text)
 
     def feed(self, piece: str, final: bool = False) -> tuple[str, bool]:
         """-> (text safe to emit now, whether a stop string was reached)."""
         text = self.held + piece
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((text.find(s), s) for s in self.stops) if i >= 0]
         if hits:
             self.held = ""
-            return text[:min(hits)], True
+            at, self.matched = min(hits, key=lambda hit: hit[0])
+            return text[:at], True
         keep = 0 if final else max((_partial_suffix(text, s) for s in self.stops), default=0)
         self.held = text[len(text) - keep:] if keep else ""
         return text[:len(text) - keep], False

@@ -45,6 +45,8 @@ from .config import ServerConfig
 from .metrics import Metrics
 from .choices import Choices, Job
 from .scheduler import QueueFull, Scheduler
+from . import anthropic
+from .anthropic import CountTokensRequest, MessagesRequest, template_messages
 from .shapes import ChatShape, ChoiceWriter, CompletionShape
 from .schemas import (COMPLETION_DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                       SamplingFields, TokenizeRequest, describe)
@@ -52,8 +54,9 @@ from .schemas import (COMPLETION_DEFAULT_MAX_TOKENS, ChatCompletionRequest, Comp
 log = logging.getLogger("moe_offload.server")
 
 PUBLIC_PATHS = ("/health",)
+ANTHROPIC_PATHS = ("/v1/messages",)
 COUNTED_PATHS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
-                 "/detokenize", "/tokenizer_info")
+                 "/detokenize", "/tokenizer_info", "/v1/messages", "/v1/messages/count_tokens")
 CLIENT_CLOSED = 499    # nginx's status for "the client went away before the answer"
 
 
@@ -69,8 +72,11 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, param=None, code=None, headers=None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+def error_response(status: int, message: str, param=None, code=None, headers=None, path: str = "") -> JSONResponse:
+    """OpenAI's error shape, or Anthropic's on the Messages API's paths."""
+    body = anthropic.error_body(status, message) if path.startswith(ANTHROPIC_PATHS) else error_body(status, message,
+                                                                                                     param, code)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
@@ -91,18 +97,18 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     app.openapi = lambda: _openapi(app)
 
     @app.exception_handler(ApiError)
-    async def _api_error(_request, e: ApiError):
-        return error_response(e.status, e.message, e.param, e.code, e.headers)
+    async def _api_error(request: Request, e: ApiError):
+        return error_response(e.status, e.message, e.param, e.code, e.headers, request.url.path)
 
     @app.exception_handler(StarletteHTTPException)   # routing: unknown path (404), wrong method (405)
     async def _http_error(request: Request, e: StarletteHTTPException):
         message = f"{e.detail}: {request.method} {request.url.path} (see /openapi.json)"
-        return error_response(e.status_code, message, headers=getattr(e, "headers", None))
+        return error_response(e.status_code, message, headers=getattr(e, "headers", None), path=request.url.path)
 
     @app.exception_handler(Exception)
-    async def _internal_error(_request, e: Exception):
+    async def _internal_error(request: Request, e: Exception):
         log.exception("internal error")
-        return error_response(500, "internal server error; see the server log")
+        return error_response(500, "internal server error; see the server log", path=request.url.path)
 
     @app.get("/health")
     async def health():
@@ -155,19 +161,12 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         body = _validate(ChatCompletionRequest, await read_json(request, config))
         _check_model(engine, body.model)
         tools = body.tool_specs()
-        try:
-            prompt_ids = engine.tokenizer.encode_chat([m.as_template_message() for m in body.messages], tools=tools)
-        except UserError as e:
-            raise ApiError(400, str(e), param="messages") from None
+        prompt_ids = _chat_prompt(engine, [m.as_template_message() for m in body.messages], tools)
         params = _sampling_params(engine, body, prompt_ids, body.new_tokens_limit, None,
                                   extra_stops=engine.tokenizer.chat_stop_strings)
-        for i, tool in enumerate(body.tools or ()):
-            if tool.function.parameters is not None:
-                param = f"tools.{i}.function.parameters"
-                await _checked_grammar(engine, _json_grammar(tool.function.parameters, param), param)
-        if body.calls_required:
-            name = None if body.tool_mode == "required" else body.tool_mode
-            grammar = await _checked_grammar(engine, tool_call_grammar(tools, name, body.parallel_tool_calls), "tools")
+        grammar = await _tool_grammar(engine, tools, body.tool_mode, body.parallel_tool_calls,
+                                      lambda i: f"tools.{i}.function.parameters")
+        if grammar:
             params = replace(params, grammar=grammar)
         elif body.response_format and body.response_format.reply_schema is not None:
             param = "response_format.json_schema.schema"
@@ -175,29 +174,107 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             params = replace(params, grammar=grammar)
         return await respond(request, body, ChatShape, _samples(0, prompt_ids, params, body.n, tools=tools))
 
-    async def respond(request: Request, body: SamplingFields, shape, jobs: list[Job]):
+    @app.post("/v1/messages", openapi_extra=_request_body(MessagesRequest))
+    async def messages(request: Request):
+        body = _validate(MessagesRequest, await read_json(request, config))
+        _check_model(engine, body.model)
+        tools = body.tool_specs()
+        prompt_ids = _chat_prompt(engine, template_messages(body), tools)
+        grammar = await _tool_grammar(engine, tools, body.tool_mode, body.parallel_tool_calls,
+                                      lambda i: f"tools.{i}.input_schema")
+        if body.reply_schema is not None:
+            param = "output_config.format.schema"
+            grammar = await _checked_grammar(engine, _json_grammar(body.reply_schema, param), param)
+        params = SamplingParams(max_new_tokens=_new_tokens(engine, prompt_ids, body.max_tokens, None, "max_tokens",
+                                                           "messages"),
+                                temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed,
+                                stop=(*(body.stop_sequences or ()), *engine.tokenizer.chat_stop_strings), grammar=grammar)
+        choices, watcher = start(request, [Job(0, 0, prompt_ids, params)])
+        message_id = anthropic.new_message_id()
+        if body.stream:
+            return StreamingResponse(message_events(choices, watcher, body, message_id, len(prompt_ids)),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        text = "".join([piece async for _job, piece in run_to_end(choices, watcher)])
+        if choices.gone:
+            return Response(status_code=CLIENT_CLOSED)
+        ((_, sequence),) = choices.ended
+        return anthropic.message_json(body, sequence.run, text, message_id, engine.name)
+
+    @app.post("/v1/messages/count_tokens", openapi_extra=_request_body(CountTokensRequest))
+    async def count_tokens(request: Request):
+        body = _validate(CountTokensRequest, await read_json(request, config))
+        _check_model(engine, body.model)
+        return {"input_tokens": len(_chat_prompt(engine, template_messages(body), body.tool_specs()))}
+
+    def start(request: Request, jobs: list[Job]) -> tuple[Choices, asyncio.Task]:
+        """Queue a request's first choice (429 when the queue is full) and watch its client."""
         choices = Choices(scheduler, jobs, asyncio.get_running_loop())
         try:
             choices.start()
         except QueueFull as e:
             raise ApiError(429, f"the server is busy: {e}; retry after a second", code="rate_limit_exceeded",
                            headers={"Retry-After": "1"}) from None
-        watcher = asyncio.create_task(cancel_on_disconnect(request, choices))
+        return choices, asyncio.create_task(cancel_on_disconnect(request, choices))
+
+    async def run_to_end(choices: Choices, watcher: asyncio.Task):
+        """(job, text piece) of a request's choices, not streamed: a generation's UserError is a 400."""
+        try:
+            async for job, _sequence, piece in choices.events():
+                if piece is not None:
+                    yield job, piece
+        except UserError as e:
+            raise ApiError(400, str(e)) from None
+        finally:
+            watcher.cancel()
+            choices.cancel()   # a no-op when all finished; stops the running one if we got here any other way
+
+    async def message_events(choices: Choices, watcher: asyncio.Task, body: MessagesRequest, message_id: str,
+                             prompt_tokens: int):
+        """Anthropic's stream: message_start, the content blocks, message_delta, message_stop. Text streams
+        piece by piece; a reply that may call tools is held until it ends, then its blocks come whole."""
+        withhold = body.tool_specs() is not None
+        pieces, run = [], None
+        try:
+            yield anthropic.message_start(message_id, engine.name, prompt_tokens)
+            async for _job, sequence, piece in choices.events():
+                if piece is None:
+                    run = sequence.run
+                    break
+                if not pieces and not withhold:
+                    yield anthropic.event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+                pieces.append(piece)
+                if not withhold:
+                    yield anthropic.event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": piece}})
+            if run is None:   # cancelled: nobody is listening
+                return
+            blocks, stop_reason, stop_sequence = anthropic.reply_blocks(body, run, "".join(pieces))
+            if withhold or not pieces:
+                for index, block in enumerate(blocks):
+                    for line in anthropic.block_events(index, block):
+                        yield line
+            else:
+                yield anthropic.event("content_block_stop", {"index": 0})
+            for line in anthropic.message_end(stop_reason, stop_sequence, run):
+                yield line
+        except UserError as e:
+            yield anthropic.event("error", {"error": anthropic.error_body(400, str(e))["error"]})
+        except Exception:
+            log.exception("generation failed")
+            yield anthropic.event("error", {"error": anthropic.error_body(500, "generation failed; see the server log")["error"]})
+        finally:
+            watcher.cancel()
+            choices.cancel()
+
+    async def respond(request: Request, body: SamplingFields, shape, jobs: list[Job]):
+        choices, watcher = start(request, jobs)
         envelope = {"id": f"{shape.id_prefix}{uuid.uuid4().hex}", "object": shape.object, "created": int(time.time()),
                     "model": engine.name}
         if body.stream:
             events = stream_events(choices, watcher, {**envelope, "object": shape.chunk_object}, shape, body.include_usage)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         texts: dict[int, list[str]] = {job.index: [] for job in jobs}
-        try:
-            async for job, _sequence, piece in choices.events():
-                if piece is not None:
-                    texts[job.index].append(piece)
-        except UserError as e:
-            raise ApiError(400, str(e)) from None
-        finally:
-            watcher.cancel()
-            choices.cancel()   # a no-op when all finished; stops the running one if we got here any other way
+        async for job, piece in run_to_end(choices, watcher):
+            texts[job.index].append(piece)
         if choices.gone:
             return Response(status_code=CLIENT_CLOSED)
         answers = [ChoiceWriter(shape, job, engine.tokenizer).whole(sequence.run, "".join(texts[job.index]))
@@ -351,6 +428,24 @@ def _completion_prompts(engine: Engine, prompt) -> list[tuple[list[int], str]]:
     return [(ids, tokenizer.decode(ids)) for ids in prompt]
 
 
+def _chat_prompt(engine: Engine, messages: list[dict], tools: list[dict] | None) -> list[int]:
+    try:
+        return engine.tokenizer.encode_chat(messages, tools=tools)
+    except UserError as e:
+        raise ApiError(400, str(e), param="messages") from None
+
+
+async def _tool_grammar(engine: Engine, tools: list[dict] | None, mode: str, parallel: bool, param_of) -> str | None:
+    """Checks each tool's parameters (400 naming `param_of(i)`); the grammar of the reply when `mode` requires
+    calls ("required" or a tool's name), else None."""
+    for i, tool in enumerate(tools or ()):
+        if tool["function"].get("parameters") is not None:
+            await _checked_grammar(engine, _json_grammar(tool["function"]["parameters"], param_of(i)), param_of(i))
+    if mode in ("none", "auto"):
+        return None
+    return await _checked_grammar(engine, tool_call_grammar(tools, None if mode == "required" else mode, parallel), "tools")
+
+
 def _json_grammar(schema: dict, param: str) -> str:
     try:
         return json_schema_grammar(schema)
@@ -401,11 +496,23 @@ def tokenize_answer(engine: Engine, body: TokenizeRequest) -> dict:
 def _sampling_params(engine: Engine, body: SamplingFields, prompt_ids: list[int], requested: int | None,
                      default: int | None, extra_stops: tuple[str, ...] = ()) -> SamplingParams:
     """`requested` new tokens, or `default` (None: the rest of the context), checked against the context."""
+    prompt_param = "prompt" if isinstance(body, CompletionRequest) else "messages"
+    new_tokens = _new_tokens(engine, prompt_ids, requested, default, body.new_tokens_field, prompt_param)
+    return SamplingParams(max_new_tokens=new_tokens, temperature=body.temperature, top_k=max(body.top_k, 0),
+                          top_p=body.top_p, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                          presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                          seed=body.seed, stop=body.stop_strings + extra_stops, logprobs=body.logprobs_top,
+                          prompt_logprobs=body.prompt_logprobs_top)
+
+
+def _new_tokens(engine: Engine, prompt_ids: list[int], requested: int | None, default: int | None, field: str,
+                prompt_param: str) -> int:
+    """`requested` new tokens, or `default` (None: the rest of the context), checked against the context;
+    400 naming `field` or `prompt_param`."""
     try:
         engine.check_prompt(prompt_ids)
     except UserError as e:
-        raise ApiError(400, str(e), param="prompt" if isinstance(body, CompletionRequest) else "messages",
-                       code="context_length_exceeded") from None
+        raise ApiError(400, str(e), param=prompt_param, code="context_length_exceeded") from None
     room = engine.max_context - len(prompt_ids)
     if room < 1:
         raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens and fills the context of {engine.max_context}; "
@@ -413,15 +520,10 @@ def _sampling_params(engine: Engine, body: SamplingFields, prompt_ids: list[int]
     if requested is None:
         requested = room if default is None else min(default, room)
     if requested > room:
-        field = body.new_tokens_field
         raise ApiError(400, f"{field}: {requested} new tokens do not fit: the context holds {engine.max_context} "
                             f"tokens and the prompt uses {len(prompt_ids)}, so at most {room}",
                        param=field, code="context_length_exceeded")
-    return SamplingParams(max_new_tokens=requested, temperature=body.temperature, top_k=max(body.top_k, 0),
-                          top_p=body.top_p, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
-                          presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                          seed=body.seed, stop=body.stop_strings + extra_stops, logprobs=body.logprobs_top,
-                          prompt_logprobs=body.prompt_logprobs_top)
+    return requested
 
 
 def _request_body(model: type[BaseModel]) -> dict:
@@ -434,7 +536,8 @@ def _openapi(app: FastAPI) -> dict:
     if app.openapi_schema is None:
         spec = get_openapi(title=app.title, version="1", summary=app.summary, routes=app.routes)
         schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-        for model in (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest):
+        for model in (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest, MessagesRequest,
+                      CountTokensRequest):
             schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(schema.pop("$defs", {}))
             schemas[model.__name__] = schema
@@ -450,18 +553,21 @@ def _is_loopback(host: str) -> bool:
 
 
 class RequireApiKey:
-    """ASGI middleware: every path but /health needs `Authorization: Bearer KEY` (401 otherwise)."""
+    """ASGI middleware: every path but /health needs `Authorization: Bearer KEY` or (Anthropic's SDK)
+    `x-api-key: KEY` (401 otherwise)."""
 
     def __init__(self, app, api_key: str):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.bearer, self.key = f"Bearer {api_key}".encode(), api_key.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
-                message = "missing or wrong API key; send the header `Authorization: Bearer KEY`"
-                response = error_response(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            headers = dict(scope["headers"])
+            if not (secrets.compare_digest(headers.get(b"authorization", b""), self.bearer)
+                    or secrets.compare_digest(headers.get(b"x-api-key", b""), self.key)):
+                message = "missing or wrong API key; send the header `Authorization: Bearer KEY` (or `x-api-key: KEY`)"
+                response = error_response(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"},
+                                          path=scope["path"])
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
