@@ -486,7 +486,8 @@ def test_anthropic_tool_use_round_trip(claude, stream):
 def test_anthropic_output_format_gives_json_valid_against_the_schema(claude):
     schema = Person.model_json_schema()
     reply = claude.messages.create(model=MODEL, max_tokens=200, messages=[{"role": "user", "content": "A person"}],
-                                   output_config={"format": {"type": "json_schema", "schema": schema}})
+                                   output_config={"format": {"type": "json_schema", "schema": schema}},
+                                   extra_body={"temperature": 0})
     assert Person.model_validate_json(reply.content[0].text) and reply.stop_reason == "end_turn"
 
 

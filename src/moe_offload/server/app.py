@@ -457,7 +457,7 @@ async def _checked_grammar(engine: Engine, grammar: str, param: str) -> str:
     """`grammar`, compiled once to check it (in a thread: a large schema, or the first one, which builds the
     token table, can take a second); 400 naming `param` if it cannot be."""
     try:
-        await asyncio.to_thread(engine.grammars.check, grammar)
+        await asyncio.to_thread(lambda: engine.grammars.check(grammar))   # the token table, too, is built there
     except GrammarError as e:
         raise ApiError(400, f"{param}: cannot be compiled: {e}", param=param) from None
     return grammar
