@@ -958,6 +958,8 @@ HOSTILE = [  # (path, body: dict or raw bytes, status, param)
     ("/v1/messages", {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "x"}],
                       "tools": [{**WEATHER_TOOL, "input_schema": {"type": "frob"}}]}, 400, None),
     ("/v1/messages/count_tokens", {"model": MODEL, "messages": [{"role": "system", "content": "x"}]}, 400, None),
+    ("/v1/messages", {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "x"}],
+                      "tool_choice": {"type": "any"}}, 400, None),
     ("/v1/chat/completions", {**CHAT, "tool_choice": "sometimes", "tools": [WEATHER]}, 400, "tool_choice"),
     ("/v1/chat/completions", {**CHAT, "tools": [WEATHER], "tool_choice": {"type": "function", "function": {
         "name": "get_time"}}}, 400, "tool_choice"),
@@ -1029,6 +1031,10 @@ def test_hostile_requests_get_one_line_openai_errors_and_the_server_stays_up(ser
         assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
         for extreme in ({"top_p": 5e-324}, {"temperature": 1e-300}, {"seed": -2**63}, {"prompt": ""}):   # valid
             assert http.post("/v1/completions", json={**COMPLETION, **extreme}).status_code == 200, extreme
+        for choice in ("auto", "none"):   # Anthropic's tool_choice without tools: nothing to choose from, valid
+            body = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": []}],
+                    "tool_choice": {"type": choice}}
+            assert http.post("/v1/messages", json=body).status_code == 200, choice
 
 
 def json_values(depth: int = 2):

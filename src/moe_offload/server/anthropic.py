@@ -127,8 +127,10 @@ class CountTokensRequest(Strict):
 
     @property
     def tool_mode(self) -> str:
-        """As ChatCompletionRequest.tool_mode: "none", "auto", "required" or a tool's name."""
-        choice = self.tool_choice.type if self.tool_choice else ("auto" if self.tools else "none")
+        """As ChatCompletionRequest.tool_mode: "none" (no tools, or none to use), "auto", "required" or a tool's name."""
+        if not self.tools:
+            return "none"
+        choice = self.tool_choice.type if self.tool_choice else "auto"
         return {"any": "required", "tool": self.tool_choice.name if self.tool_choice else None}.get(choice, choice)
 
     @property
