@@ -350,9 +350,8 @@ async def read_json(request: Request, config: ServerConfig) -> dict:
         raise ApiError(413, f"the request body has {declared} bytes; the limit is {limit} (--max-body-bytes)",
                        code="request_too_large")
     try:
-        async with asyncio.timeout(config.body_timeout):
-            body = await _read_body(request, limit)
-    except TimeoutError:
+        body = await asyncio.wait_for(_read_body(request, limit), config.body_timeout)
+    except asyncio.TimeoutError:   # (asyncio.timeout would need Python 3.11)
         raise ApiError(408, f"the request body did not arrive within {config.body_timeout:g} s (--body-timeout); "
                             "send it at once", code="request_timeout", headers={"Connection": "close"}) from None
     if not body:
