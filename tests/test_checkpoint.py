@@ -103,4 +103,4 @@ def test_prompt_longer_than_the_context_names_the_limit(capsys):
 
 
 def test_invalid_sampling_flag_is_one_line(capsys):
-    assert_one_clear_line(capsys, ["--prompt", "x", "--top-p", "1.5"], "top_p")
+    assert_one_clear_line(capsys, ["--prompt", "x", "--top-p", "1.5"], "--top-p")

@@ -65,7 +65,7 @@ def test_prompt_file_that_is_missing_or_not_utf8_is_one_error_line(tmp_path, cap
 @pytest.mark.parametrize("value", ["nan", "inf", "-1"])
 def test_temperature_that_is_not_a_finite_number_at_least_0_is_one_error_line(capsys, value):
     assert one_error_line(capsys, ["generate", "--prompt", "x", "--temperature", value]) == (
-        f"error: temperature must be a finite number >= 0, got {float(value)}")
+        f"error: --temperature must be a finite number >= 0, got {float(value)}")
 
 
 def test_prompt_and_prompt_file_exclude_each_other(capsys):
@@ -122,3 +122,23 @@ def test_fit_conversation_keeps_the_system_message_and_the_newest_turn_and_drops
     assert fit_conversation(tokenizer, messages, limit) == ([system, *exchanges[3], newest], 6)
     assert fit_conversation(tokenizer, messages, limit=1) == ([system, newest], 8)
     assert fit_conversation(tokenizer, messages[1:], limit=1) == ([newest], 8)
+
+
+def test_generate_takes_the_sampling_flags_and_prints_what_the_engine_makes():
+    from moe_offload.config import RuntimeConfig, SamplingParams
+    from moe_offload.engine import Engine
+
+    flags = ["--temperature", "0.9", "--seed", "4", "--top-k", "30", "--min-p", "0.05", "--repetition-penalty", "1.3",
+             "--presence-penalty", "0.4", "--frequency-penalty", "0.2"]
+    done = moe_offload("generate", "--device", "cpu", "--prompt", "def add(a, b):", "--max-tokens", "12", *flags)
+    engine = Engine.load(RuntimeConfig(device="cpu"), progress=False)
+    params = SamplingParams(max_new_tokens=12, temperature=0.9, seed=4, top_k=30, min_p=0.05, repetition_penalty=1.3,
+                            presence_penalty=0.4, frequency_penalty=0.2)
+    assert done.returncode == 0
+    assert done.stdout == engine.stream(engine.tokenizer.encode("def add(a, b):"), params).text() + "\n"
+
+
+def test_a_bad_sampling_flag_is_one_line_naming_the_flag():
+    done = moe_offload("generate", "--device", "cpu", "--prompt", "x", "--min-p", "2")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == ["error: --min-p must be in [0, 1], got 2.0"]

@@ -7,7 +7,7 @@ import torch
 
 from moe_offload.config import RuntimeConfig, SamplingParams
 from moe_offload.engine import Engine, StopStrings
-from moe_offload.generate import sample
+from moe_offload.generate import penalize, sample, warp
 
 from conftest import SHIPPED_MODEL
 
@@ -94,5 +94,144 @@ def test_top_k_one_is_greedy():
 def test_top_p_keeps_the_smallest_set_reaching_the_mass():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     params = SamplingParams(temperature=1.0, top_p=0.75)
+    seen = {sample(logits, params, torch.Generator().manual_seed(s)) for s in range(200)}
+    assert seen == {0, 1}
+
+
+def reference_logprobs(reference, token_ids: list[int]) -> torch.Tensor:
+    """transformers' log_softmax over the vocabulary at every position of `token_ids`."""
+    with torch.no_grad():
+        return reference(torch.tensor([token_ids])).logits[0].float().log_softmax(-1)
+
+
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=1.5, top_k=20, seed=3)], ids=["greedy", "sampled"])
+def test_logprobs_are_the_models_raw_distribution_as_transformers_computes_it(engine, reference, sampling):
+    """Prompt tokens 1..T-1 and every new token, with their top alternatives; sampled or not, the
+    distribution is log_softmax(logits) before temperature and top-k."""
+    ids = engine.tokenizer.encode(PROMPTS[2])
+    run = engine.stream(ids, SamplingParams(max_new_tokens=12, logprobs=3, prompt_logprobs=2, **sampling))
+    run.text()
+    expected = reference_logprobs(reference, ids + run.token_ids)
+    entries = run.prompt_logprobs + run.logprobs
+    assert len(run.prompt_logprobs) == len(ids) - 1 and len(run.logprobs) == len(run.token_ids)
+    for position, entry in enumerate(entries):
+        assert entry.token_id == (ids + run.token_ids)[position + 1]
+        assert entry.logprob == pytest.approx(float(expected[position, entry.token_id]), abs=1e-4)
+        top = expected[position].topk(len(entry.top))
+        assert [i for i, _ in entry.top] == top.indices.tolist()
+        assert [lp for _, lp in entry.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert [len(e.top) for e in run.prompt_logprobs] == [2] * (len(ids) - 1)
+    assert [len(e.top) for e in run.logprobs] == [3] * len(run.token_ids)
+
+
+def test_no_new_tokens_still_gives_the_prompts_logprobs(engine, reference):
+    ids = engine.tokenizer.encode(PROMPTS[0])
+    run = engine.stream(ids, SamplingParams(max_new_tokens=0, prompt_logprobs=0))
+    assert run.text() == "" and run.token_ids == [] and run.finish_reason == "length"
+    expected = reference_logprobs(reference, ids)
+    assert [e.logprob for e in run.prompt_logprobs] == pytest.approx(
+        [float(expected[i, ids[i + 1]]) for i in range(len(ids) - 1)], abs=1e-4)
+
+
+WARPS = [dict(temperature=0.7), dict(temperature=1.3, top_k=40), dict(temperature=1.0, top_p=0.9),
+         dict(temperature=0.8, min_p=0.05), dict(temperature=1.1, top_k=100, top_p=0.8, min_p=0.02),
+         dict(temperature=2.0, min_p=0.3)]
+
+
+def transformers_warpers(params: SamplingParams):
+    from transformers import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
+                              TopPLogitsWarper)
+
+    warpers = [TemperatureLogitsWarper(params.temperature)]
+    if params.top_k:
+        warpers.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1:
+        warpers.append(TopPLogitsWarper(params.top_p))
+    if params.min_p:
+        warpers.append(MinPLogitsWarper(params.min_p))
+    return LogitsProcessorList(warpers)
+
+
+@pytest.mark.parametrize("settings", WARPS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_temperature_top_k_top_p_min_p_match_transformers_warpers(settings):
+    params = SamplingParams(**settings)
+    for seed in range(5):
+        logits = torch.randn(2000, generator=torch.Generator().manual_seed(seed)) * 3
+        expected = transformers_warpers(params)(torch.zeros(1, 1, dtype=torch.long), logits[None].clone())[0]
+        ours = warp(logits, params)
+        assert torch.equal(torch.isinf(ours), torch.isinf(expected)), seed
+        kept = torch.isfinite(expected)
+        assert 0 < kept.sum() < 2000 or settings.keys() == {"temperature"}
+        torch.testing.assert_close(ours[kept], expected[kept])
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_repetition_penalty_matches_transformers(penalty):
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    logits = torch.randn(500, generator=torch.Generator().manual_seed(1)) * 4
+    prompt_ids, output_ids = [3, 17, 17, 250], [17, 499, 8]
+    expected = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([prompt_ids + output_ids]), logits[None].clone())[0]
+    ours = penalize(logits, SamplingParams(repetition_penalty=penalty), prompt_ids, output_ids)
+    torch.testing.assert_close(ours, expected)
+
+
+def presence_frequency_reference(logits: torch.Tensor, output_ids: list[int], presence: float, frequency: float):
+    """OpenAI's formula, token by token: logit - count * frequency - (count > 0) * presence."""
+    logits = logits.clone()
+    for token in set(output_ids):
+        logits[token] -= output_ids.count(token) * frequency + presence
+    return logits
+
+
+@pytest.mark.parametrize("presence, frequency", [(0.5, 0.0), (0.0, 0.8), (-1.0, 1.5), (2.0, -2.0)])
+def test_presence_and_frequency_penalties_match_openais_formula(presence, frequency):
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(2))
+    prompt_ids, output_ids = [5, 6, 7], [7, 7, 7, 42, 299, 42, 0]
+    params = SamplingParams(presence_penalty=presence, frequency_penalty=frequency)
+    expected = presence_frequency_reference(logits, output_ids, presence, frequency)
+    torch.testing.assert_close(penalize(logits, params, prompt_ids, output_ids), expected)
+    assert torch.equal(penalize(logits, params, prompt_ids, []), logits)   # the prompt is not penalized
+
+
+def test_greedy_with_repetition_penalty_matches_transformers_generate(engine, reference):
+    """Penalties need the tokens so far, so greedy decoding with them picks on the host: same tokens."""
+    ids = engine.tokenizer.encode(PROMPTS[0])
+    run = engine.stream(ids, SamplingParams(max_new_tokens=32, repetition_penalty=1.4))
+    run.text()
+    with torch.no_grad():
+        out = reference.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, repetition_penalty=1.4,
+                                 eos_token_id=2, pad_token_id=2)
+    expected = out[0, len(ids):].tolist()
+    if 2 in expected:
+        expected = expected[:expected.index(2)]
+    assert run.token_ids == expected
+    plain = engine.stream(ids, SamplingParams(max_new_tokens=32))
+    plain.text()
+    assert plain.token_ids != expected, "the penalty should change this greedy text"
+
+
+def test_greedy_with_presence_and_frequency_penalties_matches_a_plain_loop(engine, reference):
+    ids = engine.tokenizer.encode(PROMPTS[1])
+    params = SamplingParams(max_new_tokens=24, presence_penalty=0.8, frequency_penalty=0.6)
+    run = engine.stream(ids, params)
+    run.text()
+    expected = []
+    with torch.no_grad():
+        for _ in range(24):
+            logits = reference(torch.tensor([ids + expected])).logits[0, -1].float()
+            token = int(presence_frequency_reference(logits, expected, 0.8, 0.6).argmax())
+            if token == 2:
+                break
+            expected.append(token)
+    assert run.token_ids == expected
+    plain = engine.stream(ids, SamplingParams(max_new_tokens=24))
+    plain.text()
+    assert plain.token_ids != expected, "the penalties should change this greedy text"
+
+
+def test_min_p_keeps_the_tokens_near_the_likeliest():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    params = SamplingParams(temperature=1.0, min_p=0.5)    # keeps p >= 0.25
     seen = {sample(logits, params, torch.Generator().manual_seed(s)) for s in range(200)}
     assert seen == {0, 1}

@@ -4,6 +4,7 @@ bad folders fail with one line; quantized experts offload bit-identically."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -59,6 +60,26 @@ def test_written_folder_holds_roles_as_configured_and_maps_experts(tiny, tiny_4_
     _, quantize_now = expert_storage(open_checkpoint(tiny, QuantConfig.parse("4/2"), "cpu"), torch.float32)
     assert torch.equal(mapped, quantize_now(1, 3))
     assert (tiny_4_2 / "model.safetensors").stat().st_size - quantized_size(ckpt) < 64 * 1024   # header only
+
+
+def test_written_config_names_the_format_so_other_tools_refuse_it_by_name(tiny, tiny_4_2):
+    """transformers warns with the format's name (it skips a quantization it does not know) and then fails on
+    the packed tensors' shapes; vLLM refuses an unknown quant_method outright."""
+    written = json.loads((tiny_4_2 / "config.json").read_text())
+    source = json.loads((tiny / "config.json").read_text())
+    assert written == {**source, "quantization_config": {"quant_method": "moe-offload-hqq", "version": 4}}
+    from transformers import AutoModelForCausalLM
+
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)    # transformers' loggers do not propagate
+    try:
+        with pytest.raises(RuntimeError):
+            AutoModelForCausalLM.from_pretrained(tiny_4_2)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert any("Unknown quantization type, got moe-offload-hqq" in w for w in warnings)
 
 
 def test_quantized_experts_offload_bit_identically(tiny_4_2):
@@ -129,6 +150,38 @@ def test_folder_of_an_older_format_version_fails_with_one_line(tiny_4_2, tmp_pat
 def test_quant_flag_on_a_quantized_folder_fails_with_one_line_even_with_its_own_settings(tiny_4_2, capsys, quant):
     assert one_error_line(capsys, GENERATE + [str(tiny_4_2), "--quant", quant]) == (
         f"error: --quant {quant}: {tiny_4_2} is already quantized (by `moe-offload quantize`); drop --quant")
+
+
+def test_a_config_naming_another_version_of_the_format_fails_with_one_line(tiny_4_2, tmp_path, capsys):
+    bad = copy_folder(tiny_4_2, tmp_path / "bad")
+    config = json.loads((bad / "config.json").read_text())
+    config["quantization_config"]["version"] = 5
+    (bad / "config.json").write_text(json.dumps(config))
+    line = one_error_line(capsys, GENERATE + [str(bad)])
+    assert "config.json" in line and "version 5" in line and "quantize the model again" in line
+
+
+def test_a_folder_quantized_by_another_tool_is_refused_by_name(tiny, tmp_path, capsys):
+    gptq = copy_folder(tiny, tmp_path / "gptq")
+    config = json.loads((gptq / "config.json").read_text())
+    (gptq / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    line = one_error_line(capsys, GENERATE + [str(gptq)])
+    assert "'gptq'" in line and "unquantized" in line
+
+
+def test_a_quantized_folder_without_its_settings_file_is_refused(tiny_4_2, tmp_path, capsys):
+    bare = copy_folder(tiny_4_2, tmp_path / "bare")
+    (bare / "quantization.json").unlink()
+    assert "quantization.json is missing" in one_error_line(capsys, GENERATE + [str(bare)])
+
+
+def test_a_quantized_folder_written_before_the_config_named_its_format_still_loads(tiny_4_2, tmp_path):
+    older = copy_folder(tiny_4_2, tmp_path / "older")
+    config = json.loads((older / "config.json").read_text())
+    del config["quantization_config"]
+    (older / "config.json").write_text(json.dumps(config))
+    assert torch.equal(logits(RuntimeConfig(model=older, device="cpu", dtype="float32")),
+                       logits(RuntimeConfig(model=tiny_4_2, device="cpu", dtype="float32")))
 
 
 def test_quantize_refuses_an_existing_out_folder_and_bad_settings(tiny, tiny_4_2, tmp_path, capsys):

@@ -108,6 +108,15 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=SAMPLING["temperature"], help="0 is greedy (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=SAMPLING["top_k"], help="0 keeps all (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=SAMPLING["top_p"], help="nucleus sampling mass (default: %(default)s)")
+    p.add_argument("--min-p", type=float, default=SAMPLING["min_p"],
+                   help="drop tokens less likely than this times the likeliest one; 0 keeps all (default: %(default)s)")
+    p.add_argument("--repetition-penalty", type=float, default=SAMPLING["repetition_penalty"],
+                   help="divide the logits of prompt and output tokens by this (multiply when negative), as "
+                        "transformers; 1 is off (default: %(default)s)")
+    p.add_argument("--presence-penalty", type=float, default=SAMPLING["presence_penalty"],
+                   help="subtract this from the logit of every token already generated, -2 to 2 (default: %(default)s)")
+    p.add_argument("--frequency-penalty", type=float, default=SAMPLING["frequency_penalty"],
+                   help="subtract this once per time a token was generated, -2 to 2 (default: %(default)s)")
     p.add_argument("--seed", type=int, default=SAMPLING["seed"], help="sampling seed (default: random)")
     p.add_argument("--stop", action="append", default=[], help="stop string; may be repeated")
 
@@ -129,9 +138,13 @@ def load_engine(args) -> Engine:
 def sampling_from(args, extra_stops: tuple[str, ...] = ()) -> SamplingParams:
     try:
         return SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, stop=tuple(args.stop) + extra_stops)
-    except ValueError as e:
-        raise UserError(str(e).replace("max_new_tokens", "--max-tokens")) from None
+                              top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                              presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                              seed=args.seed, stop=tuple(args.stop) + extra_stops)
+    except ValueError as e:   # "<field> must be ...": name the flag instead
+        field, rest = str(e).split(" ", 1)
+        flag = "--max-tokens" if field == "max_new_tokens" else "--" + field.replace("_", "-")
+        raise UserError(f"{flag} {rest}") from None
 
 
 def read_prompt(args) -> str:
@@ -228,13 +241,15 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="requests allowed to wait for the model before new ones get 429 (default: %(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=SERVER["max_body_bytes"],
                    help="larger request bodies get 413 (default: %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=SERVER["body_timeout"],
+                   help="seconds a client has to send a whole request body, else 408 (default: %(default)s)")
 
 
 def cmd_serve(args) -> None:
     from .server.app import bind, serve
 
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-                          max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
+                          max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout)
     sock = bind(config)
     serve(load_engine(args), config, sock)
 

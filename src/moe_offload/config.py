@@ -147,24 +147,53 @@ def _as_tuple(value) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick the next token. temperature 0 means greedy."""
+    """How to pick the next token (temperature 0 means greedy), and what to report of the distributions.
 
-    max_new_tokens: int = 128
+    Log-probabilities are of the model's own distribution, log_softmax(logits), before temperature
+    and any other setting here changes it (as vLLM reports them by default)."""
+
+    max_new_tokens: int = 128   # 0: prefill only (for prompt_logprobs)
     temperature: float = 0.0
     top_k: int = 0              # 0: no top-k cut
     top_p: float = 1.0
+    min_p: float = 0.0          # drop tokens less likely than min_p x the likeliest one; 0: off
+    repetition_penalty: float = 1.0   # CTRL's, as transformers: logits of prompt and output tokens / it (x it if < 0)
+    presence_penalty: float = 0.0     # OpenAI's: subtracted from the logit of each token already in the output
+    frequency_penalty: float = 0.0    # OpenAI's: subtracted once per time the token is in the output
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    logprobs: int | None = None          # each new token's log-probability and this many likeliest alternatives
+    prompt_logprobs: int | None = None   # the same for every prompt token after the first
+    grammar: str | None = None           # only tokens that keep the text in this grammar (constrain.py's text)
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be at least 0, got {self.max_new_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.temperature < math.inf:     # also refuses nan
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def picks_on_host(self) -> bool:
+        """Whether each token is picked by `generate.sample` on the host; else greedily on the device."""
+        return self.temperature != 0 or self.penalized or self.grammar is not None
 
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"

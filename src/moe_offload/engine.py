@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -23,9 +24,11 @@ from tqdm import tqdm
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig, OffloadConfig, RuntimeConfig, SamplingParams
+from .constrain import Grammars
 from .errors import UserError
 from .experts import DenseExpertFormat, ExpertFormat, ExpertSlots, ResidentExperts, slot_stride
 from .generate import Batch, Generation
+from .logprobs import LogprobRecorder, TokenLogprob
 from .model import KVCache, ModelWeights, Transformer
 from .offload.planner import Plan, plan_for
 from .offload.prefetch import GatePredictor
@@ -116,7 +119,8 @@ class RunStats:
 class Run:
     """One generation's text. The CLI iterates it for text pieces (`Engine.stream`); the server feeds it the tokens
     that its batch's steps produce (`Engine.start`, `take`, `finish`). Afterwards `token_ids`, `finish_reason`,
-    `stats`."""
+    `stats`, and the log-probabilities that SamplingParams asked for (logprobs.py). Each list grows before the
+    piece that needs it is emitted: piece k is the text of tokens up to `piece_ends[k]`."""
 
     generation: Generation
     decoder: object                    # the tokenizer's stream decoder: tokens -> text, never half a character
@@ -125,8 +129,13 @@ class Run:
     pieces: Iterator[str] = iter(())
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None   # "stop" (EOS or a stop string) or "length"
+    stop_string: str | None = None     # the stop string that ended it, if one did
     stats: RunStats = field(default_factory=RunStats)
     started: float = field(default_factory=time.perf_counter)
+    piece_ends: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)          # one per new token (params.logprobs)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)   # prompt tokens 1..T-1 (params.prompt_logprobs)
+    recorder: LogprobRecorder | None = None   # keeps each step's distribution for `logprobs`
 
     def __iter__(self):
         return self.pieces
@@ -142,10 +151,14 @@ class Run:
         else:
             self.stats.decode_seconds = now - self.started - self.stats.time_to_first_token
         self.token_ids.append(token)
+        if self.generation.params.logprobs is not None:
+            self.logprobs.append(self.recorder.take(token))
         self.stats.new_tokens = len(self.token_ids)
         text, stopped = self.stops.feed(self.decoder.push(token))
         if stopped:
-            self.finish_reason = "stop"
+            self.finish_reason, self.stop_string = "stop", self.stops.matched
+        if text:
+            self.piece_ends.append(len(self.token_ids))
         return text, stopped
 
     def finish(self) -> str:
@@ -156,7 +169,9 @@ class Run:
         self.finish_reason = "length" if out_of_room else "stop"  # else: EOS
         text, stopped = self.stops.feed(self.decoder.flush(), final=True)
         if stopped:
-            self.finish_reason = "stop"
+            self.finish_reason, self.stop_string = "stop", self.stops.matched
+        if text:
+            self.piece_ends.append(len(self.token_ids))
         return text
 
 
@@ -211,6 +226,11 @@ class Engine:
         cache = KVCache.allocate(config, batch=runtime.max_batch, max_len=max_context, device=device, dtype=dtype)
         return cls(config, model, tokenizer, cache, name=Path(runtime.model).name, plan=plan)
 
+    @cached_property
+    def grammars(self) -> Grammars:
+        """Constrained decoding's token table (constrain.py), built on first use."""
+        return Grammars(self.tokenizer, self.config.vocab_size)
+
     def expert_stats(self) -> dict[str, float]:
         """Expert-cache counters for --stats and /metrics (hit rate, prefetch recall, ...; see
         offload/cache.py for each one); empty when resident."""
@@ -230,8 +250,13 @@ class Engine:
     def start(self, prompt_ids: list[int], params: SamplingParams) -> Run:
         """A generation joins the engine's batch; its tokens come from `self.batch.step()` (fed to `Run.take`)."""
         self.check_prompt(prompt_ids)
-        generation = self.batch.add(prompt_ids, params, self.tokenizer.eos_ids)
-        run = Run(generation, self.tokenizer.stream_decoder(), StopStrings(params.stop), self.max_context)
+        recorder = None
+        if params.logprobs is not None or params.prompt_logprobs is not None:
+            recorder = LogprobRecorder(prompt_ids, params.logprobs or 0, params.prompt_logprobs)
+        constraint = self.grammars.constraint(params.grammar) if params.grammar else None
+        generation = self.batch.add(prompt_ids, params, self.tokenizer.eos_ids, recorder and recorder.see, constraint)
+        run = Run(generation, self.tokenizer.stream_decoder(), StopStrings(params.stop), self.max_context,
+                  recorder=recorder, prompt_logprobs=recorder.prompt if recorder else [])
         run.stats.prompt_tokens = len(prompt_ids)
         return run
 
@@ -263,14 +288,16 @@ class StopStrings:
     def __init__(self, stops: tuple[str, ...]):
         self.stops = tuple(s for s in stops if s)
         self.held = ""
+        self.matched: str | None = None   # the stop string reached (the first in the text)
 
     def feed(self, piece: str, final: bool = False) -> tuple[str, bool]:
         """-> (text safe to emit now, whether a stop string was reached)."""
         text = self.held + piece
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((text.find(s), s) for s in self.stops) if i >= 0]
         if hits:
             self.held = ""
-            return text[:min(hits)], True
+            at, self.matched = min(hits, key=lambda hit: hit[0])
+            return text[:at], True
         keep = 0 if final else max((_partial_suffix(text, s) for s in self.stops), default=0)
         self.held = text[len(text) - keep:] if keep else ""
         return text[:len(text) - keep], False

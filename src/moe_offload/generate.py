@@ -4,20 +4,22 @@
         ...
     batch = Batch(model, cache, step)               # several generations at once (continuous batching)
 
-Decoding runs step.py's DecodeStep (CUDA graphs where it can). Greedy decoding picks the next token on the
-device; other sampling runs on the CPU in fp32 from a seeded generator, so a seed gives the same tokens on
-any device. Stop strings are text, not ids: the engine handles them.
+Decoding runs step.py's DecodeStep (CUDA graphs where it can). Greedy decoding without penalties picks the
+next token on the device; other sampling (and penalized greedy) runs on the CPU in fp32 from a seeded
+generator, so a seed gives the same tokens on any device. Stop strings are text, not ids: the engine
+handles them.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 
 from .config import SamplingParams
+from .constrain import Constraint
 from .model import KVCache, Transformer
 from .step import DecodeStep
 
@@ -49,13 +51,21 @@ class Generation:
     eos_ids: tuple[int, ...]
     row: int                               # its KV cache row
     generator: torch.Generator | None      # seeded host sampling; None: greedy, or the process's generator
+    watch: Callable[[torch.Tensor], None] | None = None   # sees each distribution before a token is picked from it
+    constraint: Constraint | None = None   # its grammar's place (constrain.py): tokens are picked among those allowed
+    output_ids: list[int] = field(default_factory=list)   # new tokens so far
+    prompt_logits: list[torch.Tensor] = field(default_factory=list)   # every position's, when prompt logprobs are asked
     prefilled: int = 0                     # prompt tokens through the model so far
-    produced: int = 0                      # new tokens so far
     done: bool = False
 
     @property
-    def greedy(self) -> bool:
-        return self.params.temperature == 0
+    def produced(self) -> int:
+        return len(self.output_ids)
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """A token from logits (vocab,) on the host: sample() with the generation's penalties and grammar."""
+        allowed = self.constraint.allowed() if self.constraint is not None else None
+        return sample(logits, self.params, self.generator, self.prompt_ids, self.output_ids, allowed)
 
 
 class Batch:
@@ -88,13 +98,18 @@ class Batch:
     def full(self) -> bool:
         return not self.free_rows
 
-    def add(self, prompt_ids: list[int], params: SamplingParams, eos_ids: tuple[int, ...] = ()) -> Generation:
+    def add(self, prompt_ids: list[int], params: SamplingParams, eos_ids: tuple[int, ...] = (),
+            watch: Callable[[torch.Tensor], None] | None = None, constraint: Constraint | None = None) -> Generation:
+        """`watch(logits)`, when given, sees each distribution before a token is picked from it: the prompt's last
+        position (1, vocab), or every position (T, vocab) when `params.prompt_logprobs` is set; then (vocab,) a
+        step (a buffer the next step overwrites; reading it costs greedy decoding a sync). `constraint`
+        (params.grammar's): each token is picked among those it allows, then accepted."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if not self.free_rows:
             raise RuntimeError(f"the batch is full: {self.cache.keys[0].shape[0]} sequences already")
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        generation = Generation(list(prompt_ids), params, eos_ids, self.free_rows.pop(), generator)
+        generation = Generation(list(prompt_ids), params, eos_ids, self.free_rows.pop(), generator, watch, constraint)
         self.prefilling.append(generation)
         return generation
 
@@ -118,13 +133,24 @@ class Batch:
         start = generation.prefilled
         ids = generation.prompt_ids[start:start + chunk]
         device = self.cache.keys[0].device
+        every_position = generation.params.prompt_logprobs is not None
         logits = self.model(torch.tensor([ids], device=device), self.cache.row(generation.row), start_pos=start,
-                            last_only=True)
+                            last_only=not every_position)[0]
         generation.prefilled += len(ids)
+        if every_position:
+            generation.prompt_logits.append(logits)
         if generation.prefilled < len(generation.prompt_ids):
             return
         self.prefilling.popleft()
-        token = sample(logits[0, -1], generation.params, generation.generator)
+        if every_position:
+            logits, generation.prompt_logits = torch.cat(generation.prompt_logits), []
+        if generation.watch:
+            generation.watch(logits)
+        if generation.params.max_new_tokens == 0:       # the prompt scored, nothing more
+            generation.done = True
+            self.free_rows.append(generation.row)
+            return
+        token = generation.pick(logits[-1])
         if self._take(generation, token, tokens):
             self.decode_step.set(len(self.running), token, len(generation.prompt_ids), generation.row)
             self.running.append(generation)
@@ -136,9 +162,11 @@ class Batch:
         logits = self.decode_step(count)
         greedy = self.decode_step.next_tokens(count)         # one read for every greedy choice
         for index, generation in enumerate(list(self.running)):
+            if generation.watch:
+                generation.watch(logits[index])
             token = greedy[index]
-            if not generation.greedy:
-                token = sample(logits[index], generation.params, generation.generator)
+            if generation.params.picks_on_host:
+                token = generation.pick(logits[index])
                 self.decode_step.set(index, token)
             if not self._take(generation, token, tokens):
                 self._leave(generation)
@@ -148,7 +176,9 @@ class Batch:
         if token in generation.eos_ids:
             generation.done = True
             return False
-        generation.produced += 1
+        generation.output_ids.append(token)
+        if generation.constraint is not None:
+            generation.constraint.accept(token)
         tokens.append((generation, token))
         position = len(generation.prompt_ids) + generation.produced
         generation.done = generation.produced == generation.params.max_new_tokens or position >= self.cache.max_len
@@ -169,12 +199,14 @@ class Batch:
 
 
 def generate(model: Transformer, cache: KVCache, prompt_ids: list[int], params: SamplingParams,
-             eos_ids: tuple[int, ...] = (), step: DecodeStep | None = None) -> Iterator[int]:
+             eos_ids: tuple[int, ...] = (), step: DecodeStep | None = None,
+             watch: Callable[[torch.Tensor], None] | None = None, constraint: Constraint | None = None) -> Iterator[int]:
     """Yield new token ids until EOS (not yielded), `params.max_new_tokens`, or prompt plus new tokens fill the
-    cache: one generation on a batch of its own. `step`: the model's decode step, reused across generations (a
-    fresh one runs eagerly for its first token and captures its graphs on the second)."""
+    cache: one generation on a batch of its own (`watch`, `constraint`: Batch.add's). `step`: the model's decode
+    step, reused across generations (a fresh one runs eagerly for its first token and captures its graphs on the
+    second)."""
     batch = Batch(model, cache, step)
-    generation = batch.add(prompt_ids, params, eos_ids)
+    generation = batch.add(prompt_ids, params, eos_ids, watch, constraint)
     try:
         while not generation.done:
             for _, token in batch.step():
@@ -183,15 +215,45 @@ def generate(model: Transformer, cache: KVCache, prompt_ids: list[int], params: 
         batch.cancel(generation)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
-    """logits (vocab,) -> one token id; temperature, then top-k, then top-p, as transformers orders them."""
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+           prompt_ids: list[int] = (), output_ids: list[int] = (), allowed: torch.Tensor | None = None) -> int:
+    """logits (vocab,) -> one token id: only `allowed` ones (bool (vocab,), a grammar's), the penalties
+    (`prompt_ids` and `output_ids`: the tokens so far), then greedy, or temperature, top-k, top-p and
+    min-p (warp) and a draw from `generator`."""
     logits = logits.float().cpu()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    logits = penalize(logits, params, prompt_ids, output_ids)
     if params.temperature == 0:
         return int(logits.argmax())
-    scaled = logits / params.temperature
-    if not torch.isfinite(scaled).all():   # a temperature so small (< ~1e-37) that fp32 overflows: greedy is its limit
+    warped = warp(logits, params)
+    if warped is None:
         return int(logits.argmax())
-    logits = scaled
+    return int(torch.multinomial(warped.softmax(-1), 1, generator=generator))
+
+
+def penalize(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
+    """logits (vocab,) fp32 with the repetition penalty on every token of the prompt and the output (as
+    transformers and vLLM), then the presence and frequency penalties on the output's tokens (as vLLM)."""
+    if not params.penalized:
+        return logits
+    logits = logits.clone()
+    if params.repetition_penalty != 1:
+        seen = torch.tensor([*prompt_ids, *output_ids], dtype=torch.int64).unique()
+        scores = logits[seen]
+        logits[seen] = torch.where(scores < 0, scores * params.repetition_penalty, scores / params.repetition_penalty)
+    if output_ids and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(output_ids, dtype=torch.int64), minlength=logits.numel())[:logits.numel()]
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    return logits
+
+
+def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor | None:
+    """Temperature, then top-k, top-p and min-p, as transformers orders them: logits (vocab,) fp32 with the
+    dropped tokens at -inf; None for a temperature so small (< ~1e-37) that fp32 overflows (greedy is its limit)."""
+    logits = logits / params.temperature
+    if not torch.isfinite(logits.max()):
+        return None
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -201,5 +263,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         drop = cumulative - sorted_logits.softmax(-1) >= params.top_p   # keep the smallest set reaching top_p
         drop[0] = False   # the likeliest token always stays, even for a top_p that is 0 in fp32 (5e-324)
         logits[order[drop]] = float("-inf")
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    if params.min_p:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    return logits

@@ -4,6 +4,8 @@
     ids = tok.encode("def main():")                          # BOS added as the tokenizer declares
     ids = tok.encode_chat([{"role": "user", "content": "hi"}])
     stream = tok.stream_decoder(); text = stream.push(token_id)   # never splits a character
+    texts = tok.token_texts(ids)                             # each token's share of decode(ids)
+    tok.token_text(token_id)                                 # one token's text on its own
 
 Chat templates are rendered the way transformers renders them (sandboxed Jinja, trim_blocks,
 lstrip_blocks, its `tojson` and `raise_exception`). A tokenizer without a template gets a plain
@@ -20,6 +22,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import UserError
+from .tools import plain_messages
 
 FALLBACK_ROLE_PREFIX = "\n{role}: "
 
@@ -63,18 +66,61 @@ class Tokenizer:
         return self.hf.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """BOS is never doubled: a text that starts with it (one decoded with its special tokens, as lm-eval
+        sends them) keeps only its own, as llama.cpp and lm-eval's hf backend do."""
         check_utf8(text, "the text")
+        if add_special_tokens and self.bos_token and text.startswith(self.bos_token):
+            add_special_tokens = False
         return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's piece of `decode(ids)`, in order: they join to the whole text. A token that ends
+        inside a character has "" and the one that completes the character carries all of it."""
+        decoder = self.stream_decoder()
+        texts = [decoder.push(token_id) for token_id in ids]
+        if texts:
+            texts[-1] += decoder.flush()
+        return texts
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text on its own, special tokens by name, with the leading space that decoding the
+        token alone can drop (it is decoded after an anchor token, whose text is then cut off)."""
+        text = self.hf.decode([*self._anchor, token_id], skip_special_tokens=False)
+        return text[len(self._anchor_text):]
+
+    @cached_property
+    def _anchor(self) -> list[int]:
+        return self.hf.encode("a", add_special_tokens=False).ids[-1:]
+
+    @cached_property
+    def _anchor_text(self) -> str:
+        return self.hf.decode(self._anchor, skip_special_tokens=False)
+
+    def info(self) -> dict:
+        """The special tokens and chat template, as vLLM's GET /tokenizer_info gives them."""
+        return {"tokenizer_class": self.settings.get("tokenizer_class"), "bos_token": self.bos_token,
+                "eos_token": self.eos_token, "pad_token": _token_text(self.settings.get("pad_token")),
+                "unk_token": _token_text(self.settings.get("unk_token")), "chat_template": self.chat_template}
+
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template writes tools, tool calls and tool results itself (it reads `tools`)."""
+        return self.chat_template is not None and "tools" in self.chat_template
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """`tools`: OpenAI's function tools; a template that does not render them gets them, and the
+        conversation's calls and results, written as text (tools.py)."""
+        if not self.renders_tools:
+            messages, tools = plain_messages(messages, tools), None
         if self.chat_template is None:
             return _fallback_transcript(messages, add_generation_prompt)
         try:
             return self._compiled_template.render(
                 messages=messages,
+                **({"tools": tools} if tools else {}),
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
@@ -84,8 +130,9 @@ class Tokenizer:
         except Exception as e:  # jinja errors, raise_exception() from the template itself
             raise UserError(f"chat template failed on these messages: {e}") from None
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        text = self.render_chat(messages, add_generation_prompt)
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
+        text = self.render_chat(messages, add_generation_prompt, tools)
         if self.chat_template is None:
             return self.encode(text)
         # Templates write their own BOS, as transformers assumes.

@@ -6,7 +6,8 @@
     expert_format, expert_buffer = ckpt.expert_storage(dtype)                  # engine.expert_storage's seam
     weights = ckpt.dense_weights(device, dtype)                                # quantized roles as QuantizedWeight
 
-A quantized folder is the source folder's config.json and tokenizer files, `quantization.json`
+A quantized folder is the source folder's config.json with a `quantization_config` naming our format
+and its version (so other tools refuse the folder by name), its tokenizer files, `quantization.json`
 (the QuantConfig, the format version and each expert's byte size) and one `model.safetensors`:
 - a quantized non-expert weight is stored under its hub name as one uint8 buffer (weight.py's
   PackedFormat of that one matrix);
@@ -40,7 +41,7 @@ from .weight import HQQExpertFormat, PackedFormat
 FORMAT, VERSION = "moe-offload-hqq", 4   # 3: each row's codes a bit stream along K, rows innermost; 4: meta (runs, 4)
 SETTINGS_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
-COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json")   # config.json is rewritten
 SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.uint8: "U8"}
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "U8": 1}
 
@@ -135,11 +136,35 @@ def is_quantized(folder) -> bool:
     return (Path(folder) / SETTINGS_FILE).is_file()
 
 
+def quantization_config() -> dict:
+    """config.json's `quantization_config` of a folder we write: transformers, vLLM and others read `quant_method`."""
+    return {"quant_method": FORMAT, "version": VERSION}
+
+
+def _check_quantization_config(ckpt: Checkpoint, ours: bool) -> None:
+    """A quantized folder of ours may name our format and version in config.json (older ones name nothing);
+    any other folder must name no quantization at all: we read neither GPTQ, AWQ, FP8 nor anything else."""
+    declared = ckpt.hf_config.get("quantization_config")
+    if declared is None:
+        return
+    method = declared.get("quant_method") if isinstance(declared, dict) else declared
+    if ours and declared == quantization_config():
+        return
+    path = ckpt.folder / "config.json"
+    if method == FORMAT:
+        raise CheckpointError(f"{path}: quantization_config names {FORMAT} version {declared.get('version')!r} but "
+                              f"{SETTINGS_FILE} is {'version ' + str(VERSION) if ours else 'missing'}; "
+                              f"quantize the model again with `moe-offload quantize`")
+    raise CheckpointError(f"{path}: quantization_config names {method!r}, a format moe-offload does not read; pass "
+                          f"the unquantized Hugging Face folder (and --quant, or `moe-offload quantize`)")
+
+
 def open_checkpoint(folder, quant: QuantConfig | None = None, device=None) -> Checkpoint:
     """A Hugging Face folder (quantized on load when `quant` is given) or a quantized folder."""
     folder = Path(folder)
     if not is_quantized(folder):
         ckpt = Checkpoint.open(folder)
+        _check_quantization_config(ckpt, ours=False)
         if quant is None:
             return ckpt
         return QuantizedCheckpoint(ckpt.folder, ckpt.config, ckpt.hf_config, ckpt.file_of, quant=quant,
@@ -149,6 +174,7 @@ def open_checkpoint(folder, quant: QuantConfig | None = None, device=None) -> Ch
         raise CheckpointError(f"{folder} is already quantized ({describe(stored)}); drop --quant, or quantize the "
                               f"original model folder instead")
     ckpt = Checkpoint.open(folder)
+    _check_quantization_config(ckpt, ours=True)
     ckpt = QuantizedCheckpoint(ckpt.folder, ckpt.config, ckpt.hf_config, ckpt.file_of, quant=stored, stored=True,
                                mapped=_uint8_tensors(folder / WEIGHTS_FILE))
     _check_expert_sizes(ckpt)
@@ -233,6 +259,8 @@ def write_quantized(source, out, quant: QuantConfig, device=None, progress_bar=N
         for name in COPIED_FILES:
             if (source / name).is_file():
                 shutil.copyfile(source / name, partial / name)
+        hf_config = {**ckpt.hf_config, "quantization_config": quantization_config()}
+        (partial / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         settings = {"format": FORMAT, "version": VERSION, "quant": quant.to_json(),
                     "expert_nbytes": ckpt.expert_format(torch.float32).nbytes if quant.experts else None,
                     "source": source.name}

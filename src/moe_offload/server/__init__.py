@@ -6,7 +6,8 @@
     app = create_app(engine, ServerConfig())
 
 Modules: `schemas` (request bodies, validated to one-line 400s), `scheduler` (the arrival-order
-queue and the worker thread that steps generations), `metrics` (Prometheus text), `app` (routes,
-errors, streaming). This package file stays free of imports so that `moe-offload generate` does
+queue and the worker thread that steps generations), `choices` (a request's prompts x n, run in
+turn), `shapes` (answers, chunks and logprobs in OpenAI's JSON), `anthropic` (the Messages API),
+`metrics` (Prometheus text), `app` (routes, errors, streaming). This package file stays free of imports so that `moe-offload generate` does
 not pay for FastAPI.
 """

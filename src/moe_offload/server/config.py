@@ -18,6 +18,7 @@ class ServerConfig:
     max_batch: int = 8               # sequences decoded together (RuntimeConfig.max_batch of the served engine)
     max_queue: int = 64              # requests waiting for the engine before new ones get 429
     max_body_bytes: int = 1 << 20    # larger request bodies get 413
+    body_timeout: float = 30.0       # seconds to receive a whole request body; a slower client gets 408
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -30,3 +31,5 @@ class ServerConfig:
             raise UserError(f"--max-queue must be at least 1, got {self.max_queue}")
         if self.max_body_bytes < 1024:
             raise UserError(f"--max-body-bytes must be at least 1024, got {self.max_body_bytes}")
+        if not self.body_timeout > 0:
+            raise UserError(f"--body-timeout must be above 0 seconds, got {self.body_timeout}")

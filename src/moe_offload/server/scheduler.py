@@ -6,7 +6,8 @@
     scheduler.submit(sequence)              # raises QueueFull: answer 429
     async for piece in sequence.pieces():   # text pieces; ends at Finished, raises at Failed
         ...
-    scheduler.cancel(sequence)              # client gone: leaves the queue, or stops at the next step
+    scheduler.cancel(sequence)              # client gone: leaves the queue, or the batch at the next step
+                                            # (also during its prompt's prefill, between chunks)
 
 Requests wait in arrival order in a bounded queue (`max_waiting`). One worker thread owns the
 Engine: between steps it admits waiting sequences while the engine's batch has room (the KV cache's
@@ -117,9 +118,10 @@ class Scheduler:
             self._changed.notify_all()
         self._thread.join(timeout)
 
-    def submit(self, sequence: Sequence) -> None:
+    def submit(self, sequence: Sequence, follow_up: bool = False) -> None:
+        """Queue `sequence` at the back; `follow_up`: a later choice of a request already admitted, never refused."""
         with self._changed:
-            if len(self._waiting) >= self.max_waiting:
+            if len(self._waiting) >= self.max_waiting and not follow_up:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting (the limit, --max-queue)")
             self._waiting.append(sequence)
             self._changed.notify()
