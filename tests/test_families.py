@@ -54,6 +54,13 @@ VARIANTS = {
     "olmoe-no-clip-renorm-attention-bias": ("olmoe", dict(clip_qkv=None, norm_topk_prob=True, attention_bias=True)),
     "mixtral-8x22b-head-ratio-top2of8": (
         "mixtral", dict(hidden_size=96, num_attention_heads=12, num_key_value_heads=2, num_local_experts=8)),
+    "phimoe-biases-longrope-jitter-0.3-window-100": ("phimoe", {}),
+    "phimoe-no-biases-default-rope-jitter-0.01": (
+        "phimoe", dict(attention_bias=False, lm_head_bias=False, router_jitter_noise=0.01, rope_scaling=None)),
+    "glm4_moe-qk-norm-qkv-bias-4-groups-scaled": ("glm4_moe", {}),
+    "glm4_moe-air-like-one-group-no-qk-norm-no-renorm": (
+        "glm4_moe", dict(n_group=1, topk_group=1, use_qk_norm=False, attention_bias=False, routed_scaling_factor=1.0,
+                         norm_topk_prob=False, n_shared_experts=1)),
 }
 
 
@@ -190,6 +197,8 @@ QUANTIZABLE = {
     "qwen3_moe": dict(head_dim=32, moe_intermediate_size=64, intermediate_size=128),
     "qwen2_moe": dict(moe_intermediate_size=64, shared_expert_intermediate_size=128, intermediate_size=128),
     "olmoe": dict(intermediate_size=64),
+    "phimoe": dict(intermediate_size=64),
+    "glm4_moe": dict(moe_intermediate_size=32, n_shared_experts=2, intermediate_size=128),
 }
 
 
@@ -313,6 +322,44 @@ HUB_CONFIGS = {
         "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
         "vocab_size": 32000,
     },
+    # The 64-value longrope factor lists stand in for the published ones (same length and kind); every other field is
+    # as published.
+    "microsoft/Phi-3.5-MoE-instruct": {
+        "architectures": ["PhiMoEForCausalLM"], "attention_bias": True, "attention_dropout": 0.0, "bos_token_id": 1,
+        "eos_token_id": 32000, "hidden_act": "silu", "hidden_dropout": 0.0, "hidden_size": 4096,
+        "initializer_range": 0.02, "input_jitter_noise": 0.01, "intermediate_size": 6400, "lm_head_bias": True,
+        "max_position_embeddings": 131072, "model_type": "phimoe", "num_attention_heads": 32, "num_experts_per_tok": 2,
+        "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 16,
+        "original_max_position_embeddings": 4096, "output_router_logits": False, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"long_factor": [1.0 + i / 32 for i in range(64)], "long_mscale": 1.243163121016122,
+                         "original_max_position_embeddings": 4096, "short_factor": [1.0 + i / 64 for i in range(64)],
+                         "short_mscale": 1.243163121016122, "type": "longrope"},
+        "rope_theta": 10000.0, "router_aux_loss_coef": 0.0, "router_jitter_noise": 0.01, "sliding_window": 131072,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.43.3", "use_cache": True,
+        "vocab_size": 32064,
+    },
+    "zai-org/GLM-4.5-Air": {
+        "architectures": ["Glm4MoeForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+        "pad_token_id": 151329, "eos_token_id": [151329, 151336, 151338], "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 4096, "partial_rotary_factor": 0.5, "initializer_range": 0.02, "intermediate_size": 10944,
+        "max_position_embeddings": 131072, "model_type": "glm4_moe", "moe_intermediate_size": 1408,
+        "norm_topk_prob": True, "num_attention_heads": 96, "n_group": 1, "topk_group": 1, "n_routed_experts": 128,
+        "n_shared_experts": 1, "routed_scaling_factor": 1.0, "num_experts_per_tok": 8, "first_k_dense_replace": 1,
+        "num_hidden_layers": 46, "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_scaling": None,
+        "rope_theta": 1000000, "num_nextn_predict_layers": 1, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.54.0", "use_cache": True, "use_qk_norm": False, "vocab_size": 151552,
+    },
+    "zai-org/GLM-4.5": {
+        "architectures": ["Glm4MoeForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+        "pad_token_id": 151329, "eos_token_id": [151329, 151336, 151338], "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 5120, "partial_rotary_factor": 0.5, "initializer_range": 0.02, "intermediate_size": 12288,
+        "max_position_embeddings": 131072, "model_type": "glm4_moe", "moe_intermediate_size": 1536,
+        "norm_topk_prob": True, "num_attention_heads": 96, "n_group": 1, "topk_group": 1, "n_routed_experts": 160,
+        "n_shared_experts": 1, "routed_scaling_factor": 2.5, "num_experts_per_tok": 8, "first_k_dense_replace": 3,
+        "num_hidden_layers": 92, "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_scaling": None,
+        "rope_theta": 1000000, "num_nextn_predict_layers": 1, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.54.0", "use_cache": True, "use_qk_norm": True, "vocab_size": 151552,
+    },
 }
 
 
@@ -330,7 +377,8 @@ def test_hub_config_maps_to_the_structure_transformers_builds(checkpoint):
     assert ours.num_layers == len(layers)
     assert ours.top_k == hf["num_experts_per_tok"]
     assert ours.rope_theta == reference_config.rope_parameters["rope_theta"]
-    assert ours.norm_topk_prob == (hf["model_type"] == "mixtral" or reference_config.norm_topk_prob)
+    assert ours.norm_topk_prob == getattr(reference_config, "norm_topk_prob", True)
+    assert_rope_matches(ours, reference)
     for index, layer in enumerate(layers):
         attn = layer.self_attn
         assert tuple(attn.q_proj.weight.shape) == (ours.num_heads * ours.head_dim, ours.hidden_size)
@@ -345,8 +393,48 @@ def test_hub_config_maps_to_the_structure_transformers_builds(checkpoint):
             assert not hasattr(mlp, "experts") and mlp.gate_proj.out_features == ours.dense_ffn
             continue
         assert tuple(mlp.experts.gate_up_proj.shape) == (ours.num_experts, 2 * ours.expert_ffn, ours.hidden_size)
-        shared = getattr(mlp, "shared_expert", None)
+        shared = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
         assert (0 if shared is None else shared.gate_proj.out_features) == ours.shared_expert_ffn
+        assert ours.shared_expert_gated == hasattr(mlp, "shared_expert_gate")
+        router = getattr(mlp, "gate", None) or mlp.router
+        assert ours.score_correction_bias == hasattr(router, "e_score_correction_bias")
+        assert (ours.n_group, ours.topk_group) == (getattr(router, "num_group", 1), getattr(router, "topk_group", 1))
+        assert ours.routed_scaling_factor == getattr(router, "routed_scaling_factor", 1.0)
+    norm = reference.model.norm
+    assert ours.norm == ("layer" if isinstance(norm, torch.nn.LayerNorm) else "rms")
+    assert ours.lm_head_bias == (reference.lm_head.bias is not None)
+
+
+def assert_rope_matches(ours: ModelConfig, reference) -> None:
+    """Our cos and sin tables against the model's own rotary embedding (built off the meta device), at positions
+    on both sides of a scaled embedding's pretraining length."""
+    from moe_offload.model import rotary
+
+    rotary_emb = type(reference.model.rotary_emb)(reference.config)
+    end = ours.rope_scaling.original_max_position if ours.rope_scaling else 4096
+    positions = torch.tensor([0, 1, 17, end - 1])
+    cos, sin = rotary_emb(torch.zeros(1, dtype=torch.float32), positions[None])
+    expected_cos, expected_sin = rotary(positions, ours.rotary_dim, ours.rope_theta, ours.rope_scaling)
+    assert torch.allclose(cos[0], expected_cos, atol=1e-5) and torch.allclose(sin[0], expected_sin, atol=1e-5)
+
+
+def test_longrope_positions_past_the_pretraining_length_use_the_long_factors():
+    """Phi-3.5-MoE beyond original_max_position_embeddings (4096), as Microsoft's modeling code and transformers'
+    dense Phi-3 compute it: the long factors and long_mscale. (transformers' PhimoeRotaryEmbedding keeps the short
+    factors at every length; below the boundary, where the tiny checkpoints' prompts stay, both agree.)"""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from moe_offload.model import rotary
+
+    hf = HUB_CONFIGS["microsoft/Phi-3.5-MoE-instruct"]
+    ours = ModelConfig.from_hf(hf)
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](AutoConfig.for_model(**hf), "cpu", seq_len=4097)
+    positions = torch.tensor([4095, 4096, 5000, 100000])
+    angles = positions[:, None].float() * inv_freq
+    expected = torch.cat([angles, angles], dim=-1).cos() * hf["rope_scaling"]["long_mscale"]
+    cos, _ = rotary(positions, ours.rotary_dim, ours.rope_theta, ours.rope_scaling)
+    assert not torch.allclose(cos[0], expected[0], atol=1e-3) and torch.equal(cos[1:], expected[1:])
 
 
 def test_qwen3_30b_a3b_config_reads_as_the_issue_describes_it():
@@ -394,13 +482,13 @@ def test_planner_fills_qwen3_30b_a3b_budgets_as_the_readme_states(expert_bits, b
 
 def test_unsupported_model_type_is_one_error_line_naming_the_supported_ones(tmp_path):
     config = json.loads((SHIPPED_MODEL / "config.json").read_text())
-    config["model_type"] = "deepseek_v3"
+    config["model_type"] = "dbrx"
     (tmp_path / "config.json").write_text(json.dumps(config))
     result = subprocess.run([sys.executable, "-m", "moe_offload.cli", "generate", "--model", str(tmp_path), "--prompt", "hi"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "'deepseek_v3'" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "'dbrx'" in lines[0]
     assert all(model_type in lines[0] for model_type in SUPPORTED_MODEL_TYPES)
     assert result.stdout == ""
 
@@ -573,6 +661,69 @@ def test_cli_chat_renders_turns_with_the_qwen3_template(tmp_path, monkeypatch, c
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\nand again\n"))
     assert main(["chat", "--model", str(folder), "--device", "cpu", "--max-tokens", "10"]) == 0
     assert capsys.readouterr().out == "".join(f"> {reply}\n" for reply in replies) + "> "
+
+
+# Chat formats of the newer families: (special tokens, end of turn, template). Phi-3.5-MoE-instruct's template as we
+# recall it; GLM-4.5's format abridged (its template also renders tools and reasoning). Both are rendered by the same
+# code as the Qwen templates above, checked verbatim against apply_chat_template.
+PHI35_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
+    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+    "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+GLM45_STYLE_CHAT_TEMPLATE = (
+    "[gMASK]<sop>{% for m in messages %}{% if m.role == 'system' %}<|system|>\n{{ m.content }}"
+    "{% elif m.role == 'user' %}<|user|>\n{{ m.content }}{% elif m.role == 'assistant' %}<|assistant|>\n"
+    "<think></think>\n{{ m.content }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+FAMILY_CHATS = {
+    "phimoe": (["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "<|end|>", PHI35_CHAT_TEMPLATE),
+    "glm4_moe": (["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>"], "<|user|>", GLM45_STYLE_CHAT_TEMPLATE),
+}
+
+
+def write_chat_tokenizer(folder, special_tokens: list[str], end_of_turn: str, chat_template: str) -> None:
+    """The shipped tokenizer with a family's special tokens added (ids from 8192) and its chat template."""
+    tokenizer = HFTokenizer.from_file(str(SHIPPED_MODEL / "tokenizer.json"))
+    tokenizer.add_special_tokens(special_tokens)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "TokenizersBackend", "bos_token": None, "eos_token": end_of_turn, "unk_token": None,
+        "chat_template": chat_template}))
+
+
+@pytest.mark.parametrize("model_type", FAMILY_CHATS)
+def test_family_chat_and_serve_run_with_its_chat_template(tmp_path, model_type, monkeypatch, capsys):
+    """The template renders as transformers renders it; `chat` answers each turn with the greedy completion of the
+    rendered conversation; `serve` answers a chat completion with the same text."""
+    import httpx
+    from transformers import AutoTokenizer
+
+    from test_server import running_server
+
+    specials, end_of_turn, template = FAMILY_CHATS[model_type]
+    folder = write_tiny_family(tmp_path / model_type, model_type, vocab_size=8256)   # room for the special tokens
+    write_chat_tokenizer(folder, specials, end_of_turn, template)
+    engine = load_engine(folder)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a sorting algorithm."}]
+    expected_ids = AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, add_generation_prompt=True)
+    expected_ids = list(expected_ids["input_ids"] if hasattr(expected_ids, "keys") else expected_ids)
+    assert engine.tokenizer.encode_chat(messages) == expected_ids and expected_ids[0] >= 8192
+
+    params = SamplingParams(max_new_tokens=10)
+    reply = engine.stream(engine.tokenizer.encode_chat(messages[1:]), params).text()
+    monkeypatch.setattr("sys.stdin", io.StringIO("Name a sorting algorithm.\n"))
+    assert main(["chat", "--model", str(folder), "--device", "cpu", "--max-tokens", "10"]) == 0
+    assert capsys.readouterr().out == f"> {reply}\n> "
+
+    answer = engine.stream(engine.tokenizer.encode_chat(messages), params).text()
+    with running_server("--model", str(folder)) as server:
+        response = httpx.post(f"{server.url}/v1/chat/completions", timeout=120,
+                              json={"model": folder.name, "messages": messages, "max_tokens": 10, "temperature": 0})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == answer
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)

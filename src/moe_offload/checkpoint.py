@@ -14,6 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -28,14 +29,21 @@ class CheckpointError(UserError):
     pass
 
 
-# Family -> (MoE block prefix, routed expert weight names for w1, w2, w3)
-_MOE_NAMES = {
-    "mixtral": ("block_sparse_moe", ("w1", "w2", "w3")),
-    "qwen2_moe": ("mlp", ("gate_proj", "down_proj", "up_proj")),
-    "qwen3_moe": ("mlp", ("gate_proj", "down_proj", "up_proj")),
-    "olmoe": ("mlp", ("gate_proj", "down_proj", "up_proj")),
-}
+class MoeNames(NamedTuple):
+    block: str                       # the MoE block's prefix in a layer
+    experts: tuple[str, str, str]    # routed expert weight names for w1, w2, w3
+    shared: str = "shared_expert"    # the shared expert's prefix in the block
+
+
 _MLP_NAMES = ("gate_proj", "down_proj", "up_proj")  # dense MLPs and shared experts: w1, w2, w3
+_MOE_NAMES = {
+    "mixtral": MoeNames("block_sparse_moe", ("w1", "w2", "w3")),
+    "qwen2_moe": MoeNames("mlp", _MLP_NAMES),
+    "qwen3_moe": MoeNames("mlp", _MLP_NAMES),
+    "olmoe": MoeNames("mlp", _MLP_NAMES),
+    "phimoe": MoeNames("block_sparse_moe", ("w1", "w2", "w3")),
+    "glm4_moe": MoeNames("mlp", _MLP_NAMES, shared="shared_experts"),
+}
 
 
 def layer_prefix(layer: int) -> str:
@@ -43,7 +51,7 @@ def layer_prefix(layer: int) -> str:
 
 
 def expert_tensor_names(config: ModelConfig, layer: int, expert_id: int) -> tuple[str, str, str]:
-    block, names = _MOE_NAMES[config.model_type]
+    block, names, _ = _MOE_NAMES[config.model_type]
     return tuple(f"{layer_prefix(layer)}.{block}.experts.{expert_id}.{n}.weight" for n in names)
 
 
@@ -58,14 +66,20 @@ def _mlp_shapes(hidden: int, ffn: int) -> tuple[tuple[int, int], ...]:
 def dense_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every non-expert tensor of the checkpoint: hub name -> shape."""
     c = config
-    shapes = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size), "model.norm.weight": (c.hidden_size,)}
+    norms = ("weight", "bias") if c.norm == "layer" else ("weight",)
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size)}
+    shapes.update({f"model.norm.{n}": (c.hidden_size,) for n in norms})
     if not c.tie_word_embeddings:
         shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    if c.lm_head_bias:
+        shapes["lm_head.bias"] = (c.vocab_size,)
     q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    names = _MOE_NAMES[c.model_type]
     for i in range(c.num_layers):
         p = layer_prefix(i)
-        shapes[f"{p}.input_layernorm.weight"] = (c.hidden_size,)
-        shapes[f"{p}.post_attention_layernorm.weight"] = (c.hidden_size,)
+        for n in norms:
+            shapes[f"{p}.input_layernorm.{n}"] = (c.hidden_size,)
+            shapes[f"{p}.post_attention_layernorm.{n}"] = (c.hidden_size,)
         for proj, out in (("q", q_out), ("k", kv_out), ("v", kv_out)):
             shapes[f"{p}.self_attn.{proj}_proj.weight"] = (out, c.hidden_size)
             if c.qkv_bias:
@@ -83,12 +97,14 @@ def dense_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             for name, shape in zip(_MLP_NAMES, _mlp_shapes(c.hidden_size, c.dense_ffn)):
                 shapes[f"{p}.mlp.{name}.weight"] = shape
             continue
-        block = _MOE_NAMES[c.model_type][0]
-        shapes[f"{p}.{block}.gate.weight"] = (c.num_experts, c.hidden_size)
+        shapes[f"{p}.{names.block}.gate.weight"] = (c.num_experts, c.hidden_size)
+        if c.score_correction_bias:
+            shapes[f"{p}.{names.block}.gate.e_score_correction_bias"] = (c.num_experts,)
         if c.shared_expert_ffn:
             for name, shape in zip(_MLP_NAMES, _mlp_shapes(c.hidden_size, c.shared_expert_ffn)):
-                shapes[f"{p}.mlp.shared_expert.{name}.weight"] = shape
-            shapes[f"{p}.mlp.shared_expert_gate.weight"] = (1, c.hidden_size)
+                shapes[f"{p}.{names.block}.{names.shared}.{name}.weight"] = shape
+        if c.shared_expert_gated:
+            shapes[f"{p}.{names.block}.shared_expert_gate.weight"] = (1, c.hidden_size)
     return shapes
 
 
@@ -145,8 +161,8 @@ class Checkpoint:
         """All non-expert weights on `device` in `dtype`. `progress(n)` is told of each tensor read."""
         shapes = dense_tensor_shapes(self.config)
 
-        def get(name):
-            t = self.dense_tensor(name, shapes[name], device, dtype)
+        def get(name, as_dtype=dtype):
+            t = self.dense_tensor(name, shapes[name], device, as_dtype)
             if progress:
                 progress(1)
             return t
@@ -158,7 +174,7 @@ class Checkpoint:
             return Expert(*(get(f"{prefix}.{n}.weight") for n in _MLP_NAMES))
 
         cfg = self.config
-        block = _MOE_NAMES[cfg.model_type][0]
+        block, _, shared = _MOE_NAMES[cfg.model_type]
         layers = []
         for i in range(cfg.num_layers):
             p = layer_prefix(i)
@@ -175,14 +191,19 @@ class Checkpoint:
                 k_norm=opt(f"{p}.self_attn.k_norm.weight"),
             )
             dense = i in cfg.dense_layers
+            correction = f"{p}.{block}.gate.e_score_correction_bias"
             layers.append(LayerWeights(
                 attn_norm=get(f"{p}.input_layernorm.weight"),
                 attn=attn,
                 mlp_norm=get(f"{p}.post_attention_layernorm.weight"),
                 router=None if dense else get(f"{p}.{block}.gate.weight"),
                 dense_mlp=mlp(f"{p}.mlp") if dense else None,
-                shared_expert=mlp(f"{p}.mlp.shared_expert") if cfg.shared_expert_ffn and not dense else None,
-                shared_expert_gate=opt(f"{p}.mlp.shared_expert_gate.weight"),
+                shared_expert=mlp(f"{p}.{block}.{shared}") if cfg.shared_expert_ffn and not dense else None,
+                shared_expert_gate=opt(f"{p}.{block}.shared_expert_gate.weight"),
+                attn_norm_bias=opt(f"{p}.input_layernorm.bias"),
+                mlp_norm_bias=opt(f"{p}.post_attention_layernorm.bias"),
+                # the correction decides between near-equal sigmoid scores: kept in fp32, as transformers keeps it
+                score_correction=get(correction, torch.float32) if correction in shapes else None,
             ))
         embed = get("model.embed_tokens.weight")
         return ModelWeights(
@@ -190,6 +211,8 @@ class Checkpoint:
             layers=layers,
             norm=get("model.norm.weight"),
             lm_head=embed if cfg.tie_word_embeddings else get("lm_head.weight"),
+            norm_bias=opt("model.norm.bias"),
+            lm_head_bias=opt("lm_head.bias"),
         )
 
     def dense_tensor(self, name: str, shape: tuple[int, ...], device, dtype):

@@ -16,6 +16,7 @@ captured once as CUDA graphs and replayed for every token (step.py).
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import ops
 from .ops import apply_rotary, rms_norm, route
-from .config import ModelConfig
+from .config import ModelConfig, RopeScaling
 from .experts import Expert, ExpertBatch, ExpertFormat, ExpertProvider
 
 
@@ -45,12 +46,42 @@ def swiglu(mlp: Expert, x: torch.Tensor) -> torch.Tensor:
     return linear(F.silu(linear(x, mlp.w1)) * linear(x, mlp.w3), mlp.w2)
 
 
-def rotary(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for `positions` (T,), each (T, head_dim), half-split layout (rotate_half)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+def rotary(positions: torch.Tensor, head_dim: int, theta: float,
+           scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for `positions` (T,), each (T, head_dim), half-split layout (rotate_half); `scaling` as
+    config.RopeScaling describes it (longrope: each position with the factors of its side of the boundary).
+    Frequencies are computed as transformers computes them, in the same order: far positions amplify their rounding."""
+    wavelengths = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    if scaling is None:
+        return _cos_sin(positions, 1.0 / wavelengths, 1.0)
+    if scaling.kind == "yarn":
+        return _cos_sin(positions, _yarn_frequencies(wavelengths, head_dim, theta, scaling), scaling.attention_factor)
+    short = _cos_sin(positions, 1.0 / (wavelengths.new_tensor(scaling.short_factor) * wavelengths), scaling.short_mscale)
+    long = _cos_sin(positions, 1.0 / (wavelengths.new_tensor(scaling.long_factor) * wavelengths), scaling.long_mscale)
+    beyond = (positions >= scaling.original_max_position)[:, None]
+    return torch.where(beyond, long[0], short[0]), torch.where(beyond, long[1], short[1])
+
+
+def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     angles = positions.float()[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    return angles.cos() * scale, angles.sin() * scale
+
+
+def _yarn_frequencies(wavelengths: torch.Tensor, dim: int, theta: float, s: RopeScaling) -> torch.Tensor:
+    """YaRN: frequencies that turn more than beta_fast times over the pretraining length are kept, those that turn
+    less than beta_slow times are divided by the factor, and the ones between blend linearly."""
+    def turns_to_dim(turns):
+        return dim * math.log(s.original_max_position / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = turns_to_dim(s.beta_fast), turns_to_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=wavelengths.device) - low)
+            / (high - low if high != low else 0.001)).clamp(0, 1)
+    kept = 1 - ramp
+    return 1.0 / (s.factor * wavelengths) * (1 - kept) + 1.0 / wavelengths * kept
 
 
 @dataclass
@@ -74,8 +105,11 @@ class LayerWeights:
     mlp_norm: torch.Tensor
     router: torch.Tensor | None = None         # (num_experts, hidden); None in dense layers
     dense_mlp: Expert | None = None            # dense layers only
-    shared_expert: Expert | None = None        # qwen2_moe
-    shared_expert_gate: torch.Tensor | None = None  # (1, hidden)
+    shared_expert: Expert | None = None        # qwen2_moe, glm4_moe
+    shared_expert_gate: torch.Tensor | None = None  # (1, hidden); None: the shared expert is not gated
+    attn_norm_bias: torch.Tensor | None = None      # LayerNorm's (config.norm "layer")
+    mlp_norm_bias: torch.Tensor | None = None
+    score_correction: torch.Tensor | None = None    # (num_experts,) fp32, config.score_correction_bias
 
 
 @dataclass
@@ -84,13 +118,15 @@ class ModelWeights:
     layers: list[LayerWeights]
     norm: torch.Tensor
     lm_head: object          # (vocab, hidden)
+    norm_bias: torch.Tensor | None = None
+    lm_head_bias: torch.Tensor | None = None
 
 
 @dataclass
 class KVCache:
     keys: list[torch.Tensor]    # per layer: (batch, kv_heads, max_len, head_dim)
     values: list[torch.Tensor]
-    rope: tuple[torch.Tensor, torch.Tensor]   # cos, sin (max_len, head_dim) fp32: rotary(arange(max_len)), made once
+    rope: tuple[torch.Tensor, torch.Tensor]   # cos, sin (max_len, rotary_dim) fp32: rotary(arange(max_len)), made once
 
     @property
     def max_len(self) -> int:
@@ -102,7 +138,7 @@ class KVCache:
         return cls(
             keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)],
             values=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)],
-            rope=rotary(torch.arange(max_len, device=device), config.head_dim, config.rope_theta),
+            rope=rotary(torch.arange(max_len, device=device), config.rotary_dim, config.rope_theta, config.rope_scaling),
         )
 
     @staticmethod
@@ -112,7 +148,7 @@ class KVCache:
 
 
 def own_routing(layer: int, logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The default router of every MoE layer: `route` on the layer's own gate logits."""
+    """Softmax top-k routing on the layer's own gate logits (config.routing "softmax"), for callers without a model."""
     return route(logits, top_k, renormalize)
 
 
@@ -137,13 +173,13 @@ def expert_outputs(expert_format: ExpertFormat, batch: ExpertBatch, x: torch.Ten
 
 
 class Transformer:
-    def __init__(self, config: ModelConfig, weights: ModelWeights, provider: ExpertProvider, router=own_routing):
+    def __init__(self, config: ModelConfig, weights: ModelWeights, provider: ExpertProvider, router=None):
         # router(layer, logits (T, E), top_k, renormalize) -> (weights, ids); benchmarks replace it
-        # to replay recorded routing (bench/routing.py); everything else keeps `own_routing`.
+        # to replay recorded routing (bench/routing.py); everything else keeps the config's (`route`).
         self.config = config
         self.weights = weights
         self.provider = provider
-        self.router = router
+        self.router = router or self.route
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, cache: KVCache, start_pos: int | torch.Tensor,
@@ -165,12 +201,29 @@ class Transformer:
         h = w.embed[tokens]
         with sdpa_kernel(ATTENTION_BACKENDS):
             for index, layer in enumerate(w.layers):
-                x = rms_norm(h, layer.attn_norm, cfg.rms_norm_eps)
+                x = self._norm(h, layer.attn_norm, layer.attn_norm_bias)
                 h = h + self._attention(index, layer, x, cache, start_pos, positions, rope, mask)
                 h = h + self._mlp(index, layer, h)
         if last_only:
             h = h[:, -1:]
-        return linear(rms_norm(h, w.norm, cfg.rms_norm_eps), w.lm_head).float()
+        return linear(self._norm(h, w.norm, w.norm_bias), w.lm_head, w.lm_head_bias).float()
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.config.norm == "layer":
+            return F.layer_norm(x, (x.shape[-1],), weight, bias, self.config.rms_norm_eps)
+        return rms_norm(x, weight, self.config.rms_norm_eps)
+
+    def route(self, layer: int, logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The config's routing of a MoE layer's gate logits (T, E) -> fp32 weights and int64 ids (T, top_k)."""
+        cfg = self.config
+        if cfg.routing == "sparsemixer":
+            weights, ids = ops.route_sparsemixer(logits, cfg.router_jitter)
+        elif cfg.routing == "sigmoid_groups":
+            weights, ids = ops.route_grouped(logits, top_k, cfg.n_group, cfg.topk_group, renormalize,
+                                             self.weights.layers[layer].score_correction)
+        else:
+            weights, ids = route(logits, top_k, renormalize)
+        return (weights if cfg.routed_scaling_factor == 1 else weights * cfg.routed_scaling_factor), ids
 
     def _attention_mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor | None:
         """(T, kv_len) booleans: query at position p sees keys at p - window < j <= p.
@@ -220,14 +273,15 @@ class Transformer:
         return linear(out, a.wo, a.bo)
 
     def _mlp(self, index, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
-        x = rms_norm(h, layer.mlp_norm, self.config.rms_norm_eps)
+        x = self._norm(h, layer.mlp_norm, layer.mlp_norm_bias)
         if layer.dense_mlp is not None:
             return swiglu(layer.dense_mlp, x)
         shape = x.shape
         x, residual = x.reshape(-1, shape[-1]), h.reshape(-1, shape[-1])
         y = self._routed_experts(index, layer, x, residual)
         if layer.shared_expert is not None:
-            y = y + torch.sigmoid(linear(x, layer.shared_expert_gate)) * swiglu(layer.shared_expert, x)
+            shared = swiglu(layer.shared_expert, x)
+            y = y + (shared if layer.shared_expert_gate is None else torch.sigmoid(linear(x, layer.shared_expert_gate)) * shared)
         return y.view(shape)
 
     def _routed_experts(self, index, layer: LayerWeights, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

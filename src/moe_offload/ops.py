@@ -2,6 +2,8 @@
 
     y = rms_norm(x, weight, eps)                                  # weight None: x / rms(x)
     weights, ids = route(logits, top_k, renormalize)              # softmax, top-k, renormalise
+    weights, ids = route_sparsemixer(logits, jitter)              # phimoe (torch only)
+    weights, ids = route_grouped(logits, top_k, groups, ...)      # sigmoid scores, group-limited top-k (torch only)
     q = rotate_and_cache(q, k, v, rope, position, keys, values)   # RoPE on q and k, k and v into the KV cache
     out = decode_attention(q, keys, values, position, window)     # one new token against the KV cache
     y = combine(picked, weights)                                  # each token's top-k outputs, weighted, summed
@@ -63,8 +65,49 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Te
     return weights, ids
 
 
+def route_sparsemixer(logits: torch.Tensor, jitter: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phi-3.5-MoE's sparsemixer at inference, as transformers computes it: logits (T, E) -> fp32 weights and int64 ids
+    (T, 2). The first expert is the best; its weight is the softmax over the experts whose logit is within
+    2 jitter (relative to max(|logit|, best)) of the best. The second is the best of the others, weighted by the same
+    softmax over the others."""
+    scores = logits.float()
+    weights, ids = [], []
+    masked = scores
+    for _ in range(2):
+        best, choice = masked.max(dim=-1, keepdim=True)
+        far = (best - scores) / scores.abs().clamp(min=best) > 2 * jitter
+        gates = torch.softmax(masked.masked_fill(far, float("-inf")), dim=-1)
+        weights.append(gates.gather(-1, choice))
+        ids.append(choice)
+        masked = masked.scatter(-1, choice, float("-inf"))
+    return torch.cat(weights, dim=-1), torch.cat(ids, dim=-1)
+
+
+def route_grouped(logits: torch.Tensor, top_k: int, groups: int, top_groups: int, renormalize: bool,
+                  correction: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 / GLM-4.5 routing: logits (T, E) -> fp32 weights and int64 ids (T, top_k). Scores are sigmoids;
+    experts are chosen by score + `correction` among the `top_groups` of `groups` equal groups whose two best
+    (corrected) scores sum highest; weights are the chosen scores (without the correction), renormalised to sum
+    to 1 when asked."""
+    scores = logits.float().sigmoid()
+    choice = scores if correction is None else scores + correction
+    tokens, experts = choice.shape
+    group_scores = choice.view(tokens, groups, experts // groups).topk(min(2, experts // groups), dim=-1).values.sum(-1)
+    kept = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_scores.topk(top_groups, dim=-1).indices, True)
+    choice = choice.masked_fill(~kept.repeat_interleave(experts // groups, dim=1), float("-inf"))
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights, ids
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (batch, heads, T, head_dim) rotated by cos, sin (T, head_dim): the half-split layout (rotate_half)."""
+    """x (batch, heads, T, head_dim) rotated by cos, sin (T, rotary_dim): the half-split layout (rotate_half) on the
+    first rotary_dim dimensions of each head (all of them but for partial rotary embeddings); the rest pass."""
+    if cos.shape[-1] < x.shape[-1]:
+        rotary_dim = cos.shape[-1]
+        return torch.cat([apply_rotary(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]], dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
@@ -74,8 +117,9 @@ def rotate_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tu
                      position: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """One token: q (batch, heads, 1, D), k and v (batch, kv_heads, 1, D); rope the cos and sin tables
     (max_len, D) of every position. Writes RoPE(k) and v into keys, values (batch, kv_heads, max_len, D) at
-    `position` (int64 (1,)) and returns RoPE(q), (batch, heads, 1, D)."""
-    if fused(q):
+    `position` (int64 (1,)) and returns RoPE(q), (batch, heads, 1, D). Tables narrower than D (partial rotary
+    embeddings) run in the torch twin."""
+    if fused(q) and rope[0].shape[-1] == q.shape[-1]:
         return _triton_rotate_and_cache(q, k, v, rope, position, keys, values)
     cos, sin = rope[0][position], rope[1][position]
     keys.index_copy_(2, position, apply_rotary(k, cos, sin))
