@@ -54,6 +54,24 @@ TINY_FAMILIES = {
                       topk_group=2, moe_intermediate_size=24, intermediate_size=96, first_k_dense_replace=1,
                       n_shared_experts=2, routed_scaling_factor=2.5, use_qk_norm=True, attention_bias=True,
                       partial_rotary_factor=0.5)),
+    # DeepSeek-V3's: latent attention with a query bottleneck, interleaved yarn rotary (mscale in the softmax scale),
+    # a dense first layer, shared expert, sigmoid routing in groups with the correction bias, renormalised and scaled
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64,
+                         kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16,
+                         num_experts_per_tok=4, n_group=4, topk_group=2, moe_intermediate_size=24, intermediate_size=96,
+                         first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5,
+                         rope_scaling=dict(type="yarn", factor=8.0, original_max_position_embeddings=64,
+                                           beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0))),
+    # DeepSeek-V2's: no query bottleneck, softmax group-limited greedy routing (not renormalised), two shared experts
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                    dict(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
+                         kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16,
+                         num_experts_per_tok=4, n_group=4, topk_group=2, topk_method="group_limited_greedy",
+                         moe_intermediate_size=24, intermediate_size=96, first_k_dense_replace=1, n_shared_experts=2,
+                         routed_scaling_factor=4.0,
+                         rope_scaling=dict(type="yarn", factor=8.0, original_max_position_embeddings=64,
+                                           beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=0.707))),
 }
 
 

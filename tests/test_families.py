@@ -61,6 +61,13 @@ VARIANTS = {
     "glm4_moe-air-like-one-group-no-qk-norm-no-renorm": (
         "glm4_moe", dict(n_group=1, topk_group=1, use_qk_norm=False, attention_bias=False, routed_scaling_factor=1.0,
                          norm_topk_prob=False, n_shared_experts=1)),
+    "deepseek_v3-q-bottleneck-yarn-4-groups": ("deepseek_v3", {}),
+    "deepseek_v3-no-q-bottleneck-halves-rotary-one-group-default-rope": (
+        "deepseek_v3", dict(q_lora_rank=None, rope_interleave=False, n_group=1, topk_group=1, rope_scaling=None,
+                            first_k_dense_replace=0)),
+    "deepseek_v2-group-limited-greedy-yarn": ("deepseek_v2", {}),
+    "deepseek_v2-lite-like-greedy-q-bottleneck": (
+        "deepseek_v2", dict(topk_method="greedy", n_group=1, topk_group=1, q_lora_rank=64, routed_scaling_factor=1.0)),
 }
 
 
@@ -199,6 +206,8 @@ QUANTIZABLE = {
     "olmoe": dict(intermediate_size=64),
     "phimoe": dict(intermediate_size=64),
     "glm4_moe": dict(moe_intermediate_size=32, n_shared_experts=2, intermediate_size=128),
+    "deepseek_v3": dict(moe_intermediate_size=32, n_shared_experts=2, intermediate_size=128),
+    "deepseek_v2": dict(moe_intermediate_size=32, n_shared_experts=2, intermediate_size=128),
 }
 
 
@@ -252,7 +261,8 @@ def test_family_quantized_folder_matches_transformers_on_the_dequantized_weights
     written = load_engine(written_folder)
     cfg = written.config
     for index, layer in enumerate(written.model.weights.layers):
-        assert all(isinstance(w, QuantizedWeight) for w in (layer.attn.wq, layer.attn.wk, layer.attn.wv, layer.attn.wo))
+        a = layer.attn
+        assert all(isinstance(w, QuantizedWeight) for w in (a.wq, a.wk, a.wv, a.wo, a.wq_a, a.wkv_a) if w is not None)
         assert all(b is None or isinstance(b, torch.Tensor) for b in (layer.attn.bq, layer.attn.bo, layer.attn.q_norm))
         mlp = layer.dense_mlp if index in cfg.dense_layers else layer.shared_expert
         assert mlp is None or all(isinstance(w, QuantizedWeight) and w.spec.bits == 4 for w in mlp)
@@ -279,6 +289,29 @@ def test_qwen2_moe_quantize_on_load_equals_the_written_folder(quantized_folder):
     # steps may differ in the last bits.
     assert torch.equal(from_folder[0], on_load[0])
     assert all((a - b).abs().max() <= 1e-5 * b.abs().max() for a, b in zip(from_folder, on_load, strict=True))
+
+
+def test_deepseek_v3_float8_checkpoint_reads_as_transformers_dequantizes_it(tmp_path):
+    """DeepSeek-V3 is published with its projections in float8 e4m3, one fp32 `weight_scale_inv` per 128 x 128 block
+    (here 8 x 8): logits against transformers' own dequantization of the same folder."""
+    from safetensors.torch import load_file, save_file
+
+    folder = write_tiny_family(tmp_path, "deepseek_v3")
+    block = 8
+    tensors = load_file(folder / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(("_proj.weight", "_proj_with_mqa.weight"))]:
+        weight = tensors[name]
+        rows, cols = weight.shape
+        blocks = weight.view(rows // block, block, cols // block, block)
+        scale = blocks.abs().amax(dim=(1, 3)) / 448
+        tensors[name] = (blocks / scale[:, None, :, None]).view(rows, cols).to(torch.float8_e4m3fn)
+        tensors[f"{name}_scale_inv"] = scale.float()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [block, block]}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert_close_to_reference(folder, vocab_size=8192)
 
 
 # config.json of published checkpoints, as the hub writes them (key names differ between families).
@@ -360,6 +393,55 @@ HUB_CONFIGS = {
         "rope_theta": 1000000, "num_nextn_predict_layers": 1, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
         "transformers_version": "4.54.0", "use_cache": True, "use_qk_norm": True, "vocab_size": 151552,
     },
+    "deepseek-ai/DeepSeek-V3": {
+        "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3,
+        "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432,
+        "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v3",
+        "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256,
+        "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128, "num_experts_per_tok": 8,
+        "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "pretraining_tp": 1,
+        "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                "weight_block_size": [128, 128]},
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                         "original_max_position_embeddings": 4096, "type": "yarn"},
+        "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
+        "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+        "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
+    },
+    "deepseek-ai/DeepSeek-V2-Lite": {
+        "architectures": ["DeepseekV2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "aux_loss_alpha": 0.001, "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1,
+        "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 10944,
+        "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v2",
+        "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64,
+        "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 16, "num_experts_per_tok": 6,
+        "num_hidden_layers": 27, "num_key_value_heads": 16, "pretraining_tp": 1, "q_lora_rank": None,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                         "original_max_position_embeddings": 4096, "type": "yarn"},
+        "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax", "seq_aux": True,
+        "tie_word_embeddings": False, "topk_group": 1, "topk_method": "greedy", "torch_dtype": "bfloat16",
+        "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 102400,
+    },
+    "deepseek-ai/DeepSeek-V2": {
+        "architectures": ["DeepseekV2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "aux_loss_alpha": 0.003, "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1,
+        "hidden_act": "silu", "hidden_size": 5120, "initializer_range": 0.02, "intermediate_size": 12288,
+        "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v2",
+        "moe_intermediate_size": 1536, "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 160,
+        "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 128, "num_experts_per_tok": 6,
+        "num_hidden_layers": 60, "num_key_value_heads": 128, "pretraining_tp": 1, "q_lora_rank": 1536,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                         "original_max_position_embeddings": 4096, "type": "yarn"},
+        "rope_theta": 10000, "routed_scaling_factor": 16.0, "scoring_func": "softmax", "seq_aux": True,
+        "tie_word_embeddings": False, "topk_group": 3, "topk_method": "group_limited_greedy",
+        "torch_dtype": "bfloat16", "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128,
+        "vocab_size": 102400,
+    },
 }
 
 
@@ -381,13 +463,10 @@ def test_hub_config_maps_to_the_structure_transformers_builds(checkpoint):
     assert_rope_matches(ours, reference)
     for index, layer in enumerate(layers):
         attn = layer.self_attn
-        assert tuple(attn.q_proj.weight.shape) == (ours.num_heads * ours.head_dim, ours.hidden_size)
-        assert tuple(attn.k_proj.weight.shape) == (ours.num_kv_heads * ours.head_dim, ours.hidden_size)
-        assert (attn.q_proj.bias is not None) == ours.qkv_bias
-        assert (attn.o_proj.bias is not None) == ours.o_bias
-        q_norm = getattr(attn, "q_norm", None)
-        expected_norm = {"none": None, "head": (ours.head_dim,), "full": (ours.num_heads * ours.head_dim,)}[ours.qk_norm]
-        assert (None if q_norm is None else tuple(q_norm.weight.shape)) == expected_norm
+        if ours.kv_lora_rank:
+            assert_latent_attention_matches(ours, attn)
+        else:
+            assert_attention_matches(ours, attn)
         mlp = layer.mlp
         if index in ours.dense_layers:
             assert not hasattr(mlp, "experts") and mlp.gate_proj.out_features == ours.dense_ffn
@@ -405,6 +484,29 @@ def test_hub_config_maps_to_the_structure_transformers_builds(checkpoint):
     assert ours.lm_head_bias == (reference.lm_head.bias is not None)
 
 
+def assert_attention_matches(ours: ModelConfig, attn) -> None:
+    assert tuple(attn.q_proj.weight.shape) == (ours.num_heads * ours.head_dim, ours.hidden_size)
+    assert tuple(attn.k_proj.weight.shape) == (ours.num_kv_heads * ours.head_dim, ours.hidden_size)
+    assert (attn.q_proj.bias is not None) == ours.qkv_bias
+    assert (attn.o_proj.bias is not None) == ours.o_bias
+    q_norm = getattr(attn, "q_norm", None)
+    expected_norm = {"none": None, "head": (ours.head_dim,), "full": (ours.num_heads * ours.head_dim,)}[ours.qk_norm]
+    assert (None if q_norm is None else tuple(q_norm.weight.shape)) == expected_norm
+
+
+def assert_latent_attention_matches(ours: ModelConfig, attn) -> None:
+    """Every projection's shape as dense_tensor_shapes has it, the softmax scale (YaRN's mscale folded in), and
+    whether rotary pairs are interleaved."""
+    shapes = {name.rsplit(".", 2)[-2]: shape for name, shape in dense_tensor_shapes(ours).items()
+              if name.startswith("model.layers.0.self_attn.")}
+    modules = {name: getattr(attn, name) for name in ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj",
+                                                       "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")}
+    assert shapes == {name: tuple(m.weight.shape) for name, m in modules.items() if m is not None}
+    assert ours.attention_scale == pytest.approx(attn.scaling, rel=1e-12)
+    assert ours.rope_interleave == getattr(attn.config, "rope_interleave", True)
+    assert ours.v_head_dim == attn.v_head_dim and ours.rotary_dim == attn.qk_rope_head_dim
+
+
 def assert_rope_matches(ours: ModelConfig, reference) -> None:
     """Our cos and sin tables against the model's own rotary embedding (built off the meta device), at positions
     on both sides of a scaled embedding's pretraining length."""
@@ -413,7 +515,10 @@ def assert_rope_matches(ours: ModelConfig, reference) -> None:
     rotary_emb = type(reference.model.rotary_emb)(reference.config)
     end = ours.rope_scaling.original_max_position if ours.rope_scaling else 4096
     positions = torch.tensor([0, 1, 17, end - 1])
-    cos, sin = rotary_emb(torch.zeros(1, dtype=torch.float32), positions[None])
+    table = rotary_emb(torch.zeros(1, dtype=torch.float32), positions[None])
+    if torch.is_tensor(table):      # DeepSeek-V2: e^(i angle), one per rotary pair
+        table = torch.cat([table.real] * 2, dim=-1), torch.cat([table.imag] * 2, dim=-1)
+    cos, sin = table
     expected_cos, expected_sin = rotary(positions, ours.rotary_dim, ours.rope_theta, ours.rope_scaling)
     assert torch.allclose(cos[0], expected_cos, atol=1e-5) and torch.allclose(sin[0], expected_sin, atol=1e-5)
 
@@ -664,8 +769,8 @@ def test_cli_chat_renders_turns_with_the_qwen3_template(tmp_path, monkeypatch, c
 
 
 # Chat formats of the newer families: (special tokens, end of turn, template). Phi-3.5-MoE-instruct's template as we
-# recall it; GLM-4.5's format abridged (its template also renders tools and reasoning). Both are rendered by the same
-# code as the Qwen templates above, checked verbatim against apply_chat_template.
+# recall it; GLM-4.5's and DeepSeek's formats abridged (their templates also render tools and reasoning). All are
+# rendered by the same code as the Qwen templates above, which are checked verbatim against apply_chat_template.
 PHI35_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
     "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
@@ -678,9 +783,24 @@ GLM45_STYLE_CHAT_TEMPLATE = (
     "{% elif m.role == 'user' %}<|user|>\n{{ m.content }}{% elif m.role == 'assistant' %}<|assistant|>\n"
     "<think></think>\n{{ m.content }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+DEEPSEEK_V3_STYLE_CHAT_TEMPLATE = (
+    "<｜begin▁of▁sentence｜>{% for m in messages %}{% if m.role == 'system' %}{{ m.content }}{% elif m.role == 'user' %}"
+    "<｜User｜>{{ m.content }}{% elif m.role == 'assistant' %}<｜Assistant｜>{{ m.content }}<｜end▁of▁sentence｜>"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}"
+)
+DEEPSEEK_V2_STYLE_CHAT_TEMPLATE = (
+    "<｜begin▁of▁sentence｜>{% for m in messages %}{% if m.role == 'system' %}{{ m.content + '\n\n' }}"
+    "{% elif m.role == 'user' %}{{ 'User: ' + m.content + '\n\n' }}{% elif m.role == 'assistant' %}"
+    "{{ 'Assistant: ' + m.content + '<｜end▁of▁sentence｜>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
 FAMILY_CHATS = {
     "phimoe": (["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "<|end|>", PHI35_CHAT_TEMPLATE),
     "glm4_moe": (["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>"], "<|user|>", GLM45_STYLE_CHAT_TEMPLATE),
+    "deepseek_v3": (["<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"],
+                    "<｜end▁of▁sentence｜>", DEEPSEEK_V3_STYLE_CHAT_TEMPLATE),
+    "deepseek_v2": (["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"], "<｜end▁of▁sentence｜>",
+                    DEEPSEEK_V2_STYLE_CHAT_TEMPLATE),
 }
 
 

@@ -43,6 +43,8 @@ _MOE_NAMES = {
     "olmoe": MoeNames("mlp", _MLP_NAMES),
     "phimoe": MoeNames("block_sparse_moe", ("w1", "w2", "w3")),
     "glm4_moe": MoeNames("mlp", _MLP_NAMES, shared="shared_experts"),
+    "deepseek_v3": MoeNames("mlp", _MLP_NAMES, shared="shared_experts"),
+    "deepseek_v2": MoeNames("mlp", _MLP_NAMES, shared="shared_experts"),
 }
 
 
@@ -80,11 +82,13 @@ def dense_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         for n in norms:
             shapes[f"{p}.input_layernorm.{n}"] = (c.hidden_size,)
             shapes[f"{p}.post_attention_layernorm.{n}"] = (c.hidden_size,)
-        for proj, out in (("q", q_out), ("k", kv_out), ("v", kv_out)):
+        if c.kv_lora_rank:
+            shapes.update(_latent_attention_shapes(c, f"{p}.self_attn"))
+        for proj, out in () if c.kv_lora_rank else (("q", q_out), ("k", kv_out), ("v", kv_out)):
             shapes[f"{p}.self_attn.{proj}_proj.weight"] = (out, c.hidden_size)
             if c.qkv_bias:
                 shapes[f"{p}.self_attn.{proj}_proj.bias"] = (out,)
-        shapes[f"{p}.self_attn.o_proj.weight"] = (c.hidden_size, q_out)
+        shapes[f"{p}.self_attn.o_proj.weight"] = (c.hidden_size, c.num_heads * (c.v_head_dim or c.head_dim))
         if c.o_bias:
             shapes[f"{p}.self_attn.o_proj.bias"] = (c.hidden_size,)
         if c.qk_norm == "head":
@@ -106,6 +110,20 @@ def dense_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         if c.shared_expert_gated:
             shapes[f"{p}.{names.block}.shared_expert_gate.weight"] = (1, c.hidden_size)
     return shapes
+
+
+def _latent_attention_shapes(c: ModelConfig, prefix: str) -> dict[str, tuple[int, ...]]:
+    q_out = c.num_heads * c.head_dim
+    if c.q_lora_rank:
+        shapes = {f"{prefix}.q_a_proj.weight": (c.q_lora_rank, c.hidden_size),
+                  f"{prefix}.q_a_layernorm.weight": (c.q_lora_rank,),
+                  f"{prefix}.q_b_proj.weight": (q_out, c.q_lora_rank)}
+    else:
+        shapes = {f"{prefix}.q_proj.weight": (q_out, c.hidden_size)}
+    nope = c.head_dim - c.rotary_dim
+    return shapes | {f"{prefix}.kv_a_proj_with_mqa.weight": (c.kv_lora_rank + c.rotary_dim, c.hidden_size),
+                     f"{prefix}.kv_a_layernorm.weight": (c.kv_lora_rank,),
+                     f"{prefix}.kv_b_proj.weight": (c.num_heads * (nope + c.v_head_dim), c.kv_lora_rank)}
 
 
 @dataclass
@@ -151,7 +169,19 @@ class Checkpoint:
             raise CheckpointError(
                 f"{path}: tensor {name!r} has shape {list(t.shape)}, but config.json implies {list(shape)}"
             )
+        if t.dtype == torch.float8_e4m3fn:
+            return self._dequantize_fp8(name, t)
         return t
+
+    def _dequantize_fp8(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3's published weights: float8 e4m3 times `{name}_scale_inv`, one fp32 scale per block of
+        quantization_config's weight_block_size (128 x 128; edge blocks smaller) -> fp32, exactly."""
+        block = self.hf_config.get("quantization_config", {}).get("weight_block_size", (128, 128))
+        rows, cols = weight.shape
+        grid = (-(-rows // block[0]), -(-cols // block[1]))
+        scale = self.tensor(f"{name}_scale_inv", grid).float()
+        scale = scale.repeat_interleave(block[0], dim=0)[:rows].repeat_interleave(block[1], dim=1)[:, :cols]
+        return weight.float() * scale
 
     def expert(self, layer: int, expert_id: int) -> Expert:
         names = expert_tensor_names(self.config, layer, expert_id)
@@ -178,7 +208,7 @@ class Checkpoint:
         layers = []
         for i in range(cfg.num_layers):
             p = layer_prefix(i)
-            attn = AttentionWeights(
+            attn = self._latent_attention_weights(f"{p}.self_attn", get, opt) if cfg.kv_lora_rank else AttentionWeights(
                 wq=get(f"{p}.self_attn.q_proj.weight"),
                 wk=get(f"{p}.self_attn.k_proj.weight"),
                 wv=get(f"{p}.self_attn.v_proj.weight"),
@@ -213,6 +243,20 @@ class Checkpoint:
             lm_head=embed if cfg.tie_word_embeddings else get("lm_head.weight"),
             norm_bias=opt("model.norm.bias"),
             lm_head_bias=opt("lm_head.bias"),
+        )
+
+    @staticmethod
+    def _latent_attention_weights(prefix: str, get, opt) -> AttentionWeights:
+        low_rank = opt(f"{prefix}.q_a_proj.weight")
+        return AttentionWeights(
+            wq=get(f"{prefix}.q_b_proj.weight" if low_rank is not None else f"{prefix}.q_proj.weight"),
+            wk=None, wv=None,
+            wo=get(f"{prefix}.o_proj.weight"),
+            wq_a=low_rank,
+            q_a_norm=opt(f"{prefix}.q_a_layernorm.weight"),
+            wkv_a=get(f"{prefix}.kv_a_proj_with_mqa.weight"),
+            kv_a_norm=get(f"{prefix}.kv_a_layernorm.weight"),
+            wkv_b=get(f"{prefix}.kv_b_proj.weight"),
         )
 
     def dense_tensor(self, name: str, shape: tuple[int, ...], device, dtype):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "glm4_moe")
+SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "glm4_moe", "deepseek_v3", "deepseek_v2")
 ROPE_TYPES = ("default", "yarn", "longrope")
 
 
@@ -78,12 +78,20 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     shared_expert_gated: bool = False      # qwen2_moe: the shared expert's output scaled by sigmoid(gate(x))
     routing: str = "softmax"               # "softmax": top-k of softmax; "sparsemixer" (phimoe); "sigmoid_groups"
-                                           # (glm4_moe): sigmoid scores, group-limited top-k (see ops.route_grouped)
+                                           # (glm4_moe, deepseek_v3) or "softmax_groups" (deepseek_v2): group-limited
+                                           # top-k of sigmoid or softmax scores (see ops.route_grouped)
     n_group: int = 1                       # groups of experts, of which each token's top-k come from `topk_group`
     topk_group: int = 1
     score_correction_bias: bool = False    # a learned bias added to the scores when choosing (not when weighting)
     routed_scaling_factor: float = 1.0     # the routed experts' weights are multiplied by it
     router_jitter: float = 0.0             # sparsemixer: experts within 2 x this relative distance of the best mix
+    # Multi-head latent attention (deepseek): queries through a rank-q_lora_rank bottleneck (0: one projection), keys
+    # and values expanded per head from a rank-kv_lora_rank latent, which is what the KV cache holds (with the rope key)
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0                  # 0: not latent attention
+    v_head_dim: int = 0                    # latent attention's value width; head_dim is the query/key width (nope + rope)
+    rope_interleave: bool = False          # rotary pairs are adjacent dimensions (deepseek), not the two halves
+    attention_scale: float = 0.0           # the softmax scale of q.k; 0: 1/sqrt(head_dim)
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -158,6 +166,8 @@ class ModelConfig:
                 rope_dim=int(head_dim * _partial_rotary_factor(hf, default=0.5)),
                 **_grouped_routing(hf, "sigmoid_groups", correction=True, renormalize=True),
             )
+        if model_type in ("deepseek_v3", "deepseek_v2"):
+            return cls(**{**common, **_deepseek(hf, model_type, num_layers)})
         if hf.get("use_sliding_window"):
             raise ConfigError(f"config.json: use_sliding_window is not supported for {model_type}; set it to false")
         if model_type == "olmoe":
@@ -254,6 +264,43 @@ def _rope_scaling(hf: dict) -> RopeScaling | None:
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN's attention temperature, 0.1 mscale ln(factor) + 1 (1 for no scaling)."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _deepseek(hf: dict, model_type: str, num_layers: int) -> dict:
+    """DeepSeek-V3 and -V2: latent attention, shared experts, dense first layers; V3 routes by sigmoid scores with
+    the correction bias in groups and renormalises, V2 by softmax (greedy, or in groups), never renormalised."""
+    if hf.get("attention_bias"):
+        raise ConfigError(f"config.json: attention_bias true is not supported for {model_type}")
+    nope, rope = _require(hf, "qk_nope_head_dim"), _require(hf, "qk_rope_head_dim")
+    scale = (nope + rope) ** -0.5
+    params = _rope_parameters(hf)
+    if _rope_type(params) == "yarn" and params.get("mscale_all_dim"):
+        # DeepSeek scales every q.k, not only the rotary part, by YaRN's temperature squared (transformers:
+        # yarn_apply_mscale)
+        scale *= yarn_mscale(_rope_scaling(hf).factor, params["mscale_all_dim"]) ** 2
+    if model_type == "deepseek_v3":
+        routing = _grouped_routing(hf, "sigmoid_groups", correction=True, renormalize=True)
+    elif hf.get("topk_method", "greedy") == "group_limited_greedy":
+        routing = _grouped_routing(hf, "softmax_groups", correction=False, renormalize=False)
+    else:
+        routing = dict(routing="softmax", norm_topk_prob=False,
+                       routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)))
+    return dict(
+        head_dim=nope + rope,
+        num_kv_heads=hf["num_attention_heads"],
+        expert_ffn=_require(hf, "moe_intermediate_size"),
+        num_experts=_require(hf, "n_routed_experts"),
+        dense_ffn=_require(hf, "intermediate_size"),
+        dense_layers=tuple(range(min(hf.get("first_k_dense_replace") or 0, num_layers))),
+        shared_expert_ffn=hf["moe_intermediate_size"] * (hf.get("n_shared_experts") or 0),
+        rope_dim=rope,
+        q_lora_rank=hf.get("q_lora_rank") or 0,
+        kv_lora_rank=_require(hf, "kv_lora_rank"),
+        v_head_dim=_require(hf, "v_head_dim"),
+        rope_interleave=bool(hf.get("rope_interleave", True)),
+        attention_scale=scale,
+        **routing,
+    )
 
 
 def _grouped_routing(hf: dict, routing: str, correction: bool, renormalize: bool) -> dict:

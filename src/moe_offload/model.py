@@ -96,6 +96,12 @@ class AttentionWeights:
     bo: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None  # (head_dim,) or (heads * head_dim,), by config.qk_norm
     k_norm: torch.Tensor | None = None
+    # latent attention (config.kv_lora_rank): wq is q_proj, or q_b_proj after wq_a and q_a_norm; wk and wv are None
+    wq_a: object = None                 # (q_lora_rank, hidden)
+    q_a_norm: torch.Tensor | None = None
+    wkv_a: object = None                # (kv_lora_rank + rope, hidden): the latent and the shared rope key
+    kv_a_norm: torch.Tensor | None = None
+    wkv_b: torch.Tensor | None = None   # (heads * (nope + v_head_dim), kv_lora_rank): keys' nope part and values
 
 
 @dataclass
@@ -134,16 +140,26 @@ class KVCache:
 
     @classmethod
     def allocate(cls, config: ModelConfig, batch: int, max_len: int, device, dtype) -> "KVCache":
+        rope = rotary(torch.arange(max_len, device=device), config.rotary_dim, config.rope_theta, config.rope_scaling)
+        if config.kv_lora_rank:
+            # latent attention: per layer ONE (batch, 1, max_len, kv_lora_rank + rope) tensor, each token's latent and
+            # its rotated rope key (the same for every head); `values` view the latent part
+            shape = (batch, 1, max_len, config.kv_lora_rank + config.rotary_dim)
+            keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+            return cls(keys=keys, values=[k[..., :config.kv_lora_rank] for k in keys], rope=rope)
         shape = (batch, config.num_kv_heads, max_len, config.head_dim)
         return cls(
             keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)],
             values=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)],
-            rope=rotary(torch.arange(max_len, device=device), config.rotary_dim, config.rope_theta, config.rope_scaling),
+            rope=rope,
         )
 
     @staticmethod
     def nbytes(config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype) -> int:
-        per_layer = 2 * batch * config.num_kv_heads * max_len * config.head_dim
+        if config.kv_lora_rank:
+            per_layer = batch * max_len * (config.kv_lora_rank + config.rotary_dim)
+        else:
+            per_layer = 2 * batch * config.num_kv_heads * max_len * config.head_dim
         return config.num_layers * per_layer * torch.empty((), dtype=dtype).element_size()
 
 
@@ -218,9 +234,10 @@ class Transformer:
         cfg = self.config
         if cfg.routing == "sparsemixer":
             weights, ids = ops.route_sparsemixer(logits, cfg.router_jitter)
-        elif cfg.routing == "sigmoid_groups":
+        elif cfg.routing in ("sigmoid_groups", "softmax_groups"):
             weights, ids = ops.route_grouped(logits, top_k, cfg.n_group, cfg.topk_group, renormalize,
-                                             self.weights.layers[layer].score_correction)
+                                             self.weights.layers[layer].score_correction,
+                                             sigmoid=cfg.routing == "sigmoid_groups")
         else:
             weights, ids = route(logits, top_k, renormalize)
         return (weights if cfg.routed_scaling_factor == 1 else weights * cfg.routed_scaling_factor), ids
@@ -240,6 +257,8 @@ class Transformer:
     def _attention(self, index, layer: LayerWeights, x, cache: KVCache, start_pos, positions, rope, mask):
         """rope: cos and sin of `positions` (T, head_dim), or with a device-side position the whole tables."""
         cfg, a = self.config, layer.attn
+        if cfg.kv_lora_rank:
+            return self._latent_attention(index, layer, x, cache, start_pos, positions, rope, mask)
         batch, length, _ = x.shape
         q, k, v = linear(x, a.wq, a.bq), linear(x, a.wk, a.bk), linear(x, a.wv, a.bv)
         if cfg.qk_norm == "full":
@@ -271,6 +290,55 @@ class Transformer:
             out = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
         out = out.transpose(1, 2).reshape(batch, length, cfg.num_heads * cfg.head_dim)
         return linear(out, a.wo, a.bo)
+
+    def _latent_attention(self, index, layer: LayerWeights, x, cache: KVCache, start_pos, positions, rope, mask):
+        """Multi-head latent attention (DeepSeek-V2/V3) with the up-projection absorbed: each head's query is mapped
+        into the latent space (q_nope W_uk), attends over the cached latents and rope keys as one shared key/value
+        head, and the weighted latent is mapped out per head (W_uv). The cache never holds per-head keys or values.
+        With a device-side position the query attends over the whole cache under a mask built on the device."""
+        cfg, a = self.config, layer.attn
+        batch, length, _ = x.shape
+        rank, rope_dim = cfg.kv_lora_rank, cfg.rotary_dim
+        nope = cfg.head_dim - rope_dim
+        q = linear(x, a.wq) if a.wq_a is None else linear(rms_norm(linear(x, a.wq_a), a.q_a_norm, cfg.rms_norm_eps), a.wq)
+        q_nope, q_rope = q.view(batch, length, cfg.num_heads, cfg.head_dim).transpose(1, 2).split([nope, rope_dim], -1)
+        latent, k_rope = linear(x, a.wkv_a).split([rank, rope_dim], -1)
+        latent, k_rope = rms_norm(latent, a.kv_a_norm, cfg.rms_norm_eps).unsqueeze(1), k_rope.unsqueeze(1)
+        if cfg.rope_interleave:      # pairs (0, 1), (2, 3), ...: the evens and odds as the two halves
+            q_rope, k_rope = (torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1) for t in (q_rope, k_rope))
+        w_uk, w_uv = a.wkv_b.view(cfg.num_heads, nope + cfg.v_head_dim, rank).split([nope, cfg.v_head_dim], dim=1)
+        cached = cache.keys[index][:batch]                    # (batch, 1, max_len, rank + rope_dim)
+        if isinstance(start_pos, torch.Tensor):
+            cos, sin = rope[0][positions], rope[1][positions]
+            q_rope, k_rope = apply_rotary(q_rope, cos, sin), apply_rotary(k_rope, cos, sin)
+            cached.index_copy_(2, positions, torch.cat([latent, k_rope], dim=-1))
+            keys = torch.arange(cache.max_len, device=x.device)
+            mask, visible = (keys <= positions)[None, :], cache.max_len
+        else:
+            q_rope, k_rope = apply_rotary(q_rope, *rope), apply_rotary(k_rope, *rope)
+            cached[:, :, start_pos:start_pos + length] = torch.cat([latent, k_rope], dim=-1)
+            visible = start_pos + length
+        query = torch.cat([torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk), q_rope], dim=-1)
+        first = None if isinstance(start_pos, torch.Tensor) else start_pos
+        out = self._chunked_attention(query, cached[:, :, :visible], cached[:, :, :visible, :rank], first, mask,
+                                      cfg.attention_scale)
+        out = torch.einsum("bhtr,hvr->bhtv", out, w_uv)
+        return linear(out.transpose(1, 2).reshape(batch, length, cfg.num_heads * cfg.v_head_dim), a.wo, a.bo)
+
+    @staticmethod
+    def _chunked_attention(q, keys, values, start_pos: int | None, mask, scale: float) -> torch.Tensor:
+        """SDPA of queries at start_pos.. over keys, ATTENTION_CHUNK queries at a time, each seeing no key past its
+        own position (start_pos None: the mask alone decides); mask (T, keys) or None (every key visible)."""
+        length = q.shape[2]
+        pieces = []
+        for first in range(0, length, ATTENTION_CHUNK):
+            last = min(first + ATTENTION_CHUNK, length)
+            visible = keys.shape[2] if start_pos is None else start_pos + last
+            pieces.append(F.scaled_dot_product_attention(
+                q[:, :, first:last], keys[:, :, :visible], values[:, :, :visible],
+                attn_mask=None if mask is None else mask[first:last, :visible], scale=scale or None,
+                enable_gqa=q.shape[1] != keys.shape[1]))
+        return torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
 
     def _mlp(self, index, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         x = self._norm(h, layer.mlp_norm, layer.mlp_norm_bias)

@@ -84,15 +84,17 @@ def route_sparsemixer(logits: torch.Tensor, jitter: float) -> tuple[torch.Tensor
 
 
 def route_grouped(logits: torch.Tensor, top_k: int, groups: int, top_groups: int, renormalize: bool,
-                  correction: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  correction: torch.Tensor | None, sigmoid: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3 / GLM-4.5 routing: logits (T, E) -> fp32 weights and int64 ids (T, top_k). Scores are sigmoids;
     experts are chosen by score + `correction` among the `top_groups` of `groups` equal groups whose two best
     (corrected) scores sum highest; weights are the chosen scores (without the correction), renormalised to sum
-    to 1 when asked."""
-    scores = logits.float().sigmoid()
+    to 1 when asked. `sigmoid` False: DeepSeek-V2's group-limited greedy, softmax scores and groups ranked by
+    their best score."""
+    scores = logits.float().sigmoid() if sigmoid else logits.float().softmax(dim=-1)
     choice = scores if correction is None else scores + correction
     tokens, experts = choice.shape
-    group_scores = choice.view(tokens, groups, experts // groups).topk(min(2, experts // groups), dim=-1).values.sum(-1)
+    grouped = choice.view(tokens, groups, experts // groups)
+    group_scores = grouped.topk(min(2, experts // groups), dim=-1).values.sum(-1) if sigmoid else grouped.amax(-1)
     kept = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_scores.topk(top_groups, dim=-1).indices, True)
     choice = choice.masked_fill(~kept.repeat_interleave(experts // groups, dim=1), float("-inf"))
     ids = choice.topk(top_k, dim=-1).indices

@@ -47,10 +47,12 @@ DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "U8": 1}
 
 def role_of(name: str) -> str | None:
     """The QuantConfig role of a non-expert hub tensor, or None for tensors never quantized (norms,
-    biases, embeddings, the 1-row shared-expert gate)."""
+    biases, embeddings, the 1-row shared-expert gate, latent attention's kv_b_proj)."""
     if name == "lm_head.weight":
         return "head"
-    if ".self_attn." in name and name.endswith("_proj.weight"):
+    if name.endswith("kv_b_proj.weight"):
+        return None          # latent attention's up-projection: the model splits it per head and absorbs it
+    if ".self_attn." in name and name.endswith(("_proj.weight", "_proj_with_mqa.weight")):
         return "attention"
     if name.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight")):
         return "shared"      # dense MLP layers and shared experts; routed experts are not dense tensors
