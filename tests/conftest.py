@@ -72,6 +72,13 @@ TINY_FAMILIES = {
                          routed_scaling_factor=4.0,
                          rope_scaling=dict(type="yarn", factor=8.0, original_max_position_embeddings=64,
                                            beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=0.707))),
+    # gpt-oss's: attention sinks, sliding and full layers alternating, q/k/v/o, router and expert biases, the clamped
+    # SwiGLU (a low limit, so that it clamps), yarn
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(num_hidden_layers=3, head_dim=16, num_local_experts=8, num_experts_per_tok=4, intermediate_size=32,
+                     sliding_window=24, swiglu_limit=1.0,
+                     rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=8.0, beta_fast=32.0,
+                                          beta_slow=1.0, truncate=False, original_max_position_embeddings=64))),
 }
 
 

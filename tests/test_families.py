@@ -37,7 +37,7 @@ from moe_offload.quant.weight import HQQExpertFormat, QuantizedWeight
 from moe_offload.tokenizer import Tokenizer
 
 from conftest import SHIPPED_MODEL, TINY_FAMILIES, write_tiny_family
-from test_model_matches_transformers import assert_close_to_reference, reference_logits
+from test_model_matches_transformers import DECODE, PREFILL, assert_close_to_reference, our_logits, reference_logits
 
 FAMILIES = tuple(TINY_FAMILIES)
 
@@ -66,6 +66,9 @@ VARIANTS = {
         "deepseek_v3", dict(q_lora_rank=None, rope_interleave=False, n_group=1, topk_group=1, rope_scaling=None,
                             first_k_dense_replace=0)),
     "deepseek_v2-group-limited-greedy-yarn": ("deepseek_v2", {}),
+    "gpt_oss-sinks-alternating-window-24-clamped-swiglu-yarn": ("gpt_oss", {}),
+    "gpt_oss-all-full-attention-published-limit": (
+        "gpt_oss", dict(layer_types=["full_attention"] * 3, swiglu_limit=7.0, attention_bias=False)),
     "deepseek_v2-lite-like-greedy-q-bottleneck": (
         "deepseek_v2", dict(topk_method="greedy", n_group=1, topk_group=1, q_lora_rank=64, routed_scaling_factor=1.0)),
 }
@@ -161,7 +164,7 @@ def assert_offloaded_equals_resident(folder, slots: int, prefetch: int | None, d
     runtime = RuntimeConfig(model=folder, device=device, dtype=dtype)
     resident = Engine.load(runtime, progress=False)
     config = resident.config
-    expert_nbytes = DenseExpertFormat(config.hidden_size, config.expert_ffn, resident.cache.keys[0].dtype).nbytes
+    expert_nbytes = resident.model.provider.expert_format.nbytes
     half_in_ram = expert_nbytes * len(config.moe_layers) * config.num_experts // 2
     offload = OffloadConfig(enabled=True, gpu_memory=2**30, cpu_memory=half_in_ram, slots_per_layer=slots,
                             prefetch_experts=prefetch)
@@ -208,6 +211,7 @@ QUANTIZABLE = {
     "glm4_moe": dict(moe_intermediate_size=32, n_shared_experts=2, intermediate_size=128),
     "deepseek_v3": dict(moe_intermediate_size=32, n_shared_experts=2, intermediate_size=128),
     "deepseek_v2": dict(moe_intermediate_size=32, n_shared_experts=2, intermediate_size=128),
+    "gpt_oss": {},
 }
 
 
@@ -224,14 +228,35 @@ def dequantized_checkpoint(quantized_folder, out):
         tensors[name] = weight.dequantize() if isinstance(weight, QuantizedWeight) else weight
     expert_format, expert_buffer = expert_storage(ckpt, torch.float32)
     for layer in cfg.moe_layers:
-        for expert_id in range(cfg.num_experts):
-            expert = expert_format.view(expert_buffer(layer, expert_id))
+        experts = [expert_format.view(expert_buffer(layer, expert_id)) for expert_id in range(cfg.num_experts)]
+        if cfg.model_type == "gpt_oss":
+            tensors.update(fused_expert_tensors(f"model.layers.{layer}.mlp.experts", experts))
+            continue
+        for expert_id, expert in enumerate(experts):
             for name, weight in zip(expert_tensor_names(cfg, layer, expert_id), expert):
                 tensors[name] = weight.dequantize()
     out.mkdir()
     save_file({name: t.contiguous() for name, t in tensors.items()}, out / "model.safetensors", metadata={"format": "pt"})
-    shutil.copy(quantized_folder / "config.json", out / "config.json")
+    config = json.loads((quantized_folder / "config.json").read_text())
+    config.pop("quantization_config", None)      # the source's (gpt-oss: MXFP4); these weights are plain
+    (out / "config.json").write_text(json.dumps(config))
     return out
+
+
+def fused_expert_tensors(prefix: str, experts) -> dict[str, torch.Tensor]:
+    """gpt-oss's per-layer expert tensors in the hub's unquantized naming: gate and up interleaved, (in, out)."""
+    def interleave(a, b):
+        return torch.stack([a, b], dim=1).flatten(0, 1)
+
+    def full(weight):
+        return weight if isinstance(weight, torch.Tensor) else weight.dequantize()
+
+    return {
+        f"{prefix}.gate_up_proj": torch.stack([interleave(full(e.w1), full(e.w3)).t() for e in experts]),
+        f"{prefix}.gate_up_proj_bias": torch.stack([interleave(e.b1, e.b3) for e in experts]),
+        f"{prefix}.down_proj": torch.stack([full(e.w2).t() for e in experts]),
+        f"{prefix}.down_proj_bias": torch.stack([e.b2 for e in experts]),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -289,6 +314,72 @@ def test_qwen2_moe_quantize_on_load_equals_the_written_folder(quantized_folder):
     # steps may differ in the last bits.
     assert torch.equal(from_folder[0], on_load[0])
     assert all((a - b).abs().max() <= 1e-5 * b.abs().max() for a, b in zip(from_folder, on_load, strict=True))
+
+
+def write_mxfp4_gpt_oss(folder):
+    """The tiny gpt-oss checkpoint with its experts as the hub publishes them: MXFP4 `_blocks` (E, out, in/32, 16) and
+    `_scales` (E, out, in/32) of the (out, in) matrices, biases unquantized, and the quantization_config."""
+    from safetensors.torch import load_file, save_file
+
+    from moe_offload.quant.mxfp4 import quantize
+
+    folder = write_tiny_family(folder, "gpt_oss")
+    tensors = load_file(folder / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        matrices = tensors.pop(name).transpose(1, 2)                  # (E, out, in)
+        experts, rows, cols = matrices.shape
+        packed = [quantize(matrix) for matrix in matrices]
+        tensors[f"{name}_blocks"] = torch.stack([codes for codes, _ in packed]).view(experts, rows, cols // 32, 16)
+        tensors[f"{name}_scales"] = torch.stack([scales for _, scales in packed])
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_gpt_oss_mxfp4_experts_load_as_published_and_match_transformers(tmp_path):
+    """The experts stay MXFP4 (about 4.25 bits a weight in every buffer), and the logits match transformers'
+    dequantized model through prefill and decode; offloaded bit for bit with 2 slots."""
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    from moe_offload.quant.mxfp4 import MXFP4ExpertFormat
+
+    folder = write_mxfp4_gpt_oss(tmp_path / "gpt-oss")
+    engine = load_engine(folder)
+    expert_format = engine.model.provider.expert_format
+    assert isinstance(expert_format, MXFP4ExpertFormat)
+    assert expert_format.nbytes < DenseExpertFormat(64, 32, torch.bfloat16, biases=True).nbytes / 2
+    tokens = torch.randint(3, 8192, (1, PREFILL + DECODE), generator=torch.Generator().manual_seed(0))
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, experts_implementation="eager",
+                                                     quantization_config=Mxfp4Config(dequantize=True)).eval()
+    with torch.no_grad():
+        expected = reference(tokens).logits[0]
+    assert (our_logits(folder, tokens) - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert_offloaded_equals_resident(folder, slots=2, prefetch=None)
+
+
+def test_gpt_oss_mxfp4_experts_convert_to_hqq_widths(tmp_path):
+    """--quant 4/2 on the published MXFP4 experts: 2-bit HQQ from the exact MXFP4 values, biases kept; against
+    transformers on the dequantized weights."""
+    folder = write_mxfp4_gpt_oss(tmp_path / "gpt-oss")
+    write_quantized(folder, tmp_path / "gpt-oss-4-2", QuantConfig.parse("4/2"), device="cpu")
+    written = load_engine(tmp_path / "gpt-oss-4-2")
+    assert isinstance(written.model.provider.expert_format, HQQExpertFormat)
+    ours = torch.cat(logits_through_prefill_and_decode(written, QUANT_TOKENS, prompt=32))
+    expected = reference_logits(dequantized_checkpoint(tmp_path / "gpt-oss-4-2", tmp_path / "dequantized"),
+                                torch.tensor([QUANT_TOKENS]))
+    assert (ours - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_quantizing_gpt_oss_but_not_its_experts_is_refused_before_writing(tmp_path):
+    from moe_offload.checkpoint import CheckpointError
+
+    folder = write_tiny_family(tmp_path / "gpt-oss", "gpt_oss")
+    with pytest.raises(CheckpointError, match="--expert-bits"):
+        write_quantized(folder, tmp_path / "out", QuantConfig(attention=QuantSpec(4)), device="cpu")
+    assert not (tmp_path / "out").exists()
 
 
 def test_deepseek_v3_float8_checkpoint_reads_as_transformers_dequantizes_it(tmp_path):
@@ -393,6 +484,36 @@ HUB_CONFIGS = {
         "rope_theta": 1000000, "num_nextn_predict_layers": 1, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
         "transformers_version": "4.54.0", "use_cache": True, "use_qk_norm": True, "vocab_size": 151552,
     },
+    "openai/gpt-oss-120b": {
+        "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0, "eos_token_id": 200002,
+        "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
+        "initial_context_length": 4096, "initializer_range": 0.02, "intermediate_size": 2880,
+        "layer_types": ["sliding_attention", "full_attention"] * 18, "max_position_embeddings": 131072,
+        "model_type": "gpt_oss", "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": 36,
+        "num_key_value_heads": 8, "num_local_experts": 128, "output_router_logits": False, "pad_token_id": 199999,
+        "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                           "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"},
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
+                         "rope_type": "yarn", "truncate": False},
+        "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+        "tie_word_embeddings": False, "transformers_version": "4.55.0.dev0", "use_cache": True, "vocab_size": 201088,
+    },
+    "openai/gpt-oss-20b": {
+        "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0, "eos_token_id": 200002,
+        "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
+        "initial_context_length": 4096, "initializer_range": 0.02, "intermediate_size": 2880,
+        "layer_types": ["sliding_attention", "full_attention"] * 12, "max_position_embeddings": 131072,
+        "model_type": "gpt_oss", "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": 24,
+        "num_key_value_heads": 8, "num_local_experts": 32, "output_router_logits": False, "pad_token_id": 199999,
+        "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                           "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"},
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
+                         "rope_type": "yarn", "truncate": False},
+        "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+        "tie_word_embeddings": False, "transformers_version": "4.55.0.dev0", "use_cache": True, "vocab_size": 201088,
+    },
     "deepseek-ai/DeepSeek-V3": {
         "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
         "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3,
@@ -471,11 +592,16 @@ def test_hub_config_maps_to_the_structure_transformers_builds(checkpoint):
         if index in ours.dense_layers:
             assert not hasattr(mlp, "experts") and mlp.gate_proj.out_features == ours.dense_ffn
             continue
-        assert tuple(mlp.experts.gate_up_proj.shape) == (ours.num_experts, 2 * ours.expert_ffn, ours.hidden_size)
+        gate_up = (ours.num_experts, 2 * ours.expert_ffn, ours.hidden_size)
+        if hf["model_type"] == "gpt_oss":    # stored (in, out), with biases
+            gate_up = (ours.num_experts, ours.hidden_size, 2 * ours.expert_ffn)
+        assert tuple(mlp.experts.gate_up_proj.shape) == gate_up
+        assert ours.expert_bias == hasattr(mlp.experts, "gate_up_proj_bias")
         shared = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
         assert (0 if shared is None else shared.gate_proj.out_features) == ours.shared_expert_ffn
         assert ours.shared_expert_gated == hasattr(mlp, "shared_expert_gate")
         router = getattr(mlp, "gate", None) or mlp.router
+        assert ours.router_bias == (getattr(router, "bias", None) is not None)
         assert ours.score_correction_bias == hasattr(router, "e_score_correction_bias")
         assert (ours.n_group, ours.topk_group) == (getattr(router, "num_group", 1), getattr(router, "topk_group", 1))
         assert ours.routed_scaling_factor == getattr(router, "routed_scaling_factor", 1.0)
@@ -485,6 +611,8 @@ def test_hub_config_maps_to_the_structure_transformers_builds(checkpoint):
 
 
 def assert_attention_matches(ours: ModelConfig, attn) -> None:
+    assert ours.window(attn.layer_idx) == getattr(attn, "sliding_window", ours.sliding_window)
+    assert ours.attention_sinks == hasattr(attn, "sinks")
     assert tuple(attn.q_proj.weight.shape) == (ours.num_heads * ours.head_dim, ours.hidden_size)
     assert tuple(attn.k_proj.weight.shape) == (ours.num_kv_heads * ours.head_dim, ours.hidden_size)
     assert (attn.q_proj.bias is not None) == ours.qkv_bias
@@ -519,6 +647,8 @@ def assert_rope_matches(ours: ModelConfig, reference) -> None:
     if torch.is_tensor(table):      # DeepSeek-V2: e^(i angle), one per rotary pair
         table = torch.cat([table.real] * 2, dim=-1), torch.cat([table.imag] * 2, dim=-1)
     cos, sin = table
+    if cos.shape[-1] * 2 == ours.rotary_dim:      # gpt-oss: one angle per rotary pair
+        cos, sin = torch.cat([cos] * 2, dim=-1), torch.cat([sin] * 2, dim=-1)
     expected_cos, expected_sin = rotary(positions, ours.rotary_dim, ours.rope_theta, ours.rope_scaling)
     assert torch.allclose(cos[0], expected_cos, atol=1e-5) and torch.allclose(sin[0], expected_sin, atol=1e-5)
 
@@ -769,8 +899,9 @@ def test_cli_chat_renders_turns_with_the_qwen3_template(tmp_path, monkeypatch, c
 
 
 # Chat formats of the newer families: (special tokens, end of turn, template). Phi-3.5-MoE-instruct's template as we
-# recall it; GLM-4.5's and DeepSeek's formats abridged (their templates also render tools and reasoning). All are
-# rendered by the same code as the Qwen templates above, which are checked verbatim against apply_chat_template.
+# recall it; GLM-4.5's, DeepSeek's and gpt-oss's (harmony) formats abridged (their templates also render tools,
+# reasoning and channels). All are rendered by the same code as the Qwen templates above, which are checked verbatim
+# against apply_chat_template.
 PHI35_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
     "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
@@ -794,6 +925,15 @@ DEEPSEEK_V2_STYLE_CHAT_TEMPLATE = (
     "{{ 'Assistant: ' + m.content + '<｜end▁of▁sentence｜>' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
+HARMONY_STYLE_CHAT_TEMPLATE = (   # gpt-oss's harmony format: a system header, the instructions as a developer message
+    "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2024-06\n"
+    "Current date: {{ strftime_now('%Y-%m-%d') }}\n\nReasoning: medium\n\n# Valid channels: analysis, commentary, "
+    "final. Channel must be included for every message.<|end|>{% for m in messages %}"
+    "{% if m.role in ('system', 'developer') %}<|start|>developer<|message|># Instructions\n\n{{ m.content }}<|end|>"
+    "{% elif m.role == 'user' %}<|start|>user<|message|>{{ m.content }}<|end|>{% elif m.role == 'assistant' %}"
+    "<|start|>assistant<|channel|>final<|message|>{{ m.content }}<|end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|start|>assistant{% endif %}"
+)
 FAMILY_CHATS = {
     "phimoe": (["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "<|end|>", PHI35_CHAT_TEMPLATE),
     "glm4_moe": (["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>"], "<|user|>", GLM45_STYLE_CHAT_TEMPLATE),
@@ -801,6 +941,8 @@ FAMILY_CHATS = {
                     "<｜end▁of▁sentence｜>", DEEPSEEK_V3_STYLE_CHAT_TEMPLATE),
     "deepseek_v2": (["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"], "<｜end▁of▁sentence｜>",
                     DEEPSEEK_V2_STYLE_CHAT_TEMPLATE),
+    "gpt_oss": (["<|start|>", "<|message|>", "<|end|>", "<|channel|>", "<|return|>"], "<|return|>",
+                HARMONY_STYLE_CHAT_TEMPLATE),
 }
 
 

@@ -33,6 +33,11 @@ class MoeNames(NamedTuple):
     block: str                       # the MoE block's prefix in a layer
     experts: tuple[str, str, str]    # routed expert weight names for w1, w2, w3
     shared: str = "shared_expert"    # the shared expert's prefix in the block
+    router: str = "gate"
+    # gpt-oss: a layer's experts in two tensors, `gate_up_proj` (E, hidden, 2 ffn; gate and up columns interleaved)
+    # and `down_proj` (E, ffn, hidden), with `_bias` (E, out); or as published, MXFP4 `_blocks` and `_scales` of the
+    # (out, in) matrices. `experts` then names each expert's matrices only for our own files (quantized folders).
+    fused: bool = False
 
 
 _MLP_NAMES = ("gate_proj", "down_proj", "up_proj")  # dense MLPs and shared experts: w1, w2, w3
@@ -45,6 +50,7 @@ _MOE_NAMES = {
     "glm4_moe": MoeNames("mlp", _MLP_NAMES, shared="shared_experts"),
     "deepseek_v3": MoeNames("mlp", _MLP_NAMES, shared="shared_experts"),
     "deepseek_v2": MoeNames("mlp", _MLP_NAMES, shared="shared_experts"),
+    "gpt_oss": MoeNames("mlp", _MLP_NAMES, router="router", fused=True),
 }
 
 
@@ -53,8 +59,13 @@ def layer_prefix(layer: int) -> str:
 
 
 def expert_tensor_names(config: ModelConfig, layer: int, expert_id: int) -> tuple[str, str, str]:
-    block, names, _ = _MOE_NAMES[config.model_type]
+    block, names = _MOE_NAMES[config.model_type][:2]
     return tuple(f"{layer_prefix(layer)}.{block}.experts.{expert_id}.{n}.weight" for n in names)
+
+
+def experts_fused(config: ModelConfig) -> bool:
+    """Whether a layer's experts are stored together (gpt-oss), not as tensors of their own."""
+    return _MOE_NAMES[config.model_type].fused
 
 
 def expert_shapes(config: ModelConfig) -> tuple[tuple[int, int], ...]:
@@ -91,6 +102,8 @@ def dense_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[f"{p}.self_attn.o_proj.weight"] = (c.hidden_size, c.num_heads * (c.v_head_dim or c.head_dim))
         if c.o_bias:
             shapes[f"{p}.self_attn.o_proj.bias"] = (c.hidden_size,)
+        if c.attention_sinks:
+            shapes[f"{p}.self_attn.sinks"] = (c.num_heads,)
         if c.qk_norm == "head":
             shapes[f"{p}.self_attn.q_norm.weight"] = (c.head_dim,)
             shapes[f"{p}.self_attn.k_norm.weight"] = (c.head_dim,)
@@ -101,7 +114,9 @@ def dense_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             for name, shape in zip(_MLP_NAMES, _mlp_shapes(c.hidden_size, c.dense_ffn)):
                 shapes[f"{p}.mlp.{name}.weight"] = shape
             continue
-        shapes[f"{p}.{names.block}.gate.weight"] = (c.num_experts, c.hidden_size)
+        shapes[f"{p}.{names.block}.{names.router}.weight"] = (c.num_experts, c.hidden_size)
+        if c.router_bias:
+            shapes[f"{p}.{names.block}.{names.router}.bias"] = (c.num_experts,)
         if c.score_correction_bias:
             shapes[f"{p}.{names.block}.gate.e_score_correction_bias"] = (c.num_experts,)
         if c.shared_expert_ffn:
@@ -184,8 +199,52 @@ class Checkpoint:
         return weight.float() * scale
 
     def expert(self, layer: int, expert_id: int) -> Expert:
+        if experts_fused(self.config):
+            return self._fused_expert(layer, expert_id)
         names = expert_tensor_names(self.config, layer, expert_id)
         return Expert(*(self.tensor(n, s) for n, s in zip(names, expert_shapes(self.config))))
+
+    @property
+    def mxfp4_experts(self) -> bool:
+        """Whether the routed experts are stored as MXFP4 blocks and scales (gpt-oss as published)."""
+        return any(name.endswith(".experts.gate_up_proj_blocks") for name in self.file_of)
+
+    def _fused_expert(self, layer: int, expert_id: int) -> Expert:
+        """One expert of gpt-oss's per-layer tensors, in full precision (MXFP4 dequantized exactly)."""
+        from .quant import mxfp4
+
+        c = self.config
+        prefix = f"{layer_prefix(layer)}.{_MOE_NAMES[c.model_type].block}.experts"
+        experts, hidden, ffn = c.num_experts, c.hidden_size, c.expert_ffn
+        if self.mxfp4_experts:
+            def matrix(name, rows, cols):
+                blocks = self.tensor_slice(f"{prefix}.{name}_blocks", expert_id, (experts, rows, cols // 32, 16))
+                scales = self.tensor_slice(f"{prefix}.{name}_scales", expert_id, (experts, rows, cols // 32))
+                return mxfp4.dequantize(blocks.reshape(rows, cols // 2), scales)
+            gate_up, down = matrix("gate_up_proj", 2 * ffn, hidden), matrix("down_proj", hidden, ffn)
+        else:
+            gate_up = self.tensor_slice(f"{prefix}.gate_up_proj", expert_id, (experts, hidden, 2 * ffn)).t()
+            down = self.tensor_slice(f"{prefix}.down_proj", expert_id, (experts, ffn, hidden)).t()
+        gate_up_bias = self.tensor_slice(f"{prefix}.gate_up_proj_bias", expert_id, (experts, 2 * ffn))
+        down_bias = self.tensor_slice(f"{prefix}.down_proj_bias", expert_id, (experts, hidden))
+        return Expert(gate_up[0::2], down, gate_up[1::2], gate_up_bias[0::2], down_bias, gate_up_bias[1::2])
+
+    def tensor_slice(self, name: str, index: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """tensor[index] of a stored tensor whose whole shape is checked to be `shape`, reading only that slice."""
+        path = self.file_of.get(name)
+        if path is None:
+            raise CheckpointError(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
+        try:
+            if path not in self.open_files:
+                self.open_files[path] = safe_open(path, framework="pt")
+            stored = self.open_files[path].get_slice(name)
+            stored_shape = tuple(stored.get_shape())
+            t = stored[index] if stored_shape == tuple(shape) else None
+        except Exception as e:  # safetensors raises several types for damaged files
+            raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e}); the file is damaged, download it again") from None
+        if t is None:
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {list(stored_shape)}, but config.json implies {list(shape)}")
+        return t
 
     def dense_weights(self, device, dtype, progress=None) -> ModelWeights:
         """All non-expert weights on `device` in `dtype`. `progress(n)` is told of each tensor read."""
@@ -204,7 +263,8 @@ class Checkpoint:
             return Expert(*(get(f"{prefix}.{n}.weight") for n in _MLP_NAMES))
 
         cfg = self.config
-        block, _, shared = _MOE_NAMES[cfg.model_type]
+        names = _MOE_NAMES[cfg.model_type]
+        block, shared = names.block, names.shared
         layers = []
         for i in range(cfg.num_layers):
             p = layer_prefix(i)
@@ -219,6 +279,7 @@ class Checkpoint:
                 bo=opt(f"{p}.self_attn.o_proj.bias"),
                 q_norm=opt(f"{p}.self_attn.q_norm.weight"),
                 k_norm=opt(f"{p}.self_attn.k_norm.weight"),
+                sinks=opt(f"{p}.self_attn.sinks"),
             )
             dense = i in cfg.dense_layers
             correction = f"{p}.{block}.gate.e_score_correction_bias"
@@ -226,7 +287,8 @@ class Checkpoint:
                 attn_norm=get(f"{p}.input_layernorm.weight"),
                 attn=attn,
                 mlp_norm=get(f"{p}.post_attention_layernorm.weight"),
-                router=None if dense else get(f"{p}.{block}.gate.weight"),
+                router=None if dense else get(f"{p}.{block}.{names.router}.weight"),
+                router_bias=opt(f"{p}.{block}.{names.router}.bias"),
                 dense_mlp=mlp(f"{p}.mlp") if dense else None,
                 shared_expert=mlp(f"{p}.{block}.{shared}") if cfg.shared_expert_ffn and not dense else None,
                 shared_expert_gate=opt(f"{p}.{block}.shared_expert_gate.weight"),

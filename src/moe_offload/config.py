@@ -15,7 +15,8 @@ from pathlib import Path
 
 from .errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "glm4_moe", "deepseek_v3", "deepseek_v2")
+SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "glm4_moe", "deepseek_v3", "deepseek_v2",
+                         "gpt_oss")
 ROPE_TYPES = ("default", "yarn", "longrope")
 
 
@@ -92,6 +93,14 @@ class ModelConfig:
     v_head_dim: int = 0                    # latent attention's value width; head_dim is the query/key width (nope + rope)
     rope_interleave: bool = False          # rotary pairs are adjacent dimensions (deepseek), not the two halves
     attention_scale: float = 0.0           # the softmax scale of q.k; 0: 1/sqrt(head_dim)
+    sliding_layers: tuple[int, ...] | None = None   # layers that use sliding_window; None: every layer
+    attention_sinks: bool = False          # gpt-oss: a learned logit per head joins each softmax, taking weight
+    router_bias: bool = False
+    expert_bias: bool = False              # biases on w1, w2 and w3 of every routed expert
+    # gpt-oss's experts: gate clamped to at most swiglu_limit, up to +-swiglu_limit, then
+    # (up + 1) * gate * sigmoid(swiglu_alpha * gate); swiglu_limit 0: plain SwiGLU
+    swiglu_limit: float = 0.0
+    swiglu_alpha: float = 1.702
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -100,6 +109,10 @@ class ModelConfig:
     @property
     def rotary_dim(self) -> int:
         return self.rope_dim or self.head_dim
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of a layer's attention; None: it sees every earlier key."""
+        return self.sliding_window if self.sliding_layers is None or layer in self.sliding_layers else None
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
@@ -165,6 +178,22 @@ class ModelConfig:
                 qk_norm="head" if hf.get("use_qk_norm") else "none",
                 rope_dim=int(head_dim * _partial_rotary_factor(hf, default=0.5)),
                 **_grouped_routing(hf, "sigmoid_groups", correction=True, renormalize=True),
+            )
+        if model_type == "gpt_oss":
+            layer_types = hf.get("layer_types") or ["sliding_attention", "full_attention"] * (num_layers // 2 + 1)
+            return cls(
+                **common,
+                expert_ffn=_require(hf, "intermediate_size"),
+                num_experts=_num_experts(hf),
+                sliding_window=hf.get("sliding_window"),
+                sliding_layers=tuple(i for i in range(num_layers) if layer_types[i] == "sliding_attention"),
+                qkv_bias=bool(hf.get("attention_bias", True)),
+                o_bias=bool(hf.get("attention_bias", True)),
+                attention_sinks=True,
+                router_bias=True,
+                expert_bias=True,
+                swiglu_limit=hf.get("swiglu_limit", 7.0),
+                swiglu_alpha=hf.get("swiglu_alpha", cls.swiglu_alpha),
             )
         if model_type in ("deepseek_v3", "deepseek_v2"):
             return cls(**{**common, **_deepseek(hf, model_type, num_layers)})

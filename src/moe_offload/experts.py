@@ -8,7 +8,8 @@ whatever comes back; it never knows whether they were resident, streamed from ho
         ...   # batch.memory: the layer's slots; batch.slots: each (token, choice) pair's slot
 
 An `Expert` holds three weights (w1 = gate, w3 = up, w2 = down, Mixtral's names). Each is either
-a plain tensor of shape (out, in) or a quantized weight object with a `.linear(x)` method.
+a plain tensor of shape (out, in) or a quantized weight object with a `.linear(x)` method; gpt-oss's
+experts also have a bias on each (b1, b2, b3: tensors, None elsewhere).
 
 An `ExpertFormat` turns one expert into ONE contiguous byte buffer and back: `pack` writes the
 buffer once (on the CPU), `view` reads an `Expert` out of a buffer on any device without copying.
@@ -35,6 +36,14 @@ class Expert(NamedTuple):
     w1: object  # gate projection, (ffn, hidden)
     w2: object  # down projection, (hidden, ffn)
     w3: object  # up projection, (ffn, hidden)
+    b1: torch.Tensor | None = None   # (ffn,)
+    b2: torch.Tensor | None = None   # (hidden,)
+    b3: torch.Tensor | None = None   # (ffn,)
+
+
+def bias_shapes(hidden_size: int, expert_ffn: int) -> tuple[tuple[int], ...]:
+    """b1, b2, b3."""
+    return (expert_ffn,), (hidden_size,), (expert_ffn,)
 
 
 class ExpertFormat(Protocol):
@@ -95,10 +104,11 @@ def lay_out(specs: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> tuple[list[
 
 
 class DenseExpertFormat:
-    """w1, w2, w3 stored unquantized in `dtype`, one after another."""
+    """w1, w2, w3 (then b1, b2, b3 with `biases`) stored unquantized in `dtype`, one after another."""
 
-    def __init__(self, hidden_size: int, expert_ffn: int, dtype: torch.dtype):
+    def __init__(self, hidden_size: int, expert_ffn: int, dtype: torch.dtype, biases: bool = False):
         shapes = ((expert_ffn, hidden_size), (hidden_size, expert_ffn), (expert_ffn, hidden_size))
+        shapes += bias_shapes(hidden_size, expert_ffn) if biases else ()
         self.slots, self.nbytes = lay_out([(shape, dtype) for shape in shapes])
 
     def pack(self, expert: Expert) -> torch.Tensor:

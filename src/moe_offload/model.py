@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from functools import partial
 from dataclasses import dataclass
 
 import torch
@@ -39,11 +40,18 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     if isinstance(weight, torch.Tensor):
         return F.linear(x, weight, bias)
     y = weight.linear(x)
-    return y if bias is None else y + bias
+    return y if bias is None else y + bias.to(y.dtype)    # quantized experts keep their biases in fp32
 
 
 def swiglu(mlp: Expert, x: torch.Tensor) -> torch.Tensor:
-    return linear(F.silu(linear(x, mlp.w1)) * linear(x, mlp.w3), mlp.w2)
+    return linear(F.silu(linear(x, mlp.w1, mlp.b1)) * linear(x, mlp.w3, mlp.b3), mlp.w2, mlp.b2)
+
+
+def clamped_swiglu(mlp: Expert, x: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's expert: gate at most `limit`, up within +-limit, (up + 1) * gate * sigmoid(alpha * gate)."""
+    gate = linear(x, mlp.w1, mlp.b1).clamp(max=limit)
+    up = linear(x, mlp.w3, mlp.b3).clamp(-limit, limit)
+    return linear((up + 1) * (gate * torch.sigmoid(gate * alpha)), mlp.w2, mlp.b2)
 
 
 def rotary(positions: torch.Tensor, head_dim: int, theta: float,
@@ -102,6 +110,7 @@ class AttentionWeights:
     wkv_a: object = None                # (kv_lora_rank + rope, hidden): the latent and the shared rope key
     kv_a_norm: torch.Tensor | None = None
     wkv_b: torch.Tensor | None = None   # (heads * (nope + v_head_dim), kv_lora_rank): keys' nope part and values
+    sinks: torch.Tensor | None = None   # (heads,): config.attention_sinks
 
 
 @dataclass
@@ -116,6 +125,7 @@ class LayerWeights:
     attn_norm_bias: torch.Tensor | None = None      # LayerNorm's (config.norm "layer")
     mlp_norm_bias: torch.Tensor | None = None
     score_correction: torch.Tensor | None = None    # (num_experts,) fp32, config.score_correction_bias
+    router_bias: torch.Tensor | None = None         # (num_experts,)
 
 
 @dataclass
@@ -168,10 +178,12 @@ def own_routing(layer: int, logits: torch.Tensor, top_k: int, renormalize: bool)
     return route(logits, top_k, renormalize)
 
 
-def expert_outputs(expert_format: ExpertFormat, batch: ExpertBatch, x: torch.Tensor, top_k: int) -> torch.Tensor:
+def expert_outputs(expert_format: ExpertFormat, batch: ExpertBatch, x: torch.Tensor, top_k: int,
+                   mlp=swiglu) -> torch.Tensor:
     """x (T, hidden) -> (pairs of the batch, hidden): each (token, choice) pair's token through the expert in its
     slot. One token (decode): the format's grouped kernels, one launch per matrix for every pair, reading the
-    slots on the device. Otherwise each expert in turn over all of its rows (prefill: dequantize and cuBLAS)."""
+    slots on the device. Otherwise each expert in turn over all of its rows (prefill: dequantize and cuBLAS),
+    through `mlp(expert, x)`."""
     if batch.pairs is None and expert_format.runs_grouped(x, top_k):
         return expert_format.grouped_swiglu(batch, x, top_k)
     slots = batch.host_slots if batch.host_slots is not None else batch.slots.tolist()
@@ -183,9 +195,18 @@ def expert_outputs(expert_format: ExpertFormat, batch: ExpertBatch, x: torch.Ten
     start = 0
     for slot in sorted(count):
         chosen = slice(start, start + count[slot])
-        out[order[chosen]] = swiglu(batch.experts[slot], x[pairs[chosen] // top_k])
+        out[order[chosen]] = mlp(batch.experts[slot], x[pairs[chosen] // top_k])
         start += count[slot]
     return out
+
+
+def visible_keys(positions: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
+    """(T, kv_len) booleans, on the positions' device: query at position p sees keys at p - window < j <= p."""
+    keys = torch.arange(kv_len, device=positions.device)
+    visible = keys[None, :] <= positions[:, None]
+    if window:
+        visible &= keys[None, :] > positions[:, None] - window
+    return visible
 
 
 class Transformer:
@@ -196,6 +217,8 @@ class Transformer:
         self.weights = weights
         self.provider = provider
         self.router = router or self.route
+        self.expert_mlp = (partial(clamped_swiglu, alpha=config.swiglu_alpha, limit=config.swiglu_limit)
+                           if config.swiglu_limit else swiglu)
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, cache: KVCache, start_pos: int | torch.Tensor,
@@ -213,7 +236,7 @@ class Transformer:
                 raise ValueError(f"positions up to {start_pos + length} exceed the KV cache of {cache.max_len}")
             positions = torch.arange(start_pos, start_pos + length, device=tokens.device)
             rope = cache.rope[0][positions], cache.rope[1][positions]
-            mask = self._attention_mask(positions, start_pos + length)
+            mask = self._attention_mask(positions, start_pos + length, cfg.sliding_window)
         h = w.embed[tokens]
         with sdpa_kernel(ATTENTION_BACKENDS):
             for index, layer in enumerate(w.layers):
@@ -242,17 +265,13 @@ class Transformer:
             weights, ids = route(logits, top_k, renormalize)
         return (weights if cfg.routed_scaling_factor == 1 else weights * cfg.routed_scaling_factor), ids
 
-    def _attention_mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor | None:
+    @staticmethod
+    def _attention_mask(positions: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor | None:
         """(T, kv_len) booleans: query at position p sees keys at p - window < j <= p.
         None when one query sees every key (decode inside the window): no mask, the fastest kernels."""
-        window = self.config.sliding_window
         if len(positions) == 1 and (not window or kv_len <= window):
             return None
-        keys = torch.arange(kv_len, device=positions.device)
-        visible = keys[None, :] <= positions[:, None]
-        if window:
-            visible &= keys[None, :] > positions[:, None] - window
-        return visible
+        return visible_keys(positions, kv_len, window)
 
     def _attention(self, index, layer: LayerWeights, x, cache: KVCache, start_pos, positions, rope, mask):
         """rope: cos and sin of `positions` (T, head_dim), or with a device-side position the whole tables."""
@@ -272,17 +291,27 @@ class Transformer:
             q, k = rms_norm(q, a.q_norm, cfg.rms_norm_eps), rms_norm(k, a.k_norm, cfg.rms_norm_eps)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (batch, heads, T, head_dim)
         keys, values = cache.keys[index][:batch], cache.values[index][:batch]
+        window = cfg.window(index)
         if isinstance(start_pos, torch.Tensor):
             q = ops.rotate_and_cache(q, k, v, rope, positions, keys, values)
-            out = ops.decode_attention(q, keys, values, positions, cfg.sliding_window)
+            if a.sinks is not None:    # over the whole cache, what this token sees masked on the device
+                out = ops.sink_attention(q, keys, values, visible_keys(positions, cache.max_len, window), a.sinks)
+            else:
+                out = ops.decode_attention(q, keys, values, positions, window)
         else:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             end = start_pos + length
             keys[:, :, start_pos:end], values[:, :, start_pos:end] = k, v
+            if window != cfg.sliding_window:     # this layer's window is not the forward's (gpt-oss: every other)
+                mask = self._attention_mask(positions, end, window)
             pieces = []
             for first in range(0, length, ATTENTION_CHUNK):
                 last = min(first + ATTENTION_CHUNK, length)
                 visible = start_pos + last           # queries see no key past their own position
+                if a.sinks is not None:
+                    pieces.append(ops.sink_attention(q[:, :, first:last], keys[:, :, :visible], values[:, :, :visible],
+                                                     None if mask is None else mask[first:last, :visible], a.sinks))
+                    continue
                 pieces.append(F.scaled_dot_product_attention(
                     q[:, :, first:last], keys[:, :, :visible], values[:, :, :visible],
                     attn_mask=None if mask is None else mask[first:last, :visible],
@@ -312,8 +341,7 @@ class Transformer:
             cos, sin = rope[0][positions], rope[1][positions]
             q_rope, k_rope = apply_rotary(q_rope, cos, sin), apply_rotary(k_rope, cos, sin)
             cached.index_copy_(2, positions, torch.cat([latent, k_rope], dim=-1))
-            keys = torch.arange(cache.max_len, device=x.device)
-            mask, visible = (keys <= positions)[None, :], cache.max_len
+            mask, visible = visible_keys(positions, cache.max_len, None), cache.max_len
         else:
             q_rope, k_rope = apply_rotary(q_rope, *rope), apply_rotary(k_rope, *rope)
             cached[:, :, start_pos:start_pos + length] = torch.cat([latent, k_rope], dim=-1)
@@ -359,10 +387,10 @@ class Transformer:
         end: the result does not depend on which batch an expert came in, nor on the order of the batches.
         """
         top_k = self.config.top_k
-        weights, ids = self.router(index, linear(x, layer.router), top_k, self.config.norm_topk_prob)
+        weights, ids = self.router(index, linear(x, layer.router, layer.router_bias), top_k, self.config.norm_topk_prob)
         picked = None
         for batch in self.provider.experts(index, ids, residual):
-            outputs = expert_outputs(self.provider.expert_format, batch, x, top_k)
+            outputs = expert_outputs(self.provider.expert_format, batch, x, top_k, self.expert_mlp)
             if batch.pairs is None:
                 picked = outputs
                 continue

@@ -4,6 +4,7 @@
     weights, ids = route(logits, top_k, renormalize)              # softmax, top-k, renormalise
     weights, ids = route_sparsemixer(logits, jitter)              # phimoe (torch only)
     weights, ids = route_grouped(logits, top_k, groups, ...)      # sigmoid scores, group-limited top-k (torch only)
+    out = sink_attention(q, keys, values, visible, sinks)         # gpt-oss's attention with sinks (torch only)
     q = rotate_and_cache(q, k, v, rope, position, keys, values)   # RoPE on q and k, k and v into the KV cache
     out = decode_attention(q, keys, values, position, window)     # one new token against the KV cache
     y = combine(picked, weights)                                  # each token's top-k outputs, weighted, summed
@@ -149,6 +150,22 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     start = max(0, end - window) if window else 0
     return F.scaled_dot_product_attention(q, keys[:, :, start:end], values[:, :, start:end],
                                           enable_gqa=q.shape[1] != keys.shape[1])
+
+
+def sink_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor | None,
+                   sinks: torch.Tensor) -> torch.Tensor:
+    """gpt-oss's attention: q (batch, heads, T, D) over keys, values (batch, kv_heads, S, D) where visible (T, S)
+    (None: everywhere), each head's softmax also over a learned logit `sinks[head]` that takes weight but brings no
+    value. Softmax in fp32; -> (batch, heads, T, D)."""
+    batch, heads, length, dim = q.shape
+    group = heads // keys.shape[1]
+    k, v = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(dim)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    sink = sinks.float().view(1, heads, 1, 1).expand(batch, heads, length, 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return probs.to(v.dtype) @ v
 
 
 def _rows(x: torch.Tensor) -> int:

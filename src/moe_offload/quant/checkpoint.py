@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..checkpoint import Checkpoint, CheckpointError, dense_tensor_shapes, expert_shapes, expert_tensor_names
+from ..checkpoint import Checkpoint, CheckpointError, dense_tensor_shapes, expert_shapes, expert_tensor_names, experts_fused
 from ..config import ConfigError, ModelConfig, QuantConfig, QuantSpec
 from ..experts import DenseExpertFormat, ExpertFormat
 from .weight import HQQExpertFormat, PackedFormat
@@ -107,8 +107,8 @@ class QuantizedCheckpoint(Checkpoint):
     def expert_format(self, dtype: torch.dtype) -> ExpertFormat:
         cfg = self.config
         if self.quant.experts is None:
-            return DenseExpertFormat(cfg.hidden_size, cfg.expert_ffn, dtype)
-        return HQQExpertFormat(cfg.hidden_size, cfg.expert_ffn, self.quant.experts, self.quantize_device)
+            return DenseExpertFormat(cfg.hidden_size, cfg.expert_ffn, dtype, cfg.expert_bias)
+        return HQQExpertFormat(cfg.hidden_size, cfg.expert_ffn, self.quant.experts, self.quantize_device, cfg.expert_bias)
 
     def expert_storage(self, dtype: torch.dtype) -> tuple[ExpertFormat, Callable[[int, int], torch.Tensor]]:
         """The expert format and (layer, expert) -> packed uint8 CPU buffer: a view of the mapped
@@ -268,6 +268,9 @@ def _entries(ckpt: QuantizedCheckpoint) -> list[Entry]:
                             lambda n=name, s=shape, f=fmt: f.pack([ckpt.tensor(n, s)], ckpt.quantize_device)))
     cfg = ckpt.config
     if ckpt.quant.experts is None:
+        if experts_fused(cfg):
+            raise CheckpointError(f"{ckpt.folder}: {cfg.model_type} keeps a layer's experts in one tensor, which a "
+                                  f"quantized folder does not copy; quantize the experts too (--expert-bits 2, 3 or 4)")
         for layer in cfg.moe_layers:
             for expert_id in range(cfg.num_experts):
                 for name, shape in zip(expert_tensor_names(cfg, layer, expert_id), expert_shapes(cfg)):
