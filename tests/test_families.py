@@ -715,6 +715,48 @@ def test_planner_fills_qwen3_30b_a3b_budgets_as_the_readme_states(expert_bits, b
     assert tuple(plan.slots.values()) == slots_per_layer
 
 
+# The issue's budgets (--max-context 4096, bf16 non-expert weights but for the roles --quant quantizes): checkpoint,
+# --quant, --gpu-memory GiB, --cpu-memory GiB -> non-expert bytes, expert bytes, slots per MoE layer, experts on disk
+ISSUE_PLANS = {
+    "gpt-oss-120b-24GiB": ("openai/gpt-oss-120b", None, 24, None, 4_255_115_904, 13_236_480, (42,) * 34 + (41,) * 2, 0),
+    "gpt-oss-120b-16GiB": ("openai/gpt-oss-120b", None, 16, None, 4_255_115_904, 13_236_480, (24,) * 33 + (23,) * 3, 0),
+    "gpt-oss-20b-8GiB": ("openai/gpt-oss-20b", None, 8, None, 3_595_648_128, 13_236_480, (12,) * 6 + (11,) * 18, 0),
+    "DeepSeek-V3-4/2-24GiB-192GiB": ("deepseek-ai/DeepSeek-V3", "4/2", 24, 192, 13_504_428_416, 16_859_136,
+                                     (10,) * 31 + (9,) * 27, 2620),
+    "GLM-4.5-Air-4/2-16GiB": ("zai-org/GLM-4.5-Air", "4/2", 16, None, 5_693_899_520, 6_623_232, (30,) * 28 + (29,) * 17, 0),
+}
+
+
+@pytest.mark.parametrize("case", ISSUE_PLANS)
+def test_planner_fills_the_issue_budgets_as_the_readme_states(case):
+    """gpt-oss with its experts in MXFP4 as published, DeepSeek-V3 and GLM-4.5-Air with --quant 4/2."""
+    from moe_offload.offload.planner import plan_for
+    from moe_offload.quant.mxfp4 import MXFP4ExpertFormat
+
+    checkpoint, quant_text, gpu_gib, cpu_gib, dense_bytes, expert_nbytes, slots, disk_experts = ISSUE_PLANS[case]
+    cfg = ModelConfig.from_hf(HUB_CONFIGS[checkpoint])
+    quant = QuantConfig.parse(quant_text) if quant_text else None
+    if quant is None:
+        expert_format = MXFP4ExpertFormat(cfg.hidden_size, cfg.expert_ffn, torch.bfloat16, biases=True)
+    else:
+        expert_format = HQQExpertFormat(cfg.hidden_size, cfg.expert_ffn, quant.experts, biases=cfg.expert_bias)
+    offload = OffloadConfig(enabled=True, gpu_memory=gpu_gib * 2**30, cpu_memory=cpu_gib and cpu_gib * 2**30)
+    plan = plan_for(cfg, expert_format.nbytes, torch.bfloat16, 4096, offload, "cuda", quant)
+    assert (plan.dense_bytes, expert_format.nbytes) == (dense_bytes, expert_nbytes)
+    assert tuple(plan.slots.values()) == slots and tuple(plan.slots) == cfg.moe_layers
+    assert plan.disk_experts == disk_experts
+
+
+def test_glm_4_5_air_in_bf16_does_not_fit_16_gib_and_the_planner_says_what_does():
+    from moe_offload.errors import UserError
+    from moe_offload.offload.planner import plan_for
+
+    cfg = ModelConfig.from_hf(HUB_CONFIGS["zai-org/GLM-4.5-Air"])
+    expert_nbytes = DenseExpertFormat(cfg.hidden_size, cfg.expert_ffn, torch.bfloat16).nbytes
+    with pytest.raises(UserError, match="at least 17.33GiB"):
+        plan_for(cfg, expert_nbytes, torch.bfloat16, 4096, OffloadConfig(enabled=True, gpu_memory=16 * 2**30), "cuda")
+
+
 def test_unsupported_model_type_is_one_error_line_naming_the_supported_ones(tmp_path):
     config = json.loads((SHIPPED_MODEL / "config.json").read_text())
     config["model_type"] = "dbrx"
