@@ -248,14 +248,12 @@ def fused_expert_tensors(prefix: str, experts) -> dict[str, torch.Tensor]:
     def interleave(a, b):
         return torch.stack([a, b], dim=1).flatten(0, 1)
 
-    def full(weight):
-        return weight if isinstance(weight, torch.Tensor) else weight.dequantize()
-
-    return {
-        f"{prefix}.gate_up_proj": torch.stack([interleave(full(e.w1), full(e.w3)).t() for e in experts]),
-        f"{prefix}.gate_up_proj_bias": torch.stack([interleave(e.b1, e.b3) for e in experts]),
-        f"{prefix}.down_proj": torch.stack([full(e.w2).t() for e in experts]),
-        f"{prefix}.down_proj_bias": torch.stack([e.b2 for e in experts]),
+    return {   # each weight Biased(a quantized weight, its bias)
+        f"{prefix}.gate_up_proj": torch.stack([interleave(e.w1.weight.dequantize(), e.w3.weight.dequantize()).t()
+                                               for e in experts]),
+        f"{prefix}.gate_up_proj_bias": torch.stack([interleave(e.w1.bias, e.w3.bias) for e in experts]),
+        f"{prefix}.down_proj": torch.stack([e.w2.weight.dequantize().t() for e in experts]),
+        f"{prefix}.down_proj_bias": torch.stack([e.w2.bias for e in experts]),
     }
 
 

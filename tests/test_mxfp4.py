@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_offload.experts import Expert
+from moe_offload.experts import Biased, Expert
 from moe_offload.quant.mxfp4 import FP4_VALUES, GROUP, MXFP4ExpertFormat, MXFP4Weight, dequantize, quantize
 
 
@@ -48,13 +48,13 @@ def test_expert_format_packs_one_buffer_that_views_back_as_weights_and_biases():
     fmt = MXFP4ExpertFormat(hidden, ffn, torch.float32, biases=True)
     weights = [dequantize(*published(*shape, seed=i)) for i, shape in enumerate([(ffn, hidden), (hidden, ffn), (ffn, hidden)])]
     biases = [torch.randn(n, generator=generator) for n in (ffn, hidden, ffn)]
-    buffer = fmt.pack(Expert(*weights, *biases))
+    buffer = fmt.pack(Expert(*(Biased(w, b) for w, b in zip(weights, biases))))
     assert buffer.shape == (fmt.nbytes,) and fmt.nbytes < 3 * hidden * ffn * 0.6 + 1024     # 4.25 bits a weight
     expert = fmt.view(buffer)
-    assert all(isinstance(w, MXFP4Weight) and torch.equal(w.dequantize(), v) for w, v in zip(expert[:3], weights))
-    assert all(torch.equal(b, v) for b, v in zip(expert[3:], biases))
+    assert all(isinstance(w.weight, MXFP4Weight) and torch.equal(w.weight.dequantize(), v) for w, v in zip(expert, weights))
+    assert all(torch.equal(w.bias, b) for w, b in zip(expert, biases))
     x = torch.randn(5, hidden, generator=generator)
-    assert torch.equal(expert.w1.linear(x), x @ weights[0].t())
+    assert torch.equal(expert.w1.linear(x), x @ weights[0].t() + biases[0])
 
 
 def test_expert_format_refuses_widths_that_are_not_whole_groups():

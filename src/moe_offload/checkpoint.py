@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from .config import ConfigError, ModelConfig
 from .errors import UserError
-from .experts import Expert
+from .experts import Biased, Expert
 from .model import AttentionWeights, LayerWeights, ModelWeights
 
 
@@ -227,7 +227,8 @@ class Checkpoint:
             down = self.tensor_slice(f"{prefix}.down_proj", expert_id, (experts, ffn, hidden)).t()
         gate_up_bias = self.tensor_slice(f"{prefix}.gate_up_proj_bias", expert_id, (experts, 2 * ffn))
         down_bias = self.tensor_slice(f"{prefix}.down_proj_bias", expert_id, (experts, hidden))
-        return Expert(gate_up[0::2], down, gate_up[1::2], gate_up_bias[0::2], down_bias, gate_up_bias[1::2])
+        return Expert(Biased(gate_up[0::2], gate_up_bias[0::2]), Biased(down, down_bias),
+                      Biased(gate_up[1::2], gate_up_bias[1::2]))
 
     def tensor_slice(self, name: str, index: int, shape: tuple[int, ...]) -> torch.Tensor:
         """tensor[index] of a stored tensor whose whole shape is checked to be `shape`, reading only that slice."""

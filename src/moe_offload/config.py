@@ -255,12 +255,10 @@ def _rope_type(params: dict) -> str:
 
 
 def _rope_theta(hf: dict) -> float:
-    params = _rope_parameters(hf)
-    _rope_type(params)
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    return float(_rope_parameters(hf).get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
-def _partial_rotary_factor(hf: dict, default: float = 1.0) -> float:
+def _partial_rotary_factor(hf: dict, default: float) -> float:
     return float(_rope_parameters(hf).get("partial_rotary_factor", hf.get("partial_rotary_factor", default)))
 
 
@@ -276,7 +274,8 @@ def _rope_scaling(hf: dict) -> RopeScaling | None:
     if kind == "longrope":
         return RopeScaling(kind, original, short_factor=tuple(_require(params, "short_factor")),
                            long_factor=tuple(_require(params, "long_factor")),
-                           short_mscale=params.get("short_mscale", 1.0), long_mscale=params.get("long_mscale", 1.0))
+                           short_mscale=params.get("short_mscale", RopeScaling.short_mscale),
+                           long_mscale=params.get("long_mscale", RopeScaling.long_mscale))
     factor = params.get("factor") or max_position / original
     attention_factor = params.get("attention_factor")
     if attention_factor is None:
@@ -286,8 +285,9 @@ def _rope_scaling(hf: dict) -> RopeScaling | None:
         else:
             attention_factor = yarn_mscale(factor)
     return RopeScaling(kind, original, factor=factor, attention_factor=attention_factor,
-                       beta_fast=params.get("beta_fast") or 32.0, beta_slow=params.get("beta_slow") or 1.0,
-                       truncate=params.get("truncate", True))
+                       beta_fast=params.get("beta_fast") or RopeScaling.beta_fast,
+                       beta_slow=params.get("beta_slow") or RopeScaling.beta_slow,
+                       truncate=params.get("truncate", RopeScaling.truncate))
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

@@ -1,4 +1,5 @@
-"""The math of a decoder-only MoE transformer (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and nothing else.
+"""The math of a decoder-only MoE transformer (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Phi-3.5-MoE, GLM-4.5,
+DeepSeek-V2/V3, gpt-oss), and nothing else.
 
     model = Transformer(config, weights, provider)
     cache = KVCache.allocate(config, batch=1, max_len=4096, device=..., dtype=...)
@@ -6,8 +7,10 @@
     logits = model(token, cache, start_pos=pos)      # pos: int64 (1,) on the device; token: (batch, 1)
 
 Family differences are plain fields of `ModelConfig` (q/k norms, qkv bias and clipping, shared
-experts, dense layers). Routed experts come from an `ExpertProvider` (see experts.py); every other
-weight is held here. A weight is a tensor (out, in) or a quantized object with `.linear(x)`.
+experts, dense layers, norms, rotary scaling, routing functions, latent attention, attention sinks,
+per-layer windows, expert biases and activation). Routed experts come from an `ExpertProvider` (see
+experts.py); every other weight is held here. A weight is a tensor (out, in) or a quantized object
+with `.linear(x)`.
 
 With `start_pos` a device tensor, a forward decodes one token without reading anything back to the
 host: RoPE, the KV write and attention's length all come from that tensor, so the same work can be
@@ -18,8 +21,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -40,18 +43,18 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     if isinstance(weight, torch.Tensor):
         return F.linear(x, weight, bias)
     y = weight.linear(x)
-    return y if bias is None else y + bias.to(y.dtype)    # quantized experts keep their biases in fp32
+    return y if bias is None else y + bias
 
 
 def swiglu(mlp: Expert, x: torch.Tensor) -> torch.Tensor:
-    return linear(F.silu(linear(x, mlp.w1, mlp.b1)) * linear(x, mlp.w3, mlp.b3), mlp.w2, mlp.b2)
+    return linear(F.silu(linear(x, mlp.w1)) * linear(x, mlp.w3), mlp.w2)
 
 
 def clamped_swiglu(mlp: Expert, x: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     """gpt-oss's expert: gate at most `limit`, up within +-limit, (up + 1) * gate * sigmoid(alpha * gate)."""
-    gate = linear(x, mlp.w1, mlp.b1).clamp(max=limit)
-    up = linear(x, mlp.w3, mlp.b3).clamp(-limit, limit)
-    return linear((up + 1) * (gate * torch.sigmoid(gate * alpha)), mlp.w2, mlp.b2)
+    gate = linear(x, mlp.w1).clamp(max=limit)
+    up = linear(x, mlp.w3).clamp(-limit, limit)
+    return linear((up + 1) * (gate * torch.sigmoid(gate * alpha)), mlp.w2)
 
 
 def rotary(positions: torch.Tensor, head_dim: int, theta: float,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..experts import Expert, bias_shapes, lay_out
+from ..experts import Expert, bias_shapes, lay_out, split_biases, with_biases
 
 GROUP = 32           # weights sharing one scale
 EXPONENT_BIAS = 127
@@ -70,7 +70,7 @@ class MXFP4Weight:
 
 
 class MXFP4ExpertFormat:
-    """experts.ExpertFormat: w1, w2, w3 as MXFP4 codes and scales, then (with `biases`) b1, b2, b3 in `dtype`,
+    """experts.ExpertFormat: w1, w2, w3 as MXFP4 codes and scales, then (with `biases`) their biases in `dtype`,
     in one buffer. Widths must be multiples of 32 (gpt-oss: 2880)."""
 
     def __init__(self, hidden_size: int, expert_ffn: int, dtype: torch.dtype, biases: bool = False):
@@ -84,14 +84,14 @@ class MXFP4ExpertFormat:
 
     def pack(self, expert: Expert) -> torch.Tensor:
         buffer = torch.zeros(self.nbytes, dtype=torch.uint8)
-        tensors = [t for w in expert[:3] for t in quantize(w)] + list(expert[3:])
-        for slot, tensor in zip(self.slots, tensors):
+        weights, biases = split_biases(expert)
+        for slot, tensor in zip(self.slots, [t for w in weights for t in quantize(w)] + biases):
             slot.view(buffer).copy_(tensor)
         return buffer
 
     def view(self, buffer: torch.Tensor) -> Expert:
         views = [slot.view(buffer) for slot in self.slots]
-        return Expert(*(MXFP4Weight(*views[i:i + 2]) for i in range(0, 6, 2)), *views[6:])
+        return with_biases([MXFP4Weight(*views[i:i + 2]) for i in range(0, 6, 2)], views[6:])
 
     def runs_grouped(self, x: torch.Tensor, top_k: int) -> bool:
         return False

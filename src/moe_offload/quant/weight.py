@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, QuantSpec
-from ..experts import BUFFER_ALIGNMENT, Expert, TensorSlot, bias_shapes, lay_out
+from ..experts import BUFFER_ALIGNMENT, Expert, TensorSlot, bias_shapes, lay_out, split_biases, with_biases
 from . import pack as bitpack
 from .hqq import MetaCodes, QuantizedMatrix, quantize
 
@@ -140,7 +140,7 @@ class PackedFormat:
 
 class HQQExpertFormat:
     """experts.ExpertFormat for HQQ: w1, w2, w3 of one expert quantized with `spec`, in one buffer; with `biases`,
-    b1, b2, b3 follow in fp32 (a stored folder's buffers do not depend on the dtype it is run in)."""
+    their biases follow in fp32 (a stored folder's buffers do not depend on the dtype it is run in)."""
 
     def __init__(self, hidden_size: int, expert_ffn: int, spec: QuantSpec, device=None, biases: bool = False):
         self.spec = spec
@@ -154,17 +154,18 @@ class HQQExpertFormat:
         self.nbytes = start + bias_bytes
 
     def pack(self, expert: Expert) -> torch.Tensor:
-        packed = self.format.pack(list(expert)[:3], self.device)
+        weights, biases = split_biases(expert)
+        packed = self.format.pack(weights, self.device)
         if not self.bias_slots:
             return packed
         buffer = torch.zeros(self.nbytes, dtype=torch.uint8)
         buffer[:self.format.nbytes] = packed
-        for slot, bias in zip(self.bias_slots, expert[3:]):
+        for slot, bias in zip(self.bias_slots, biases):
             slot.view(buffer).copy_(bias)
         return buffer
 
     def view(self, buffer: torch.Tensor) -> Expert:
-        return Expert(*self.format.view(buffer[:self.format.nbytes]), *(slot.view(buffer) for slot in self.bias_slots))
+        return with_biases(self.format.view(buffer[:self.format.nbytes]), [slot.view(buffer) for slot in self.bias_slots])
 
     def runs_grouped(self, x: torch.Tensor, top_k: int) -> bool:
         """One token on CUDA with Triton, groups the GEMV tiles, and rows of x and of the hidden activations
