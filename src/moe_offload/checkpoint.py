@@ -207,7 +207,8 @@ class Checkpoint:
     @property
     def mxfp4_experts(self) -> bool:
         """Whether the routed experts are stored as MXFP4 blocks and scales (gpt-oss as published)."""
-        return any(name.endswith(".experts.gate_up_proj_blocks") for name in self.file_of)
+        block = _MOE_NAMES[self.config.model_type].block
+        return f"{layer_prefix(self.config.moe_layers[0])}.{block}.experts.gate_up_proj_blocks" in self.file_of
 
     def _fused_expert(self, layer: int, expert_id: int) -> Expert:
         """One expert of gpt-oss's per-layer tensors, in full precision (MXFP4 dequantized exactly)."""
@@ -244,7 +245,8 @@ class Checkpoint:
         except Exception as e:  # safetensors raises several types for damaged files
             raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e}); the file is damaged, download it again") from None
         if t is None:
-            raise CheckpointError(f"{path}: tensor {name!r} has shape {list(stored_shape)}, but config.json implies {list(shape)}")
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {list(stored_shape)}, but config.json implies "
+                                  f"{list(shape)}")
         return t
 
     def dense_weights(self, device, dtype, progress=None) -> ModelWeights:

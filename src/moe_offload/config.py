@@ -15,8 +15,8 @@ from pathlib import Path
 
 from .errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "glm4_moe", "deepseek_v3", "deepseek_v2",
-                         "gpt_oss")
+SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "glm4_moe", "deepseek_v3",
+                         "deepseek_v2", "gpt_oss")
 ROPE_TYPES = ("default", "yarn", "longrope")
 
 
@@ -90,7 +90,7 @@ class ModelConfig:
     # and values expanded per head from a rank-kv_lora_rank latent, which is what the KV cache holds (with the rope key)
     q_lora_rank: int = 0
     kv_lora_rank: int = 0                  # 0: not latent attention
-    v_head_dim: int = 0                    # latent attention's value width; head_dim is the query/key width (nope + rope)
+    v_head_dim: int = 0                    # latent attention's value width; head_dim: the query/key width (nope + rope)
     rope_interleave: bool = False          # rotary pairs are adjacent dimensions (deepseek), not the two halves
     attention_scale: float = 0.0           # the softmax scale of q.k; 0: 1/sqrt(head_dim)
     sliding_layers: tuple[int, ...] | None = None   # layers that use sliding_window; None: every layer
@@ -270,7 +270,8 @@ def _rope_scaling(hf: dict) -> RopeScaling | None:
         return None
     max_position = hf.get("max_position_embeddings", 4096)
     # Phi-3 style files keep the pretraining length beside rope_scaling too, and that one wins (as in transformers)
-    original = hf.get("original_max_position_embeddings") or params.get("original_max_position_embeddings") or max_position
+    original = (hf.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+                or max_position)
     if kind == "longrope":
         return RopeScaling(kind, original, short_factor=tuple(_require(params, "short_factor")),
                            long_factor=tuple(_require(params, "long_factor")),

@@ -143,7 +143,8 @@ class DenseExpertFormat:
         return buffer
 
     def view(self, buffer: torch.Tensor) -> Expert:
-        return with_biases([slot.view(buffer) for slot in self.slots[:3]], [slot.view(buffer) for slot in self.slots[3:]])
+        views = [slot.view(buffer) for slot in self.slots]
+        return with_biases(views[:3], views[3:])
 
     def runs_grouped(self, x: torch.Tensor, top_k: int) -> bool:
         return False

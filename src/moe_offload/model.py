@@ -67,8 +67,9 @@ def rotary(positions: torch.Tensor, head_dim: int, theta: float,
         return _cos_sin(positions, 1.0 / wavelengths, 1.0)
     if scaling.kind == "yarn":
         return _cos_sin(positions, _yarn_frequencies(wavelengths, head_dim, theta, scaling), scaling.attention_factor)
-    short = _cos_sin(positions, 1.0 / (wavelengths.new_tensor(scaling.short_factor) * wavelengths), scaling.short_mscale)
-    long = _cos_sin(positions, 1.0 / (wavelengths.new_tensor(scaling.long_factor) * wavelengths), scaling.long_mscale)
+    factors = wavelengths.new_tensor(scaling.short_factor), wavelengths.new_tensor(scaling.long_factor)
+    short = _cos_sin(positions, 1.0 / (factors[0] * wavelengths), scaling.short_mscale)
+    long = _cos_sin(positions, 1.0 / (factors[1] * wavelengths), scaling.long_mscale)
     beyond = (positions >= scaling.original_max_position)[:, None]
     return torch.where(beyond, long[0], short[0]), torch.where(beyond, long[1], short[1])
 
@@ -255,7 +256,8 @@ class Transformer:
             return F.layer_norm(x, (x.shape[-1],), weight, bias, self.config.rms_norm_eps)
         return rms_norm(x, weight, self.config.rms_norm_eps)
 
-    def route(self, layer: int, logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, layer: int, logits: torch.Tensor, top_k: int,
+              renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The config's routing of a MoE layer's gate logits (T, E) -> fp32 weights and int64 ids (T, top_k)."""
         cfg = self.config
         if cfg.routing == "sparsemixer":
@@ -332,7 +334,8 @@ class Transformer:
         batch, length, _ = x.shape
         rank, rope_dim = cfg.kv_lora_rank, cfg.rotary_dim
         nope = cfg.head_dim - rope_dim
-        q = linear(x, a.wq) if a.wq_a is None else linear(rms_norm(linear(x, a.wq_a), a.q_a_norm, cfg.rms_norm_eps), a.wq)
+        queries = x if a.wq_a is None else rms_norm(linear(x, a.wq_a), a.q_a_norm, cfg.rms_norm_eps)   # bottleneck
+        q = linear(queries, a.wq)
         q_nope, q_rope = q.view(batch, length, cfg.num_heads, cfg.head_dim).transpose(1, 2).split([nope, rope_dim], -1)
         latent, k_rope = linear(x, a.wkv_a).split([rank, rope_dim], -1)
         latent, k_rope = rms_norm(latent, a.kv_a_norm, cfg.rms_norm_eps).unsqueeze(1), k_rope.unsqueeze(1)
