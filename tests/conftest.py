@@ -39,6 +39,46 @@ TINY_FAMILIES = {
                        shared_expert_intermediate_size=48, intermediate_size=96, mlp_only_layers=[0])),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
               dict(num_hidden_layers=3, num_experts=16, num_experts_per_tok=8, intermediate_size=24, clip_qkv=1.0)),
+    # Phi-3.5-MoE's settings: q/k/v/o and lm_head biases, LayerNorms, longrope (the prompts stay below its boundary:
+    # transformers' PhimoeRotaryEmbedding never applies the long factors, see test_families), a sliding window
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM",
+               dict(num_hidden_layers=3, num_local_experts=8, num_experts_per_tok=2, intermediate_size=48,
+                    attention_bias=True, lm_head_bias=True, router_jitter_noise=0.3, sliding_window=100,
+                    rope_scaling=dict(type="longrope", short_factor=[1.0 + i / 16 for i in range(8)],
+                                      long_factor=[1.0 + i / 4 for i in range(8)], short_mscale=1.2, long_mscale=1.3,
+                                      original_max_position_embeddings=256))),
+    # GLM-4.5's: partial rotary, a dense first layer, shared expert, sigmoid routing in groups with the correction
+    # bias, routed scaling, q/k norms (GLM-4.5 itself has them off) and qkv bias
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                 dict(num_hidden_layers=3, head_dim=32, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
+                      topk_group=2, moe_intermediate_size=24, intermediate_size=96, first_k_dense_replace=1,
+                      n_shared_experts=2, routed_scaling_factor=2.5, use_qk_norm=True, attention_bias=True,
+                      partial_rotary_factor=0.5)),
+    # DeepSeek-V3's: latent attention with a query bottleneck, interleaved yarn rotary (mscale in the softmax scale),
+    # a dense first layer, shared expert, sigmoid routing in groups with the correction bias, renormalised and scaled
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64,
+                         kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16,
+                         num_experts_per_tok=4, n_group=4, topk_group=2, moe_intermediate_size=24, intermediate_size=96,
+                         first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5,
+                         rope_scaling=dict(type="yarn", factor=8.0, original_max_position_embeddings=64,
+                                           beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0))),
+    # DeepSeek-V2's: no query bottleneck, softmax group-limited greedy routing (not renormalised), two shared experts
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                    dict(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
+                         kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16,
+                         num_experts_per_tok=4, n_group=4, topk_group=2, topk_method="group_limited_greedy",
+                         moe_intermediate_size=24, intermediate_size=96, first_k_dense_replace=1, n_shared_experts=2,
+                         routed_scaling_factor=4.0,
+                         rope_scaling=dict(type="yarn", factor=8.0, original_max_position_embeddings=64,
+                                           beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=0.707))),
+    # gpt-oss's: attention sinks, sliding and full layers alternating, q/k/v/o, router and expert biases, the clamped
+    # SwiGLU (a low limit, so that it clamps), yarn
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(num_hidden_layers=3, head_dim=16, num_local_experts=8, num_experts_per_tok=4, intermediate_size=32,
+                     sliding_window=24, swiglu_limit=1.0,
+                     rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=8.0, beta_fast=32.0,
+                                          beta_slow=1.0, truncate=False, original_max_position_embeddings=64))),
 }
 
 
@@ -60,6 +100,9 @@ def write_tiny_family(folder: Path, model_type: str, seed: int = 0, **overrides)
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.add_(torch.randn_like(param), alpha=0.1)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):   # zeros at init: the routing would not depend on it
+                buffer.normal_(0, 0.1)
     model.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (folder / name).write_bytes((SHIPPED_MODEL / name).read_bytes())

@@ -37,7 +37,7 @@ from moe_offload.quant.weight import HQQExpertFormat, QuantizedWeight
 from moe_offload.tokenizer import Tokenizer
 
 from conftest import SHIPPED_MODEL, TINY_FAMILIES, write_tiny_family
-from test_model_matches_transformers import assert_close_to_reference, reference_logits
+from test_model_matches_transformers import DECODE, PREFILL, assert_close_to_reference, our_logits, reference_logits
 
 FAMILIES = tuple(TINY_FAMILIES)
 
@@ -54,6 +54,23 @@ VARIANTS = {
     "olmoe-no-clip-renorm-attention-bias": ("olmoe", dict(clip_qkv=None, norm_topk_prob=True, attention_bias=True)),
     "mixtral-8x22b-head-ratio-top2of8": (
         "mixtral", dict(hidden_size=96, num_attention_heads=12, num_key_value_heads=2, num_local_experts=8)),
+    "phimoe-biases-longrope-jitter-0.3-window-100": ("phimoe", {}),
+    "phimoe-no-biases-default-rope-jitter-0.01": (
+        "phimoe", dict(attention_bias=False, lm_head_bias=False, router_jitter_noise=0.01, rope_scaling=None)),
+    "glm4_moe-qk-norm-qkv-bias-4-groups-scaled": ("glm4_moe", {}),
+    "glm4_moe-air-like-one-group-no-qk-norm-no-renorm": (
+        "glm4_moe", dict(n_group=1, topk_group=1, use_qk_norm=False, attention_bias=False, routed_scaling_factor=1.0,
+                         norm_topk_prob=False, n_shared_experts=1)),
+    "deepseek_v3-q-bottleneck-yarn-4-groups": ("deepseek_v3", {}),
+    "deepseek_v3-no-q-bottleneck-halves-rotary-one-group-default-rope": (
+        "deepseek_v3", dict(q_lora_rank=None, rope_interleave=False, n_group=1, topk_group=1, rope_scaling=None,
+                            first_k_dense_replace=0)),
+    "deepseek_v2-group-limited-greedy-yarn": ("deepseek_v2", {}),
+    "gpt_oss-sinks-alternating-window-24-clamped-swiglu-yarn": ("gpt_oss", {}),
+    "gpt_oss-all-full-attention-published-limit": (
+        "gpt_oss", dict(layer_types=["full_attention"] * 3, swiglu_limit=7.0, attention_bias=False)),
+    "deepseek_v2-lite-like-greedy-q-bottleneck": (
+        "deepseek_v2", dict(topk_method="greedy", n_group=1, topk_group=1, q_lora_rank=64, routed_scaling_factor=1.0)),
 }
 
 
@@ -147,7 +164,7 @@ def assert_offloaded_equals_resident(folder, slots: int, prefetch: int | None, d
     runtime = RuntimeConfig(model=folder, device=device, dtype=dtype)
     resident = Engine.load(runtime, progress=False)
     config = resident.config
-    expert_nbytes = DenseExpertFormat(config.hidden_size, config.expert_ffn, resident.cache.keys[0].dtype).nbytes
+    expert_nbytes = resident.model.provider.expert_format.nbytes
     half_in_ram = expert_nbytes * len(config.moe_layers) * config.num_experts // 2
     offload = OffloadConfig(enabled=True, gpu_memory=2**30, cpu_memory=half_in_ram, slots_per_layer=slots,
                             prefetch_experts=prefetch)
@@ -190,6 +207,11 @@ QUANTIZABLE = {
     "qwen3_moe": dict(head_dim=32, moe_intermediate_size=64, intermediate_size=128),
     "qwen2_moe": dict(moe_intermediate_size=64, shared_expert_intermediate_size=128, intermediate_size=128),
     "olmoe": dict(intermediate_size=64),
+    "phimoe": dict(intermediate_size=64),
+    "glm4_moe": dict(moe_intermediate_size=32, n_shared_experts=2, intermediate_size=128),
+    "deepseek_v3": dict(moe_intermediate_size=32, n_shared_experts=2, intermediate_size=128),
+    "deepseek_v2": dict(moe_intermediate_size=32, n_shared_experts=2, intermediate_size=128),
+    "gpt_oss": {},
 }
 
 
@@ -206,14 +228,33 @@ def dequantized_checkpoint(quantized_folder, out):
         tensors[name] = weight.dequantize() if isinstance(weight, QuantizedWeight) else weight
     expert_format, expert_buffer = expert_storage(ckpt, torch.float32)
     for layer in cfg.moe_layers:
-        for expert_id in range(cfg.num_experts):
-            expert = expert_format.view(expert_buffer(layer, expert_id))
+        experts = [expert_format.view(expert_buffer(layer, expert_id)) for expert_id in range(cfg.num_experts)]
+        if cfg.model_type == "gpt_oss":
+            tensors.update(fused_expert_tensors(f"model.layers.{layer}.mlp.experts", experts))
+            continue
+        for expert_id, expert in enumerate(experts):
             for name, weight in zip(expert_tensor_names(cfg, layer, expert_id), expert):
                 tensors[name] = weight.dequantize()
     out.mkdir()
     save_file({name: t.contiguous() for name, t in tensors.items()}, out / "model.safetensors", metadata={"format": "pt"})
-    shutil.copy(quantized_folder / "config.json", out / "config.json")
+    config = json.loads((quantized_folder / "config.json").read_text())
+    config.pop("quantization_config", None)      # the source's (gpt-oss: MXFP4); these weights are plain
+    (out / "config.json").write_text(json.dumps(config))
     return out
+
+
+def fused_expert_tensors(prefix: str, experts) -> dict[str, torch.Tensor]:
+    """gpt-oss's per-layer expert tensors in the hub's unquantized naming: gate and up interleaved, (in, out)."""
+    def interleave(a, b):
+        return torch.stack([a, b], dim=1).flatten(0, 1)
+
+    return {   # each weight Biased(a quantized weight, its bias)
+        f"{prefix}.gate_up_proj": torch.stack([interleave(e.w1.weight.dequantize(), e.w3.weight.dequantize()).t()
+                                               for e in experts]),
+        f"{prefix}.gate_up_proj_bias": torch.stack([interleave(e.w1.bias, e.w3.bias) for e in experts]),
+        f"{prefix}.down_proj": torch.stack([e.w2.weight.dequantize().t() for e in experts]),
+        f"{prefix}.down_proj_bias": torch.stack([e.w2.bias for e in experts]),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +284,8 @@ def test_family_quantized_folder_matches_transformers_on_the_dequantized_weights
     written = load_engine(written_folder)
     cfg = written.config
     for index, layer in enumerate(written.model.weights.layers):
-        assert all(isinstance(w, QuantizedWeight) for w in (layer.attn.wq, layer.attn.wk, layer.attn.wv, layer.attn.wo))
+        a = layer.attn
+        assert all(isinstance(w, QuantizedWeight) for w in (a.wq, a.wk, a.wv, a.wo, a.wq_a, a.wkv_a) if w is not None)
         assert all(b is None or isinstance(b, torch.Tensor) for b in (layer.attn.bq, layer.attn.bo, layer.attn.q_norm))
         mlp = layer.dense_mlp if index in cfg.dense_layers else layer.shared_expert
         assert mlp is None or all(isinstance(w, QuantizedWeight) and w.spec.bits == 4 for w in mlp)
@@ -270,6 +312,95 @@ def test_qwen2_moe_quantize_on_load_equals_the_written_folder(quantized_folder):
     # steps may differ in the last bits.
     assert torch.equal(from_folder[0], on_load[0])
     assert all((a - b).abs().max() <= 1e-5 * b.abs().max() for a, b in zip(from_folder, on_load, strict=True))
+
+
+def write_mxfp4_gpt_oss(folder):
+    """The tiny gpt-oss checkpoint with its experts as the hub publishes them: MXFP4 `_blocks` (E, out, in/32, 16) and
+    `_scales` (E, out, in/32) of the (out, in) matrices, biases unquantized, and the quantization_config."""
+    from safetensors.torch import load_file, save_file
+
+    from moe_offload.quant.mxfp4 import quantize
+
+    folder = write_tiny_family(folder, "gpt_oss")
+    tensors = load_file(folder / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        matrices = tensors.pop(name).transpose(1, 2)                  # (E, out, in)
+        experts, rows, cols = matrices.shape
+        packed = [quantize(matrix) for matrix in matrices]
+        tensors[f"{name}_blocks"] = torch.stack([codes for codes, _ in packed]).view(experts, rows, cols // 32, 16)
+        tensors[f"{name}_scales"] = torch.stack([scales for _, scales in packed])
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_gpt_oss_mxfp4_experts_load_as_published_and_match_transformers(tmp_path):
+    """The experts stay MXFP4 (about 4.25 bits a weight in every buffer), and the logits match transformers'
+    dequantized model through prefill and decode; offloaded bit for bit with 2 slots."""
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    from moe_offload.quant.mxfp4 import MXFP4ExpertFormat
+
+    folder = write_mxfp4_gpt_oss(tmp_path / "gpt-oss")
+    engine = load_engine(folder)
+    expert_format = engine.model.provider.expert_format
+    assert isinstance(expert_format, MXFP4ExpertFormat)
+    assert expert_format.nbytes < DenseExpertFormat(64, 32, torch.bfloat16, biases=True).nbytes / 2
+    tokens = torch.randint(3, 8192, (1, PREFILL + DECODE), generator=torch.Generator().manual_seed(0))
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, experts_implementation="eager",
+                                                     quantization_config=Mxfp4Config(dequantize=True)).eval()
+    with torch.no_grad():
+        expected = reference(tokens).logits[0]
+    assert (our_logits(folder, tokens) - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert_offloaded_equals_resident(folder, slots=2, prefetch=None)
+
+
+def test_gpt_oss_mxfp4_experts_convert_to_hqq_widths(tmp_path):
+    """--quant 4/2 on the published MXFP4 experts: 2-bit HQQ from the exact MXFP4 values, biases kept; against
+    transformers on the dequantized weights."""
+    folder = write_mxfp4_gpt_oss(tmp_path / "gpt-oss")
+    write_quantized(folder, tmp_path / "gpt-oss-4-2", QuantConfig.parse("4/2"), device="cpu")
+    written = load_engine(tmp_path / "gpt-oss-4-2")
+    assert isinstance(written.model.provider.expert_format, HQQExpertFormat)
+    ours = torch.cat(logits_through_prefill_and_decode(written, QUANT_TOKENS, prompt=32))
+    expected = reference_logits(dequantized_checkpoint(tmp_path / "gpt-oss-4-2", tmp_path / "dequantized"),
+                                torch.tensor([QUANT_TOKENS]))
+    assert (ours - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_quantizing_gpt_oss_but_not_its_experts_is_refused_before_writing(tmp_path):
+    from moe_offload.checkpoint import CheckpointError
+
+    folder = write_tiny_family(tmp_path / "gpt-oss", "gpt_oss")
+    with pytest.raises(CheckpointError, match="--expert-bits"):
+        write_quantized(folder, tmp_path / "out", QuantConfig(attention=QuantSpec(4)), device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_deepseek_v3_float8_checkpoint_reads_as_transformers_dequantizes_it(tmp_path):
+    """DeepSeek-V3 is published with its projections in float8 e4m3, one fp32 `weight_scale_inv` per 128 x 128 block
+    (here 8 x 8): logits against transformers' own dequantization of the same folder."""
+    from safetensors.torch import load_file, save_file
+
+    folder = write_tiny_family(tmp_path, "deepseek_v3")
+    block = 8
+    tensors = load_file(folder / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(("_proj.weight", "_proj_with_mqa.weight"))]:
+        weight = tensors[name]
+        rows, cols = weight.shape
+        blocks = weight.view(rows // block, block, cols // block, block)
+        scale = blocks.abs().amax(dim=(1, 3)) / 448
+        tensors[name] = (blocks / scale[:, None, :, None]).view(rows, cols).to(torch.float8_e4m3fn)
+        tensors[f"{name}_scale_inv"] = scale.float()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [block, block]}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert_close_to_reference(folder, vocab_size=8192)
 
 
 # config.json of published checkpoints, as the hub writes them (key names differ between families).
@@ -313,6 +444,123 @@ HUB_CONFIGS = {
         "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
         "vocab_size": 32000,
     },
+    # The 64-value longrope factor lists stand in for the published ones (same length and kind); every other field is
+    # as published.
+    "microsoft/Phi-3.5-MoE-instruct": {
+        "architectures": ["PhiMoEForCausalLM"], "attention_bias": True, "attention_dropout": 0.0, "bos_token_id": 1,
+        "eos_token_id": 32000, "hidden_act": "silu", "hidden_dropout": 0.0, "hidden_size": 4096,
+        "initializer_range": 0.02, "input_jitter_noise": 0.01, "intermediate_size": 6400, "lm_head_bias": True,
+        "max_position_embeddings": 131072, "model_type": "phimoe", "num_attention_heads": 32, "num_experts_per_tok": 2,
+        "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 16,
+        "original_max_position_embeddings": 4096, "output_router_logits": False, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"long_factor": [1.0 + i / 32 for i in range(64)], "long_mscale": 1.243163121016122,
+                         "original_max_position_embeddings": 4096, "short_factor": [1.0 + i / 64 for i in range(64)],
+                         "short_mscale": 1.243163121016122, "type": "longrope"},
+        "rope_theta": 10000.0, "router_aux_loss_coef": 0.0, "router_jitter_noise": 0.01, "sliding_window": 131072,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.43.3", "use_cache": True,
+        "vocab_size": 32064,
+    },
+    "zai-org/GLM-4.5-Air": {
+        "architectures": ["Glm4MoeForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+        "pad_token_id": 151329, "eos_token_id": [151329, 151336, 151338], "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 4096, "partial_rotary_factor": 0.5, "initializer_range": 0.02, "intermediate_size": 10944,
+        "max_position_embeddings": 131072, "model_type": "glm4_moe", "moe_intermediate_size": 1408,
+        "norm_topk_prob": True, "num_attention_heads": 96, "n_group": 1, "topk_group": 1, "n_routed_experts": 128,
+        "n_shared_experts": 1, "routed_scaling_factor": 1.0, "num_experts_per_tok": 8, "first_k_dense_replace": 1,
+        "num_hidden_layers": 46, "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_scaling": None,
+        "rope_theta": 1000000, "num_nextn_predict_layers": 1, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.54.0", "use_cache": True, "use_qk_norm": False, "vocab_size": 151552,
+    },
+    "zai-org/GLM-4.5": {
+        "architectures": ["Glm4MoeForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+        "pad_token_id": 151329, "eos_token_id": [151329, 151336, 151338], "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 5120, "partial_rotary_factor": 0.5, "initializer_range": 0.02, "intermediate_size": 12288,
+        "max_position_embeddings": 131072, "model_type": "glm4_moe", "moe_intermediate_size": 1536,
+        "norm_topk_prob": True, "num_attention_heads": 96, "n_group": 1, "topk_group": 1, "n_routed_experts": 160,
+        "n_shared_experts": 1, "routed_scaling_factor": 2.5, "num_experts_per_tok": 8, "first_k_dense_replace": 3,
+        "num_hidden_layers": 92, "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_scaling": None,
+        "rope_theta": 1000000, "num_nextn_predict_layers": 1, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.54.0", "use_cache": True, "use_qk_norm": True, "vocab_size": 151552,
+    },
+    "openai/gpt-oss-120b": {
+        "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0, "eos_token_id": 200002,
+        "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
+        "initial_context_length": 4096, "initializer_range": 0.02, "intermediate_size": 2880,
+        "layer_types": ["sliding_attention", "full_attention"] * 18, "max_position_embeddings": 131072,
+        "model_type": "gpt_oss", "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": 36,
+        "num_key_value_heads": 8, "num_local_experts": 128, "output_router_logits": False, "pad_token_id": 199999,
+        "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                           "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"},
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
+                         "rope_type": "yarn", "truncate": False},
+        "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+        "tie_word_embeddings": False, "transformers_version": "4.55.0.dev0", "use_cache": True, "vocab_size": 201088,
+    },
+    "openai/gpt-oss-20b": {
+        "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0, "eos_token_id": 200002,
+        "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
+        "initial_context_length": 4096, "initializer_range": 0.02, "intermediate_size": 2880,
+        "layer_types": ["sliding_attention", "full_attention"] * 12, "max_position_embeddings": 131072,
+        "model_type": "gpt_oss", "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": 24,
+        "num_key_value_heads": 8, "num_local_experts": 32, "output_router_logits": False, "pad_token_id": 199999,
+        "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                           "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"},
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
+                         "rope_type": "yarn", "truncate": False},
+        "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+        "tie_word_embeddings": False, "transformers_version": "4.55.0.dev0", "use_cache": True, "vocab_size": 201088,
+    },
+    "deepseek-ai/DeepSeek-V3": {
+        "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3,
+        "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432,
+        "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v3",
+        "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256,
+        "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128, "num_experts_per_tok": 8,
+        "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "pretraining_tp": 1,
+        "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                "weight_block_size": [128, 128]},
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                         "original_max_position_embeddings": 4096, "type": "yarn"},
+        "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
+        "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+        "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
+    },
+    "deepseek-ai/DeepSeek-V2-Lite": {
+        "architectures": ["DeepseekV2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "aux_loss_alpha": 0.001, "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1,
+        "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 10944,
+        "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v2",
+        "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64,
+        "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 16, "num_experts_per_tok": 6,
+        "num_hidden_layers": 27, "num_key_value_heads": 16, "pretraining_tp": 1, "q_lora_rank": None,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                         "original_max_position_embeddings": 4096, "type": "yarn"},
+        "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax", "seq_aux": True,
+        "tie_word_embeddings": False, "topk_group": 1, "topk_method": "greedy", "torch_dtype": "bfloat16",
+        "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 102400,
+    },
+    "deepseek-ai/DeepSeek-V2": {
+        "architectures": ["DeepseekV2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "aux_loss_alpha": 0.003, "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1,
+        "hidden_act": "silu", "hidden_size": 5120, "initializer_range": 0.02, "intermediate_size": 12288,
+        "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v2",
+        "moe_intermediate_size": 1536, "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 160,
+        "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 128, "num_experts_per_tok": 6,
+        "num_hidden_layers": 60, "num_key_value_heads": 128, "pretraining_tp": 1, "q_lora_rank": 1536,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                         "original_max_position_embeddings": 4096, "type": "yarn"},
+        "rope_theta": 10000, "routed_scaling_factor": 16.0, "scoring_func": "softmax", "seq_aux": True,
+        "tie_word_embeddings": False, "topk_group": 3, "topk_method": "group_limited_greedy",
+        "torch_dtype": "bfloat16", "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128,
+        "vocab_size": 102400,
+    },
 }
 
 
@@ -330,23 +578,96 @@ def test_hub_config_maps_to_the_structure_transformers_builds(checkpoint):
     assert ours.num_layers == len(layers)
     assert ours.top_k == hf["num_experts_per_tok"]
     assert ours.rope_theta == reference_config.rope_parameters["rope_theta"]
-    assert ours.norm_topk_prob == (hf["model_type"] == "mixtral" or reference_config.norm_topk_prob)
+    assert ours.norm_topk_prob == getattr(reference_config, "norm_topk_prob", True)
+    assert_rope_matches(ours, reference)
     for index, layer in enumerate(layers):
         attn = layer.self_attn
-        assert tuple(attn.q_proj.weight.shape) == (ours.num_heads * ours.head_dim, ours.hidden_size)
-        assert tuple(attn.k_proj.weight.shape) == (ours.num_kv_heads * ours.head_dim, ours.hidden_size)
-        assert (attn.q_proj.bias is not None) == ours.qkv_bias
-        assert (attn.o_proj.bias is not None) == ours.o_bias
-        q_norm = getattr(attn, "q_norm", None)
-        expected_norm = {"none": None, "head": (ours.head_dim,), "full": (ours.num_heads * ours.head_dim,)}[ours.qk_norm]
-        assert (None if q_norm is None else tuple(q_norm.weight.shape)) == expected_norm
+        if ours.kv_lora_rank:
+            assert_latent_attention_matches(ours, attn)
+        else:
+            assert_attention_matches(ours, attn)
         mlp = layer.mlp
         if index in ours.dense_layers:
             assert not hasattr(mlp, "experts") and mlp.gate_proj.out_features == ours.dense_ffn
             continue
-        assert tuple(mlp.experts.gate_up_proj.shape) == (ours.num_experts, 2 * ours.expert_ffn, ours.hidden_size)
-        shared = getattr(mlp, "shared_expert", None)
+        gate_up = (ours.num_experts, 2 * ours.expert_ffn, ours.hidden_size)
+        if hf["model_type"] == "gpt_oss":    # stored (in, out), with biases
+            gate_up = (ours.num_experts, ours.hidden_size, 2 * ours.expert_ffn)
+        assert tuple(mlp.experts.gate_up_proj.shape) == gate_up
+        assert ours.expert_bias == hasattr(mlp.experts, "gate_up_proj_bias")
+        shared = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
         assert (0 if shared is None else shared.gate_proj.out_features) == ours.shared_expert_ffn
+        assert ours.shared_expert_gated == hasattr(mlp, "shared_expert_gate")
+        router = getattr(mlp, "gate", None) or mlp.router
+        assert ours.router_bias == (getattr(router, "bias", None) is not None)
+        assert ours.score_correction_bias == hasattr(router, "e_score_correction_bias")
+        assert (ours.n_group, ours.topk_group) == (getattr(router, "num_group", 1), getattr(router, "topk_group", 1))
+        assert ours.routed_scaling_factor == getattr(router, "routed_scaling_factor", 1.0)
+    norm = reference.model.norm
+    assert ours.norm == ("layer" if isinstance(norm, torch.nn.LayerNorm) else "rms")
+    assert ours.lm_head_bias == (reference.lm_head.bias is not None)
+
+
+def assert_attention_matches(ours: ModelConfig, attn) -> None:
+    assert ours.window(attn.layer_idx) == getattr(attn, "sliding_window", ours.sliding_window)
+    assert ours.attention_sinks == hasattr(attn, "sinks")
+    assert tuple(attn.q_proj.weight.shape) == (ours.num_heads * ours.head_dim, ours.hidden_size)
+    assert tuple(attn.k_proj.weight.shape) == (ours.num_kv_heads * ours.head_dim, ours.hidden_size)
+    assert (attn.q_proj.bias is not None) == ours.qkv_bias
+    assert (attn.o_proj.bias is not None) == ours.o_bias
+    q_norm = getattr(attn, "q_norm", None)
+    expected_norm = {"none": None, "head": (ours.head_dim,), "full": (ours.num_heads * ours.head_dim,)}[ours.qk_norm]
+    assert (None if q_norm is None else tuple(q_norm.weight.shape)) == expected_norm
+
+
+def assert_latent_attention_matches(ours: ModelConfig, attn) -> None:
+    """Every projection's shape as dense_tensor_shapes has it, the softmax scale (YaRN's mscale folded in), and
+    whether rotary pairs are interleaved."""
+    shapes = {name.rsplit(".", 2)[-2]: shape for name, shape in dense_tensor_shapes(ours).items()
+              if name.startswith("model.layers.0.self_attn.")}
+    modules = {name: getattr(attn, name) for name in ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj",
+                                                       "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")}
+    assert shapes == {name: tuple(m.weight.shape) for name, m in modules.items() if m is not None}
+    assert ours.attention_scale == pytest.approx(attn.scaling, rel=1e-12)
+    assert ours.rope_interleave == getattr(attn.config, "rope_interleave", True)
+    assert ours.v_head_dim == attn.v_head_dim and ours.rotary_dim == attn.qk_rope_head_dim
+
+
+def assert_rope_matches(ours: ModelConfig, reference) -> None:
+    """Our cos and sin tables against the model's own rotary embedding (built off the meta device), at positions
+    on both sides of a scaled embedding's pretraining length."""
+    from moe_offload.model import rotary
+
+    rotary_emb = type(reference.model.rotary_emb)(reference.config)
+    end = ours.rope_scaling.original_max_position if ours.rope_scaling else 4096
+    positions = torch.tensor([0, 1, 17, end - 1])
+    table = rotary_emb(torch.zeros(1, dtype=torch.float32), positions[None])
+    if torch.is_tensor(table):      # DeepSeek-V2: e^(i angle), one per rotary pair
+        table = torch.cat([table.real] * 2, dim=-1), torch.cat([table.imag] * 2, dim=-1)
+    cos, sin = table
+    if cos.shape[-1] * 2 == ours.rotary_dim:      # gpt-oss: one angle per rotary pair
+        cos, sin = torch.cat([cos] * 2, dim=-1), torch.cat([sin] * 2, dim=-1)
+    expected_cos, expected_sin = rotary(positions, ours.rotary_dim, ours.rope_theta, ours.rope_scaling)
+    assert torch.allclose(cos[0], expected_cos, atol=1e-5) and torch.allclose(sin[0], expected_sin, atol=1e-5)
+
+
+def test_longrope_positions_past_the_pretraining_length_use_the_long_factors():
+    """Phi-3.5-MoE beyond original_max_position_embeddings (4096), as Microsoft's modeling code and transformers'
+    dense Phi-3 compute it: the long factors and long_mscale. (transformers' PhimoeRotaryEmbedding keeps the short
+    factors at every length; below the boundary, where the tiny checkpoints' prompts stay, both agree.)"""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from moe_offload.model import rotary
+
+    hf = HUB_CONFIGS["microsoft/Phi-3.5-MoE-instruct"]
+    ours = ModelConfig.from_hf(hf)
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](AutoConfig.for_model(**hf), "cpu", seq_len=4097)
+    positions = torch.tensor([4095, 4096, 5000, 100000])
+    angles = positions[:, None].float() * inv_freq
+    expected = torch.cat([angles, angles], dim=-1).cos() * hf["rope_scaling"]["long_mscale"]
+    cos, _ = rotary(positions, ours.rotary_dim, ours.rope_theta, ours.rope_scaling)
+    assert not torch.allclose(cos[0], expected[0], atol=1e-3) and torch.equal(cos[1:], expected[1:])
 
 
 def test_qwen3_30b_a3b_config_reads_as_the_issue_describes_it():
@@ -392,15 +713,57 @@ def test_planner_fills_qwen3_30b_a3b_budgets_as_the_readme_states(expert_bits, b
     assert tuple(plan.slots.values()) == slots_per_layer
 
 
+# The issue's budgets (--max-context 4096, bf16 non-expert weights but for the roles --quant quantizes): checkpoint,
+# --quant, --gpu-memory GiB, --cpu-memory GiB -> non-expert bytes, expert bytes, slots per MoE layer, experts on disk
+ISSUE_PLANS = {
+    "gpt-oss-120b-24GiB": ("openai/gpt-oss-120b", None, 24, None, 4_255_115_904, 13_236_480, (42,) * 34 + (41,) * 2, 0),
+    "gpt-oss-120b-16GiB": ("openai/gpt-oss-120b", None, 16, None, 4_255_115_904, 13_236_480, (24,) * 33 + (23,) * 3, 0),
+    "gpt-oss-20b-8GiB": ("openai/gpt-oss-20b", None, 8, None, 3_595_648_128, 13_236_480, (12,) * 6 + (11,) * 18, 0),
+    "DeepSeek-V3-4/2-24GiB-192GiB": ("deepseek-ai/DeepSeek-V3", "4/2", 24, 192, 13_504_428_416, 16_859_136,
+                                     (10,) * 31 + (9,) * 27, 2620),
+    "GLM-4.5-Air-4/2-16GiB": ("zai-org/GLM-4.5-Air", "4/2", 16, None, 5_693_899_520, 6_623_232, (30,) * 28 + (29,) * 17, 0),
+}
+
+
+@pytest.mark.parametrize("case", ISSUE_PLANS)
+def test_planner_fills_the_issue_budgets_as_the_readme_states(case):
+    """gpt-oss with its experts in MXFP4 as published, DeepSeek-V3 and GLM-4.5-Air with --quant 4/2."""
+    from moe_offload.offload.planner import plan_for
+    from moe_offload.quant.mxfp4 import MXFP4ExpertFormat
+
+    checkpoint, quant_text, gpu_gib, cpu_gib, dense_bytes, expert_nbytes, slots, disk_experts = ISSUE_PLANS[case]
+    cfg = ModelConfig.from_hf(HUB_CONFIGS[checkpoint])
+    quant = QuantConfig.parse(quant_text) if quant_text else None
+    if quant is None:
+        expert_format = MXFP4ExpertFormat(cfg.hidden_size, cfg.expert_ffn, torch.bfloat16, biases=True)
+    else:
+        expert_format = HQQExpertFormat(cfg.hidden_size, cfg.expert_ffn, quant.experts, biases=cfg.expert_bias)
+    offload = OffloadConfig(enabled=True, gpu_memory=gpu_gib * 2**30, cpu_memory=cpu_gib and cpu_gib * 2**30)
+    plan = plan_for(cfg, expert_format.nbytes, torch.bfloat16, 4096, offload, "cuda", quant)
+    assert (plan.dense_bytes, expert_format.nbytes) == (dense_bytes, expert_nbytes)
+    assert tuple(plan.slots.values()) == slots and tuple(plan.slots) == cfg.moe_layers
+    assert plan.disk_experts == disk_experts
+
+
+def test_glm_4_5_air_in_bf16_does_not_fit_16_gib_and_the_planner_says_what_does():
+    from moe_offload.errors import UserError
+    from moe_offload.offload.planner import plan_for
+
+    cfg = ModelConfig.from_hf(HUB_CONFIGS["zai-org/GLM-4.5-Air"])
+    expert_nbytes = DenseExpertFormat(cfg.hidden_size, cfg.expert_ffn, torch.bfloat16).nbytes
+    with pytest.raises(UserError, match="at least 17.33GiB"):
+        plan_for(cfg, expert_nbytes, torch.bfloat16, 4096, OffloadConfig(enabled=True, gpu_memory=16 * 2**30), "cuda")
+
+
 def test_unsupported_model_type_is_one_error_line_naming_the_supported_ones(tmp_path):
     config = json.loads((SHIPPED_MODEL / "config.json").read_text())
-    config["model_type"] = "deepseek_v3"
+    config["model_type"] = "dbrx"
     (tmp_path / "config.json").write_text(json.dumps(config))
     result = subprocess.run([sys.executable, "-m", "moe_offload.cli", "generate", "--model", str(tmp_path), "--prompt", "hi"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "'deepseek_v3'" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "'dbrx'" in lines[0]
     assert all(model_type in lines[0] for model_type in SUPPORTED_MODEL_TYPES)
     assert result.stdout == ""
 
@@ -573,6 +936,96 @@ def test_cli_chat_renders_turns_with_the_qwen3_template(tmp_path, monkeypatch, c
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\nand again\n"))
     assert main(["chat", "--model", str(folder), "--device", "cpu", "--max-tokens", "10"]) == 0
     assert capsys.readouterr().out == "".join(f"> {reply}\n" for reply in replies) + "> "
+
+
+# Chat formats of the newer families: (special tokens, end of turn, template). Phi-3.5-MoE-instruct's template as we
+# recall it; GLM-4.5's, DeepSeek's and gpt-oss's (harmony) formats abridged (their templates also render tools,
+# reasoning and channels). All are rendered by the same code as the Qwen templates above, which are checked verbatim
+# against apply_chat_template.
+PHI35_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
+    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+    "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+GLM45_STYLE_CHAT_TEMPLATE = (
+    "[gMASK]<sop>{% for m in messages %}{% if m.role == 'system' %}<|system|>\n{{ m.content }}"
+    "{% elif m.role == 'user' %}<|user|>\n{{ m.content }}{% elif m.role == 'assistant' %}<|assistant|>\n"
+    "<think></think>\n{{ m.content }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+DEEPSEEK_V3_STYLE_CHAT_TEMPLATE = (
+    "<｜begin▁of▁sentence｜>{% for m in messages %}{% if m.role == 'system' %}{{ m.content }}{% elif m.role == 'user' %}"
+    "<｜User｜>{{ m.content }}{% elif m.role == 'assistant' %}<｜Assistant｜>{{ m.content }}<｜end▁of▁sentence｜>"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}"
+)
+DEEPSEEK_V2_STYLE_CHAT_TEMPLATE = (
+    "<｜begin▁of▁sentence｜>{% for m in messages %}{% if m.role == 'system' %}{{ m.content + '\n\n' }}"
+    "{% elif m.role == 'user' %}{{ 'User: ' + m.content + '\n\n' }}{% elif m.role == 'assistant' %}"
+    "{{ 'Assistant: ' + m.content + '<｜end▁of▁sentence｜>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+HARMONY_STYLE_CHAT_TEMPLATE = (   # gpt-oss's harmony format: a system header, the instructions as a developer message
+    "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2024-06\n"
+    "Current date: {{ strftime_now('%Y-%m-%d') }}\n\nReasoning: medium\n\n# Valid channels: analysis, commentary, "
+    "final. Channel must be included for every message.<|end|>{% for m in messages %}"
+    "{% if m.role in ('system', 'developer') %}<|start|>developer<|message|># Instructions\n\n{{ m.content }}<|end|>"
+    "{% elif m.role == 'user' %}<|start|>user<|message|>{{ m.content }}<|end|>{% elif m.role == 'assistant' %}"
+    "<|start|>assistant<|channel|>final<|message|>{{ m.content }}<|end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|start|>assistant{% endif %}"
+)
+FAMILY_CHATS = {
+    "phimoe": (["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "<|end|>", PHI35_CHAT_TEMPLATE),
+    "glm4_moe": (["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>"], "<|user|>", GLM45_STYLE_CHAT_TEMPLATE),
+    "deepseek_v3": (["<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"],
+                    "<｜end▁of▁sentence｜>", DEEPSEEK_V3_STYLE_CHAT_TEMPLATE),
+    "deepseek_v2": (["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"], "<｜end▁of▁sentence｜>",
+                    DEEPSEEK_V2_STYLE_CHAT_TEMPLATE),
+    "gpt_oss": (["<|start|>", "<|message|>", "<|end|>", "<|channel|>", "<|return|>"], "<|return|>",
+                HARMONY_STYLE_CHAT_TEMPLATE),
+}
+
+
+def write_chat_tokenizer(folder, special_tokens: list[str], end_of_turn: str, chat_template: str) -> None:
+    """The shipped tokenizer with a family's special tokens added (ids from 8192) and its chat template."""
+    tokenizer = HFTokenizer.from_file(str(SHIPPED_MODEL / "tokenizer.json"))
+    tokenizer.add_special_tokens(special_tokens)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "TokenizersBackend", "bos_token": None, "eos_token": end_of_turn, "unk_token": None,
+        "chat_template": chat_template}))
+
+
+@pytest.mark.parametrize("model_type", FAMILY_CHATS)
+def test_family_chat_and_serve_run_with_its_chat_template(tmp_path, model_type, monkeypatch, capsys):
+    """The template renders as transformers renders it; `chat` answers each turn with the greedy completion of the
+    rendered conversation; `serve` answers a chat completion with the same text."""
+    import httpx
+    from transformers import AutoTokenizer
+
+    from test_server import running_server
+
+    specials, end_of_turn, template = FAMILY_CHATS[model_type]
+    folder = write_tiny_family(tmp_path / model_type, model_type, vocab_size=8256)   # room for the special tokens
+    write_chat_tokenizer(folder, specials, end_of_turn, template)
+    engine = load_engine(folder)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a sorting algorithm."}]
+    expected_ids = AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, add_generation_prompt=True)
+    expected_ids = list(expected_ids["input_ids"] if hasattr(expected_ids, "keys") else expected_ids)
+    assert engine.tokenizer.encode_chat(messages) == expected_ids and expected_ids[0] >= 8192
+
+    params = SamplingParams(max_new_tokens=10)
+    reply = engine.stream(engine.tokenizer.encode_chat(messages[1:]), params).text()
+    monkeypatch.setattr("sys.stdin", io.StringIO("Name a sorting algorithm.\n"))
+    assert main(["chat", "--model", str(folder), "--device", "cpu", "--max-tokens", "10"]) == 0
+    assert capsys.readouterr().out == f"> {reply}\n> "
+
+    answer = engine.stream(engine.tokenizer.encode_chat(messages), params).text()
+    with running_server("--model", str(folder)) as server:
+        response = httpx.post(f"{server.url}/v1/chat/completions", timeout=120,
+                              json={"model": folder.name, "messages": messages, "max_tokens": 10, "temperature": 0})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == answer
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)

@@ -15,11 +15,35 @@ from pathlib import Path
 
 from .errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "glm4_moe", "deepseek_v3",
+                         "deepseek_v2", "gpt_oss")
+ROPE_TYPES = ("default", "yarn", "longrope")
 
 
 class ConfigError(UserError):
     """A config.json we cannot run; the message names the field and what to change."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Rotary scaling of a long-context checkpoint (config.json's `rope_scaling` or `rope_parameters`).
+
+    yarn: each frequency blends its interpolated (divided by `factor`) and original value by how many turns it
+    makes over `original_max_position`; cos and sin are scaled by `attention_factor`. longrope: each frequency is
+    divided by its own factor, `short_factor` for positions before `original_max_position` and `long_factor` from
+    there on, and cos and sin scaled by `short_mscale` or `long_mscale`."""
+
+    kind: str                              # "yarn" | "longrope"
+    original_max_position: int
+    factor: float = 1.0
+    attention_factor: float = 1.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True                  # yarn: round the blended range out to whole dimensions
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    short_mscale: float = 1.0
+    long_mscale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -49,10 +73,46 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    norm: str = "rms"                      # "rms" | "layer" (LayerNorm with a bias: phimoe)
+    lm_head_bias: bool = False
+    rope_dim: int = 0                      # rotated dimensions at the start of each head; 0: all of head_dim
+    rope_scaling: RopeScaling | None = None
+    shared_expert_gated: bool = False      # qwen2_moe: the shared expert's output scaled by sigmoid(gate(x))
+    routing: str = "softmax"               # "softmax": top-k of softmax; "sparsemixer" (phimoe); "sigmoid_groups"
+                                           # (glm4_moe, deepseek_v3) or "softmax_groups" (deepseek_v2): group-limited
+                                           # top-k of sigmoid or softmax scores (see ops.route_grouped)
+    n_group: int = 1                       # groups of experts, of which each token's top-k come from `topk_group`
+    topk_group: int = 1
+    score_correction_bias: bool = False    # a learned bias added to the scores when choosing (not when weighting)
+    routed_scaling_factor: float = 1.0     # the routed experts' weights are multiplied by it
+    router_jitter: float = 0.0             # sparsemixer: experts within 2 x this relative distance of the best mix
+    # Multi-head latent attention (deepseek): queries through a rank-q_lora_rank bottleneck (0: one projection), keys
+    # and values expanded per head from a rank-kv_lora_rank latent, which is what the KV cache holds (with the rope key)
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0                  # 0: not latent attention
+    v_head_dim: int = 0                    # latent attention's value width; head_dim: the query/key width (nope + rope)
+    rope_interleave: bool = False          # rotary pairs are adjacent dimensions (deepseek), not the two halves
+    attention_scale: float = 0.0           # the softmax scale of q.k; 0: 1/sqrt(head_dim)
+    sliding_layers: tuple[int, ...] | None = None   # layers that use sliding_window; None: every layer
+    attention_sinks: bool = False          # gpt-oss: a learned logit per head joins each softmax, taking weight
+    router_bias: bool = False
+    expert_bias: bool = False              # biases on w1, w2 and w3 of every routed expert
+    # gpt-oss's experts: gate clamped to at most swiglu_limit, up to +-swiglu_limit, then
+    # (up + 1) * gate * sigmoid(swiglu_alpha * gate); swiglu_limit 0: plain SwiGLU
+    swiglu_limit: float = 0.0
+    swiglu_alpha: float = 1.702
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
         return tuple(i for i in range(self.num_layers) if i not in self.dense_layers)
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.rope_dim or self.head_dim
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of a layer's attention; None: it sees every earlier key."""
+        return self.sliding_window if self.sliding_layers is None or layer in self.sliding_layers else None
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
@@ -75,6 +135,7 @@ class ModelConfig:
             head_dim=hf.get("head_dim") or hidden // heads,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=_rope_theta(hf),
+            rope_scaling=_rope_scaling(hf),
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             bos_token_id=hf.get("bos_token_id"),
@@ -88,6 +149,54 @@ class ModelConfig:
                 num_experts=_num_experts(hf),
                 sliding_window=hf.get("sliding_window"),
             )
+        if model_type == "phimoe":
+            if common["top_k"] != 2:
+                raise ConfigError(f"config.json: num_experts_per_tok is {common['top_k']}, but phimoe's sparsemixer "
+                                  f"routes every token to exactly 2 experts")
+            return cls(
+                **common,
+                expert_ffn=_require(hf, "intermediate_size"),
+                num_experts=_num_experts(hf),
+                sliding_window=hf.get("sliding_window"),
+                norm="layer",
+                qkv_bias=bool(hf.get("attention_bias", False)),
+                o_bias=bool(hf.get("attention_bias", False)),
+                lm_head_bias=bool(hf.get("lm_head_bias", False)),
+                routing="sparsemixer",
+                router_jitter=hf.get("router_jitter_noise", 0.01),
+            )
+        if model_type == "glm4_moe":
+            head_dim = common["head_dim"]
+            return cls(
+                **common,
+                expert_ffn=_require(hf, "moe_intermediate_size"),
+                num_experts=_require(hf, "n_routed_experts"),
+                dense_ffn=_require(hf, "intermediate_size"),
+                dense_layers=tuple(range(min(hf.get("first_k_dense_replace", 1), num_layers))),
+                shared_expert_ffn=hf["moe_intermediate_size"] * (hf.get("n_shared_experts", 1) or 0),
+                qkv_bias=bool(hf.get("attention_bias", False)),
+                qk_norm="head" if hf.get("use_qk_norm") else "none",
+                rope_dim=int(head_dim * _partial_rotary_factor(hf, default=0.5)),
+                **_grouped_routing(hf, "sigmoid_groups", correction=True, renormalize=True),
+            )
+        if model_type == "gpt_oss":
+            layer_types = hf.get("layer_types") or ["sliding_attention", "full_attention"] * (num_layers // 2 + 1)
+            return cls(
+                **common,
+                expert_ffn=_require(hf, "intermediate_size"),
+                num_experts=_num_experts(hf),
+                sliding_window=hf.get("sliding_window"),
+                sliding_layers=tuple(i for i in range(num_layers) if layer_types[i] == "sliding_attention"),
+                qkv_bias=bool(hf.get("attention_bias", True)),
+                o_bias=bool(hf.get("attention_bias", True)),
+                attention_sinks=True,
+                router_bias=True,
+                expert_bias=True,
+                swiglu_limit=hf.get("swiglu_limit", 7.0),
+                swiglu_alpha=hf.get("swiglu_alpha", cls.swiglu_alpha),
+            )
+        if model_type in ("deepseek_v3", "deepseek_v2"):
+            return cls(**{**common, **_deepseek(hf, model_type, num_layers)})
         if hf.get("use_sliding_window"):
             raise ConfigError(f"config.json: use_sliding_window is not supported for {model_type}; set it to false")
         if model_type == "olmoe":
@@ -113,6 +222,7 @@ class ModelConfig:
             dense_ffn=hf.get("intermediate_size", 0),
             dense_layers=dense,
             shared_expert_ffn=hf.get("shared_expert_intermediate_size", 0) if model_type == "qwen2_moe" else 0,
+            shared_expert_gated=model_type == "qwen2_moe",
             # qwen2_moe: `qkv_bias` (default true) biases q, k, v; qwen3_moe: `attention_bias` biases q, k, v and o
             qkv_bias=bool(hf.get("qkv_bias", True)) if model_type == "qwen2_moe" else bool(hf.get("attention_bias", False)),
             o_bias=model_type == "qwen3_moe" and bool(hf.get("attention_bias", False)),
@@ -131,12 +241,106 @@ def _num_experts(hf: dict) -> int:
     return _require(hf, "num_experts" if "num_experts" in hf else "num_local_experts")
 
 
-def _rope_theta(hf: dict) -> float:
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+def _rope_parameters(hf: dict) -> dict:
+    """The rotary settings wherever the file keeps them: transformers 5 writes `rope_parameters` (theta and
+    partial factor inside), the hub's files `rope_scaling` beside a top-level `rope_theta`."""
+    return hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+
+
+def _rope_type(params: dict) -> str:
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise ConfigError(f"config.json: rope_type {rope_type!r} is not supported; only 'default' rotary embeddings are")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(f"config.json: rope_type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    return rope_type
+
+
+def _rope_theta(hf: dict) -> float:
+    return float(_rope_parameters(hf).get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _partial_rotary_factor(hf: dict, default: float) -> float:
+    return float(_rope_parameters(hf).get("partial_rotary_factor", hf.get("partial_rotary_factor", default)))
+
+
+def _rope_scaling(hf: dict) -> RopeScaling | None:
+    """yarn and longrope settings resolved as transformers resolves them (modeling_rope_utils)."""
+    params = _rope_parameters(hf)
+    kind = _rope_type(params)
+    if kind == "default":
+        return None
+    max_position = hf.get("max_position_embeddings", 4096)
+    # Phi-3 style files keep the pretraining length beside rope_scaling too, and that one wins (as in transformers)
+    original = (hf.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+                or max_position)
+    if kind == "longrope":
+        return RopeScaling(kind, original, short_factor=tuple(_require(params, "short_factor")),
+                           long_factor=tuple(_require(params, "long_factor")),
+                           short_mscale=params.get("short_mscale", RopeScaling.short_mscale),
+                           long_mscale=params.get("long_mscale", RopeScaling.long_mscale))
+    factor = params.get("factor") or max_position / original
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+    return RopeScaling(kind, original, factor=factor, attention_factor=attention_factor,
+                       beta_fast=params.get("beta_fast") or RopeScaling.beta_fast,
+                       beta_slow=params.get("beta_slow") or RopeScaling.beta_slow,
+                       truncate=params.get("truncate", RopeScaling.truncate))
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature, 0.1 mscale ln(factor) + 1 (1 for no scaling)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _deepseek(hf: dict, model_type: str, num_layers: int) -> dict:
+    """DeepSeek-V3 and -V2: latent attention, shared experts, dense first layers; V3 routes by sigmoid scores with
+    the correction bias in groups and renormalises, V2 by softmax (greedy, or in groups), never renormalised."""
+    if hf.get("attention_bias"):
+        raise ConfigError(f"config.json: attention_bias true is not supported for {model_type}")
+    nope, rope = _require(hf, "qk_nope_head_dim"), _require(hf, "qk_rope_head_dim")
+    scale = (nope + rope) ** -0.5
+    params = _rope_parameters(hf)
+    if _rope_type(params) == "yarn" and params.get("mscale_all_dim"):
+        # DeepSeek scales every q.k, not only the rotary part, by YaRN's temperature squared (transformers:
+        # yarn_apply_mscale)
+        scale *= yarn_mscale(_rope_scaling(hf).factor, params["mscale_all_dim"]) ** 2
+    if model_type == "deepseek_v3":
+        routing = _grouped_routing(hf, "sigmoid_groups", correction=True, renormalize=True)
+    elif hf.get("topk_method", "greedy") == "group_limited_greedy":
+        routing = _grouped_routing(hf, "softmax_groups", correction=False, renormalize=False)
+    else:
+        routing = dict(routing="softmax", norm_topk_prob=False,
+                       routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)))
+    return dict(
+        head_dim=nope + rope,
+        num_kv_heads=hf["num_attention_heads"],
+        expert_ffn=_require(hf, "moe_intermediate_size"),
+        num_experts=_require(hf, "n_routed_experts"),
+        dense_ffn=_require(hf, "intermediate_size"),
+        dense_layers=tuple(range(min(hf.get("first_k_dense_replace") or 0, num_layers))),
+        shared_expert_ffn=hf["moe_intermediate_size"] * (hf.get("n_shared_experts") or 0),
+        rope_dim=rope,
+        q_lora_rank=hf.get("q_lora_rank") or 0,
+        kv_lora_rank=_require(hf, "kv_lora_rank"),
+        v_head_dim=_require(hf, "v_head_dim"),
+        rope_interleave=bool(hf.get("rope_interleave", True)),
+        attention_scale=scale,
+        **routing,
+    )
+
+
+def _grouped_routing(hf: dict, routing: str, correction: bool, renormalize: bool) -> dict:
+    experts = hf.get("n_routed_experts")
+    groups = hf.get("n_group") or 1
+    if experts % groups:
+        raise ConfigError(f"config.json: n_routed_experts {experts} is not a multiple of n_group {groups}")
+    return dict(routing=routing, n_group=groups, topk_group=hf.get("topk_group") or 1,
+                score_correction_bias=correction, routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+                norm_topk_prob=renormalize and bool(hf.get("norm_topk_prob", True)))
 
 
 def _as_tuple(value) -> tuple[int, ...]:

@@ -35,6 +35,7 @@ from .offload.prefetch import GatePredictor
 from .offload.provider import OffloadedExperts
 from .offload.store import ExpertStore
 from .quant.checkpoint import QuantizedCheckpoint, open_checkpoint
+from .quant.mxfp4 import MXFP4ExpertFormat
 from .step import DecodeStep
 from .tokenizer import Tokenizer
 
@@ -69,7 +70,10 @@ def expert_storage(ckpt: Checkpoint, dtype: torch.dtype) -> tuple[ExpertFormat, 
     """How experts are stored, and where each one's packed CPU buffer comes from: (layer, expert) -> uint8."""
     if isinstance(ckpt, QuantizedCheckpoint):
         return ckpt.expert_storage(dtype)
-    expert_format = DenseExpertFormat(ckpt.config.hidden_size, ckpt.config.expert_ffn, dtype)
+    cfg = ckpt.config
+    # MXFP4 experts (gpt-oss as published) stay MXFP4: 4.25 bits a weight over the link; --quant converts them
+    expert_class = MXFP4ExpertFormat if ckpt.mxfp4_experts else DenseExpertFormat
+    expert_format = expert_class(cfg.hidden_size, cfg.expert_ffn, dtype, cfg.expert_bias)
     return expert_format, lambda layer, expert_id: expert_format.pack(ckpt.expert(layer, expert_id))
 
 

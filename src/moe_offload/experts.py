@@ -8,7 +8,8 @@ whatever comes back; it never knows whether they were resident, streamed from ho
         ...   # batch.memory: the layer's slots; batch.slots: each (token, choice) pair's slot
 
 An `Expert` holds three weights (w1 = gate, w3 = up, w2 = down, Mixtral's names). Each is either
-a plain tensor of shape (out, in) or a quantized weight object with a `.linear(x)` method.
+a plain tensor of shape (out, in) or a weight object with a `.linear(x)` method: quantized, or
+`Biased` (gpt-oss's experts carry a bias on each matrix).
 
 An `ExpertFormat` turns one expert into ONE contiguous byte buffer and back: `pack` writes the
 buffer once (on the CPU), `view` reads an `Expert` out of a buffer on any device without copying.
@@ -29,12 +30,44 @@ from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 import torch
+import torch.nn.functional as F
 
 
 class Expert(NamedTuple):
     w1: object  # gate projection, (ffn, hidden)
     w2: object  # down projection, (hidden, ffn)
     w3: object  # up projection, (ffn, hidden)
+
+
+@dataclass(frozen=True)
+class Biased:
+    """A weight (a tensor (out, in) or a quantized weight) and its bias (out,): `.linear(x)` is x W^T + b, the bias
+    added in x's dtype."""
+
+    weight: object
+    bias: torch.Tensor
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.weight, torch.Tensor):
+            return F.linear(x, self.weight, self.bias.to(x.dtype))
+        y = self.weight.linear(x)
+        return y + self.bias.to(y.dtype)
+
+
+def split_biases(expert: Expert) -> tuple[list, list[torch.Tensor]]:
+    """An expert of Biased weights -> its three weights and its three biases (none for unbiased experts)."""
+    weights = [w.weight if isinstance(w, Biased) else w for w in expert]
+    return weights, [w.bias for w in expert if isinstance(w, Biased)]
+
+
+def with_biases(weights: Sequence, biases: Sequence[torch.Tensor]) -> Expert:
+    """split_biases' inverse."""
+    return Expert(*(Biased(w, b) for w, b in zip(weights, biases))) if biases else Expert(*weights)
+
+
+def bias_shapes(hidden_size: int, expert_ffn: int) -> tuple[tuple[int], ...]:
+    """The biases of w1, w2, w3."""
+    return (expert_ffn,), (hidden_size,), (expert_ffn,)
 
 
 class ExpertFormat(Protocol):
@@ -95,20 +128,23 @@ def lay_out(specs: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> tuple[list[
 
 
 class DenseExpertFormat:
-    """w1, w2, w3 stored unquantized in `dtype`, one after another."""
+    """w1, w2, w3 (then their biases, with `biases`) stored unquantized in `dtype`, one after another."""
 
-    def __init__(self, hidden_size: int, expert_ffn: int, dtype: torch.dtype):
+    def __init__(self, hidden_size: int, expert_ffn: int, dtype: torch.dtype, biases: bool = False):
         shapes = ((expert_ffn, hidden_size), (hidden_size, expert_ffn), (expert_ffn, hidden_size))
+        shapes += bias_shapes(hidden_size, expert_ffn) if biases else ()
         self.slots, self.nbytes = lay_out([(shape, dtype) for shape in shapes])
 
     def pack(self, expert: Expert) -> torch.Tensor:
         buffer = torch.zeros(self.nbytes, dtype=torch.uint8)
-        for slot, weight in zip(self.slots, expert):
-            slot.view(buffer).copy_(weight)
+        weights, biases = split_biases(expert)
+        for slot, tensor in zip(self.slots, weights + biases):
+            slot.view(buffer).copy_(tensor)
         return buffer
 
     def view(self, buffer: torch.Tensor) -> Expert:
-        return Expert(*(slot.view(buffer) for slot in self.slots))
+        views = [slot.view(buffer) for slot in self.slots]
+        return with_biases(views[:3], views[3:])
 
     def runs_grouped(self, x: torch.Tensor, top_k: int) -> bool:
         return False

@@ -2,6 +2,9 @@
 
     y = rms_norm(x, weight, eps)                                  # weight None: x / rms(x)
     weights, ids = route(logits, top_k, renormalize)              # softmax, top-k, renormalise
+    weights, ids = route_sparsemixer(logits, jitter)              # phimoe (torch only)
+    weights, ids = route_grouped(logits, top_k, groups, ...)      # sigmoid scores, group-limited top-k (torch only)
+    out = sink_attention(q, keys, values, visible, sinks)         # gpt-oss's attention with sinks (torch only)
     q = rotate_and_cache(q, k, v, rope, positions, rows, keys, values)   # RoPE on q and k, k and v into the cache
     out = decode_attention(q, keys, values, positions, rows, window)     # one new token a row against the cache
     y = combine(picked, weights)                                  # each token's top-k outputs, weighted, summed
@@ -64,8 +67,51 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Te
     return weights, ids
 
 
+def route_sparsemixer(logits: torch.Tensor, jitter: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phi-3.5-MoE's sparsemixer at inference, as transformers computes it: logits (T, E) -> fp32 weights and int64 ids
+    (T, 2). The first expert is the best; its weight is the softmax over the experts whose logit is within
+    2 jitter (relative to max(|logit|, best)) of the best. The second is the best of the others, weighted by the same
+    softmax over the others."""
+    scores = logits.float()
+    weights, ids = [], []
+    masked = scores
+    for _ in range(2):
+        best, choice = masked.max(dim=-1, keepdim=True)
+        far = (best - scores) / scores.abs().clamp(min=best) > 2 * jitter
+        gates = torch.softmax(masked.masked_fill(far, float("-inf")), dim=-1)
+        weights.append(gates.gather(-1, choice))
+        ids.append(choice)
+        masked = masked.scatter(-1, choice, float("-inf"))
+    return torch.cat(weights, dim=-1), torch.cat(ids, dim=-1)
+
+
+def route_grouped(logits: torch.Tensor, top_k: int, groups: int, top_groups: int, renormalize: bool,
+                  correction: torch.Tensor | None, sigmoid: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 / GLM-4.5 routing: logits (T, E) -> fp32 weights and int64 ids (T, top_k). Scores are sigmoids;
+    experts are chosen by score + `correction` among the `top_groups` of `groups` equal groups whose two best
+    (corrected) scores sum highest; weights are the chosen scores (without the correction), renormalised to sum
+    to 1 when asked. `sigmoid` False: DeepSeek-V2's group-limited greedy, softmax scores and groups ranked by
+    their best score."""
+    scores = logits.float().sigmoid() if sigmoid else logits.float().softmax(dim=-1)
+    choice = scores if correction is None else scores + correction
+    tokens, experts = choice.shape
+    grouped = choice.view(tokens, groups, experts // groups)
+    group_scores = grouped.topk(min(2, experts // groups), dim=-1).values.sum(-1) if sigmoid else grouped.amax(-1)
+    kept = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_scores.topk(top_groups, dim=-1).indices, True)
+    choice = choice.masked_fill(~kept.repeat_interleave(experts // groups, dim=1), float("-inf"))
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights, ids
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (batch, heads, T, head_dim) rotated by cos, sin (T, head_dim): the half-split layout (rotate_half)."""
+    """x (batch, heads, T, head_dim) rotated by cos, sin (T, rotary_dim): the half-split layout (rotate_half) on the
+    first rotary_dim dimensions of each head (all of them but for partial rotary embeddings); the rest pass."""
+    if cos.shape[-1] < x.shape[-1]:
+        rotary_dim = cos.shape[-1]
+        return torch.cat([apply_rotary(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]], dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
@@ -75,8 +121,9 @@ def rotate_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tu
                      positions: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """One token a row: q (n, heads, 1, D), k and v (n, kv_heads, 1, D) at positions (int64 (n,)); rope the cos and
     sin tables (max_len, D) of every position. Writes RoPE(k) and v into keys, values (cache rows, kv_heads,
-    max_len, D) at row rows[b] (int64 (n,)), position positions[b], and returns RoPE(q), (n, heads, 1, D)."""
-    if fused(q):
+    max_len, D) at row rows[b] (int64 (n,)), position positions[b], and returns RoPE(q), (n, heads, 1, D).
+    Tables narrower than D (partial rotary embeddings) run in the torch twin."""
+    if fused(q) and rope[0].shape[-1] == q.shape[-1]:
         return _triton_rotate_and_cache(q, k, v, rope, positions, rows, keys, values)
     cos, sin = rope[0][positions][:, None, None], rope[1][positions][:, None, None]    # (n, 1, 1, D)
     keys[rows, :, positions] = apply_rotary(k, cos, sin)[:, :, 0]
@@ -107,6 +154,22 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
                                                   values[row:row + 1, :, start:position + 1],
                                                   enable_gqa=q.shape[1] != keys.shape[1]))
     return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def sink_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor | None,
+                   sinks: torch.Tensor) -> torch.Tensor:
+    """gpt-oss's attention: q (batch, heads, T, D) over keys, values (batch, kv_heads, S, D) where visible (T, S)
+    (None: everywhere), each head's softmax also over a learned logit `sinks[head]` that takes weight but brings no
+    value. Softmax in fp32; -> (batch, heads, T, D)."""
+    batch, heads, length, dim = q.shape
+    group = heads // keys.shape[1]
+    k, v = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(dim)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    sink = sinks.float().view(1, heads, 1, 1).expand(batch, heads, length, 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return probs.to(v.dtype) @ v
 
 
 def _rows(x: torch.Tensor) -> int:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..checkpoint import Checkpoint, CheckpointError, dense_tensor_shapes, expert_shapes, expert_tensor_names
+from ..checkpoint import Checkpoint, CheckpointError, dense_tensor_shapes, expert_shapes, expert_tensor_names, experts_fused
 from ..config import ConfigError, ModelConfig, QuantConfig, QuantSpec
 from ..experts import DenseExpertFormat, ExpertFormat
 from .weight import HQQExpertFormat, PackedFormat
@@ -48,10 +48,12 @@ DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "U8": 1}
 
 def role_of(name: str) -> str | None:
     """The QuantConfig role of a non-expert hub tensor, or None for tensors never quantized (norms,
-    biases, embeddings, the 1-row shared-expert gate)."""
+    biases, embeddings, the 1-row shared-expert gate, latent attention's kv_b_proj)."""
     if name == "lm_head.weight":
         return "head"
-    if ".self_attn." in name and name.endswith("_proj.weight"):
+    if name.endswith("kv_b_proj.weight"):
+        return None          # latent attention's up-projection: the model splits it per head and absorbs it
+    if ".self_attn." in name and name.endswith(("_proj.weight", "_proj_with_mqa.weight")):
         return "attention"
     if name.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight")):
         return "shared"      # dense MLP layers and shared experts; routed experts are not dense tensors
@@ -106,8 +108,8 @@ class QuantizedCheckpoint(Checkpoint):
     def expert_format(self, dtype: torch.dtype) -> ExpertFormat:
         cfg = self.config
         if self.quant.experts is None:
-            return DenseExpertFormat(cfg.hidden_size, cfg.expert_ffn, dtype)
-        return HQQExpertFormat(cfg.hidden_size, cfg.expert_ffn, self.quant.experts, self.quantize_device)
+            return DenseExpertFormat(cfg.hidden_size, cfg.expert_ffn, dtype, cfg.expert_bias)
+        return HQQExpertFormat(cfg.hidden_size, cfg.expert_ffn, self.quant.experts, self.quantize_device, cfg.expert_bias)
 
     def expert_storage(self, dtype: torch.dtype) -> tuple[ExpertFormat, Callable[[int, int], torch.Tensor]]:
         """The expert format and (layer, expert) -> packed uint8 CPU buffer: a view of the mapped
@@ -141,14 +143,18 @@ def quantization_config() -> dict:
     return {"quant_method": FORMAT, "version": VERSION}
 
 
+PUBLISHED_FORMATS = ("mxfp4", "fp8")   # as checkpoints are published: gpt-oss's MXFP4 experts, DeepSeek-V3's
+                                        # block-scaled float8 weights (checkpoint.py reads both as they are)
+
+
 def _check_quantization_config(ckpt: Checkpoint, ours: bool) -> None:
-    """A quantized folder of ours may name our format and version in config.json (older ones name nothing);
-    any other folder must name no quantization at all: we read neither GPTQ, AWQ, FP8 nor anything else."""
+    """A quantized folder of ours may name our format and version in config.json (older ones name nothing); any
+    other folder must name no quantization, or one of PUBLISHED_FORMATS: we read neither GPTQ, AWQ nor the rest."""
     declared = ckpt.hf_config.get("quantization_config")
     if declared is None:
         return
     method = declared.get("quant_method") if isinstance(declared, dict) else declared
-    if ours and declared == quantization_config():
+    if (ours and declared == quantization_config()) or (not ours and method in PUBLISHED_FORMATS):
         return
     path = ckpt.folder / "config.json"
     if method == FORMAT:
@@ -294,6 +300,9 @@ def _entries(ckpt: QuantizedCheckpoint) -> list[Entry]:
                             lambda n=name, s=shape, f=fmt: f.pack([ckpt.tensor(n, s)], ckpt.quantize_device)))
     cfg = ckpt.config
     if ckpt.quant.experts is None:
+        if experts_fused(cfg):
+            raise CheckpointError(f"{ckpt.folder}: {cfg.model_type} keeps a layer's experts in one tensor, which a "
+                                  f"quantized folder does not copy; quantize the experts too (--expert-bits 2, 3 or 4)")
         for layer in cfg.moe_layers:
             for expert_id in range(cfg.num_experts):
                 for name, shape in zip(expert_tensor_names(cfg, layer, expert_id), expert_shapes(cfg)):

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, QuantSpec
-from ..experts import Expert, TensorSlot, lay_out
+from ..experts import BUFFER_ALIGNMENT, Expert, TensorSlot, bias_shapes, lay_out, split_biases, with_biases
 from . import pack as bitpack
 from .hqq import MetaCodes, QuantizedMatrix, quantize
 
@@ -141,25 +141,39 @@ class PackedFormat:
 
 
 class HQQExpertFormat:
-    """experts.ExpertFormat for HQQ: w1, w2, w3 of one expert quantized with `spec`, in one buffer."""
+    """experts.ExpertFormat for HQQ: w1, w2, w3 of one expert quantized with `spec`, in one buffer; with `biases`,
+    their biases follow in fp32 (a stored folder's buffers do not depend on the dtype it is run in)."""
 
-    def __init__(self, hidden_size: int, expert_ffn: int, spec: QuantSpec, device=None):
+    def __init__(self, hidden_size: int, expert_ffn: int, spec: QuantSpec, device=None, biases: bool = False):
         self.spec = spec
         self.device = device   # where pack() quantizes; the buffer always comes back on the CPU
         shapes = ((expert_ffn, hidden_size), (hidden_size, expert_ffn), (expert_ffn, hidden_size))
         self.format = PackedFormat([(shape, spec) for shape in shapes])
-        self.nbytes = self.format.nbytes
+        bias_slots, bias_bytes = lay_out([(shape, torch.float32) for shape in bias_shapes(hidden_size, expert_ffn)]
+                                         if biases else [])
+        start = -(-self.format.nbytes // BUFFER_ALIGNMENT) * BUFFER_ALIGNMENT if biases else self.format.nbytes
+        self.bias_slots = [TensorSlot(start + slot.offset, slot.shape, slot.dtype) for slot in bias_slots]
+        self.nbytes = start + bias_bytes
 
     def pack(self, expert: Expert) -> torch.Tensor:
-        return self.format.pack(list(expert), self.device)
+        weights, biases = split_biases(expert)
+        packed = self.format.pack(weights, self.device)
+        if not self.bias_slots:
+            return packed
+        buffer = torch.zeros(self.nbytes, dtype=torch.uint8)
+        buffer[:self.format.nbytes] = packed
+        for slot, bias in zip(self.bias_slots, biases):
+            slot.view(buffer).copy_(bias)
+        return buffer
 
     def view(self, buffer: torch.Tensor) -> Expert:
-        return Expert(*self.format.view(buffer))
+        return with_biases(self.format.view(buffer[:self.format.nbytes]), [slot.view(buffer) for slot in self.bias_slots])
 
     def runs_grouped(self, x: torch.Tensor, top_k: int) -> bool:
-        """A decode step's tokens (at most GROUPED_TOKENS) on CUDA with Triton, groups the GEMV tiles, and rows of
-        x and of the hidden activations that the GEMV can read 16 bytes at a time."""
-        if not (x.is_cuda and x.shape[0] <= GROUPED_TOKENS):
+        """A decode step's tokens (at most GROUPED_TOKENS) on CUDA with Triton, groups the GEMV tiles, rows of x and
+        of the hidden activations that the GEMV can read 16 bytes at a time, and no biases (the grouped GEMV has no
+        epilogue for them)."""
+        if not (x.is_cuda and x.shape[0] <= GROUPED_TOKENS) or self.bias_slots:
             return False
         from . import kernels
         ffn, hidden = self.format.layouts[0].shape
