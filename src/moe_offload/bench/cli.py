@@ -4,7 +4,7 @@
         --modes full,no-prefetch,no-cache --accelerate --out results.json --plot results.png
     moe-offload bench record-routing --model DIR --text FILE --tokens 3072 --out trace.safetensors
     moe-offload bench plot --results results.json --out results.png
-    moe-offload bench table --results a.json b.json [--quant 4/2 --budget 12GiB]     # Markdown for the README
+    moe-offload bench table --results a.json b.json [--quant 4/2 --budget 12GiB]     # Markdown for docs/benchmarks.md
 
 Progress goes to stderr; the last line on stdout is the report as one JSON object.
 """
