@@ -84,8 +84,8 @@ MAX_SPLITS = 64             # programs that add partial sums into one row (_add_
 SPLIT_COLUMNS = 128         # input columns a warp covers by default
 ROWS_PER_THREAD = 4         # the default configs' rows a thread
 PROGRAMS_PER_SM = 4         # one row of x: programs of 4 warps an SM holds at once (at most 128 registers a thread)
-# A warp's groups loaded before the wait hold their registers through it; at 2 bits (groups of 16) 7 of 16 were
-# 0.1 us faster than 8, and 9 or 10 0.4-0.5 us slower (gpu-2026-11-28/gemv_one_wave.txt)
+# A warp's groups loaded before the wait hold their registers through it: 7 was the fastest cap at 2 bits
+# (docs/quantization.md, "Tiling defaults")
 MAX_EARLY_GROUPS = 7
 
 
@@ -107,11 +107,8 @@ def default_config(bits: int, group_size: int, n: int, k: int, rows_of_x: int = 
     wait for the kernel before (early_groups); SPLIT_COLUMNS input columns a warp, with integer x at 2 and 4 bits
     twice that, or a few groups fewer where that still fits one wave on the card's sm_count SMs (one_wave_groups);
     with integer x at most 72 registers a thread at 3 bits and 128 at 2 (so that a call's programs fit the GPU at
-    once): the best of gpu-2026-11-28/gemv_atomic_sums.txt and gpu-2026-11-28/gemv_one_wave.txt on an H200
-    (2 bits: 8.8-8.9 us against 9.0 with 128 columns and 10.1 with 80 registers; 3 bits: 8.6-8.7 us against
-    9.6-10.0 without the cap). For more rows of x, 2 warps a program, the groups in a loop, loop_columns a warp
-    (gemv_unrolled.txt, gemv_warps_along_k.txt: 2 warps up to 12 % faster than 4, unrolled 2x slower at 8 rows;
-    with the atomic row sums 4 warps still slower at 8 rows: gemv_batch_columns.txt)."""
+    once). For more rows of x, 2 warps a program, the groups in a loop, loop_columns a warp. Each choice is the
+    fastest measured; the measurements are in docs/quantization.md, "Tiling defaults"."""
     integer_x = quantizes_x(bits, group_size, rows_of_x)
     if rows_of_x == 1:
         warps, columns = 4, (2 * SPLIT_COLUMNS if integer_x and bits in (2, 4) else SPLIT_COLUMNS)
@@ -129,11 +126,9 @@ def default_config(bits: int, group_size: int, n: int, k: int, rows_of_x: int = 
 def one_wave_groups(groups: int, warps: int, n: int, k_groups: int, sm_count: int | None) -> int:
     """`groups` a warp for one row of x, or fewer, down to 3/4 of it: the fewest with which K's k_groups split
     evenly among a block of rows' programs and all n rows' programs are at work at once (at most
-    PROGRAMS_PER_SM an SM). More, smaller programs and none waiting for a slot: on an H200 (132 SMs), Mixtral's
-    w2 at 2 bits takes 14 groups a warp (512 programs) in place of 16 (448): 8.6-8.8 us against 9.0-9.1, while
-    splits that leave the last program's groups ragged were 3-6 us slower
-    (benchmarks/results/gpu-2026-11-28/gemv_one_wave.txt). Measured at 2 bits only; Mixtral's shapes at 3 and
-    4 bits have no such split. sm_count None (not known): `groups`."""
+    PROGRAMS_PER_SM an SM): more, smaller programs and none waiting for a slot, faster than ragged splits
+    (measured at 2 bits only; Mixtral's shapes at 3 and 4 bits have no such split: docs/quantization.md,
+    "Tiling defaults"). sm_count None (not known): `groups`."""
     if sm_count is None:
         return groups
     blocks = -(-n // (32 * ROWS_PER_THREAD))
@@ -146,11 +141,9 @@ def one_wave_groups(groups: int, warps: int, n: int, k_groups: int, sm_count: in
 
 def loop_columns(bits: int, rows_of_x: int) -> int:
     """Input columns a warp of the loop (2 to 8 rows of x) covers by default: fewer programs add fewer partial
-    sums into each row, but fewer are at work. On an H200 (gpu-2026-11-28/gemv_batch_columns.txt), at 4 bits 256
-    columns for 4 rows of x (25.1-25.4 us against 26.8-28.1 with 128 and 38-39 with 512) and 512 for 8 (45.4-45.8
-    against 51-52 and 63-65); 128 at 2 bits (8 rows) and 3 bits (4 and 8 rows: 29.5 and 61.4-61.7 us against
-    31.4 and 65.5 with 256); 8 bits not measured. Rows of x between those measured take the next measured
-    count's."""
+    sums into each row, but fewer are at work. At 4 bits 256 columns up to 4 rows of x and 512 above, elsewhere
+    SPLIT_COLUMNS: the fastest measured (docs/quantization.md, "Tiling defaults"; 8 bits not measured). Rows of x
+    between those measured take the next measured count's."""
     if bits != 4:
         return SPLIT_COLUMNS
     return 2 * SPLIT_COLUMNS if rows_of_x <= 4 else 4 * SPLIT_COLUMNS
@@ -174,10 +167,9 @@ def x_bytes(bits: int) -> int:
     """Bytes a value of integer x takes (_quantize_x). One at 2 bits: x_k as an int8 in steps of 1/127 of its
     group's largest |x| (as llama.cpp's q8_1, here in the weight's groups), the codes that sit 2 bits up their
     bytes summed on their own so that no x_k loses bits to them; about 2^-8 of the group's largest |x| in place of
-    2^-16, and 0.4-0.7 us faster on Mixtral's shapes on an H200 (8.1-8.4 us against 8.7-9.0, 14 % fewer
-    instructions: benchmarks/results/gpu-2026-11-29/gemv_one_byte_x.txt). Two elsewhere: at 3 bits the codes of
-    one plane word sit 0-2 bits up by byte, so each x_k is scaled by its byte's 2^-o and one byte would lose up to
-    2 of its bits; 4 and 8 bits (already 77 % of the bandwidth at 4) were not measured with one."""
+    2^-16, for fewer instructions and a faster GEMV (docs/quantization.md, "Tiling defaults"). Two elsewhere: at 3
+    bits the codes of one plane word sit 0-2 bits up by byte, so each x_k is scaled by its byte's 2^-o and one byte
+    would lose up to 2 of its bits; 4 and 8 bits were not measured with one."""
     return 1 if bits == 2 else 2
 
 
@@ -751,8 +743,7 @@ if AVAILABLE:
         MASK_GROUPS: tl.constexpr, EVICTION: tl.constexpr, GROUPED: tl.constexpr,
     ):
         """UNROLLED_GROUPS: GROUPS_PER_SPLIT when the groups are unrolled, else 0. The loop reads the run-time
-        GROUPS_PER_SPLIT: as a compile-time constant it was 12-18 % slower at 8 rows of x, 2 bits
-        (benchmarks/results/gpu-2026-11-28/gemv_unrolled.txt, run 3).
+        GROUPS_PER_SPLIT: as a compile-time constant it was slower (docs/quantization.md, "Tiling defaults").
 
         GROUPED (hqq_grouped_gemv): grid axis 2 runs pairs x MATRICES products, product e = (pair, j) on the
         matrix j of the expert in slot slots[pair] (the weight's tensors SLOT_STRIDE bytes apart from slot to
@@ -782,9 +773,9 @@ if AVAILABLE:
         if UNROLLED_GROUPS > 0:
             # straight-line code: the compiler sees every load's consumers and issues the loads well ahead
             # (in a loop it sinks the next group's loads to the loop's end, where their latency shows).
-            # 8-bit scale and zero codes stay in their words until used: 4-10 % faster here at 3 and 4 bits
-            # (benchmarks/results/gpu-2026-11-28/gemv_unrolled.txt). The loop keeps bytes, and so stays the
-            # loop measured there (words in the loop were not measured on their own).
+            # 8-bit scale and zero codes stay in their words until used: faster here at 3 and 4 bits
+            # (docs/quantization.md, "Tiling defaults"). The loop keeps bytes, and so stays the loop measured
+            # there (words in the loop were not measured on their own).
             g0 = (pid_split * WARPS + warp) * UNROLLED_GROUPS           # each warp's first group: (THREADS,)
             early = ()        # the first groups' loads, issued while the kernel before may still write x
             for i in tl.static_range(EARLY_GROUPS):
@@ -892,17 +883,15 @@ def _dependent_launch(device: torch.device) -> bool:
 
 def weight_eviction(bits: int, rows_of_x: int) -> str:
     """The cache eviction policy of a GEMV's loads of words and codes, which it reads once: evict first (Triton: in
-    L1, and an L2 cache hint) at 2 and 3 bits with one row of x, where it was 0.1-0.2 us faster on an H200,
-    normal elsewhere (0.2 us slower at 4 bits; at 8 rows of x no faster): gpu-2026-11-28/gemv_evict_first.txt.
-    Either hint alone, L1 no-allocate or the non-coherent path were no faster (gemv_batch_columns.txt, run 1)."""
+    L1, and an L2 cache hint) at 2 and 3 bits with one row of x, where it was faster; normal elsewhere, where it was
+    not (docs/quantization.md, "Tiling defaults")."""
     return "evict_first" if bits in (2, 3) and rows_of_x == 1 else ""
 
 
 def _masks_groups(integer_x: bool, groups: int, config: KernelConfig) -> bool:
     """Whether the GEMV zeroes the groups past a warp's share (a select per row and group): needed where some
-    split is ragged; kept for codes as floats, where dropping it was measured 1 us slower (3 bits, an H200:
-    compiler scheduling; 1.0 us faster at 2 bits and 0.1-0.6 us at 4 with integer x:
-    benchmarks/results/gpu-2026-11-28/gemv_integer_x.txt)."""
+    split is ragged; kept for codes as floats, where dropping it was slower at 3 bits (compiler scheduling:
+    docs/quantization.md, "Tiling defaults")."""
     return not integer_x or groups % (config.groups_per_split * config.warps) != 0
 
 
