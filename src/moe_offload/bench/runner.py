@@ -493,7 +493,8 @@ class Bench:
 
         for _ in range(2):      # warm (the first steps of a fresh DecodeStep run eagerly and capture its graphs)
             decode_one()
-        return profile_decode(decode_one, s.profile_tokens, self.device)
+        return profile_decode(decode_one, s.profile_tokens, self.device, graph=step.graphs.get(1),
+                              copier=getattr(model.provider, "copier", None))
 
     def prefill(self, model, provider, router, cache, config) -> dict:
         s, device = self.s, self.device
