@@ -4,12 +4,14 @@
 # expert resident, profiles of launches and syncs), then the seed's own machine (12 GiB GPU, 11 GiB of host RAM,
 # the rest of the experts on disk). Logs and report JSON go to $OUT (default: ./out).
 #
-#     bash benchmarks/decode_step.sh
+#     MOE_OFFLOAD_COMMIT=$(git rev-parse HEAD) bash benchmarks/decode_step.sh
+#
+# Pass the commit from the checkout you send: the device's copy of the tree may carry another in its git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 MOE_OFFLOAD_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 MOE_OFFLOAD_COMMIT=${MOE_OFFLOAD_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_step_gpu.py tests/test_ops.py 2>&1 \
     | tail -30 | tee "$OUT/gpu_tests.txt"

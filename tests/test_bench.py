@@ -263,3 +263,18 @@ def test_table2_markdown_puts_our_ratios_beside_the_papers():
     assert "| 8.00 | 4.00 |" in next(line for line in lines if line.startswith("| no LRU"))
     assert "not measured" in next(line for line in lines if line.startswith("| LRU, no prefetch"))
     assert "2.00 (extrapolated) | 1.00" in next(line for line in lines if line.startswith("| transformers"))
+
+
+def test_bench_concurrency_decodes_sequences_together_and_shares_their_expert_loads(tmp_path, capsys, one_cpu_thread):
+    """With slots for (nearly) every expert, four sequences share each copy: fewer loads a token than one alone.
+    (With few slots, four sequences' distinct experts evict one another's: more; the GPU runs report both.)"""
+    argv = ["bench", "--synthetic", "tiny", "--quant", "bf16", "--budget", "410MiB", "--device", "cpu", "--routing", "own",
+            "--modes", "full", "--no-compute-only", "--no-resident", "--prompt-tokens", "6", "--new-tokens", "6",
+            "--warmup-tokens", "2", "--repeats", "1", "--prefill-tokens", "20", "--prefill-repeats", "1",
+            "--concurrency", "1,4"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    by_count = {e["concurrency"]: e for e in report["results"] if "concurrency" in e}
+    assert set(by_count) == {1, 4} and all(e["status"] == "ok" for e in by_count.values())
+    assert all(e["decode_tokens_per_s"] > 0 and e["inter_token_p99_s"] >= e["inter_token_p50_s"] > 0 for e in by_count.values())
+    assert by_count[4]["loads_per_token"] < by_count[1]["loads_per_token"]     # four sequences share each copy

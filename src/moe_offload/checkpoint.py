@@ -171,15 +171,7 @@ class Checkpoint:
 
     def tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """One tensor as stored (CPU, the file's dtype), its shape checked."""
-        path = self.file_of.get(name)
-        if path is None:
-            raise CheckpointError(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
-        try:
-            if path not in self.open_files:
-                self.open_files[path] = safe_open(path, framework="pt")
-            t = self.open_files[path].get_tensor(name)
-        except Exception as e:  # safetensors raises several types for damaged files
-            raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e}); the file is damaged, download it again") from None
+        path, t = self._read(name, lambda stored: stored.get_tensor(name))
         if tuple(t.shape) != tuple(shape):
             raise CheckpointError(
                 f"{path}: tensor {name!r} has shape {list(t.shape)}, but config.json implies {list(shape)}"
@@ -233,21 +225,29 @@ class Checkpoint:
 
     def tensor_slice(self, name: str, index: int, shape: tuple[int, ...]) -> torch.Tensor:
         """tensor[index] of a stored tensor whose whole shape is checked to be `shape`, reading only that slice."""
+        def read_slice(stored):
+            tensor = stored.get_slice(name)
+            stored_shape = tuple(tensor.get_shape())
+            return stored_shape, tensor[index] if stored_shape == tuple(shape) else None
+
+        path, (stored_shape, t) = self._read(name, read_slice)
+        if t is None:
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {list(stored_shape)}, but config.json implies "
+                                  f"{list(shape)}")
+        return t
+
+    def _read(self, name: str, read):
+        """-> (the file holding tensor `name`, read(that file's safetensors handle)), with one line for a missing
+        tensor or a damaged file."""
         path = self.file_of.get(name)
         if path is None:
             raise CheckpointError(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
         try:
             if path not in self.open_files:
                 self.open_files[path] = safe_open(path, framework="pt")
-            stored = self.open_files[path].get_slice(name)
-            stored_shape = tuple(stored.get_shape())
-            t = stored[index] if stored_shape == tuple(shape) else None
+            return path, read(self.open_files[path])
         except Exception as e:  # safetensors raises several types for damaged files
             raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e}); the file is damaged, download it again") from None
-        if t is None:
-            raise CheckpointError(f"{path}: tensor {name!r} has shape {list(stored_shape)}, but config.json implies "
-                                  f"{list(shape)}")
-        return t
 
     def dense_weights(self, device, dtype, progress=None) -> ModelWeights:
         """All non-expert weights on `device` in `dtype`. `progress(n)` is told of each tensor read."""

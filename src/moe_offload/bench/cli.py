@@ -27,6 +27,16 @@ def _defaults() -> dict:
     return {f.name: f.default for f in fields(BenchSettings)}
 
 
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in _csv(text))
+    except ValueError:
+        raise UserError(f"--concurrency {text!r}: expected counts of sequences, e.g. 1,4,16") from None
+    if any(n < 1 for n in counts):
+        raise UserError(f"--concurrency {text!r}: every count must be at least 1")
+    return counts
+
+
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -60,6 +70,8 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--prefill-repeats", type=int, default=d["prefill_repeats"], help="timed prefills (default: %(default)s)")
     bench.add_argument("--cpu-memory", default=d["cpu_memory"],
                        help="host RAM for experts, e.g. 11GiB; the rest is memory-mapped from disk (default: all in RAM)")
+    bench.add_argument("--concurrency", default="", metavar="N,N,...",
+                       help="also decode N sequences at once (continuous batching, own routing), e.g. 1,4,16,32")
     bench.add_argument("--no-resident", dest="resident", action="store_false",
                        help="skip the row with every expert on the device (no offloading, no budget)")
     bench.add_argument("--no-compute-only", dest="compute_only", action="store_false",
@@ -115,7 +127,7 @@ def cmd_bench(args) -> None:
         trace=args.trace or REPO / _defaults()["trace"], prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
         warmup_tokens=args.warmup_tokens,
         repeats=args.repeats, prefill_tokens=args.prefill_tokens, prefill_repeats=args.prefill_repeats,
-        cpu_memory=args.cpu_memory, resident=args.resident, compute_only=args.compute_only, profile_tokens=args.profile, prefetch_experts=args.prefetch, prefetch_depth=args.prefetch_depth,
+        cpu_memory=args.cpu_memory, resident=args.resident, concurrency=_counts(args.concurrency), compute_only=args.compute_only, profile_tokens=args.profile, prefetch_experts=args.prefetch, prefetch_depth=args.prefetch_depth,
         device=args.device, time_limit=args.time_limit, out=args.out)
     report = run_benchmarks(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     if args.plot is not None:

@@ -47,7 +47,7 @@ from ..config import ModelConfig, QuantConfig, SamplingParams
 from ..engine import expert_storage, resident_experts, resolve_device
 from ..errors import UserError
 from ..experts import ExpertFormat
-from ..generate import PREFILL_CHUNK, generate, prefill, sample
+from ..generate import PREFILL_CHUNK, Batch, generate, prefill, sample
 from ..model import KVCache, Transformer, own_routing
 from ..offload.cache import ForgetfulCache, LayerCache
 from ..offload.planner import make_plan, parse_size, workspace_bytes
@@ -82,6 +82,7 @@ class BenchSettings:
     prefill_repeats: int = 2
     compute_only: bool = True                    # also time decode with every expert a hit
     resident: bool = True                        # also time decode with every expert on the device (no budget)
+    concurrency: tuple[int, ...] = ()            # also decode this many sequences at once (continuous batching)
     profile_tokens: int = 0                      # profile this many decode tokens of "full" and compute-only entries
     prefetch_experts: int | None = None          # experts prefetched per layer ahead; None: top-k
     prefetch_depth: int = 1
@@ -313,6 +314,10 @@ class Bench:
             if self.s.compute_only and not self.out_of_time():
                 entry = {**common, "budget": budget_text, "routing": "fixed (experts 0..k-1: every use a hit)", "mode": "compute-only"}
                 self.add(self.measure(entry, config, weights, store, expert_format, plan, context, budget, compute_only=True))
+            for sequences in self.s.concurrency:
+                if not self.out_of_time():
+                    self.add(self.measure_batch(common, config, weights, store, expert_format, dense_bytes, budget_text,
+                                                budget, sequences))
         if self.s.resident and not self.out_of_time():
             for routing in self.s.routings:
                 entry = {**common, "budget": "none (every expert on the device)", "routing": routing, "mode": "resident"}
@@ -391,6 +396,58 @@ class Bench:
             self.log(f"{label}: {entry['status']}: {entry['error']}")
         return entry
 
+    def measure_batch(self, common, config, weights, store, expert_format, dense_bytes, budget_text, budget,
+                      sequences: int) -> dict:
+        """`sequences` generations at once (generate.Batch), the full algorithm, the weights' own routing: aggregate
+        and per-sequence decode tokens/s once all run, inter-token latency (a step's time: every running sequence
+        gets one token) and expert loads per generated token, which sharing should lower as the batch grows."""
+        s, device = self.s, self.device
+        entry = {**common, "budget": budget_text, "routing": "own", "mode": "full", "concurrency": sequences}
+        label = f"[{entry['quant']} @ {budget_text}] {sequences} sequences at once"
+        context = s.prompt_tokens + s.new_tokens + 2
+        try:
+            plan = make_plan(config, expert_format.nbytes, dense_bytes, KVCache.nbytes(config, sequences, context, self.dtype),
+                             context, workspace_bytes(config, min(PREFILL_CHUNK, context), context, self.dtype.itemsize),
+                             budget, max_batch=sequences)
+        except UserError as e:
+            self.log(f"{label}: does not fit: {e}")
+            return {**entry, "status": "does not fit", "error": str(e)}
+        self.log(f"{label} ...")
+        gc.collect()
+        self.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        model, provider, _ = self.build(config, weights, store, expert_format, plan, "own", "full")
+        cache = KVCache.allocate(config, sequences, context, device, self.dtype)
+        batch = Batch(model, cache)
+        generator = torch.Generator().manual_seed(s.seed + sequences)
+        for tokens in (s.warmup_tokens, s.new_tokens):          # the first round warms up (and captures graphs)
+            for _ in range(sequences):
+                prompt = torch.randint(3, config.vocab_size, (s.prompt_tokens,), generator=generator).tolist()
+                batch.add(prompt, SamplingParams(max_new_tokens=tokens))
+            while batch.prefilling:
+                batch.step()
+            provider.summary()
+            provider.stats.reset()
+            step_seconds, produced = [], 0
+            while batch.busy:
+                sync(device)
+                started = time.perf_counter()
+                produced += len(batch.step())
+                step_seconds.append(time.perf_counter() - started)
+        seconds = sum(step_seconds)
+        stats = provider.summary()
+        step_seconds.sort()
+        entry.update(status="ok", decode_tokens_per_s=produced / seconds, per_sequence_tokens_per_s=produced / seconds / sequences,
+                     inter_token_p50_s=step_seconds[len(step_seconds) // 2],
+                     inter_token_p99_s=step_seconds[min(len(step_seconds) - 1, int(0.99 * len(step_seconds)))],
+                     loads_per_token=stats["loads"] / max(produced, 1), hit_rate=stats["hit_rate"],
+                     cuda_graphs=batch.decode_step.capturable,
+                     peak_gpu_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+        self.log(f"{label}: {entry['decode_tokens_per_s']:.1f} tokens/s together, {entry['loads_per_token']:.2f} loads "
+                 f"a token, inter-token p50 {1e3 * entry['inter_token_p50_s']:.1f} ms")
+        return entry
+
     def decode(self, model, step, provider, router, cache, config) -> dict:
         s, device = self.s, self.device
         generator = torch.Generator().manual_seed(s.seed)
@@ -436,7 +493,8 @@ class Bench:
 
         for _ in range(2):      # warm (the first steps of a fresh DecodeStep run eagerly and capture its graphs)
             decode_one()
-        return profile_decode(decode_one, s.profile_tokens, self.device)
+        return profile_decode(decode_one, s.profile_tokens, self.device, graph=step.graphs.get(1),
+                              copier=getattr(model.provider, "copier", None))
 
     def prefill(self, model, provider, router, cache, config) -> dict:
         s, device = self.s, self.device

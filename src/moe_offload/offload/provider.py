@@ -268,6 +268,7 @@ class CudaCopier:
         self.tables: dict[tuple[int, int], tuple] = {}           # (table, length) -> its pinned staging
         self.timings: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         self.timings_lock = threading.Lock()   # the server's /metrics reads stats from another thread
+        self.read_wait_seconds = 0.0           # host time blocked in routing reads
 
     def load(self, key, dst: torch.Tensor, src: torch.Tensor) -> None:
         self.stream.wait_event(self.free[key])
@@ -280,7 +281,9 @@ class CudaCopier:
     def read(self, read: RoutingRead):
         """The layer's one blocking wait: for its routing read to reach the host."""
         read.event.record(torch.cuda.current_stream(self.device))
+        started = time.perf_counter()
         read.event.synchronize()
+        self.read_wait_seconds += time.perf_counter() - started
         return split(read)
 
     def write_table(self, table: torch.Tensor, slots: list[int]) -> None:
