@@ -54,7 +54,7 @@ COPIES = 8          # 8 x 22 MB (the smallest weight here) > the 50-60 MB L2 of 
 REPLAYS = 20        # replays of the graph a timed window
 WINDOWS = 5         # timed windows a case: the median is reported
 WARM_UP_S = 0.05    # replays first, for at least this long: the first ones after a pause ran up to ~0.8 us a call
-                    # slower (gemv_pdl.txt, quant_kernels_atomic_sums.txt)
+                    # slower (results/gpu-2026-11-28/quant_kernels_atomic_sums.txt; gemv_pdl.txt: docs/lab-notes.md)
 
 
 def time_ms(fn, rep: int = 100) -> float:

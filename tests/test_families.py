@@ -684,7 +684,7 @@ QWEN3_30B_PLANS = {  # (expert bits or None for bf16, GiB) -> slots per layer, a
 
 
 @pytest.mark.parametrize("expert_bits, budget_gib", QWEN3_30B_PLANS)
-def test_planner_fills_qwen3_30b_a3b_budgets_as_the_readme_states(expert_bits, budget_gib):
+def test_planner_fills_qwen3_30b_a3b_budgets_as_docs_offloading_states(expert_bits, budget_gib):
     """docs/offloading.md's arithmetic for Qwen3-30B-A3B (bf16, or --quant 4/bits: 4-bit attention; 4096 tokens of context):
     no weights needed."""
     from moe_offload.offload.planner import plan_for, workspace_bytes
@@ -726,8 +726,9 @@ ISSUE_PLANS = {
 
 
 @pytest.mark.parametrize("case", ISSUE_PLANS)
-def test_planner_fills_the_issue_budgets_as_the_readme_states(case):
-    """gpt-oss with its experts in MXFP4 as published, DeepSeek-V3 and GLM-4.5-Air with --quant 4/2."""
+def test_planner_fills_the_issue_budgets_as_docs_offloading_states(case):
+    """docs/offloading.md's table: gpt-oss with its experts in MXFP4 as published, DeepSeek-V3 and GLM-4.5-Air with
+    --quant 4/2."""
     from moe_offload.offload.planner import plan_for
     from moe_offload.quant.mxfp4 import MXFP4ExpertFormat
 
