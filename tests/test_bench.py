@@ -135,9 +135,9 @@ def test_committed_trace_replays_onto_the_synthetic_model_through_the_router_sea
     class Recording:
         expert_format = resident.expert_format
 
-        def experts(self, layer, ids, residual):
+        def experts(self, layer, ids, residual, x):
             asked.setdefault(layer, []).append(sorted(ids.flatten().tolist()))
-            return resident.experts(layer, ids, residual)
+            return resident.experts(layer, ids, residual, x)
 
     from moe_offload.model import Transformer
     router = ReplayRouter(trace, "cpu", config.moe_layers)
