@@ -15,6 +15,7 @@ from moe_offload.config import OffloadConfig
 from moe_offload.engine import cpu_experts
 from moe_offload.errors import UserError
 from moe_offload.model import KVCache, Transformer
+from moe_offload.offload.cache import ForgetfulCache, LayerCache
 from moe_offload.offload.cpu_tier import Calibration, CostModel, CpuExperts
 from moe_offload.offload.planner import make_plan
 from moe_offload.offload.provider import OffloadedExperts
@@ -22,7 +23,7 @@ from moe_offload.server.metrics import Metrics
 from moe_offload.step import DecodeStep
 
 from conftest import FIXTURE_32L, requires_fixture
-from test_offload import DECODE, greedy_logits, load_fixture
+from test_offload import DECODE, greedy_logits, load_fixture, one_thread  # noqa: F401 (autouse: the fixtures' logits are made on one thread)
 
 MB = 10**6
 
@@ -73,6 +74,13 @@ def test_an_expert_used_by_more_rows_costs_the_cpu_more_passes():
     assert calibration.cpu_seconds(MB, 1) == pytest.approx(MB / 40e9)
     assert calibration.cpu_seconds(MB, 3) == pytest.approx(MB / 60e9)        # the 4-row speed covers 3 rows
     assert calibration.cpu_seconds(MB, 11) == pytest.approx(MB / 80e9 + MB / 60e9)   # a pass of 8, one of 3
+
+
+def test_without_a_cache_only_prefetched_experts_are_hits_so_the_rest_may_run_on_the_cpu():
+    cache = ForgetfulCache(num_slots=2, expert_nbytes=1)
+    list(cache.schedule([0, 1]))
+    cache.prefetch(2, protected={2})
+    assert cache.hits([0, 1, 2]) == [2] and LayerCache(2, 1).hits([0]) == []
 
 
 # ---- the planner --------------------------------------------------------------------------------

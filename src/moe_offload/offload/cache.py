@@ -181,6 +181,10 @@ class LayerCache:
             yield "use", expert, slot
             protected.discard(expert)
 
+    def hits(self, needed: Iterable[int]) -> list[int]:
+        """Those of `needed` that a step asking for them now would find in a slot."""
+        return [e for e in needed if e in self.slot_of]
+
     def prefetch(self, expert: int, protected: set[int]) -> int | None:
         """Make room for a predicted expert: -> the slot to copy it into, or None when it is
         already in a slot or every slot holds a protected expert."""
@@ -218,6 +222,9 @@ class LayerCache:
 class ForgetfulCache(LayerCache):
     """The paper's "without LRU" ablation (no cache): every slot is emptied before each forward of the layer,
     so each expert use is a load (prefetched experts, if any, are still kept for their forward)."""
+
+    def hits(self, needed):
+        return [e for e in needed if e in self.prefetched]
 
     def schedule(self, needed):
         for expert in [e for e in self.slot_of if e not in self.prefetched]:

@@ -153,10 +153,12 @@ class CpuExperts:
         return self.costs is not None and tokens <= cpu_kernels.MAX_ROWS
 
     def start(self, layer: int, x: torch.Tensor, out: "RowBuffers", pairs: list[int], experts: set[int],
-              stats: OffloadStats) -> Future:
+              stats: OffloadStats) -> Future | None:
         """Start computing the pairs of `experts` into `out` (x: the step's input on the host; pairs: each pair's
-        expert)."""
-        if not experts:                  # nothing to compute: the mask goes out cleared
+        expert); None: nothing to compute, nor a mask to clear on the device."""
+        if not experts:                  # nothing to compute: the mask goes out cleared, once
+            if out.clear:
+                return None
             out.chosen.zero_()
             done = Future()
             done.set_result(out)
@@ -195,12 +197,14 @@ class RowBuffers:
         self.chosen = torch.zeros(pairs, dtype=torch.bool, pin_memory=pinned)
         self.rows = torch.zeros(pairs, hidden, dtype=dtype, device=device)
         self.mask = torch.zeros(pairs, dtype=torch.bool, device=device)
+        self.clear = True                # the device mask takes no row
 
     def send(self) -> None:
         """Queue the host rows and mask to the device (the host buffers are rewritten only a layer's step later, after
         a routing read has waited for everything queued before it)."""
         self.rows.copy_(self.host, non_blocking=True)
         self.mask.copy_(self.chosen, non_blocking=True)
+        self.clear = not self.chosen.any()
 
     def computed(self, whole: bool) -> Computed:
         """The device rows and mask as a batch takes them (`whole`: every pair ran on the CPU)."""

@@ -132,8 +132,8 @@ class OffloadedExperts:
         if read.x is None:
             return set()
         cache = self.caches[layer]
-        hits = [e for e in needed if e in cache.slot_of]
-        misses = Counter(e for e in pairs if e not in cache.slot_of)
+        hits = cache.hits(needed)
+        misses = Counter(e for e in pairs if e not in hits)
         return self.cpu.costs.split(dict(misses), cache.num_slots - len(hits))
 
     def _read(self, layer: int, read: "RoutingRead") -> tuple[list[int], list[int], dict[int, list[int]]]:
