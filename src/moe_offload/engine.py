@@ -30,11 +30,13 @@ from .experts import DenseExpertFormat, ExpertFormat, ExpertSlots, ResidentExper
 from .generate import Batch, Generation
 from .logprobs import LogprobRecorder, TokenLogprob
 from .model import KVCache, ModelWeights, Transformer
+from .offload.cpu_tier import CHOICES as CPU_EXPERTS, CostModel, CpuExperts, calibrate, unsupported
 from .offload.planner import Plan, plan_for
 from .offload.prefetch import GatePredictor
 from .offload.provider import OffloadedExperts
 from .offload.store import ExpertStore
 from .quant.checkpoint import QuantizedCheckpoint, open_checkpoint
+from .quant.cpu_kernels import default_threads
 from .quant.mxfp4 import MXFP4ExpertFormat
 from .step import DecodeStep
 from .tokenizer import Tokenizer
@@ -89,7 +91,8 @@ def resident_experts(config: ModelConfig, expert_format: ExpertFormat, expert_bu
 
 
 def offloaded_experts(config: ModelConfig, weights: ModelWeights, expert_format: ExpertFormat, expert_buffer,
-                      plan: Plan, offload: OffloadConfig, device: torch.device, progress) -> OffloadedExperts:
+                      plan: Plan, offload: OffloadConfig, device: torch.device, dtype: torch.dtype,
+                      progress) -> OffloadedExperts:
     """Every expert into the host store (pinned on CUDA), slots and predictor as the plan says."""
     store = ExpertStore(config.moe_layers, config.num_experts, expert_format.nbytes, plan.ram_experts,
                         pin=device.type == "cuda", disk_dir=offload.offload_dir)
@@ -99,7 +102,30 @@ def offloaded_experts(config: ModelConfig, weights: ModelWeights, expert_format:
             progress(1)
     top_n = config.top_k if offload.prefetch_experts is None else offload.prefetch_experts
     predictor = GatePredictor(config, weights.layers, offload.prefetch_depth, top_n, offload.prefetch_norm) if top_n else None
-    return OffloadedExperts(store, expert_format, plan.slots, device, predictor, offload.measure_time)
+    cpu = cpu_experts(config, expert_format, store, offload, device, dtype)
+    return OffloadedExperts(store, expert_format, plan.slots, device, predictor, offload.measure_time, cpu=cpu)
+
+
+def cpu_experts(config: ModelConfig, expert_format: ExpertFormat, store: ExpertStore, offload: OffloadConfig,
+                device: torch.device, dtype: torch.dtype) -> CpuExperts | None:
+    """The CPU tier that --cpu-moe-layers and --cpu-experts ask for, or None. "auto" calibrates the link and the CPU
+    (milliseconds) and lets the cost model choose per miss; on a CPU device there is no link to spare, so it is off.
+    A model whose experts the CPU cannot run stays off under "auto" and is refused with --cpu-moe-layers."""
+    if offload.cpu_experts not in CPU_EXPERTS:
+        raise UserError(f"--cpu-experts {offload.cpu_experts!r}: use one of {', '.join(CPU_EXPERTS)}")
+    dynamic = offload.cpu_experts == "auto" and device.type == "cuda"
+    reason = unsupported(config, expert_format)
+    if reason and offload.cpu_moe_layers:
+        raise UserError(f"--cpu-moe-layers {offload.cpu_moe_layers}: {reason}")
+    if reason or not (dynamic or offload.cpu_moe_layers):
+        return None
+    threads = max(1, default_threads() - 1) if device.type == "cuda" else None   # a core for the thread driving the GPU
+    costs = None
+    if dynamic:
+        calibration = calibrate(store.buffer(config.moe_layers[0], 0), expert_format, device, config.hidden_size, dtype,
+                                threads)
+        costs = CostModel(calibration, expert_format.nbytes)
+    return CpuExperts(store, expert_format, device, costs, threads)
 
 
 @dataclass
@@ -223,9 +249,12 @@ class Engine:
         with tqdm(total=total, desc="loading", unit="tensor", disable=not progress or None, file=sys.stderr) as bar:
             weights = ckpt.dense_weights(device, dtype, progress=bar.update)
             if plan:
-                provider = offloaded_experts(config, weights, expert_format, expert_buffer, plan, offload, device, bar.update)
+                provider = offloaded_experts(config, weights, expert_format, expert_buffer, plan, offload, device, dtype,
+                                             bar.update)
             else:
                 provider = resident_experts(config, expert_format, expert_buffer, device, progress=bar.update)
+        if progress and getattr(provider, "cpu", None) is not None and provider.cpu.costs is not None:
+            print(provider.cpu.costs.calibration.describe(), file=sys.stderr)
         model = Transformer(config, weights, provider)
         cache = KVCache.allocate(config, batch=runtime.max_batch, max_len=max_context, device=device, dtype=dtype)
         return cls(config, model, tokenizer, cache, name=Path(runtime.model).name, plan=plan)

@@ -175,4 +175,4 @@ def _capturable(model: Transformer, cache: KVCache, tokens: int) -> bool:
         return False
     x = torch.empty(tokens, config.hidden_size, device=device, dtype=cache.keys[0].dtype)
     distinct = min(tokens * config.top_k, config.num_experts)
-    return provider.holds_at_once(distinct) and provider.expert_format.runs_grouped(x, config.top_k)
+    return provider.holds_at_once(distinct, tokens) and provider.expert_format.runs_grouped(x, config.top_k)
