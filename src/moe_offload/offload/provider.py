@@ -72,6 +72,10 @@ class OffloadedExperts:
         """Whether every layer has slots for `experts` experts at once (a step that needs no more runs as one batch)."""
         return all(cache.num_slots >= experts for cache in self.caches.values())
 
+    def slot_experts(self, layer: int) -> dict[int, int]:
+        """Slot -> the expert it holds (or is being copied in), now."""
+        return {slot: expert for expert, slot in self.caches[layer].slot_of.items()}
+
     def experts(self, layer: int, ids: torch.Tensor, residual: torch.Tensor) -> Iterator[ExpertBatch]:
         read = self._stage(layer, ids, residual)
         slots = self.slots[layer]
