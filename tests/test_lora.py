@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import random
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from moe_offload.cli import main
 from moe_offload.config import LoraConfig, OffloadConfig, RuntimeConfig
 from moe_offload.engine import Engine
 from moe_offload.lora import Adapters
 from moe_offload.model import KVCache
-from moe_offload.train import Rows, Trainer
+from moe_offload.train import Rows, Trainer, pack, read_examples
 
-from conftest import write_tiny_mixtral
+from conftest import SHIPPED_MODEL, write_tiny_mixtral
 
 ROWS, LENGTH = 2, 24
 TARGET_SETS = {"attention": ("attention",), "router": ("router",), "experts": ("experts",),
@@ -32,7 +37,7 @@ def tiny(tmp_path_factory):
 
 
 def load(folder, lora=None, slots=None) -> Engine:
-    offload = OffloadConfig(enabled=True, slots_per_layer=slots, prefetch_experts=1, gpu_memory=2**30) if slots else OffloadConfig()
+    offload = OffloadConfig(enabled=True, slots_per_layer=slots, prefetch_experts=0, gpu_memory=2**30) if slots else OffloadConfig()
     return Engine.load(RuntimeConfig(model=folder, device="cpu", dtype="float32", max_context=64, lora=lora),
                        progress=False, offload=offload)
 
@@ -98,8 +103,10 @@ def test_offloaded_training_equals_resident_bit_for_bit(tiny, slots):
     actual = our_gradients(offloaded, random_adapters(offloaded, TARGET_SETS["all"]), rows)
     for name, grad in expected.items():
         assert torch.equal(actual[name], grad), name
+    # backward's prefetch is exact: every expert it copies is used, and no expert crosses twice in a layer's pass
     stats = offloaded.expert_stats()
-    assert stats["loads"] > 0
+    assert stats["prefetch_used"] == stats["prefetch_loads"] > 0
+    assert stats["loads"] <= stats["requests"]
 
 
 def test_saved_adapter_loaded_with_peft_gives_our_logits_with_lora(tiny, tmp_path):
@@ -114,3 +121,81 @@ def test_saved_adapter_loaded_with_peft_gives_our_logits_with_lora(tiny, tmp_pat
     assert (actual - expected).abs().max() <= 1e-4 * expected.abs().max()
     base = load(tiny).model(tokens, KVCache.allocate(adapted.config, 1, LENGTH, "cpu", torch.float32), start_pos=0)[0]
     assert (base - expected).abs().max() > 1e-2 * expected.abs().max()     # the adapter does change the logits
+
+
+# ---- the finetune command ---------------------------------------------------------------------
+
+def write_doubling_task(path, count: int, seed: int):
+    """A small task the shipped model (trained on Python) does not know: `# double a` -> `x = 2a`."""
+    generator = random.Random(seed)
+    lines = []
+    for _ in range(count):
+        a = generator.randint(1, 60)
+        lines.append(json.dumps({"prompt": f"# double {a}\n", "completion": f"x = {2 * a}\n"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def held_out_loss(engine: Engine, data) -> float:
+    rows = pack(read_examples(data, engine.tokenizer, chat=False), 32, 0)
+    cache = KVCache.allocate(engine.config, len(rows.inputs), 32, "cpu", torch.float32)
+    logits = engine.model(rows.inputs, cache, start_pos=0)
+    return torch.nn.functional.cross_entropy(logits[rows.mask], rows.targets[rows.mask]).item()
+
+
+FINETUNE = ["finetune", "--device", "cpu", "--seq-len", "32", "--batch-tokens", "128", "--lr", "3e-3", "--lora-rank", "4"]
+
+
+def test_finetune_on_the_shipped_model_lowers_held_out_loss_and_generate_applies_it(tmp_path, capsys):
+    train, held_out = write_doubling_task(tmp_path / "train.jsonl", 300, 0), write_doubling_task(tmp_path / "test.jsonl", 40, 1)
+    out = tmp_path / "adapter"
+    assert main(FINETUNE + ["--data", str(train), "--out", str(out), "--steps", "12", "--targets", "attention,experts"]) == 0
+    assert "wrote" in capsys.readouterr().err
+    runtime = dict(model=SHIPPED_MODEL, device="cpu", dtype="float32", max_context=64)
+    before = held_out_loss(Engine.load(RuntimeConfig(**runtime), progress=False), held_out)
+    after = held_out_loss(Engine.load(RuntimeConfig(**runtime, lora=out), progress=False), held_out)
+    assert after < 0.8 * before
+    assert main(["generate", "--device", "cpu", "--lora", str(out), "--prompt", "# double 7\n", "--max-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("x =")
+
+
+def test_an_interrupted_finetune_resumes_where_its_last_checkpoint_left_off(tiny, tmp_path, monkeypatch, capsys):
+    data = write_doubling_task(tmp_path / "train.jsonl", 60, 0)
+    args = FINETUNE + ["--model", str(tiny), "--data", str(data), "--steps", "4", "--save-every", "2",
+                       "--targets", "attention,router,experts"]
+    assert main(args + ["--out", str(tmp_path / "whole")]) == 0
+    steps = []
+    step = Trainer.step
+
+    def interrupted(self, rows):
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        steps.append(1)
+        return step(self, rows)
+
+    monkeypatch.setattr(Trainer, "step", interrupted)
+    assert main(args + ["--out", str(tmp_path / "resumed")]) == 130
+    monkeypatch.setattr(Trainer, "step", step)
+    assert main(args + ["--out", str(tmp_path / "resumed")]) == 0
+    assert "resuming" in capsys.readouterr().err
+    whole, resumed = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("whole", "resumed"))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+@pytest.mark.parametrize("extra, line, message", [
+    ([], None, "cannot read it"),
+    ([], '{"text": "a"}\n{"text": oops}\n', "line 2 is not JSON"),
+    ([], '{"text": "a"}\n{"words": "b"}\n', 'line 2: expected {"text": ...}'),
+    (["--chat"], '{"text": "a"}\n', 'line 1: with --chat, expected {"messages"'),
+    (["--lora-rank", "0"], '{"text": "a"}\n', "--lora-rank 0: the rank must be at least 1"),
+    (["--targets", "attention,mlp"], '{"text": "a"}\n', "--targets 'attention,mlp'"),
+    (["--seq-len", "64", "--batch-tokens", "32"], '{"text": "a"}\n', "--batch-tokens 32 is less than --seq-len 64"),
+])
+def test_bad_finetune_input_is_one_error_line(tmp_path, capsys, extra, line, message):
+    data = tmp_path / "data.jsonl"
+    if line is not None:
+        data.write_text(line)
+    assert main(["finetune", "--device", "cpu", "--data", str(data), "--out", str(tmp_path / "out")] + extra) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

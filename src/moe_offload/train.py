@@ -32,10 +32,11 @@ from torch.nn.attention import sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from .config import FinetuneConfig, LoraConfig
+from .config import FinetuneConfig, LoraConfig, ModelConfig
 from .errors import UserError
-from .lora import Adapters, LoraExperts
+from .lora import Adapters, LoraExperts, shapes
 from .model import ATTENTION_BACKENDS, KVCache, Transformer, expert_outputs, rotary
+from .offload.planner import workspace_bytes
 from .tokenizer import Tokenizer
 
 STATE_FILE = "training_state.pt"
@@ -268,10 +269,23 @@ class Trainer:
 
 # -- the command's loop -----------------------------------------------------------------------------
 
-def finetune(engine, lora: LoraConfig, settings: FinetuneConfig, progress: bool = True) -> dict:
-    """Train adapters on settings.data, saving PEFT files and a resumable state into settings.out every
-    save_every steps and at the end. -> a summary (steps, last loss, tokens/s)."""
-    examples = read_examples(settings.data, engine.tokenizer, settings.chat)
+def training_bytes(config: ModelConfig, lora: LoraConfig, settings: FinetuneConfig, dtype: torch.dtype) -> int:
+    """Device memory a step needs beyond the weights, generously: the adapters with their gradients and AdamW's two
+    moments (fp32), each layer's input (the checkpoints) and each MoE layer's recorded expert outputs, one layer's
+    activations and their gradients (its recompute and backward), and the fp32 logits, their softmax and gradient."""
+    c, itemsize = config, dtype.itemsize
+    tokens = settings.rows * settings.seq_len
+    adapters = sum(lora.rank * experts * (rows + cols) * (len(c.moe_layers) if target in ("router", "gate_up", "down")
+                                                           else c.num_layers)
+                   for target, (rows, cols, experts) in shapes(config, lora).items())
+    checkpoints = tokens * c.hidden_size * itemsize * (c.num_layers + len(c.moe_layers) * c.top_k)
+    layer = 2 * workspace_bytes(config, tokens, settings.seq_len, itemsize)
+    return 16 * adapters + checkpoints + layer + 3 * tokens * c.vocab_size * 4
+
+
+def finetune(engine, lora: LoraConfig, settings: FinetuneConfig, examples: list[Example], progress: bool = True) -> dict:
+    """Train adapters on the examples, saving PEFT files and a resumable state into settings.out every
+    save_every steps and at the end. -> a summary (steps, last loss, tokens/s, seconds)."""
     pad_id = engine.tokenizer.eos_ids[0] if engine.tokenizer.eos_ids else 0
     rows = pack(examples, settings.seq_len, pad_id)
     steps_per_epoch = -(-len(rows.inputs) // settings.rows)
@@ -292,8 +306,9 @@ def finetune(engine, lora: LoraConfig, settings: FinetuneConfig, progress: bool 
             bar.update(1)
             if (step + 1) % settings.save_every == 0 or step + 1 == total:
                 _save(settings, lora, total, trainer, step + 1)
-    return {"steps": total, "resumed_at": first, "loss": loss,
-            "tokens_per_second": tokens / (time.perf_counter() - started) if tokens else 0.0}
+    seconds = time.perf_counter() - started
+    return {"steps": total, "resumed_at": first, "loss": loss, "seconds": seconds,
+            "tokens_per_second": tokens / seconds if tokens else 0.0}
 
 
 def _identity(settings: FinetuneConfig, lora: LoraConfig, total: int) -> dict:
