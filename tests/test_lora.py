@@ -14,7 +14,7 @@ from moe_offload.config import LoraConfig, OffloadConfig, RuntimeConfig
 from moe_offload.engine import Engine
 from moe_offload.lora import Adapters
 from moe_offload.model import KVCache
-from moe_offload.train import Rows, Trainer, pack, read_examples
+from moe_offload.train import Rows, Trainer, _chat_example, pack, read_examples
 
 from conftest import SHIPPED_MODEL, write_tiny_mixtral
 
@@ -199,3 +199,35 @@ def test_bad_finetune_input_is_one_error_line(tmp_path, capsys, extra, line, mes
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_adapters_on_the_fly_give_the_merged_logits(tiny, tmp_path):
+    engine = load(tiny)
+    adapters = random_adapters(engine, TARGET_SETS["all"])
+    adapters.save(tmp_path, engine.config)
+    tokens = batch().inputs[:1]
+    with torch.no_grad():
+        on_the_fly = Trainer(engine, adapters).logits(tokens)[0]
+    merged = load(tiny, lora=tmp_path).model(tokens, KVCache.allocate(engine.config, 1, LENGTH, "cpu", torch.float32), 0)[0]
+    assert (on_the_fly - merged).abs().max() <= 1e-5 * merged.abs().max()
+
+
+def test_finetune_runs_on_quantized_offloaded_experts_and_generate_applies_them_on_the_fly(tiny, tmp_path, capsys):
+    data = write_doubling_task(tmp_path / "train.jsonl", 40, 0)
+    quantized = ["--model", str(tiny), "--quant", "4/2", "--offload", "--slots", "1", "--gpu-memory", "4GiB"]
+    assert main(FINETUNE + quantized + ["--data", str(data), "--out", str(tmp_path / "a"), "--steps", "2",
+                                        "--targets", "attention,router,experts"]) == 0
+    assert main(["generate", "--device", "cpu", "--lora", str(tmp_path / "a"), "--prompt", "# double 3\n",
+                 "--max-tokens", "3"] + quantized) == 0
+
+
+def test_chat_examples_learn_only_the_assistants_turns():
+    from moe_offload.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_folder(SHIPPED_MODEL)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"},
+                {"role": "user", "content": "bye"}, {"role": "assistant", "content": "see you"}]
+    example = _chat_example(messages, tokenizer, "test")
+    learned = tokenizer.decode([t for t, m in zip(example.tokens, example.trained) if m])
+    assert "hello there" in learned and "see you" in learned
+    assert "hi" not in learned.replace("hello there", "") and "bye" not in learned
