@@ -76,7 +76,7 @@ def peft_gradients(base_folder, adapter_folder, rows: Rows) -> dict[str, torch.T
 
 
 def our_gradients(engine: Engine, adapters: Adapters, rows: Rows) -> dict[str, torch.Tensor]:
-    Trainer(engine, adapters).gradients(rows)
+    Trainer(engine.model, adapters).gradients(rows)
     grads = Adapters(adapters.lora, {key: tuple(t.grad for t in pair) for key, pair in adapters.pairs.items()})
     return grads.state_dict(engine.config)
 
@@ -207,7 +207,7 @@ def test_adapters_on_the_fly_give_the_merged_logits(tiny, tmp_path):
     adapters.save(tmp_path, engine.config)
     tokens = batch().inputs[:1]
     with torch.no_grad():
-        on_the_fly = Trainer(engine, adapters).logits(tokens)[0]
+        on_the_fly = Trainer(engine.model, adapters).logits(tokens)[0]
     merged = load(tiny, lora=tmp_path).model(tokens, KVCache.allocate(engine.config, 1, LENGTH, "cpu", torch.float32), 0)[0]
     assert (on_the_fly - merged).abs().max() <= 1e-5 * merged.abs().max()
 
@@ -231,3 +231,12 @@ def test_chat_examples_learn_only_the_assistants_turns():
     learned = tokenizer.decode([t for t, m in zip(example.tokens, example.trained) if m])
     assert "hello there" in learned and "see you" in learned
     assert "hi" not in learned.replace("hello there", "") and "bye" not in learned
+
+
+def test_bench_train_on_synthetic_shapes_prints_a_json_report_last(capsys):
+    assert main(["bench", "--train", "--synthetic", "tiny", "--device", "cpu", "--quant", "bf16", "--budget", "2GiB,1MiB",
+                 "--seq-len", "8", "--train-steps", "1"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    fits, too_small = report["results"]
+    assert fits["status"] == "ok" and fits["tokens_per_second"] > 0 and fits["resident_need_gib"] > 0
+    assert too_small["status"] == "does not fit"

@@ -1,7 +1,7 @@
 """LoRA fine-tuning: the model's own layers, its provider's experts (resident or offloaded), AdamW on the adapters.
 
     engine = Engine.load(RuntimeConfig(model=DIR), offload=OffloadConfig(enabled=True, slots_per_layer=2))
-    trainer = Trainer(engine, Adapters.create(engine.config, LoraConfig(targets=("attention", "experts"))))
+    trainer = Trainer(engine.model, Adapters.create(engine.config, LoraConfig(targets=("attention", "experts"))))
     loss = trainer.step(batch)             # batch: Rows (inputs, targets, mask), (rows, seq_len)
     finetune(engine, lora, FinetuneConfig(data=..., out=...))     # the CLI's loop: data, progress, checkpoints
 
@@ -188,13 +188,13 @@ class RecordedRouting:
 class Trainer:
     """One model with adapters and AdamW on them; `step` is one optimizer step over a batch of rows."""
 
-    def __init__(self, engine, adapters: Adapters, lr: float = FinetuneConfig.lr,
+    def __init__(self, base: Transformer, adapters: Adapters, lr: float = FinetuneConfig.lr,
                  weight_decay: float = FinetuneConfig.weight_decay):
-        self.config = engine.config
-        self.provider = engine.model.provider    # the base provider: its predictor is swapped for backward
+        self.config = base.config
+        self.provider = base.provider    # the base provider: its predictor is swapped for backward
         self.adapters = adapters
-        self.model = Transformer(engine.config, adapters.attach(engine.model.weights),
-                                 LoraExperts(engine.model.provider, adapters), router=engine.model.router, pairs=self._pairs)
+        self.model = Transformer(base.config, adapters.attach(base.weights), LoraExperts(base.provider, adapters),
+                                 router=base.router, pairs=self._pairs)
         self.optimizer = torch.optim.AdamW(adapters.parameters(), lr=lr, weight_decay=weight_decay)
         self.outputs: dict[int, torch.Tensor] = {}    # MoE layer -> forward's expert outputs, until the recompute
         self.routing: dict[int, torch.Tensor] = {}    # MoE layer -> forward's expert ids, until the step ends
@@ -292,7 +292,7 @@ def finetune(engine, lora: LoraConfig, settings: FinetuneConfig, examples: list[
     total = settings.steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
     device = engine.model.weights.embed.device
     adapters = Adapters.create(engine.config, lora, device, settings.seed)
-    trainer = Trainer(engine, adapters, settings.lr, settings.weight_decay)
+    trainer = Trainer(engine.model, adapters, settings.lr, settings.weight_decay)
     first = _resume(settings, lora, total, trainer)
     loss, started, tokens = float("nan"), time.perf_counter(), 0
     with tqdm(total=total, initial=first, desc="finetune", unit="step", file=sys.stderr,
