@@ -23,12 +23,7 @@ TARGET_SETS = {"attention": ("attention",), "router": ("router",), "experts": ("
                "all": ("attention", "router", "experts")}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
