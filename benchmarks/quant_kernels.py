@@ -16,7 +16,7 @@ Kernel times replay a CUDA graph of one call on each of COPIES copies of the wei
 addresses (more bytes than the L2 cache holds, so every call reads from memory), without the
 Python launch cost; `eager_us` is the same call launched from Python (triton.testing.do_bench,
 which empties the L2 cache before every run), launch cost included: what an un-graphed model pays.
-On compute capability 9.0 and up the GEMV is a programmatic dependent launch (kernels.py): in the
+On compute capability 9.0 and up the GEMV is a programmatic dependent launch (quant/kernel_gemv.py): in the
 graph each call then loads its weight while the call before ends, as in a decode step's chain of
 GEMVs (each still waits for the one before to finish before it reads x). `serial_us` is the default
 tiling launched without it: every call starts after the one before has finished.
@@ -41,7 +41,8 @@ import triton
 from triton.testing import do_bench
 
 from moe_offload.config import QuantSpec
-from moe_offload.quant.kernels import KernelConfig, default_config, early_groups, hqq_linear
+from moe_offload.quant.kernel_config import KernelConfig, default_config, early_groups
+from moe_offload.quant.kernels import hqq_linear
 from moe_offload.quant.weight import PackedFormat
 
 SHAPES = {"w1/w3 14336x4096": (14336, 4096), "w2 4096x14336": (4096, 14336)}
@@ -53,7 +54,7 @@ COPIES = 8          # 8 x 22 MB (the smallest weight here) > the 50-60 MB L2 of 
 REPLAYS = 20        # replays of the graph a timed window
 WINDOWS = 5         # timed windows a case: the median is reported
 WARM_UP_S = 0.05    # replays first, for at least this long: the first ones after a pause ran up to ~0.8 us a call
-                    # slower (gemv_pdl.txt, quant_kernels_atomic_sums.txt)
+                    # slower (results/gpu-2026-11-28/quant_kernels_atomic_sums.txt; gemv_pdl.txt: docs/lab-notes.md)
 
 
 def time_ms(fn, rep: int = 100) -> float:

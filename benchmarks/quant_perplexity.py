@@ -1,4 +1,4 @@
-"""Model size and perplexity for 16-bit and HQQ mixed quantization (the README's table).
+"""Model size and perplexity for 16-bit and HQQ mixed quantization (the table in docs/quantization.md).
 
     python benchmarks/quant_perplexity.py [--settings 16,4/4,4/3,4/2] [--max-windows N] --out RESULT.json
 

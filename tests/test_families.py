@@ -7,7 +7,7 @@ renormalisation on and off, a shared expert, qkv bias, q/k norms, qkv clipping. 
 logits and greedy generation against transformers, offloaded == resident bit for bit, quantized
 folders against transformers on the dequantized weights, perplexity, the CLI; and once: published
 config.json files against the modules transformers builds, Qwen chat templates against
-`apply_chat_template`, `serve` with a Qwen3 template, the planner's Qwen3-30B-A3B numbers in the README.
+`apply_chat_template`, `serve` with a Qwen3 template, the planner's Qwen3-30B-A3B numbers in docs/offloading.md.
 """
 
 from __future__ import annotations
@@ -676,7 +676,7 @@ def test_qwen3_30b_a3b_config_reads_as_the_issue_describes_it():
     assert cfg.moe_layers == tuple(range(48)) and cfg.norm_topk_prob and cfg.qk_norm == "head"
 
 
-QWEN3_30B_PLANS = {  # (expert bits or None for bf16, GiB) -> slots per layer, as the README states
+QWEN3_30B_PLANS = {  # (expert bits or None for bf16, GiB) -> slots per layer, as docs/offloading.md states
     (None, 12): (19,) * 24 + (18,) * 24, (None, 8): (9,) * 48,
     (4, 12): (81,) * 19 + (80,) * 29, (4, 8): (45,) * 40 + (44,) * 8,
     (2, 12): (112,) * 47 + (111,) * 1, (2, 8): (63,) * 21 + (62,) * 27,
@@ -684,8 +684,8 @@ QWEN3_30B_PLANS = {  # (expert bits or None for bf16, GiB) -> slots per layer, a
 
 
 @pytest.mark.parametrize("expert_bits, budget_gib", QWEN3_30B_PLANS)
-def test_planner_fills_qwen3_30b_a3b_budgets_as_the_readme_states(expert_bits, budget_gib):
-    """The README's arithmetic for Qwen3-30B-A3B (bf16, or --quant 4/bits: 4-bit attention; 4096 tokens of context):
+def test_planner_fills_qwen3_30b_a3b_budgets_as_docs_offloading_states(expert_bits, budget_gib):
+    """docs/offloading.md's arithmetic for Qwen3-30B-A3B (bf16, or --quant 4/bits: 4-bit attention; 4096 tokens of context):
     no weights needed."""
     from moe_offload.offload.planner import plan_for, workspace_bytes
 
@@ -726,8 +726,9 @@ ISSUE_PLANS = {
 
 
 @pytest.mark.parametrize("case", ISSUE_PLANS)
-def test_planner_fills_the_issue_budgets_as_the_readme_states(case):
-    """gpt-oss with its experts in MXFP4 as published, DeepSeek-V3 and GLM-4.5-Air with --quant 4/2."""
+def test_planner_fills_the_issue_budgets_as_docs_offloading_states(case):
+    """docs/offloading.md's table: gpt-oss with its experts in MXFP4 as published, DeepSeek-V3 and GLM-4.5-Air with
+    --quant 4/2."""
     from moe_offload.offload.planner import plan_for
     from moe_offload.quant.mxfp4 import MXFP4ExpertFormat
 

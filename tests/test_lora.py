@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 
 from moe_offload.cli import main
 from moe_offload.config import LoraConfig, OffloadConfig, RuntimeConfig
+from moe_offload import engine as engine_module
 from moe_offload.engine import Engine
+from moe_offload.errors import UserError
 from moe_offload.lora import Adapters
 from moe_offload.model import KVCache
 from moe_offload.train import Rows, Trainer, _chat_example, pack, read_examples
@@ -214,6 +216,53 @@ def test_finetune_runs_on_quantized_offloaded_experts_and_generate_applies_them_
                                         "--targets", "attention,router,experts"]) == 0
     assert main(["generate", "--device", "cpu", "--lora", str(tmp_path / "a"), "--prompt", "# double 3\n",
                  "--max-tokens", "3"] + quantized) == 0
+
+
+# ---- with the CPU expert tier (offload/cpu_tier.py), whose kernels know nothing of adapters ------------
+
+def test_merged_expert_adapters_apply_on_cpu_computed_layers_too(tiny, tmp_path):
+    """Unquantized experts carry --lora's adapters merged in the store, so the CPU tier computes them adapted."""
+    random_adapters(load(tiny), TARGET_SETS["all"]).save(tmp_path, load(tiny).config)
+    tokens = batch().inputs[:1]
+    resident = load(tiny, lora=tmp_path)
+    expected = resident.model(tokens, KVCache.allocate(resident.config, 1, LENGTH, "cpu", torch.float32), 0)[0]
+    offload = OffloadConfig(enabled=True, slots_per_layer=2, prefetch_experts=0, gpu_memory=2**30, cpu_moe_layers=1)
+    hybrid = Engine.load(RuntimeConfig(model=tiny, device="cpu", dtype="float32", max_context=64, lora=tmp_path),
+                         progress=False, offload=offload)
+    assert hybrid.model.provider.cpu is not None and hybrid.model.provider.cpu_layers == {0}
+    actual = hybrid.model(tokens, KVCache.allocate(hybrid.config, 1, LENGTH, "cpu", torch.float32), 0)[0]
+    assert (actual - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+@pytest.mark.parametrize("targets, auto_becomes", [(("experts",), "off"), (("attention",), "auto")])
+def test_expert_adapters_on_quantized_experts_keep_experts_off_the_cpu(tiny, tmp_path, capsys, monkeypatch, targets,
+                                                                      auto_becomes):
+    engine = load(tiny)
+    random_adapters(engine, targets).save(tmp_path / "a", engine.config)
+    args = ["generate", "--device", "cpu", "--model", str(tiny), "--quant", "4/2", "--lora", str(tmp_path / "a"),
+            "--prompt", "x", "--max-tokens", "1", "--offload", "--slots", "1", "--gpu-memory", "4GiB"]
+    if "experts" in targets:
+        assert main(args + ["--cpu-moe-layers", "1"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: --cpu-moe-layers 1: --lora's adapters on quantized experts") and err.count("\n") == 1
+    seen = []    # on a CPU device "auto" turns itself off later: what the engine asks the CPU tier for is the point
+    monkeypatch.setattr(engine_module, "cpu_experts", lambda config, fmt, store, offload, *rest: seen.append(offload.cpu_experts))
+    assert main(args + ["--cpu-experts", "auto"]) == 0
+    assert seen == [auto_becomes]
+
+
+def test_finetune_never_runs_experts_on_the_cpu(tiny, tmp_path, capsys):
+    data = write_doubling_task(tmp_path / "train.jsonl", 20, 0)
+    assert main(FINETUNE + ["--model", str(tiny), "--data", str(data), "--out", str(tmp_path / "a"), "--steps", "1",
+                            "--cpu-moe-layers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --cpu-moe-layers 1: fine-tuning") and err.count("\n") == 1
+    assert not (tmp_path / "a").exists()
+    offload = OffloadConfig(enabled=True, slots_per_layer=2, prefetch_experts=0, gpu_memory=2**30, cpu_moe_layers=1)
+    hybrid = Engine.load(RuntimeConfig(model=tiny, device="cpu", dtype="float32", max_context=64), progress=False,
+                         offload=offload)
+    with pytest.raises(UserError, match="experts computed on the CPU have no gradients"):
+        Trainer(hybrid.model, Adapters.create(hybrid.config, LoraConfig(rank=4, alpha=8, targets=("attention",))))
 
 
 def test_chat_examples_learn_only_the_assistants_turns():

@@ -230,11 +230,11 @@ class Recorder:
         self.inner, self.routing = inner, []
         self.expert_format = inner.expert_format
 
-    def experts(self, layer, ids, residual):
+    def experts(self, layer, ids, residual, x):
         if not self.routing or layer in self.routing[-1]:
             self.routing.append({})
         self.routing[-1][layer] = sorted(set(ids.flatten().tolist()))
-        return self.inner.experts(layer, ids, residual)
+        return self.inner.experts(layer, ids, residual, x)
 
 
 def test_perfect_predictions_make_every_later_layer_hit_in_decode():

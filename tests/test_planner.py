@@ -131,8 +131,8 @@ def test_offloaded_engine_allocates_exactly_the_planned_slots():
     assert all(m.stride(0) % 512 == 0 for m in memories.values())
 
 
-def test_readme_sample_plan_is_what_the_command_prints(capsys):
-    section = (REPO / "README.md").read_text().split("## Expert offloading", 1)[1]
+def test_documented_sample_plan_is_what_the_command_prints(capsys):
+    section = (REPO / "docs" / "offloading.md").read_text().split("## Expert offloading", 1)[1]
     flags, sample = re.search(r"the shipped model on the CPU with `([^`]+)`.*?```\n(.*?)\n *```", section, re.S).groups()
     assert main(["generate", "--prompt", "x", "--max-tokens", "1", "--device", "cpu", "--offload", *flags.split()]) == 0
     printed = capsys.readouterr().err

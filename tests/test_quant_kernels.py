@@ -16,8 +16,9 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from moe_offload.config import QUANT_BITS, QuantSpec  # noqa: E402
-from moe_offload.quant.kernels import (MAX_GEMV_ROWS, MAX_SPLITS, KernelConfig, decodes_in_pairs,  # noqa: E402
-                                      default_config, hqq_linear, quantizes_x, x_bytes)
+from moe_offload.quant.kernel_config import (MAX_GEMV_ROWS, MAX_SPLITS, KernelConfig, decodes_in_pairs,  # noqa: E402
+                                             quantizes_x, x_bytes)
+from moe_offload.quant.kernels import hqq_linear  # noqa: E402
 from moe_offload.quant.weight import PackedFormat  # noqa: E402
 
 # In the interpreter an overflow or NaN in numpy means a kernel computed on garbage, as when the meta index of
@@ -35,7 +36,7 @@ def quantized(n: int, k: int, spec: QuantSpec, device="cpu", seed: int = 0):
 
 
 def as_the_kernel_rounds_it(x: torch.Tensor, bits: int, group_size: int, config: KernelConfig | None = None):
-    """x as the GEMV multiplies it: with one byte of integer x (kernels.x_bytes), each x_k rounded (ties to even)
+    """x as the GEMV multiplies it: with one byte of integer x (kernel_config.x_bytes), each x_k rounded (ties to even)
     to a step of 1/127 of its group's largest |x|, in fp32 as the kernel does; else x (two bytes keep about 2^-16
     of each group's largest |x|, within the tolerances here)."""
     if not (quantizes_x(bits, group_size, x.shape[0], config) and x_bytes(bits) == 1):
@@ -90,7 +91,7 @@ def interpreted_tolerance(bits: int, group_size: int, rows_of_x: int, config: Ke
     it is dequantize-then-matmul. Integer x in two bytes carries about 2^-16 of each group's largest |x|, 2^-14
     where a code sits 2 bits up its byte and its x is quantized at a quarter (3 bits; measured up to 8e-5); in one
     byte (2 bits) the expected product takes x as the kernel rounds it (as_the_kernel_rounds_it), and what is
-    left is fp32's rounding; codes decoded to 2^(23 - p) + code, 2^(23 - p) <= 2^8 (kernels.WINDOW_BITS), about
+    left is fp32's rounding; codes decoded to 2^(23 - p) + code, 2^(23 - p) <= 2^8 (kernel_gemv.WINDOW_BITS), about
     2^-16 of the output."""
     if quantizes_x(bits, group_size, rows_of_x, config):
         return 2e-4
@@ -114,23 +115,6 @@ def test_more_than_max_splits_programs_a_row_is_refused():
     w = quantized(37, 16 * (MAX_SPLITS + 1), QuantSpec(2, 16))
     with pytest.raises(ValueError, match=f"{MAX_SPLITS + 1} programs would add partial sums into each row"):
         hqq_linear(torch.randn(1, 16 * (MAX_SPLITS + 1)), w, KernelConfig(2, 1, 1, unrolled=True))
-
-
-@pytest.mark.parametrize("bits", QUANT_BITS)
-@pytest.mark.parametrize("rows_of_x", [1, MAX_GEMV_ROWS])
-def test_default_tiling_of_a_wide_input_stays_within_max_splits(bits, rows_of_x):
-    k = 1 << 20
-    config = default_config(bits, 16, 4096, k, rows_of_x, sm_count=132)
-    assert k // 16 / (config.groups_per_split * config.warps) <= MAX_SPLITS
-
-
-def test_default_tiling_takes_fewer_groups_a_warp_only_where_they_split_evenly_in_one_wave():
-    # Mixtral's w2 at 2 bits: 896 groups of 16 a row, 32 blocks of 128 rows
-    assert default_config(2, 16, 4096, 14336, sm_count=132).groups_per_split == 14     # 16 x 32 = 512 <= 4 x 132
-    assert default_config(2, 16, 4096, 14336, sm_count=114).groups_per_split == 16     # 512 > 4 x 114
-    assert default_config(2, 16, 4096, 14336).groups_per_split == 16                   # SMs not known
-    assert default_config(2, 16, 14336, 4096, sm_count=132).groups_per_split == 16     # 256 groups: 12-15 do not divide
-    assert default_config(2, 16, 1024, 16 * 4 * 12, sm_count=132).groups_per_split == 12    # the fewest that fit
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run is for CPU-only machines")
@@ -201,7 +185,7 @@ def test_three_bit_groups_of_128_take_codes_as_floats():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run is for CPU-only machines")
 @pytest.mark.parametrize("bits", [2, 4])
 def test_paired_codes_keep_large_activations_finite(bits):
-    """fp16 sums of a group of 64 with every |x| near 4000 (kernels._group_pair_sums's bound) and every code
+    """fp16 sums of a group of 64 with every |x| near 4000 (kernel_gemv._group_pair_sums's bound) and every code
     at the far end of its range: the worst case for overflow. Two rows of x: one row takes integer x."""
     n, k = 32, 128
     fmt = PackedFormat([((n, k), QuantSpec(bits, 64))])
@@ -244,7 +228,7 @@ def test_gpu_kernel_matches_dequantize_then_matmul(bits, shape, m):
 @pytest.mark.parametrize("rows, warps, columns, early", [(1, 2, 128, 1), (2, 1, 128, 1), (4, 4, 256, 3), (4, 8, 64, 1)],
                          ids=["1x2", "2x1", "4x4", "4x8"])
 def test_gpu_integer_x_tilings_match_dequantize_then_matmul(bits, rows, warps, columns, early):
-    """The shuffles of integer x take element t of a (threads, 1) tensor to be thread t's (kernels.quantizes_x):
+    """The shuffles of integer x take element t of a (threads, 1) tensor to be thread t's (kernel_config.quantizes_x):
     other row, warp and column counts than the default's, at 2 bits (groups of 16) and 3 (groups of 64)."""
     spec = QuantSpec(bits)
     config = KernelConfig(rows, warps, max(1, columns // spec.group_size), unrolled=True, early_groups=early)

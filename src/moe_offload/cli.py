@@ -27,6 +27,7 @@ from .perplexity import METHOD as PERPLEXITY_METHOD, WINDOW as PERPLEXITY_WINDOW
 from .bench.cli import add_bench_parser
 from .engine import Engine
 from .errors import UserError
+from .offload.cpu_tier import CHOICES as CPU_EXPERTS
 from .offload.planner import parse_size
 from .quant.checkpoint import is_quantized
 from .server.config import ServerConfig
@@ -75,15 +76,25 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
                    help=f"MoE layers ahead to predict (default: {OFFLOAD['prefetch_depth']})")
     g.add_argument("--offload-dir", default=OFFLOAD["offload_dir"],
                    help="folder for experts that do not fit in --cpu-memory (default: the system temp folder)")
+    g.add_argument("--cpu-moe-layers", type=int, default=None, metavar="N",
+                   help="keep the experts of the first N MoE layers in host RAM and compute them on the CPU, as "
+                        "llama.cpp's --n-cpu-moe; implies --offload (default: 0)")
+    g.add_argument("--cpu-experts", choices=CPU_EXPERTS, default=None,
+                   help="auto: in decode, compute each missed expert on the CPU or copy it to the device, whichever a "
+                        "cost model calibrated at start says finishes sooner (off on --device cpu); off: always copy "
+                        f"(default: {OFFLOAD['cpu_experts']})")
     g.add_argument("--stats", action="store_true",
                    help="after each reply, print expert-cache statistics to stderr (with --offload)")
 
 
 def offload_from(args) -> OffloadConfig:
-    if not args.offload:
+    if args.cpu_moe_layers is not None and args.cpu_moe_layers < 0:
+        raise UserError(f"--cpu-moe-layers {args.cpu_moe_layers}: use 0 or more (the MoE layers whose experts run on the CPU)")
+    if not (args.offload or args.cpu_moe_layers):
         given = [flag for flag, value in (("--gpu-memory", args.gpu_memory), ("--cpu-memory", args.cpu_memory),
                                           ("--slots", args.slots), ("--prefetch", args.prefetch),
-                                          ("--prefetch-depth", args.prefetch_depth), ("--offload-dir", args.offload_dir))
+                                          ("--prefetch-depth", args.prefetch_depth), ("--offload-dir", args.offload_dir),
+                                          ("--cpu-experts", args.cpu_experts))
                  if value is not None]
         if given:
             raise UserError(f"{given[0]} only applies to offloaded experts; add --offload")
@@ -94,7 +105,9 @@ def offload_from(args) -> OffloadConfig:
         cpu_memory=None if args.cpu_memory is None else parse_size(args.cpu_memory, "--cpu-memory"),
         slots_per_layer=args.slots, prefetch_experts=args.prefetch,
         prefetch_depth=OFFLOAD["prefetch_depth"] if args.prefetch_depth is None else args.prefetch_depth,
-        offload_dir=args.offload_dir, measure_time=args.stats)
+        offload_dir=args.offload_dir, measure_time=args.stats,
+        cpu_moe_layers=args.cpu_moe_layers or OFFLOAD["cpu_moe_layers"],
+        cpu_experts=args.cpu_experts or OFFLOAD["cpu_experts"])
 
 
 def format_expert_stats(stats: dict[str, float], seconds: float) -> str:
@@ -108,7 +121,15 @@ def format_expert_stats(stats: dict[str, float], seconds: float) -> str:
         line += f", prefetch recall {stats['prefetch_recall']:.3f} precision {stats['prefetch_precision']:.3f}"
     line += (f", {stats['h2d_gbps']:.1f} GB/s while copying, waiting for copies {stats['wait_seconds']:.2f} s "
              f"of {seconds:.2f} s")
+    if stats["cpu_uses"]:
+        line += (f"; CPU ran {stats['cpu_uses']} expert uses at {stats['cpu_gbps']:.1f} GB/s, busy "
+                 f"{stats['cpu_seconds']:.2f} s ({busy_share(stats['cpu_seconds'], seconds):.0%}), link busy "
+                 f"{stats['copy_seconds']:.2f} s ({busy_share(stats['copy_seconds'], seconds):.0%})")
     return line
+
+
+def busy_share(busy: float, seconds: float) -> float:
+    return busy / seconds if seconds > 0 else 0.0
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -351,7 +372,7 @@ def cmd_finetune(args) -> None:
     runtime = replace(runtime_from(args), max_context=settings.seq_len)
     examples = read_examples(settings.data, Tokenizer.from_folder(runtime.model), settings.chat)
     engine = Engine.load(runtime, offload=offload_from(args),
-                         extra_workspace=lambda config, dtype: training_bytes(config, lora, settings, dtype))
+                         extra_workspace=lambda config, dtype: training_bytes(config, lora, settings, dtype), training=True)
     summary = finetune(engine, lora, settings, examples)
     print(f"wrote {settings.out}: {summary['steps']} steps, last loss {summary['loss']:.4f}, "
           f"{summary['tokens_per_second']:.0f} tokens/s", file=sys.stderr)

@@ -430,6 +430,9 @@ class OffloadConfig:
     prefetch_norm: bool = True           # apply the target layer's RMSNorm before its router when predicting
     offload_dir: Path | None = None      # folder for the disk tier's (unlinked) file; None: the system temp folder
     measure_time: bool = False           # time copies and waits with events (--stats); a little overhead per copy
+    cpu_moe_layers: int = 0              # the experts of the first N MoE layers stay on the host and run on the CPU
+    cpu_experts: str = "auto"            # "auto": each decode miss is copied or run on the CPU, whichever the cost
+                                         # model calibrated at start finishes sooner (off on a CPU device); "off"
 
 
 LORA_TARGETS = ("attention", "router", "experts")

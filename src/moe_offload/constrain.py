@@ -11,8 +11,8 @@
 SamplingParams.grammar carries the grammar text; generate() then picks every token on the host
 (sample() sets the others to -inf before penalties and temperature) and the engine builds the
 Constraint. The mask of a step is computed on the CPU after the step's forward is launched, so on a
-GPU it overlaps the forward; benchmarks/constrained_mask.py measures it (about 20-50 us a token at a
-vocabulary of 32k, 50-150 us at 152k, on one CPU core). JSON is compact (no free whitespace), so a
+GPU it overlaps the forward; benchmarks/constrained_mask.py measures it (tens of microseconds a token on
+one CPU core: docs/server.md, "Structured output"). JSON is compact (no free whitespace), so a
 model cannot stall a JSON answer in endless blank lines. Once the grammar is complete only EOS is allowed.
 """
 

@@ -212,8 +212,8 @@ class LoraExperts:
     def __getattr__(self, name):        # summary(), holds_at_once(), caches...: the inner provider's
         return getattr(self.inner, name)
 
-    def experts(self, layer, ids, residual):
-        for batch in self.inner.experts(layer, ids, residual):
+    def experts(self, layer, ids, residual, x):
+        for batch in self.inner.experts(layer, ids, residual, x):
             yield batch._replace(experts=AdaptedSlots(self.adapters, layer, batch.experts, self.inner.slot_experts(layer)))
 
 

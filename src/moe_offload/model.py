@@ -190,9 +190,19 @@ def own_routing(layer: int, logits: torch.Tensor, top_k: int, renormalize: bool)
 def expert_outputs(expert_format: ExpertFormat, batch: ExpertBatch, x: torch.Tensor, top_k: int,
                    mlp=swiglu) -> torch.Tensor:
     """x (T, hidden) -> (pairs of the batch, hidden): each (token, choice) pair's token through the expert in its
-    slot. Decode: the format's grouped kernels, one launch per matrix for every pair, reading the slots on the
-    device (one expert's pairs too, so that a product is the same whichever batch brought it). Otherwise each
-    expert in turn over all of its rows (prefill: dequantize and cuBLAS), through `mlp(expert, x)`."""
+    slot, or the product the batch brings for it (`batch.computed`)."""
+    computed = batch.computed
+    if computed is not None and computed.mask is None:
+        return computed.rows
+    out = slot_outputs(expert_format, batch, x, top_k, mlp)
+    return out if computed is None else torch.where(computed.mask[:, None], computed.rows, out)
+
+
+def slot_outputs(expert_format: ExpertFormat, batch: ExpertBatch, x: torch.Tensor, top_k: int, mlp) -> torch.Tensor:
+    """Each pair of the batch through the expert in its slot. Decode: the format's grouped kernels, one launch per
+    matrix for every pair, reading the slots on the device (one expert's pairs too, so that a product is the same
+    whichever batch brought it). Otherwise each expert in turn over all of its rows (prefill: dequantize and
+    cuBLAS), through `mlp(expert, x)`."""
     if expert_format.runs_grouped(x, top_k):
         if batch.pairs is None:
             return expert_format.grouped_swiglu(batch, x, top_k)
@@ -425,7 +435,7 @@ class Transformer:
         batches the provider brings them."""
         top_k = ids.shape[-1]
         picked = None
-        for batch in self.provider.experts(index, ids, residual):
+        for batch in self.provider.experts(index, ids, residual, x):
             outputs = expert_outputs(self.provider.expert_format, batch, x, top_k, self.expert_mlp)
             if batch.pairs is None:
                 picked = outputs

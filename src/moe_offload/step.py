@@ -22,6 +22,7 @@ steps compute the same bits. Elsewhere every step is eager.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -38,6 +39,8 @@ class GraphCapture:
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(device)
         self.pieces: list[tuple[torch.cuda.CUDAGraph, list[Callable[[], None]]]] = []
+        self.launch_seconds = 0.0        # host time spent launching pieces, over every replay
+        self.host_work_seconds = 0.0     # host time spent between pieces (the routing waits included)
 
     def record(self, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Capture `forward()` (nothing runs); its result is overwritten by every replay."""
@@ -65,9 +68,13 @@ class GraphCapture:
     @torch.inference_mode()      # the host work writes tensors the forward made, in inference mode
     def replay(self) -> None:
         for graph, host_work in self.pieces:
+            started = time.perf_counter()
             graph.replay()
+            launched = time.perf_counter()
             for work in host_work:
                 work()
+            self.launch_seconds += launched - started
+            self.host_work_seconds += time.perf_counter() - launched
 
     def _begin(self) -> None:
         graph = torch.cuda.CUDAGraph()
@@ -168,4 +175,4 @@ def _capturable(model: Transformer, cache: KVCache, tokens: int) -> bool:
         return False
     x = torch.empty(tokens, config.hidden_size, device=device, dtype=cache.keys[0].dtype)
     distinct = min(tokens * config.top_k, config.num_experts)
-    return provider.holds_at_once(distinct) and provider.expert_format.runs_grouped(x, config.top_k)
+    return provider.holds_at_once(distinct, tokens) and provider.expert_format.runs_grouped(x, config.top_k)

@@ -1,6 +1,6 @@
 """LoRA fine-tuning: the model's own layers, its provider's experts (resident or offloaded), AdamW on the adapters.
 
-    engine = Engine.load(RuntimeConfig(model=DIR), offload=OffloadConfig(enabled=True, slots_per_layer=2))
+    engine = Engine.load(RuntimeConfig(model=DIR), offload=OffloadConfig(enabled=True, slots_per_layer=2), training=True)
     trainer = Trainer(engine.model, Adapters.create(engine.config, LoraConfig(targets=("attention", "experts"))))
     loss = trainer.step(batch)             # batch: Rows (inputs, targets, mask), (rows, seq_len)
     finetune(engine, lora, FinetuneConfig(data=..., out=...))     # the CLI's loop: data, progress, checkpoints
@@ -156,7 +156,7 @@ class ExpertPairs(torch.autograd.Function):
         grad_pairs = torch.zeros_like(x_pairs)
         grads = [None] * len(params)
         provider, mlp = ctx.trainer.model.provider, ctx.trainer.model.expert_mlp
-        for batch in provider.experts(ctx.index, ids, residual):
+        for batch in provider.experts(ctx.index, ids, residual, x):
             with torch.enable_grad():
                 rows = x_pairs.detach().requires_grad_()
                 out = expert_outputs(provider.expert_format, batch, rows, 1, mlp)
@@ -190,6 +190,9 @@ class Trainer:
 
     def __init__(self, base: Transformer, adapters: Adapters, lr: float = FinetuneConfig.lr,
                  weight_decay: float = FinetuneConfig.weight_decay):
+        if getattr(base.provider, "cpu", None) is not None:
+            raise UserError("finetune: experts computed on the CPU have no gradients; load the model with "
+                            "Engine.load(..., training=True) (no --cpu-moe-layers, --cpu-experts off)")
         self.config = base.config
         self.provider = base.provider    # the base provider: its predictor is swapped for backward
         self.adapters = adapters

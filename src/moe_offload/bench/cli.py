@@ -2,9 +2,10 @@
 
     moe-offload bench --synthetic mixtral-8x7b --quant 4/2,4/3 --budget 12GiB --routing own,replay \\
         --modes full,no-prefetch,no-cache --accelerate --out results.json --plot results.png
+    moe-offload bench --budget 6GiB,12GiB --routing replay --cpu-experts off,auto --cpu-moe-layers 0,10   # CPU experts
     moe-offload bench record-routing --model DIR --text FILE --tokens 3072 --out trace.safetensors
     moe-offload bench plot --results results.json --out results.png
-    moe-offload bench table --results a.json b.json [--quant 4/2 --budget 12GiB]     # Markdown for the README
+    moe-offload bench table --results a.json b.json [--quant 4/2 --budget 12GiB]     # Markdown for docs/benchmarks.md
 
 Progress goes to stderr; the last line on stdout is the report as one JSON object.
 """
@@ -40,6 +41,25 @@ def _counts(text: str) -> tuple[int, ...]:
 def _train_defaults() -> dict:
     from .train import TrainBenchSettings
     return {f.name: f.default for f in fields(TrainBenchSettings)}
+
+
+def _cpu_experts(text: str) -> tuple[str, ...]:
+    from ..offload.cpu_tier import CHOICES
+
+    choices = _csv(text)
+    if not choices or any(choice not in CHOICES for choice in choices):
+        raise UserError(f"--cpu-experts {text!r}: use {' or '.join(CHOICES)}, comma-separated")
+    return choices
+
+
+def _layer_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in _csv(text))
+    except ValueError:
+        counts = ()
+    if not counts or any(n < 0 for n in counts):
+        raise UserError(f"--cpu-moe-layers {text!r}: expected counts of MoE layers, e.g. 0,8")
+    return counts
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -86,6 +106,12 @@ def add_bench_parser(sub) -> None:
                             "sync waits, host time, top operators (default: off)")
     bench.add_argument("--prefetch", type=int, default=d["prefetch_experts"], help="experts prefetched per layer ahead (default: top-k)")
     bench.add_argument("--prefetch-depth", type=int, default=d["prefetch_depth"], help="MoE layers ahead to predict (default: %(default)s)")
+    bench.add_argument("--cpu-experts", default=",".join(d["cpu_experts"]),
+                       help="comma-separated: off (copy every miss), auto (the CPU computes the decode misses the cost "
+                            "model sends it); each mode runs with each (default: %(default)s)")
+    bench.add_argument("--cpu-moe-layers", default=",".join(map(str, d["cpu_moe_layers"])), metavar="N,N,...",
+                       help="comma-separated counts of MoE layers whose experts run on the CPU; each mode runs with "
+                            "each (default: %(default)s)")
     bench.add_argument("--device", default=d["device"], help="cuda, cuda:N or cpu (default: %(default)s)")
     bench.add_argument("--time-limit", type=float, default=d["time_limit"],
                        help="seconds; entries not started by then are reported as skipped (default: none)")
@@ -143,6 +169,7 @@ def cmd_bench(args) -> None:
         warmup_tokens=args.warmup_tokens,
         repeats=args.repeats, prefill_tokens=args.prefill_tokens, prefill_repeats=args.prefill_repeats,
         cpu_memory=args.cpu_memory, resident=args.resident, concurrency=_counts(args.concurrency), compute_only=args.compute_only, profile_tokens=args.profile, prefetch_experts=args.prefetch, prefetch_depth=args.prefetch_depth,
+        cpu_experts=_cpu_experts(args.cpu_experts), cpu_moe_layers=_layer_counts(args.cpu_moe_layers),
         device=args.device, time_limit=args.time_limit, out=args.out)
     report = run_benchmarks(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     if args.plot is not None:

@@ -9,6 +9,10 @@ prediction reads, the sampled token), and the host time not accounted for by wai
 mostly Python and kernel launches. Counts per token: kernel launches from the host (a CUDA graph's replay
 counts one), asynchronous copies issued, and blocking synchronisations. Plus the top operators by host
 self time and by device time.
+
+The profiler slows graph launches (it traces every node), so `host_split` times the same tokens again without
+it, where the step replays graphs: wall, host time launching graph pieces, host time between pieces, and of
+that the time blocked in routing reads (what is left is the provider's Python and its small copies).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ def _device_time(event) -> float:
     return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
 
 
-def profile_decode(step, tokens: int, device: torch.device, top: int = 12) -> dict:
+def profile_decode(step, tokens: int, device: torch.device, top: int = 12, graph=None, copier=None) -> dict:
+    """`graph`: the step's GraphCapture, `copier`: the provider's CudaCopier, where they exist (for `host_split`)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -45,7 +50,7 @@ def profile_decode(step, tokens: int, device: torch.device, top: int = 12) -> di
     sync = sum(e.self_cpu_time_total for e in events if e.key in SYNC_KEYS)
     per_token = lambda microseconds: round(microseconds / 1e3 / tokens, 3)
     wall_us = wall * 1e6
-    return {
+    breakdown = {
         "tokens": tokens,
         "wall_ms_per_token": per_token(wall_us),
         "compute_ms_per_token": per_token(device_total - copy),
@@ -60,3 +65,23 @@ def profile_decode(step, tokens: int, device: torch.device, top: int = 12) -> di
         "top_device_ops": [(e.key[:80], per_token(_device_time(e)), e.count // tokens)
                            for e in sorted(events, key=lambda e: -_device_time(e))[:top] if _device_time(e) > 0],
     }
+    if graph is not None:
+        breakdown["host_split"] = host_split(step, tokens, device, graph, copier)
+    return breakdown
+
+
+def host_split(step, tokens: int, device: torch.device, graph, copier) -> dict:
+    """Milliseconds per token, unprofiled: wall, launching graph pieces, between pieces, blocked in routing reads."""
+    torch.cuda.synchronize(device)
+    graph.launch_seconds = graph.host_work_seconds = 0.0
+    waited = getattr(copier, "read_wait_seconds", 0.0)
+    started = time.perf_counter()
+    for _ in range(tokens):
+        step()
+    torch.cuda.synchronize(device)
+    per_token = lambda seconds: round(seconds * 1e3 / tokens, 3)
+    return {"wall_ms_per_token": per_token(time.perf_counter() - started),
+            "launch_ms_per_token": per_token(graph.launch_seconds),
+            "between_pieces_ms_per_token": per_token(graph.host_work_seconds),
+            "routing_wait_ms_per_token": per_token(getattr(copier, "read_wait_seconds", 0.0) - waited),
+            "pieces": len(graph.pieces)}

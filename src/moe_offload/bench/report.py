@@ -1,4 +1,4 @@
-"""Reports -> the README's comparison with the paper's Table 2, as Markdown.
+"""Reports -> docs/benchmarks.md's comparison with the paper's Table 2, as Markdown.
 
     print(table2_markdown([json.load(open("r.json"))], quant="4/2", budget="12GiB"))
 

@@ -7,7 +7,7 @@ Code k of a row sits at bits [k * bits, (k + 1) * bits) of the row's stream, wor
 stream bits [32 j, 32 j + 32): 16 codes a word at 2 bits, 8 at 4, 4 at 8, and at 3 bits a code
 may straddle two words (32 codes fill 3 words; nothing is wasted). Words are stored word-major
 (word j of row n at [j, n]), so the GPU threads that own consecutive rows read consecutive
-words, and a thread's few rows are one vector load (quant/kernels.py). Rows are padded to a
+words, and a thread's few rows are one vector load (quant/kernel_gemv.py). Rows are padded to a
 multiple of ROW_MULTIPLE by repeating the last row.
 """
 

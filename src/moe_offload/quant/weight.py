@@ -191,8 +191,9 @@ class HQQExpertFormat:
         if not (x.is_cuda and x.shape[0] <= GROUPED_TOKENS) or self.bias_slots:
             return False
         from . import kernels
+        from .kernel_config import gemv_tiles
         ffn, hidden = self.format.layouts[0].shape
-        return (kernels.AVAILABLE and kernels.gemv_tiles(self.spec.bits, self.spec.group_size)
+        return (kernels.AVAILABLE and gemv_tiles(self.spec.bits, self.spec.group_size)
                 and all(width * x.element_size() % 16 == 0 for width in (ffn, hidden)))
 
     def grouped_swiglu(self, batch, x: torch.Tensor, top_k: int) -> torch.Tensor:
