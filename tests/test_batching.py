@@ -11,8 +11,9 @@ from moe_offload.generate import Batch
 from moe_offload.model import KVCache, Transformer
 
 from conftest import FIXTURE_32L, SHIPPED_MODEL, requires_fixture
-from test_offload import load_fixture, one_thread  # noqa: F401 (one CPU thread for this module too: the cached
-                                                   # fixtures' reference logits are computed under it)
+from test_offload import load_fixture
+
+pytestmark = pytest.mark.usefixtures("one_thread")    # the cached fixtures' reference logits are computed under it
 
 JOINS = (0, 0, 3, 5)                 # the step at which each prompt joins
 NEW_TOKENS = (12, 5, 9, 4)           # each leaves after its own count: some leave while others still run

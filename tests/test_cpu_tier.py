@@ -23,7 +23,9 @@ from moe_offload.server.metrics import Metrics
 from moe_offload.step import DecodeStep
 
 from conftest import FIXTURE_32L, requires_fixture
-from test_offload import DECODE, greedy_logits, load_fixture, one_thread  # noqa: F401 (autouse: the fixtures' logits are made on one thread)
+from test_offload import DECODE, greedy_logits, load_fixture
+
+pytestmark = pytest.mark.usefixtures("one_thread")    # the cached fixtures' logits are made on one thread
 
 MB = 10**6
 

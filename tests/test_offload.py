@@ -29,13 +29,7 @@ from conftest import FIXTURE_32L, SHIPPED_MODEL, requires_fixture, write_tiny_mi
 PROMPT, DECODE = 24, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models' matrices are tiny: one thread is faster, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- LRU bookkeeping on hand-written routing -------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from .errors import UserError
 from .experts import DenseExpertFormat, ExpertFormat, ExpertSlots, ResidentExperts, slot_stride
 from .generate import Batch, Generation
 from .logprobs import LogprobRecorder, TokenLogprob
+from .lora import Adapters, LoraExperts, merges_experts
 from .model import KVCache, ModelWeights, Transformer
 from .offload.cpu_tier import CHOICES as CPU_EXPERTS, CostModel, CpuExperts, calibrate, unsupported
 from .offload.planner import Plan, plan_for
@@ -68,14 +69,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def expert_storage(ckpt: Checkpoint, dtype: torch.dtype) -> tuple[ExpertFormat, Callable[[int, int], torch.Tensor]]:
-    """How experts are stored, and where each one's packed CPU buffer comes from: (layer, expert) -> uint8."""
+def expert_storage(ckpt: Checkpoint, dtype: torch.dtype,
+                   adapters: Adapters | None = None) -> tuple[ExpertFormat, Callable[[int, int], torch.Tensor]]:
+    """How experts are stored, and where each one's packed CPU buffer comes from: (layer, expert) -> uint8.
+    Unquantized experts get their LoRA adapters (if any) added before they are packed."""
     if isinstance(ckpt, QuantizedCheckpoint):
         return ckpt.expert_storage(dtype)
     cfg = ckpt.config
     # MXFP4 experts (gpt-oss as published) stay MXFP4: 4.25 bits a weight over the link; --quant converts them
     expert_class = MXFP4ExpertFormat if ckpt.mxfp4_experts else DenseExpertFormat
     expert_format = expert_class(cfg.hidden_size, cfg.expert_ffn, dtype, cfg.expert_bias)
+    if adapters is not None and merges_experts(expert_format):
+        return expert_format, lambda layer, expert_id: expert_format.pack(
+            adapters.merged_expert(layer, expert_id, ckpt.expert(layer, expert_id)))
     return expert_format, lambda layer, expert_id: expert_format.pack(ckpt.expert(layer, expert_id))
 
 
@@ -126,6 +132,15 @@ def cpu_experts(config: ModelConfig, expert_format: ExpertFormat, store: ExpertS
                                 threads)
         costs = CostModel(calibration, expert_format.nbytes)
     return CpuExperts(store, expert_format, device, costs, threads)
+
+
+def without_cpu_experts(offload: OffloadConfig, reason: str) -> OffloadConfig:
+    """No CPU tier where the CPU would compute experts without their adapters (its kernels know nothing of LoRA,
+    nor of gradients): --cpu-experts auto falls back to off; --cpu-moe-layers is refused."""
+    if offload.cpu_moe_layers:
+        raise UserError(f"--cpu-moe-layers {offload.cpu_moe_layers}: {reason} (the CPU computes experts without "
+                        f"adapters or gradients)")
+    return replace(offload, cpu_experts="off")
 
 
 @dataclass
@@ -228,7 +243,10 @@ class Engine:
 
     @classmethod
     def load(cls, runtime: RuntimeConfig = RuntimeConfig(), progress: bool = True,
-             offload: OffloadConfig = OffloadConfig()) -> "Engine":
+             offload: OffloadConfig = OffloadConfig(), extra_workspace=None, training: bool = False) -> "Engine":
+        """extra_workspace(config, dtype) -> bytes the offload planner reserves on the device beyond inference's
+        workspace (fine-tuning's activations and optimizer state, train.training_bytes). `training`: the model will
+        be fine-tuned (train.Trainer), so no expert runs on the CPU."""
         device = resolve_device(runtime.device)
         dtype = resolve_dtype(runtime.dtype, device)
         ckpt = open_checkpoint(runtime.model, runtime.quant, device)
@@ -237,22 +255,32 @@ class Engine:
             raise UserError(f"--max-context must be at least 1, got {runtime.max_context}")
         max_context = min(runtime.max_context, config.max_position_embeddings)
         tokenizer = Tokenizer.from_folder(runtime.model, eos_ids=config.eos_token_ids)
-        expert_format, expert_buffer = expert_storage(ckpt, dtype)
+        adapters = Adapters.load(runtime.lora, config, device) if runtime.lora else None
+        expert_format, expert_buffer = expert_storage(ckpt, dtype, adapters)
+        on_the_fly = adapters is not None and "experts" in adapters.lora.targets and not merges_experts(expert_format)
+        if on_the_fly or training:
+            offload = without_cpu_experts(offload, "fine-tuning computes the experts on the device only" if training
+                                          else "--lora's adapters on quantized experts apply on the device only")
         quant = ckpt.quant if isinstance(ckpt, QuantizedCheckpoint) else None
         if runtime.max_batch < 1:
             raise UserError(f"--max-batch must be at least 1, got {runtime.max_batch}")
-        plan = (plan_for(config, expert_format.nbytes, dtype, max_context, offload, device, quant, runtime.max_batch)
+        extra = extra_workspace(config, dtype) if extra_workspace else 0
+        plan = (plan_for(config, expert_format.nbytes, dtype, max_context, offload, device, quant, runtime.max_batch, extra)
                 if offload.enabled else None)
         if plan and progress:
             print(plan.describe(), file=sys.stderr)
         total = ckpt.num_dense_tensors() + len(config.moe_layers) * config.num_experts
         with tqdm(total=total, desc="loading", unit="tensor", disable=not progress or None, file=sys.stderr) as bar:
             weights = ckpt.dense_weights(device, dtype, progress=bar.update)
+            if adapters:
+                weights = adapters.merged(weights)
             if plan:
                 provider = offloaded_experts(config, weights, expert_format, expert_buffer, plan, offload, device, dtype,
                                              bar.update)
             else:
                 provider = resident_experts(config, expert_format, expert_buffer, device, progress=bar.update)
+            if on_the_fly:
+                provider = LoraExperts(provider, adapters)     # quantized experts: their adapters on the fly
         if progress and getattr(provider, "cpu", None) is not None and provider.cpu.costs is not None:
             print(provider.cpu.costs.calibration.describe(), file=sys.stderr)
         model = Transformer(config, weights, provider)
@@ -268,7 +296,7 @@ class Engine:
         """Expert-cache counters for --stats and /metrics (hit rate, prefetch recall, ...; see
         offload/cache.py for each one); empty when resident."""
         provider = self.model.provider
-        return provider.summary() if isinstance(provider, OffloadedExperts) else {}
+        return provider.summary() if hasattr(provider, "summary") else {}   # OffloadedExperts, maybe under LoraExperts
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:

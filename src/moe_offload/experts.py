@@ -192,6 +192,11 @@ class ExpertProvider(Protocol):
         """
         ...
 
+    def slot_experts(self, layer: int) -> dict[int, int]:
+        """Slot -> the expert it holds, valid while a batch of `layer` is being computed with (LoRA's per-expert
+        adapters find their expert by it, lora.py)."""
+        ...
+
 
 class ExpertSlots:
     """A layer's expert slots on the compute device: ONE tensor (slots, stride), and an Expert viewing each slot."""
@@ -212,6 +217,10 @@ class ResidentExperts:
 
     def holds_at_once(self, experts: int, tokens: int) -> bool:
         return True
+
+    def slot_experts(self, layer: int) -> dict[int, int]:
+        """Slot -> the expert it holds: slot e, expert e."""
+        return dict(enumerate(range(len(self.slots_by_layer[layer].experts))))
 
     def experts(self, layer, ids, residual, x):
         slots = self.slots_by_layer[layer]

@@ -38,6 +38,11 @@ def _counts(text: str) -> tuple[int, ...]:
     return counts
 
 
+def _train_defaults() -> dict:
+    from .train import TrainBenchSettings
+    return {f.name: f.default for f in fields(TrainBenchSettings)}
+
+
 def _cpu_experts(text: str) -> tuple[str, ...]:
     from ..offload.cpu_tier import CHOICES
 
@@ -64,7 +69,7 @@ def _csv(text: str) -> tuple[str, ...]:
 def add_bench_parser(sub) -> None:
     from .routing import RECORD_DEPTH, RECORD_RANKED, RECORD_WINDOW
 
-    d = _defaults()
+    d, TRAIN = _defaults(), _train_defaults()
     bench = sub.add_parser("bench", help="benchmark decode/prefill speed under a memory budget (last stdout line: JSON)",
                            description="Benchmark an offloaded model: every quantization x budget x routing x mode, "
                                        "side by side; optionally transformers + accelerate at the same budget.")
@@ -112,6 +117,13 @@ def add_bench_parser(sub) -> None:
                        help="seconds; entries not started by then are reported as skipped (default: none)")
     bench.add_argument("--out", type=Path, default=None, help="write the report JSON here too, after every measurement")
     bench.add_argument("--plot", type=Path, default=None, help="write a PNG of tokens/s per configuration (needs matplotlib)")
+    train = bench.add_argument_group("training (--train)")
+    train.add_argument("--train", action="store_true",
+                       help="measure LoRA training steps instead (bench/train.py): the first --quant, each --budget")
+    train.add_argument("--seq-len", type=int, default=TRAIN["seq_len"], help="tokens a training step (default: %(default)s)")
+    train.add_argument("--lora-rank", type=int, default=TRAIN["lora"].rank, help="(default: %(default)s)")
+    train.add_argument("--targets", default=",".join(TRAIN["lora"].targets), help="LoRA targets (default: %(default)s)")
+    train.add_argument("--train-steps", type=int, default=TRAIN["steps"], help="timed steps after one warm-up (default: %(default)s)")
     bench.set_defaults(func=cmd_bench)
 
     tools = bench.add_subparsers(dest="bench_command")
@@ -141,6 +153,9 @@ def add_bench_parser(sub) -> None:
 def cmd_bench(args) -> None:
     from .runner import BenchSettings, run_benchmarks
 
+    if args.train:
+        return cmd_bench_train(args)
+
     for flag in ("prompt_tokens", "new_tokens", "repeats", "prefill_tokens", "prefill_repeats"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
@@ -161,6 +176,18 @@ def cmd_bench(args) -> None:
         from .plot import plot_report
         plot_report(report, args.plot)
     print(json.dumps(report))
+
+
+def cmd_bench_train(args) -> None:
+    from ..config import LoraConfig
+    from .train import TrainBenchSettings, run_training_bench
+
+    if args.seq_len < 1 or args.train_steps < 1:
+        raise UserError("--seq-len and --train-steps must be at least 1")
+    lora = LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank, targets=_csv(args.targets))
+    settings = TrainBenchSettings(synthetic=args.synthetic, quant=_csv(args.quant)[0], budgets=_csv(args.budget),
+                                  seq_len=args.seq_len, lora=lora, steps=args.train_steps, device=args.device)
+    print(json.dumps(run_training_bench(settings, log=lambda line: print(line, file=sys.stderr, flush=True))))
 
 
 def cmd_record_routing(args) -> None:

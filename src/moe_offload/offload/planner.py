@@ -160,9 +160,11 @@ def _ranges(slots: dict[int, int]) -> str:
 
 
 def plan_for(config: ModelConfig, expert_nbytes: int, dtype: torch.dtype, max_context: int,
-             offload: OffloadConfig, device, quant: QuantConfig | None = None, max_batch: int = 1) -> Plan:
+             offload: OffloadConfig, device, quant: QuantConfig | None = None, max_batch: int = 1,
+             extra_workspace: int = 0) -> Plan:
     """The plan for a model whose non-expert weights are in `dtype` but for the roles `quant` quantizes, on `device`,
-    with a KV cache of `max_batch` sequences of `max_context` tokens."""
+    with a KV cache of `max_batch` sequences of `max_context` tokens, and `extra_workspace` bytes more of workspace
+    (fine-tuning's activations and optimizer state)."""
     if offload.prefetch_experts is not None and not 0 <= offload.prefetch_experts <= config.num_experts:
         raise UserError(f"--prefetch {offload.prefetch_experts}: use 0 (off) to {config.num_experts} (the experts per layer)")
     deepest = max(1, len(config.moe_layers) - 1)
@@ -174,7 +176,7 @@ def plan_for(config: ModelConfig, expert_nbytes: int, dtype: torch.dtype, max_co
     dense = dense_nbytes(config, dtype, quant)
     budget = offload.gpu_memory if offload.gpu_memory is not None else free_memory(device)
     return make_plan(config, expert_nbytes, dense, KVCache.nbytes(config, max_batch, max_context, dtype), max_context,
-                     workspace_bytes(config, min(PREFILL_CHUNK, max_context), max_context, itemsize), budget,
+                     workspace_bytes(config, min(PREFILL_CHUNK, max_context), max_context, itemsize) + extra_workspace, budget,
                      offload.cpu_memory, offload.slots_per_layer, max_batch, offload.cpu_moe_layers)
 
 

@@ -85,6 +85,11 @@ class OffloadedExperts:
         fits = all(cache.num_slots >= experts for cache in self.caches.values())
         return fits or (self.cpu is not None and self.cpu.takes(tokens))
 
+    def slot_experts(self, layer: int) -> dict[int, int]:
+        """Slot -> the expert it holds (or is being copied in), now (a layer without slots holds none)."""
+        cache = self.caches.get(layer)
+        return {} if cache is None else {slot: expert for expert, slot in cache.slot_of.items()}
+
     def experts(self, layer: int, ids: torch.Tensor, residual: torch.Tensor, x: torch.Tensor) -> Iterator[ExpertBatch]:
         read = self._stage(layer, ids, residual, x)
         if self.graph is not None:        # capturing: the host's part runs between the replays, on this read
