@@ -247,11 +247,29 @@ def test_echo_with_no_new_tokens_returns_the_prompt_and_its_logprobs(client, eng
     prompt = "import numpy as np"
     out = client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=0, max_tokens=0)
     choice = out.choices[0]
-    prompt_entries, _, _ = engine_logprobs(engine, engine.tokenizer.encode(prompt), max_new_tokens=0, prompt_logprobs=0)
+    prompt_ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
+    prompt_entries, _, _ = engine_logprobs(engine, prompt_ids, max_new_tokens=0, prompt_logprobs=0)
     assert choice.text == prompt and choice.finish_reason == "length"
     assert choice.logprobs.token_logprobs == [None] + [e.logprob for e in prompt_entries]
     assert out.usage.completion_tokens == 0
     assert client.completions.create(model=MODEL, prompt=prompt, echo=True, max_tokens=2).choices[0].text.startswith(prompt)
+
+
+def test_a_scored_text_prompt_is_scored_as_written_and_a_generated_one_gets_bos(client, engine):
+    """Echo with logprobs adds no BOS (a BOS written in the text stays); generation adds it, as vLLM does;
+    vLLM's `add_special_tokens` overrides either."""
+    tokenizer, text = engine.tokenizer, "import numpy as np"
+
+    def echoed_tokens(prompt: str, **fields) -> int:
+        out = client.completions.create(model=MODEL, prompt=prompt, echo=True, max_tokens=0, **fields)
+        return out.usage.prompt_tokens
+
+    plain = len(tokenizer.encode(text, add_special_tokens=False))
+    assert echoed_tokens(text, logprobs=0) == plain
+    assert echoed_tokens(tokenizer.bos_token + text, logprobs=0) == plain + 1
+    assert echoed_tokens(text, logprobs=0, extra_body={"add_special_tokens": True}) == plain + 1
+    assert echoed_tokens(text) == plain + 1
+    assert echoed_tokens(text, extra_body={"add_special_tokens": False}) == plain
 
 
 def test_completion_logprobs_streamed_equal_non_streamed(client):

@@ -154,7 +154,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         body = _validate(CompletionRequest, await read_json(request, config))
         _check_model(engine, body.model)
         jobs = []
-        for prompt_ids, text in _completion_prompts(engine, body.prompt):
+        for prompt_ids, text in _completion_prompts(engine, body.prompt, body.adds_bos):
             params = _sampling_params(engine, body, prompt_ids, body.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS)
             jobs += _samples(len(jobs), prompt_ids, params, body.n, echo=text if body.echo else None)
         return await respond(request, body, CompletionShape, jobs)
@@ -437,14 +437,14 @@ def _check_token_ids(engine: Engine, ids: list[int], param: str) -> None:
         raise ApiError(400, f"{param}: token id {bad} is outside the vocabulary [0, {vocab})", param=param)
 
 
-def _completion_prompts(engine: Engine, prompt) -> list[tuple[list[int], str]]:
+def _completion_prompts(engine: Engine, prompt, add_bos: bool) -> list[tuple[list[int], str]]:
     """A string, a list of strings, a list of token ids, or a list of token-id lists -> (token ids, text) each;
-    the text as sent, or decoded from the ids."""
+    the text as sent (BOS before it if `add_bos`), or decoded from the ids."""
     tokenizer = engine.tokenizer
     if isinstance(prompt, str):
-        return [(tokenizer.encode(prompt), prompt)]
+        prompt = [prompt]
     if isinstance(prompt[0], str):
-        return [(tokenizer.encode(text), text) for text in prompt]
+        return [(tokenizer.encode(text, add_special_tokens=add_bos), text) for text in prompt]
     if isinstance(prompt[0], int):
         prompt = [prompt]
     for ids in prompt:
