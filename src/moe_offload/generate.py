@@ -166,13 +166,16 @@ class Batch:
         if bitmasks is not None:
             self.decode_step.choose(masked_greedy(logits, bitmasks))
         greedy = self.decode_step.next_tokens(count)         # one read for every greedy choice
-        for index, generation in enumerate(list(self.running)):
+        picked = []
+        for index, generation in enumerate(self.running):
             if generation.watch:
                 generation.watch(logits[index])
             token = greedy[index]
             if generation.params.picks_on_host:
                 token = generation.pick(logits[index])
                 self.decode_step.set(index, token)
+            picked.append((generation, token))
+        for generation, token in picked:     # then leave: leaving moves the last sequence into the leaver's place
             if not self._take(generation, token, tokens):
                 self._leave(generation)
 
