@@ -14,7 +14,7 @@ clients and fuzzers).
 Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with a 4xx for
 anything the client can fix and 5xx only for our own faults. Bodies are read and parsed here, not
 by FastAPI, so that size, UTF-8, JSON and schema problems each get their own one-line message.
-A request's choices (prompts x n) run one after another (server/choices.py). A client that
+A request's choices (prompts x n) decode together (server/choices.py). A client that
 disconnects (streaming or not) cancels its request: it leaves the queue at once, or its generation
 stops at the next step.
 """
@@ -281,7 +281,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         if choices.gone:
             return Response(status_code=CLIENT_CLOSED)
         answers = [ChoiceWriter(shape, job, engine.tokenizer).whole(sequence.run, "".join(texts[job.index]))
-                   for job, sequence in choices.ended]
+                   for job, sequence in sorted(choices.ended, key=lambda ended: ended[0].index)]
         return {**envelope, "choices": answers, "usage": choices.usage()}
 
     async def stream_events(choices: Choices, watcher: asyncio.Task, envelope: dict, shape, include_usage: bool):
