@@ -41,7 +41,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import SamplingParams
 from ..constrain import GrammarError, json_schema_grammar
-from ..tools import tool_call_grammar
 from ..engine import Engine
 from ..errors import UserError
 from .config import ServerConfig
@@ -201,7 +200,8 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         if choices.gone:
             return Response(status_code=CLIENT_CLOSED)
         ((_, sequence),) = choices.ended
-        return anthropic.message_json(body, sequence.run, text, message_id, engine.name)
+        return anthropic.message_json(body, sequence.run, text, message_id, engine.name,
+                                      engine.tokenizer.tool_format)
 
     @app.post("/v1/messages/count_tokens", openapi_extra=_request_body(CountTokensRequest))
     async def count_tokens(request: Request):
@@ -250,7 +250,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                     yield anthropic.event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": piece}})
             if run is None:   # cancelled: nobody is listening
                 return
-            blocks, stop_reason, stop_sequence = anthropic.reply_blocks(body, run, "".join(pieces))
+            blocks, stop_reason, stop_sequence = anthropic.reply_blocks(body, run, "".join(pieces), engine.tokenizer.tool_format)
             if withhold or not pieces:
                 for index, block in enumerate(blocks):
                     for line in anthropic.block_events(index, block):
@@ -467,7 +467,8 @@ async def _tool_grammar(engine: Engine, tools: list[dict] | None, mode: str, par
             await _checked_grammar(engine, _json_grammar(tool["function"]["parameters"], param_of(i)), param_of(i))
     if mode in ("none", "auto"):
         return None
-    return await _checked_grammar(engine, tool_call_grammar(tools, None if mode == "required" else mode, parallel), "tools")
+    grammar = engine.tokenizer.tool_format.grammar(tools, None if mode == "required" else mode, parallel)
+    return await _checked_grammar(engine, grammar, "tools")
 
 
 def _json_grammar(schema: dict, param: str) -> str:
