@@ -396,8 +396,9 @@ class SamplingParams:
 
     @property
     def picks_on_host(self) -> bool:
-        """Whether each token is picked by `generate.sample` on the host; else greedily on the device."""
-        return self.temperature != 0 or self.penalized or self.grammar is not None
+        """Whether each token is picked by `generate.sample` on the host; else greedily on the device (a grammar's
+        mask applied there)."""
+        return self.temperature != 0 or self.penalized
 
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
