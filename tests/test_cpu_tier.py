@@ -17,7 +17,7 @@ from moe_offload.errors import UserError
 from moe_offload.model import KVCache, Transformer
 from moe_offload.offload.cache import ForgetfulCache, LayerCache
 from moe_offload.offload.cpu_tier import Calibration, CostModel, CpuExperts
-from moe_offload.offload.planner import make_plan
+from moe_offload.offload.planner import cpu_tier_bytes, make_plan, plan_for
 from moe_offload.offload.provider import OffloadedExperts
 from moe_offload.server.metrics import Metrics
 from moe_offload.step import DecodeStep
@@ -28,6 +28,7 @@ from test_offload import DECODE, greedy_logits, load_fixture
 pytestmark = pytest.mark.usefixtures("one_thread")    # the cached fixtures' logits are made on one thread
 
 MB = 10**6
+EXPERT = 64 * MB         # Mixtral-8x7B's experts at 4/2 are 64 MiB: 1.2 ms over a 55 GB/s link
 
 
 class Clock:
@@ -39,9 +40,19 @@ class Clock:
 
 
 def costs(link_gbps: float, cpu_gbps: float, clock=None) -> CostModel:
-    """A fake calibration: the CPU as fast at every row count; experts of 1 MB."""
+    """A fake calibration: the CPU as fast at every row count; experts of 64 MB."""
     calibration = Calibration(link_gbps, tuple((rows, cpu_gbps) for rows in (1, 2, 4, 8)))
-    return CostModel(calibration, MB, clock or Clock())
+    return CostModel(calibration, EXPERT, clock or Clock())
+
+
+class AllOnCpu(CostModel):
+    """Every decode miss on the CPU, whatever the speeds observed (the decode tests exercise the CPU's path)."""
+
+    def __init__(self, nbytes: int):
+        super().__init__(Calibration(1.0, tuple((rows, 1.0) for rows in (1, 2, 4, 8))), nbytes)
+
+    def split(self, misses, room):
+        return set(misses)
 
 
 # ---- the cost model -----------------------------------------------------------------------------
@@ -64,10 +75,48 @@ def test_equal_speeds_split_the_misses_so_both_finish_together():
 def test_work_queued_on_the_link_sends_the_next_miss_to_the_cpu():
     clock = Clock()
     model = costs(link_gbps=50, cpu_gbps=40, clock=clock)
-    assert model.split({1: 1}, room=2) == set()       # the link is faster and idle
-    model.queue_copy()                                 # a prefetch: 20 us of the link
-    assert model.split({1: 1}, room=2) == {1}         # 40 us on the link now, 25 us on the CPU
+    assert model.split({1: 1}, room=2) == set()       # the link is faster and idle: 1.28 ms against 1.6 + 0.1
+    model.queue_copy()                                 # a prefetch: 1.28 ms of the link
+    assert model.split({1: 1}, room=2) == {1}         # 2.56 ms on the link now, 1.7 ms on the CPU
     clock.now += 1.0                                   # everything queued has finished
+    assert model.split({1: 1}, room=2) == set()
+
+
+def test_the_gpu_waits_for_the_cpu_so_a_cpu_barely_faster_per_expert_loses():
+    """The CPU's rows reach the device CPU_LATENCY after it finishes: 1.25 ms + 0.1 against an idle link's 1.28."""
+    assert costs(link_gbps=50, cpu_gbps=EXPERT / 1.25e-3 / 1e9).split({1: 1}, room=2) == set()
+
+
+def test_the_cpu_takes_a_miss_only_where_the_layer_finishes_clearly_sooner():
+    """Behind a queued copy the link is done at 2.56 ms, the CPU at 2.5 (2.4 + 0.1): a gain under MARGIN (5 %) is
+    noise in the estimates, and a wrong guess costs the CPU's side more (the GPU idles), so the link keeps it."""
+    model = costs(link_gbps=50, cpu_gbps=EXPERT / 2.4e-3 / 1e9)
+    model.queue_copy()
+    assert model.split({1: 1}, room=2) == set()
+    model = costs(link_gbps=50, cpu_gbps=EXPERT / 2.0e-3 / 1e9)     # 2.1 ms: 18 % sooner
+    model.queue_copy()
+    assert model.split({1: 1}, room=2) == {1}
+
+
+def test_observed_speeds_correct_a_bad_calibration_within_a_few_experts():
+    """The first H100 run: the link calibrated at 20.2 GB/s (it copies at 55) and the CPU kernel at 42 (it ran at 27
+    in decode), so every miss went to the CPU and the decode was slower than copy-only."""
+    model = costs(link_gbps=20.2, cpu_gbps=42)
+    assert model.split({1: 1, 2: 1}, room=2) == {1, 2}
+    for _ in range(8):                                 # four tokens' worth of a layer's misses at 12 GiB
+        model.observe_copy(EXPERT, EXPERT / 55e9)
+        model.observe_cpu(1, EXPERT / 27e9)
+    assert model.link_gbps == pytest.approx(55, rel=0.1) and 42 / model.cpu_factor == pytest.approx(27, rel=0.1)
+    assert model.split({1: 1, 2: 1}, room=2) == set()
+    assert "link 5" in model.describe() and "calibrated 20.2" in model.describe()
+
+
+def test_a_link_estimate_that_runs_late_is_cut_back_when_the_copies_are_done():
+    model = costs(link_gbps=50, cpu_gbps=40)
+    for _ in range(3):
+        model.queue_copy()
+    assert model.split({1: 1}, room=2) == {1}         # 3 copies queued, by the estimate
+    model.link_idle = lambda: True                     # the copier says every copy has finished
     assert model.split({1: 1}, room=2) == set()
 
 
@@ -83,6 +132,42 @@ def test_without_a_cache_only_prefetched_experts_are_hits_so_the_rest_may_run_on
     list(cache.schedule([0, 1]))
     cache.prefetch(2, protected={2})
     assert cache.hits([0, 1, 2]) == [2] and LayerCache(2, 1).hits([0]) == []
+
+
+def test_calibration_times_distinct_experts_into_a_slot_on_the_worker_thread(monkeypatch):
+    """One expert timed again and again sits in L3 (the first H100 run's CPU calibration said 42 GB/s, decode saw
+    27): each timed run reads another expert. The link is measured into a slot of the provider, so nothing is
+    allocated beyond the plan; the CPU on the worker thread that runs the kernels in decode."""
+    from moe_offload.offload import cpu_tier
+
+    fixture = load_fixture("shipped")
+    seen, threads = [], set()
+    kernel = cpu_tier.cpu_kernels.cpu_swiglu
+
+    def spy(fmt, buffer, x, threads_=None):
+        seen.append(buffer.data_ptr())
+        threads.add(__import__("threading").current_thread().name)
+        return kernel(fmt, buffer, x, threads_)
+
+    monkeypatch.setattr(cpu_tier.cpu_kernels, "cpu_swiglu", spy)
+    cpu = CpuExperts(fixture.store, fixture.format, "cpu", threads=1, auto=True,
+                     hidden_size=fixture.engine.config.hidden_size, dtype=torch.float32)
+    layers = fixture.engine.config.moe_layers
+    provider = OffloadedExperts(fixture.store, fixture.format, dict.fromkeys(layers, 2), "cpu", cpu=cpu)
+    calibration = cpu.costs.calibration
+    assert calibration.link_gbps > 0 and [rows for rows, _ in calibration.cpu_gbps] == [1, 2, 4, 8]
+    runs = len(calibration.cpu_gbps) * (cpu_tier.TIMED_RUNS + 1)
+    assert len(seen) == runs and len(set(seen)) == min(runs, cpu_tier.CALIBRATION_EXPERTS)
+    assert threads == {"cpu-experts_0"}
+    assert cpu.costs.link_idle() and provider.copier.observe == cpu.costs.observe_copy
+    assert CpuExperts(fixture.store, fixture.format, "cpu").costs is None      # static layers only: no calibration
+
+
+def test_decode_corrects_the_cpu_estimate_from_the_experts_it_computes():
+    fixture = load_fixture("shipped")
+    provider = hybrid(fixture, slots=2)
+    greedy_logits(Transformer(fixture.engine.config, fixture.engine.model.weights, provider), fixture.prompt[:8])
+    assert provider.cpu.costs.cpu_factor != 1.0        # AllOnCpu calibrated the CPU at 1 GB/s; it runs otherwise
 
 
 # ---- the planner --------------------------------------------------------------------------------
@@ -101,14 +186,36 @@ def test_cpu_layers_get_no_slots_and_leave_the_budget_to_the_others():
         make_plan(config, device_budget=2**30, cpu_layers=5, **kwargs)
 
 
+def test_the_plan_budgets_what_the_cpu_tier_keeps_on_the_device():
+    """With CPU layers, one prefill chunk's rows and mask of the CPU's products (the layers share them: before,
+    each CPU layer kept its own, 10 layers x 8 MiB in the 6 GiB bench, which then ran out of memory)."""
+    config = load_fixture("shipped").engine.config
+    assert cpu_tier_bytes(config, 512, 2, cpu_layers=0) == 0
+    assert cpu_tier_bytes(config, 512, 2, cpu_layers=3) == 512 * config.top_k * (config.hidden_size * 2 + 1)
+
+    def workspace(**offload) -> int:
+        plan = plan_for(config, 2**20, torch.bfloat16, 64, OffloadConfig(enabled=True, gpu_memory=2**30, **offload), "cuda")
+        return plan.workspace_bytes
+
+    assert workspace(cpu_moe_layers=2) - workspace() == cpu_tier_bytes(config, 64, 2, cpu_layers=2)
+
+
+def test_cpu_layers_share_one_set_of_prefill_buffers():
+    fixture = load_fixture("shipped")
+    provider = hybrid(fixture, slots=2, cpu_layers=3)
+    greedy_logits(Transformer(fixture.engine.config, fixture.engine.model.weights, provider), fixture.prompt[:20])
+    assert len(provider.large_inputs) == 1
+    assert all(key[0][0] <= 8 for buffers in provider.buffers.values() for key in buffers.inputs)
+
+
 # ---- decode with CPU-computed experts against the resident model --------------------------------
 
 def hybrid(fixture, slots: int, cpu_layers: int = 0, dynamic: bool = True) -> OffloadedExperts:
-    """An offloaded provider whose decode misses all run on the CPU (a CPU far faster than the link), and whose
+    """An offloaded provider whose decode misses all run on the CPU, and whose
     first `cpu_layers` layers have no slots."""
     config = fixture.engine.config
     layers = config.moe_layers
-    cost_model = costs(link_gbps=1, cpu_gbps=1e6) if dynamic else None
+    cost_model = AllOnCpu(fixture.format.nbytes) if dynamic else None
     cpu = CpuExperts(fixture.store, fixture.format, "cpu", cost_model, threads=1)
     plan = {layer: 0 if i < cpu_layers else slots for i, layer in enumerate(layers)}
     return OffloadedExperts(fixture.store, fixture.format, plan, "cpu", cpu=cpu)

@@ -31,7 +31,7 @@ from .generate import Batch, Generation
 from .logprobs import LogprobRecorder, TokenLogprob
 from .lora import Adapters, LoraExperts, merges_experts
 from .model import KVCache, ModelWeights, Transformer
-from .offload.cpu_tier import CHOICES as CPU_EXPERTS, CostModel, CpuExperts, calibrate, unsupported
+from .offload.cpu_tier import CHOICES as CPU_EXPERTS, CpuExperts, unsupported
 from .offload.planner import Plan, plan_for
 from .offload.prefetch import GatePredictor
 from .offload.provider import OffloadedExperts
@@ -115,7 +115,7 @@ def offloaded_experts(config: ModelConfig, weights: ModelWeights, expert_format:
 def cpu_experts(config: ModelConfig, expert_format: ExpertFormat, store: ExpertStore, offload: OffloadConfig,
                 device: torch.device, dtype: torch.dtype) -> CpuExperts | None:
     """The CPU tier that --cpu-moe-layers and --cpu-experts ask for, or None. "auto" calibrates the link and the CPU
-    (milliseconds) and lets the cost model choose per miss; on a CPU device there is no link to spare, so it is off.
+    (tens of milliseconds, once the provider has its slots) and lets the cost model choose per miss; on a CPU device there is no link to spare, so it is off.
     A model whose experts the CPU cannot run stays off under "auto" and is refused with --cpu-moe-layers."""
     if offload.cpu_experts not in CPU_EXPERTS:
         raise UserError(f"--cpu-experts {offload.cpu_experts!r}: use one of {', '.join(CPU_EXPERTS)}")
@@ -126,12 +126,8 @@ def cpu_experts(config: ModelConfig, expert_format: ExpertFormat, store: ExpertS
     if reason or not (dynamic or offload.cpu_moe_layers):
         return None
     threads = max(1, default_threads() - 1) if device.type == "cuda" else None   # a core for the thread driving the GPU
-    costs = None
-    if dynamic:
-        calibration = calibrate(store.buffer(config.moe_layers[0], 0), expert_format, device, config.hidden_size, dtype,
-                                threads)
-        costs = CostModel(calibration, expert_format.nbytes)
-    return CpuExperts(store, expert_format, device, costs, threads)
+    return CpuExperts(store, expert_format, device, threads=threads, auto=dynamic, hidden_size=config.hidden_size,
+                      dtype=dtype)    # "auto" calibrates once the provider has its slots (OffloadedExperts)
 
 
 def without_cpu_experts(offload: OffloadConfig, reason: str) -> OffloadConfig:

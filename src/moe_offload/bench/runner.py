@@ -53,7 +53,7 @@ from ..experts import ExpertFormat
 from ..generate import PREFILL_CHUNK, Batch, generate, prefill, sample
 from ..model import KVCache, Transformer, own_routing
 from ..offload.cache import ForgetfulCache, LayerCache
-from ..offload.planner import make_plan, parse_size, workspace_bytes
+from ..offload.planner import cpu_tier_bytes, make_plan, parse_size, workspace_bytes
 from ..offload.prefetch import GatePredictor
 from ..offload.provider import OffloadedExperts
 from ..offload.store import ExpertStore
@@ -337,9 +337,11 @@ class Bench:
     def fit(self, common, config, expert_format, dense_bytes, context, budget_text, budget, cpu_layers):
         """The plan of a budget with `cpu_layers` MoE layers on the CPU, or None (reported) when it does not fit."""
         try:
+            chunk, itemsize = min(PREFILL_CHUNK, context), self.dtype.itemsize
+            workspace = workspace_bytes(config, chunk, context, itemsize) + cpu_tier_bytes(config, chunk, itemsize,
+                                                                                            cpu_layers)
             return make_plan(config, expert_format.nbytes, dense_bytes, KVCache.nbytes(config, 1, context, self.dtype),
-                             context, workspace_bytes(config, min(PREFILL_CHUNK, context), context, self.dtype.itemsize),
-                             budget, cpu_layers=cpu_layers)
+                             context, workspace, budget, cpu_layers=cpu_layers)
         except UserError as e:
             message = str(e).replace("--gpu-memory", "--budget").replace("--max-context", "--prefill-tokens")
             self.log(f"[{common['quant']} @ {budget_text}] does not fit: {message}")
@@ -373,10 +375,10 @@ class Bench:
         else:
             offload = OffloadConfig(enabled=True, cpu_moe_layers=len(plan.cpu_layers), cpu_experts=cpu)
             tier = cpu_experts(config, expert_format, store, offload, self.device, self.dtype)
-            if tier is not None and tier.costs is not None:
-                self.log(tier.costs.calibration.describe())
             provider = OffloadedExperts(store, expert_format, plan.slots, self.device, predictor, measure_time=True,
                                         cache_type=ForgetfulCache if mode == "no-cache" else LayerCache, cpu=tier)
+            if tier is not None and tier.costs is not None:
+                self.log(tier.costs.calibration.describe())
         return Transformer(config, weights, provider, router), provider, router
 
     def measure(self, entry, config, weights, store, expert_format, plan, context, budget, compute_only=False) -> dict:
@@ -398,6 +400,10 @@ class Bench:
             cache = KVCache.allocate(config, 1, context, device, self.dtype)
             step = DecodeStep(model, cache)
             result = {"cuda_graphs": step.capturable[1], **self.decode(model, step, provider, router, cache, config)}
+            costs = getattr(getattr(provider, "cpu", None), "costs", None)
+            if costs is not None:       # the cost model's speeds after decode corrected the calibration's
+                self.log(costs.describe())
+                result["cpu_model_link_gbps"], result["cpu_model_cpu_factor"] = costs.link_gbps, costs.cpu_factor
             if not compute_only:
                 result.update(self.prefill(model, provider, router, cache, config))
             if s.profile_tokens and entry["mode"] in ("full", "compute-only", "resident"):

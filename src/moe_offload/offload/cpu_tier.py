@@ -1,8 +1,8 @@
 """Experts computed on the CPU, where they lie in the host store, instead of copied to the device.
 
-    calibration = calibrate(store.buffer(0, 0), fmt, device, hidden, dtype)   # at start: link and CPU GB/s
-    cpu = CpuExperts(store, fmt, device, CostModel(calibration, fmt.nbytes))     # None: only static CPU layers
-    provider = OffloadedExperts(store, fmt, {0: 0, 1: 2}, device, cpu=cpu)      # 0 slots: layer 0 runs on the CPU
+    cpu = CpuExperts(store, fmt, device, auto=True, hidden_size=hidden, dtype=dtype)  # auto=False: static layers only
+    provider = OffloadedExperts(store, fmt, {0: 0, 1: 2}, device, cpu=cpu)   # 0 slots: layer 0 runs on the CPU;
+    cpu.costs.calibration, cpu.costs.describe()     # measured at start: link GB/s into a slot, CPU GB/s per row count
 
 At batch 1 a missed expert is read once: a copy reads it at the link's speed (PCIe Gen4 ~25 GB/s, Gen5 ~55), the
 CPU at host memory's (dual-channel DDR5 60-90 GB/s, a server's far more) and ships only the activations. Two
@@ -11,8 +11,13 @@ ways to use that:
   device; the planner gives those layers no slots and the CPU computes every pair of theirs, prefill included;
 - dynamic (`--cpu-experts auto`): in a decode step (at most cpu_kernels.MAX_ROWS tokens) each miss goes to the
   link or to the CPU, whichever finishes it sooner given what is queued on each (`CostModel.split`: greedy list
-  scheduling on calibrated speeds), so that both finish the layer's misses at about the same time; hits stay on
-  the device, and so do prefill's misses (streamed through the slots).
+  scheduling), so that both finish the layer's misses at about the same time, and only where the layer as a whole
+  is done sooner than with copies alone (the GPU waits for the CPU's rows before it runs the layer's experts);
+  hits stay on the device, and so do prefill's misses (streamed through the slots). The speeds are calibrated at
+  start (many distinct experts: one expert timed again and again sits in L3; the link into a slot, so nothing is
+  allocated; the CPU on the worker thread, with the decode's thread count) and then follow what decode observes
+  (each expert the CPU computes, each copy's device time), so a start estimate that is off is corrected within a
+  few experts.
 
 The CPU's work fits the provider's one host read per layer: the experts' input x comes back in that same read,
 a worker thread computes the CPU's pairs (the C kernels let go of the GIL) while the main thread queues the
@@ -42,12 +47,19 @@ from .store import ExpertStore
 
 CHOICES = ("auto", "off")                       # --cpu-experts
 ROW_COUNTS = (1, 2, 4, cpu_kernels.MAX_ROWS)   # rows of x the CPU kernel is timed at
-TIMED_RUNS = 3                                  # the median of these, after one warm-up
+TIMED_RUNS = 3                                  # CPU kernel: the median of these per row count, after one warm-up
+LINK_RUNS, LINK_BATCH = 5, 3                    # link: the median of 5 timed batches of 3 back-to-back copies
+CALIBRATION_EXPERTS = 16                        # distinct experts timed in turn (one expert timed again and again
+                                                # sits in a large L3 and reads far faster than a decode's misses do)
+OBSERVED_WEIGHT = 0.25                          # each decode observation's weight in the running estimates
+CPU_LATENCY = 100e-6     # s: the GPU starts a layer's experts only after the CPU's rows reach it (the main thread
+                         # waits for the worker, then launches the rest of the step and a small copy)
+MARGIN = 0.05            # the CPU takes misses only where the layer's experts finish >= 5 % sooner so
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """Measured speeds: host-to-device copies of one expert, and the CPU kernel over one expert at each row count."""
+    """Measured speeds: host-to-device copies of an expert, and the CPU kernel over an expert at each row count."""
 
     link_gbps: float
     cpu_gbps: tuple[tuple[int, float], ...]     # (rows, GB/s of the expert's bytes), rows ascending
@@ -78,30 +90,52 @@ def unsupported(config: ModelConfig, expert_format: ExpertFormat) -> str | None:
     return None
 
 
-def calibrate(source: torch.Tensor, expert_format: ExpertFormat, device: torch.device, hidden_size: int,
-              dtype: torch.dtype, threads: int | None = None) -> Calibration:
-    """Time copies of one stored expert (`source`, uint8 on the host) to `device` and the CPU kernel over it, on
-    activations of `dtype` (milliseconds at start)."""
-    target = torch.empty_like(source, device=device)
+def calibration_sources(store: ExpertStore, count: int = CALIBRATION_EXPERTS) -> list[torch.Tensor]:
+    """`count` distinct stored experts, spread over the layers (expert 0 of each layer, then 1, ...)."""
+    keys = [(layer, expert) for expert in range(store.num_experts) for layer in store.layers]
+    return [store.buffer(layer, expert) for layer, expert in keys[:count]]
 
-    def copy():
-        target.copy_(source, non_blocking=True)
+
+def calibrate_link(sources: list[torch.Tensor], target: torch.Tensor) -> float:
+    """GB/s of host-to-device copies of the experts `sources` into `target` (device memory that is already there,
+    e.g. a slot: nothing is allocated): one warm-up copy, then the median of LINK_RUNS batches of LINK_BATCH
+    back-to-back copies of distinct experts, after everything queued before has finished."""
+    device = target.device
+    nbytes = sources[0].numel()
+    turn = iter(range(1 << 30))
+
+    def batch(copies: int) -> None:
+        for _ in range(copies):
+            target[:nbytes].copy_(sources[next(turn) % len(sources)], non_blocking=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    link = source.numel() / _median_seconds(copy) / 1e9
-    cpu = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return LINK_BATCH * nbytes / _median_seconds(lambda: batch(LINK_BATCH), LINK_RUNS, warm_up=lambda: batch(1)) / 1e9
+
+
+def calibrate_cpu(sources: list[torch.Tensor], expert_format: ExpertFormat, hidden_size: int, dtype: torch.dtype,
+                  threads: int | None = None) -> tuple[tuple[int, float], ...]:
+    """(rows, GB/s) of the CPU kernel on `threads` threads at each of ROW_COUNTS, each run on another expert of
+    `sources` (call it on the thread that runs the kernels in decode: OpenMP keeps a team per calling thread)."""
+    turn = iter(range(1 << 30))
+    nbytes = sources[0].numel()
+    out = []
     for rows in ROW_COUNTS:
         x = torch.randn(rows, hidden_size).to(dtype)
-        seconds = _median_seconds(lambda: cpu_kernels.cpu_swiglu(expert_format, source, x, threads))
-        cpu.append((rows, source.numel() / seconds / 1e9))
-    return Calibration(link, tuple(cpu))
+
+        def run():
+            cpu_kernels.cpu_swiglu(expert_format, sources[next(turn) % len(sources)], x, threads)
+
+        out.append((rows, nbytes / _median_seconds(run, TIMED_RUNS) / 1e9))
+    return tuple(out)
 
 
-def _median_seconds(work: Callable[[], object]) -> float:
-    work()
+def _median_seconds(work: Callable[[], object], runs: int, warm_up: Callable[[], object] | None = None) -> float:
+    (warm_up or work)()
     times = []
-    for _ in range(TIMED_RUNS):
+    for _ in range(runs):
         started = time.perf_counter()
         work()
         times.append(time.perf_counter() - started)
@@ -109,44 +143,97 @@ def _median_seconds(work: Callable[[], object]) -> float:
 
 
 class CostModel:
-    """When the link and the CPU will be done with what is queued on each (host-clock estimates from the
-    calibration), and the split of a step's misses that finishes them soonest."""
+    """When the link and the CPU will be done with what is queued on each (host-clock estimates), and the split of a
+    step's misses that finishes the layer's experts soonest.
+
+    The speeds start at the calibration's and follow what decode observes (`observe_copy`: a copy's device time,
+    from CUDA events; `observe_cpu`: an expert's time in the CPU worker, contention with the thread driving the GPU
+    included), each observation weighing OBSERVED_WEIGHT in a running average, so a start estimate that is off is
+    right again after a few experts. `link_idle` (set by the provider) says whether every queued copy has finished,
+    so an estimate of the link's queue that runs late is cut back to now."""
 
     def __init__(self, calibration: Calibration, nbytes: int, clock: Callable[[], float] = time.perf_counter):
         self.calibration, self.nbytes, self.clock = calibration, nbytes, clock
+        self.link_gbps = calibration.link_gbps
+        self.cpu_factor = 1.0            # observed CPU seconds / the calibration's, for the same rows
         self.link_free_at = self.cpu_free_at = 0.0
+        self.link_idle: Callable[[], bool] = lambda: False
+
+    def copy_seconds(self) -> float:
+        return self.nbytes / (self.link_gbps * 1e9)
+
+    def cpu_seconds(self, rows: int) -> float:
+        return self.calibration.cpu_seconds(self.nbytes, rows) * self.cpu_factor
+
+    def observe_copy(self, nbytes: int, seconds: float) -> None:
+        """A copy of `nbytes` took `seconds` on the link."""
+        if seconds > 0:
+            self.link_gbps += OBSERVED_WEIGHT * (nbytes / seconds / 1e9 - self.link_gbps)
+
+    def observe_cpu(self, rows: int, seconds: float) -> None:
+        """The CPU computed one expert over `rows` rows in `seconds`."""
+        self.cpu_factor += OBSERVED_WEIGHT * (seconds / self.calibration.cpu_seconds(self.nbytes, rows) - self.cpu_factor)
 
     def queue_copy(self) -> None:
         """A copy of one expert was queued on the link (a miss or a prefetch)."""
-        self.link_free_at = max(self.clock(), self.link_free_at) + self.calibration.copy_seconds(self.nbytes)
+        self.link_free_at = max(self.clock(), self.link_free_at) + self.copy_seconds()
 
     def split(self, misses: dict[int, int], room: int) -> set[int]:
         """Misses (expert -> rows of x that use it) -> those the CPU computes; at most `room` are copied (the layer's
-        free slots). Greedy, most rows first: each goes where it would finish sooner, the link on a tie."""
+        free slots). Greedy, most rows first: each goes where it would finish sooner (the CPU's first one pays
+        CPU_LATENCY, the GPU's wait for its rows); then the split is kept only if the layer's misses are all done
+        at least MARGIN sooner than copying every one would (where the slots can take them all)."""
         now = self.clock()
-        link, cpu = max(now, self.link_free_at), max(now, self.cpu_free_at)
+        if self.link_free_at > now and self.link_idle():
+            self.link_free_at = now
+        link_start, cpu_start = max(now, self.link_free_at), max(now, self.cpu_free_at)
+        link, cpu = link_start, cpu_start
         on_cpu, copied = set(), 0
         for expert, rows in sorted(misses.items(), key=lambda miss: (-miss[1], miss[0])):
-            copy_done = link + self.calibration.copy_seconds(self.nbytes)
-            cpu_done = cpu + self.calibration.cpu_seconds(self.nbytes, rows)
+            copy_done = link + self.copy_seconds()
+            cpu_done = cpu + self.cpu_seconds(rows) + (0.0 if on_cpu else CPU_LATENCY)
             if copied < room and copy_done <= cpu_done:
                 link, copied = copy_done, copied + 1
             else:
                 cpu = cpu_done
                 on_cpu.add(expert)
-        self.cpu_free_at = cpu           # the copies join the link's queue as they are issued (queue_copy)
+        if on_cpu and len(misses) <= room:
+            all_copied = link_start + len(misses) * self.copy_seconds()
+            if max(link, cpu) - now > (1 - MARGIN) * (all_copied - now):
+                return set()
+        if on_cpu:
+            self.cpu_free_at = cpu       # the copies join the link's queue as they are issued (queue_copy)
         return on_cpu
+
+    def describe(self) -> str:
+        """The running estimates next to the calibration's."""
+        cpu = self.calibration.cpu_gbps[0][1] / self.cpu_factor
+        return (f"CPU experts, estimates now: link {self.link_gbps:.1f} GB/s (calibrated "
+                f"{self.calibration.link_gbps:.1f}), CPU kernel {cpu:.1f} at 1 row (calibrated "
+                f"{self.calibration.cpu_gbps[0][1]:.1f})")
 
 
 class CpuExperts:
     """Runs pairs of a step on the CPU from the host store, in a worker thread, into the step's RowBuffers."""
 
     def __init__(self, store: ExpertStore, expert_format: ExpertFormat, device, costs: CostModel | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, auto: bool = False, hidden_size: int = 0,
+                 dtype: torch.dtype = torch.bfloat16):
         self.store, self.expert_format, self.device = store, expert_format, torch.device(device)
         self.costs = costs               # None: no dynamic choice, only the layers without slots run here
         self.threads = threads
+        self.auto = auto                 # without costs: calibrate once the provider has a slot to copy into
+        self.hidden_size, self.dtype = hidden_size, dtype
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpu-experts")
+
+    def calibrate(self, target: torch.Tensor) -> None:
+        """`auto`: measure the link into `target` (a slot: no memory beyond the plan's) and the CPU kernel on the
+        worker thread with the decode's thread count, then choose per miss from there (OffloadedExperts calls this)."""
+        sources = calibration_sources(self.store)
+        link = calibrate_link(sources, target)
+        cpu = self.worker.submit(calibrate_cpu, sources, self.expert_format, self.hidden_size, self.dtype,
+                                 self.threads).result()
+        self.costs = CostModel(Calibration(link, cpu), self.store.nbytes)
 
     def takes(self, tokens: int) -> bool:
         """Whether misses of a step of `tokens` tokens may run here (a decode step; prefill streams on the device)."""
@@ -177,12 +264,15 @@ class CpuExperts:
         top_k = len(pairs) // x.shape[0]
         buffers.chosen.zero_()
         for expert in experts:
+            begun = time.perf_counter()
             chosen = [p for p, e in enumerate(pairs) if e == expert]
             rows = x[[p // top_k for p in chosen]]
             buffers.host[chosen] = cpu_kernels.cpu_swiglu(self.expert_format, self.store.buffer(layer, expert), rows,
                                                           self.threads)
             buffers.chosen[chosen] = True
             stats.cpu_bytes += -(-len(chosen) // cpu_kernels.MAX_ROWS) * self.store.nbytes
+            if self.costs is not None:
+                self.costs.observe_cpu(len(chosen), time.perf_counter() - begun)
         stats.cpu_seconds += time.perf_counter() - started
         return buffers
 

@@ -6,7 +6,7 @@
     plan.slots                    # {MoE layer: expert slots on the device}
 
 On the device: every non-expert weight, the KV cache for --max-context, a workspace for the
-activations of one prefill chunk, and what is left as expert slots, as many per layer as fit
+activations of one prefill chunk (and the CPU tier's rows: cpu_tier_bytes), and what is left as expert slots, as many per layer as fit
 (spread evenly; a layer never gets more slots than it has experts), but for the first `cpu_layers` MoE layers,
 whose experts stay on the host and run on the CPU (cpu_tier.py): they get none. On the host: as many experts
 as the host budget holds in (pinned) RAM, the rest memory-mapped from disk. A device budget that
@@ -29,7 +29,7 @@ from ..model import ATTENTION_CHUNK, KVCache
 from ..quant.checkpoint import dense_nbytes
 
 GiB = 2**30
-WORKSPACE_MARGIN = 384 * 2**20  # cuBLAS workspace, Triton split-k buffers, router temporaries, the RoPE table (4 MiB at 4096 tokens), allocator fragmentation (64 MiB was too little on an H200 at 12 GiB)
+WORKSPACE_MARGIN = 384 * 2**20  # cuBLAS workspace, Triton split-k buffers, router temporaries, the RoPE table (4 MiB at 4096 tokens), the CPU tier's decode rows (cpu_tier_bytes), allocator fragmentation (64 MiB was too little on an H200 at 12 GiB)
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -61,6 +61,14 @@ def workspace_bytes(config: ModelConfig, chunk: int, max_context: int, itemsize:
     per_token = (c.hidden_size * (8 * itemsize + c.top_k * (itemsize + 4)) + 3 * ffn * itemsize + c.num_experts * 4)
     scores = min(chunk, ATTENTION_CHUNK) * max_context * (c.num_heads * 4 + 1)
     return chunk * per_token + scores + 2 * c.vocab_size * 4 + WORKSPACE_MARGIN
+
+
+def cpu_tier_bytes(config: ModelConfig, chunk: int, itemsize: int, cpu_layers: int) -> int:
+    """What the CPU tier (cpu_tier.py) keeps on the device beyond WORKSPACE_MARGIN: with CPU layers, the rows and
+    mask of the CPU's products for one prefill chunk, one set that every layer shares (provider.ReadBuffers). The
+    decode steps' rows, per layer and batch bucket, are within the margin (batch 1: 32 x 2 x 2 rows of 8 KiB, 1 MiB,
+    for Mixtral-8x7B; 3 MiB for Qwen3-30B-A3B), as is the link's calibration (a copy into a slot)."""
+    return chunk * config.top_k * (config.hidden_size * itemsize + 1) if cpu_layers else 0
 
 
 @dataclass(frozen=True)
@@ -175,9 +183,12 @@ def plan_for(config: ModelConfig, expert_nbytes: int, dtype: torch.dtype, max_co
     itemsize = dtype.itemsize
     dense = dense_nbytes(config, dtype, quant)
     budget = offload.gpu_memory if offload.gpu_memory is not None else free_memory(device)
+    chunk = min(PREFILL_CHUNK, max_context)
+    workspace = workspace_bytes(config, chunk, max_context, itemsize) + cpu_tier_bytes(config, chunk, itemsize,
+                                                                                        offload.cpu_moe_layers)
     return make_plan(config, expert_nbytes, dense, KVCache.nbytes(config, max_batch, max_context, dtype), max_context,
-                     workspace_bytes(config, min(PREFILL_CHUNK, max_context), max_context, itemsize) + extra_workspace, budget,
-                     offload.cpu_memory, offload.slots_per_layer, max_batch, offload.cpu_moe_layers)
+                     workspace + extra_workspace, budget, offload.cpu_memory, offload.slots_per_layer, max_batch,
+                     offload.cpu_moe_layers)
 
 
 def free_memory(device) -> int:

@@ -76,8 +76,15 @@ class OffloadedExperts:
         self.distance = lambda layer, target: order[target] - order[layer]
         self.predictions: dict[int, dict[int, list[int]]] = {}   # target layer -> {lookahead: predicted ids}
         self.buffers: dict[int, ReadBuffers] = {}  # layer -> where its routing reads land and its slot tables lie
+        self.large_inputs: dict = {}               # the CPU's buffers for steps of more than MAX_ROWS tokens, shared
         self.in_use: dict[int, list[int]] = {}     # layer -> slots its current step computes with
         self.graph = None                          # step.py's GraphCapture while a CUDA graph is being captured
+        if cpu is not None and cpu.auto and cpu.costs is None and self.slots:
+            layer = next(iter(self.slots))         # measure the link into a slot: nothing beyond the plan's memory
+            cpu.calibrate(self.slots[layer].memory[0, :nbytes])
+        if cpu is not None and cpu.costs is not None:
+            cpu.costs.link_idle = self.copier.idle
+            self.copier.observe = cpu.costs.observe_copy
 
     def holds_at_once(self, experts: int, tokens: int) -> bool:
         """Whether a step of `tokens` tokens that needs `experts` experts runs as one batch in every layer: the slots
@@ -117,7 +124,7 @@ class OffloadedExperts:
         the experts' input where the CPU may compute some of them."""
         guesses = self.predictor.predict(layer, residual) if self.predictor is not None else {}
         if layer not in self.buffers:
-            self.buffers[layer] = ReadBuffers(self.device)
+            self.buffers[layer] = ReadBuffers(self.device, self.large_inputs)
         cpu_may_run = layer in self.cpu_layers or (self.cpu is not None and self.cpu.takes(ids.shape[0]))
         return self.buffers[layer].stage([ids.flatten(), *guesses.values()], list(guesses), x if cpu_may_run else None)
 
@@ -255,10 +262,11 @@ class ReadBuffers:
     """A layer's host buffer for routing reads (pinned on CUDA) and device buffer for slot tables, grown as needed
     (a grown buffer is a new one: a captured read keeps the old)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, large: dict | None = None):
         self.device = device
         self.pinned = device.type == "cuda"
         self.inputs: dict[tuple, tuple[torch.Tensor, RowBuffers]] = {}   # x's shape and dtype -> x's and the CPU's
+        self.large = {} if large is None else large    # the same for steps of more than MAX_ROWS tokens: all layers'
         self.host = torch.empty(0, dtype=torch.int64)
         self.values = self.host.numpy()     # the same memory, made once per buffer
         self.table = torch.empty(0, dtype=torch.int32, device=device)
@@ -281,15 +289,19 @@ class ReadBuffers:
                            host_x, out)
 
     def _inputs(self, x: torch.Tensor, pairs: int) -> tuple[torch.Tensor, RowBuffers]:
-        """Host memory for x, and the CPU's products, one per shape; of prefill's shapes (more tokens than a decode
-        step that the CPU may help has) only the last is kept (a captured read holds on to its own)."""
+        """Host memory for x, and the CPU's products, one per shape and layer; for prefill's shapes (more tokens than
+        a decode step that the CPU may help has) one set that every layer shares, of the last such shape (a
+        captured read holds on to its own). Sharing is safe: a layer's CPU work starts after its routing read, which
+        waited for everything the layer before queued, its rows' copy included (the planner budgets one set:
+        planner.cpu_tier_bytes)."""
         key = x.shape, x.dtype
-        if key not in self.inputs:
-            if x.shape[0] > cpu_kernels.MAX_ROWS:
-                self.inputs = {k: v for k, v in self.inputs.items() if k[0][0] <= cpu_kernels.MAX_ROWS}
-            self.inputs[key] = (torch.empty(x.shape, dtype=x.dtype, pin_memory=self.pinned),
-                                RowBuffers(pairs, x.shape[1], x.dtype, self.device))
-        return self.inputs[key]
+        inputs = self.inputs if x.shape[0] <= cpu_kernels.MAX_ROWS else self.large
+        if key not in inputs:
+            if inputs is self.large:
+                inputs.clear()
+            inputs[key] = (torch.empty(x.shape, dtype=x.dtype, pin_memory=self.pinned),
+                           RowBuffers(pairs, x.shape[1], x.dtype, self.device))
+        return inputs[key]
 
 
 def split(read: RoutingRead) -> tuple[list[int], dict[int, list[int]]]:
@@ -304,6 +316,8 @@ def split(read: RoutingRead) -> tuple[list[int], dict[int, list[int]]]:
 
 class HostCopier:
     """The CPU tier: copies are synchronous, so there is nothing to wait for but the copy itself."""
+
+    observe = None                       # copies are not timed for the CPU tier's cost model here
 
     def __init__(self, stats: OffloadStats, measure_time: bool):
         self.stats, self.measure_time = stats, measure_time
@@ -328,6 +342,9 @@ class HostCopier:
     def release(self, key) -> None:
         pass
 
+    def idle(self) -> bool:
+        return True
+
     def collect_timings(self, wait: bool) -> None:
         pass
 
@@ -344,13 +361,24 @@ class CudaCopier:
         self.timings: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         self.timings_lock = threading.Lock()   # the server's /metrics reads stats from another thread
         self.read_wait_seconds = 0.0           # host time blocked in routing reads
+        self.last_copy: torch.cuda.Event | None = None   # recorded after the last copy queued
+        self.observe = None                    # (bytes, seconds) of each finished copy: the CPU tier's cost model
+        self.observed: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
 
     def load(self, key, dst: torch.Tensor, src: torch.Tensor) -> None:
         self.stream.wait_event(self.free[key])
         with torch.cuda.stream(self.stream):
             start = self._mark(self.stream)
+            observed = torch.cuda.Event(enable_timing=True) if self.observe is not None else None
+            if observed is not None:
+                observed.record(self.stream)     # after the wait for the slot: the copy's own time follows
             dst.copy_(src, non_blocking=True)
             self.ready[key].record(self.stream)
+            self.last_copy = self.ready[key]
+            if observed is not None:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record(self.stream)
+                self.observed.append((src.numel(), observed, end))
             self._timed("copy", start, self.stream)
 
     def read(self, read: RoutingRead):
@@ -359,7 +387,22 @@ class CudaCopier:
         started = time.perf_counter()
         read.event.synchronize()
         self.read_wait_seconds += time.perf_counter() - started
+        self._report_copies()
         return split(read)
+
+    def idle(self) -> bool:
+        """Whether every copy queued so far has finished."""
+        return self.last_copy is None or self.last_copy.query()
+
+    def _report_copies(self) -> None:
+        """The finished copies' times to `observe`, oldest first (the copy stream runs them in order)."""
+        done = 0
+        for nbytes, start, end in self.observed:
+            if not end.query():
+                break
+            self.observe(nbytes, start.elapsed_time(end) / 1000)
+            done += 1
+        del self.observed[:done]
 
     def write_table(self, table: torch.Tensor, slots: list[int]) -> None:
         """Slots -> the device table, through a pinned buffer of its own (it is rewritten only a step later,

@@ -30,7 +30,7 @@ class ExpertStore:
     def __init__(self, layers: Sequence[int], num_experts: int, nbytes: int, ram_experts: int | None = None,
                  pin: bool = False, disk_dir: str | os.PathLike | None = None):
         self.nbytes = nbytes
-        self.num_experts = num_experts
+        self.layers, self.num_experts = list(layers), num_experts
         total = len(layers) * num_experts
         ram_experts = total if ram_experts is None else max(0, min(ram_experts, total))
         self.ram_experts, self.disk_experts = ram_experts, total - ram_experts
