@@ -353,3 +353,19 @@ def test_grouped_gemv_is_each_experts_gemv_bit_for_bit(spec):
         expected = torch.empty(1, hidden)
         hqq_gemv(out[pair:pair + 1, 0].contiguous(), slots.experts[slot].w2, expected)
         assert torch.equal(down[pair], expected[0]), pair
+
+
+def test_outgrown_gemv_accumulators_stay_allocated_for_the_graphs_that_captured_them():
+    """A larger GEMV launch replaces the shared accumulators; a CUDA graph captured before (a smaller decode bucket)
+    still adds into the old buffer on every replay, so that buffer must never go back to the allocator."""
+    import gc
+    import weakref
+
+    from moe_offload.quant import kernels
+
+    device = torch.device("cpu")
+    kernels._accumulators(device, 1)
+    old = weakref.ref(kernels._ACCUMULATORS[device])
+    grown = kernels._accumulators(device, kernels._ACCUMULATORS[device].numel() + 1)
+    gc.collect()
+    assert old() is not None and old().data_ptr() != grown.data_ptr()

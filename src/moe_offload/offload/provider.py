@@ -50,6 +50,11 @@ from .store import ExpertStore
 PENDING_TIMINGS_LIMIT = 4096  # resolve finished timing events once this many are waiting
 
 
+class RoutingError(RuntimeError):
+    """A step's routing named an expert that does not exist: the router's logits were NaN (the fused route
+    kernel then returns id num_experts), i.e. the layer's input was already broken."""
+
+
 class OffloadedExperts:
     def __init__(self, store: ExpertStore, expert_format: ExpertFormat, slots: dict[int, int], device,
                  predictor: ExpertPredictor | None = None, measure_time: bool = False, cache_type=LayerCache,
@@ -153,6 +158,10 @@ class OffloadedExperts:
         (sorted), and the guesses for later layers."""
         pairs, guesses = self.copier.read(read)
         needed = sorted(set(pairs))
+        if needed and not 0 <= needed[0] <= needed[-1] < self.store.num_experts:     # ids already on the host: free
+            bad = needed[0] if needed[0] < 0 else needed[-1]
+            raise RoutingError(f"layer {layer}: the router chose expert id {bad}, outside 0..{self.store.num_experts - 1}: "
+                               f"its logits are not finite (NaN or inf reached this layer's input)")
         for distance, predicted in self.predictions.pop(layer, {}).items():
             self.stats.layers[layer].record_prediction(distance, predicted, needed)
         return pairs, needed, guesses

@@ -42,13 +42,21 @@ if AVAILABLE:
 
 
 _ACCUMULATORS: dict[torch.device, torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []     # accumulators a larger launch replaced: never freed (see _accumulators)
 
 
 def _accumulators(device: torch.device, count: int) -> torch.Tensor:
     """Zeroed uint64 accumulators (_add_partial), one per output value, that every GEMV leaves zeroed again.
-    Kernels that share them must run in order (one stream), as the model's matmuls do."""
+    Kernels that share them must run in order (one stream), as the model's matmuls do.
+
+    When a launch needs more, a larger buffer takes over, and the one it replaces is kept, never freed: a CUDA
+    graph captured earlier (a smaller decode bucket, step.py) holds its address and adds into it on every replay.
+    Freed, its memory would go to other tensors, and those replays would read their bytes as partial sums and
+    counts (rows never written, or garbage: NaN downstream) and zero them."""
     sums = _ACCUMULATORS.get(device)
     if sums is None or sums.numel() < count:
+        if sums is not None:
+            _OUTGROWN.append(sums)
         sums = _ACCUMULATORS[device] = torch.zeros(max(count, 1 << 16), dtype=torch.int64, device=device)
     return sums.view(torch.uint64)
 
