@@ -77,6 +77,64 @@ def test_replay_predictor_gives_recorded_ranking_for_one_token_and_votes_for_man
     assert lists(predictor.predict(1, torch.zeros(3, 8))) == {2: expected}
 
 
+def test_replay_router_gives_each_sequence_of_a_batch_its_own_stretch():
+    trace = hand_made_trace(tokens=10)
+    router = ReplayRouter(trace, "cpu", moe_layers=(0, 1, 2), sequences=3)
+    predictor = ReplayPredictor(trace, router, moe_layers=(0, 1, 2), depth=2, top_n=2)
+    router.place(0, 2)
+    router.place(2, 7)
+    router.prefilling(2)               # row 2's prompt, positions 0-3: trace tokens 7, 8, 9, then 0 (wrapped)
+    router.begin_forward(0, None, 1, 4)
+    assert torch.equal(router(1, torch.zeros(4, 4), 2, True)[1], trace.expert_ids[[7, 8, 9, 0], 1].long())
+    # decode: cache rows 2, 0 and 0 (a spare row repeating the first), at positions 4, 5, 5
+    router.begin_forward(torch.tensor([4, 5, 5]), torch.tensor([2, 0, 0]), 3, 1)
+    weights, ids = router(2, torch.zeros(3, 4), 2, True)
+    assert torch.equal(ids, trace.expert_ids[[1, 7, 7], 2].long())
+    assert torch.equal(weights, trace.expert_weights[[1, 7, 7], 2].float())
+    router.begin_forward(torch.tensor([3]), torch.tensor([0]), 1, 1)
+    assert predictor.predict(0, torch.zeros(1, 8))[1].tolist() == trace.predicted_ids[5, 0, 0, :2].tolist()
+
+
+def test_sequences_replayed_together_route_and_decode_as_each_replayed_alone():
+    """Different prompts and lengths, one joining mid-way: each sequence's logits in the batch are those it gets
+    decoded alone from the same trace offset, so every row read its own stretch of the trace."""
+    from moe_offload.bench.runner import Bench
+    from moe_offload.config import SamplingParams
+    from moe_offload.generate import Batch
+    from moe_offload.model import Transformer
+
+    trace = RoutingTrace.load(COMMITTED_TRACE)
+    ckpt = SyntheticCheckpoint.create("tiny", None, "cpu")
+    config = ckpt.config
+    weights = ckpt.dense_weights("cpu", torch.float32)
+    expert_format, expert_buffer = ckpt.expert_storage(torch.float32)
+    provider = resident_experts(config, expert_format, expert_buffer, "cpu", progress=lambda n: None)
+    prompts = [[5, 6, 7], [9, 8, 7, 6, 5], [11, 12]]
+    lengths = [6, 3, 5]
+    starts = [100, 2000, 3000]
+
+    def decode(rows, order):
+        router = ReplayRouter(trace, "cpu", config.moe_layers, sequences=rows)
+        batch = Batch(Transformer(config, weights, provider, router), KVCache.allocate(config, rows, 16, "cpu", torch.float32))
+        seen = {i: [] for i in order}
+        pending = list(order)
+        while pending or batch.busy:
+            if pending and (not batch.busy or pending[0] == 2 and len(seen[0]) >= 3 or pending[0] != 2):
+                i = pending.pop(0)
+                generation = batch.add(prompts[i], SamplingParams(max_new_tokens=lengths[i]),
+                                       watch=lambda logits, i=i: seen[i].append(logits.reshape(-1, logits.shape[-1])[-1].clone()))
+                router.place(generation.row, starts[i])
+            Bench.batch_step(batch, router)
+        return seen
+
+    together = decode(3, [0, 1, 2])
+    for i in range(3):
+        alone = decode(1, [i])[i]
+        assert len(alone) == len(together[i]) == lengths[i]
+        for a, b in zip(alone, together[i]):
+            assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
 def test_trace_file_round_trips_and_bad_files_are_one_line_errors(tmp_path):
     trace = hand_made_trace()
     trace.save(tmp_path / "t.safetensors")
@@ -283,16 +341,32 @@ def test_table2_markdown_puts_our_ratios_beside_the_papers():
     assert "2.00 (extrapolated) | 1.00" in next(line for line in lines if line.startswith("| transformers"))
 
 
+def concurrency_bench(capsys, budget: str, routing: str, counts: str, new_tokens: int) -> dict:
+    """`moe-offload bench --concurrency counts` on the tiny synthetic model, full mode only: the report."""
+    argv = ["bench", "--synthetic", "tiny", "--quant", "bf16", "--budget", budget, "--device", "cpu", "--routing", routing,
+            "--modes", "full", "--no-compute-only", "--no-resident", "--prompt-tokens", "6", "--new-tokens", str(new_tokens),
+            "--warmup-tokens", "2", "--repeats", "1", "--prefill-tokens", "20", "--prefill-repeats", "1",
+            "--concurrency", counts]
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
 def test_bench_concurrency_decodes_sequences_together_and_shares_their_expert_loads(tmp_path, capsys, one_cpu_thread):
     """With slots for (nearly) every expert, four sequences share each copy: fewer loads a token than one alone.
     (With few slots, four sequences' distinct experts evict one another's: more; the GPU runs report both.)"""
-    argv = ["bench", "--synthetic", "tiny", "--quant", "bf16", "--budget", "410MiB", "--device", "cpu", "--routing", "own",
-            "--modes", "full", "--no-compute-only", "--no-resident", "--prompt-tokens", "6", "--new-tokens", "6",
-            "--warmup-tokens", "2", "--repeats", "1", "--prefill-tokens", "20", "--prefill-repeats", "1",
-            "--concurrency", "1,4"]
-    assert main(argv) == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = concurrency_bench(capsys, "410MiB", "own", "1,4", new_tokens=6)
     by_count = {e["concurrency"]: e for e in report["results"] if "concurrency" in e}
     assert set(by_count) == {1, 4} and all(e["status"] == "ok" for e in by_count.values())
     assert all(e["decode_tokens_per_s"] > 0 and e["inter_token_p99_s"] >= e["inter_token_p50_s"] > 0 for e in by_count.values())
     assert by_count[4]["loads_per_token"] < by_count[1]["loads_per_token"]     # four sequences share each copy
+
+
+def test_bench_concurrency_replays_routing_and_times_a_prompt_joining(tmp_path, capsys, one_cpu_thread):
+    report = concurrency_bench(capsys, "396MiB", "replay", "2", new_tokens=4)
+    entry = next(e for e in report["results"] if "concurrency" in e)
+    assert entry["status"] == "ok" and entry["routing"] == "replay" and entry["join_status"] == "ok", entry
+    assert 0 < entry["hit_rate"] < 1 and entry["loads_per_token"] > 0       # replayed routing moves experts
+    assert entry["join_windows"] == 1 and entry["join_window_steps"] == 1     # 20 tokens: one chunk a join
+    assert entry["join_inter_token_p99_s"] >= entry["join_inter_token_p50_s"] > 0
+    assert entry["steady_inter_token_p99_s"] >= entry["steady_inter_token_p50_s"] > 0
+    assert entry["join_p99_over_steady_p50"] > 0

@@ -235,6 +235,7 @@ class Transformer:
     def __init__(self, config: ModelConfig, weights: ModelWeights, provider: ExpertProvider, router=None, pairs=None):
         # router(layer, logits (T, E), top_k, renormalize) -> (weights, ids); benchmarks replace it
         # to replay recorded routing (bench/routing.py); everything else keeps the config's (`route`).
+        # A router with begin_forward(start_pos, rows, batch, length) is told each forward's positions and cache rows.
         # pairs(layer, ids, x, residual) -> each (token, choice) pair's expert output; training replaces it
         # to stream the experts again in backward (train.py); everything else keeps `pair_outputs`.
         self.config = config
@@ -263,6 +264,9 @@ class Transformer:
             positions = torch.arange(start_pos, start_pos + length, device=tokens.device)
             rope = cache.rope[0][positions], cache.rope[1][positions]
             mask = self._attention_mask(positions, start_pos + length, cfg.sliding_window)
+        begin = getattr(self.router, "begin_forward", None)
+        if begin is not None:       # a router that replays each sequence's own choices learns where its tokens are
+            begin(start_pos, rows, batch, length)
         h = w.embed[tokens]
         with sdpa_kernel(ATTENTION_BACKENDS):
             for index in range(len(w.layers)):

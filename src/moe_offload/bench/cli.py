@@ -96,7 +96,8 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--cpu-memory", default=d["cpu_memory"],
                        help="host RAM for experts, e.g. 11GiB; the rest is memory-mapped from disk (default: all in RAM)")
     bench.add_argument("--concurrency", default="", metavar="N,N,...",
-                       help="also decode N sequences at once (continuous batching, own routing), e.g. 1,4,16,32")
+                       help="also decode N sequences at once (continuous batching, full mode, each --routing; replayed: each "
+                            "sequence its own stretch of the trace), then a --prefill-tokens prompt joins them; e.g. 1,4,16,32")
     bench.add_argument("--no-resident", dest="resident", action="store_false",
                        help="skip the row with every expert on the device (no offloading, no budget)")
     bench.add_argument("--no-compute-only", dest="compute_only", action="store_false",

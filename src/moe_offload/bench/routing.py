@@ -8,7 +8,8 @@ made on real text (compute and copies stay real; only the choice of experts is r
     trace = record_routing("fixtures/reference-moe-32l", "eval-networkx.txt", tokens=3072)
     trace.save("benchmarks/traces/reference-moe-32l.safetensors")
     trace = RoutingTrace.load("benchmarks/traces/reference-moe-32l.safetensors")
-    router = ReplayRouter(trace, device)                       # Transformer(..., router=router)
+    router = ReplayRouter(trace, device, moe_layers)           # Transformer(..., router=router): one sequence
+    router = ReplayRouter(trace, device, moe_layers, sequences=rows)   # a batch: router.place(row, token) each
     predictor = ReplayPredictor(trace, router, depth=1, top_n=2)   # the offload provider's predictor
 
 Trace file format (version 1): one safetensors file, tensors
@@ -196,13 +197,22 @@ def record_routing(model_dir, text_file, tokens: int, window: int = RECORD_WINDO
 class ReplayRouter:
     """A `Transformer` router that returns the recorded choices instead of the model's own.
 
-    Forward i covers trace tokens [start, start + T): each forward advances by its token count,
-    wrapping to the trace's beginning when the next forward would run past its end. `seek(p)`
-    places the next forward at token p. Choices are indexed by MoE layer order. The position lives on
-    the device and advances there, so a captured CUDA graph replays the trace token after token.
+    One sequence (the default): forward i covers trace tokens [start, start + T): each forward advances by its
+    token count, wrapping to the trace's beginning when the next forward would run past its end. `seek(p)`
+    places the next forward at token p.
+
+    Several sequences (`sequences`: the KV cache's rows): each sequence replays its own stretch. `place(row, p)`
+    makes the sequence in cache row `row` read trace token (p + position) mod the trace's length for its token at
+    `position`, in prefill and in decode; `prefilling(row)` says whose prompt the next prefill forwards carry
+    (a cache-row view gives no row). The model tells the router each forward's positions and cache rows
+    (`begin_forward`); in decode they are device tensors, so the trace tokens of every row are looked up on the
+    device and a captured CUDA graph replays each row's own trace, token after token, wherever it sits.
+
+    Choices are indexed by MoE layer order. The position lives on the device and advances there, so a
+    captured CUDA graph replays the trace token after token.
     """
 
-    def __init__(self, trace: RoutingTrace, device, moe_layers: tuple[int, ...]):
+    def __init__(self, trace: RoutingTrace, device, moe_layers: tuple[int, ...], sequences: int = 0):
         self.ids = trace.expert_ids.to(device=device, dtype=torch.int64)
         self.weights = trace.expert_weights.to(device=device, dtype=torch.float32)
         self.num_tokens = trace.num_tokens
@@ -210,24 +220,58 @@ class ReplayRouter:
         self.position = {layer: i for i, layer in enumerate(moe_layers)}
         self.start = torch.zeros((), dtype=torch.int64, device=device)       # first trace token of the current forward
         self.next_start = torch.zeros((), dtype=torch.int64, device=device)
+        # several sequences: each cache row's first trace token, and the trace tokens of the current forward
+        self.offsets = torch.zeros(sequences, dtype=torch.int64, device=device) if sequences else None
+        self.prefill_row = 0
+        self.current: torch.Tensor | None = None
 
     def seek(self, token: int) -> None:
         self.next_start.fill_(token % self.num_tokens)
 
+    def place(self, row: int, token: int) -> None:
+        """Several sequences: the one in cache row `row` reads trace token (token + position) mod length."""
+        self.offsets[row].fill_(token % self.num_tokens)
+
+    def prefilling(self, row: int) -> None:
+        """Several sequences: the prompt chunks forwarded next belong to the sequence in cache row `row`."""
+        self.prefill_row = row
+
+    def begin_forward(self, start_pos: int | torch.Tensor, rows: torch.Tensor | None, batch: int, length: int) -> None:
+        """Called by the model before each forward; with several sequences, finds the forward's trace tokens."""
+        if self.offsets is None:
+            return
+        self._check_length(batch * length)
+        if isinstance(start_pos, torch.Tensor):          # decode: row b's token at start_pos[b], in cache row rows[b]
+            self.current = (self.offsets[rows] + start_pos) % self.num_tokens
+            return
+        offsets = self.offsets[self.prefill_row:self.prefill_row + 1] if batch == 1 else self.offsets[:batch]
+        steps = torch.arange(start_pos, start_pos + length, device=offsets.device)
+        self.current = ((offsets[:, None] + steps[None, :]) % self.num_tokens).flatten()
+
     def rows(self, length: int) -> torch.Tensor:
         """The trace rows of the current forward's `length` tokens, on the device."""
+        if self.offsets is not None:
+            return self.current
         return self.start + torch.arange(length, device=self.start.device)
 
-    def __call__(self, layer, logits, top_k, renormalize):
-        length = logits.shape[0]
+    def _check_length(self, length: int) -> None:
         if length > self.num_tokens:
             raise UserError(f"a forward of {length} tokens is longer than the routing trace ({self.num_tokens} tokens); "
                             f"record a longer trace or use a shorter prompt")
-        if layer == self.first_layer:
-            fits = self.next_start + length <= self.num_tokens
-            self.start.copy_(torch.where(fits, self.next_start, torch.zeros_like(self.next_start)))
-            self.next_start.copy_(self.start + length)
-        rows = self.rows(length)
+
+    def __call__(self, layer, logits, top_k, renormalize):
+        length = logits.shape[0]
+        if self.offsets is not None:
+            if self.current is None or self.current.shape[0] != length:
+                raise RuntimeError("a replay of several sequences needs the model's begin_forward before routing")
+            rows = self.current
+        else:
+            self._check_length(length)
+            if layer == self.first_layer:
+                fits = self.next_start + length <= self.num_tokens
+                self.start.copy_(torch.where(fits, self.next_start, torch.zeros_like(self.next_start)))
+                self.next_start.copy_(self.start + length)
+            rows = self.rows(length)
         column = self.position[layer]
         return self.weights[rows, column], self.ids[rows, column]
 

@@ -50,7 +50,7 @@ from ..config import ModelConfig, OffloadConfig, QuantConfig, SamplingParams
 from ..engine import cpu_experts, expert_storage, resident_experts, resolve_device
 from ..errors import UserError
 from ..experts import ExpertFormat
-from ..generate import PREFILL_CHUNK, Batch, generate, prefill, sample
+from ..generate import INTERLEAVED_PREFILL_CHUNK, PREFILL_CHUNK, Batch, generate, prefill, sample
 from ..model import KVCache, Transformer, own_routing
 from ..offload.cache import ForgetfulCache, LayerCache
 from ..offload.planner import cpu_tier_bytes, make_plan, parse_size, workspace_bytes
@@ -99,6 +99,14 @@ class BenchSettings:
 
 def parse_quant(text: str) -> QuantConfig | None:
     return None if text in ("bf16", "none") else QuantConfig.parse(text)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-quantile of values (the nearest rank below), None for none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def fixed_routing(layer, logits, top_k, renormalize):
@@ -323,9 +331,10 @@ class Bench:
                 entry = {**common, "budget": budget_text, "routing": "fixed (experts 0..k-1: every use a hit)", "mode": "compute-only"}
                 self.add(self.measure(entry, config, weights, store, expert_format, plan, context, budget, compute_only=True))
             for sequences in self.s.concurrency:
-                if not self.out_of_time():
-                    self.add(self.measure_batch(common, config, weights, store, expert_format, dense_bytes, budget_text,
-                                                budget, sequences))
+                for routing in self.s.routings:
+                    if not self.out_of_time():
+                        self.add(self.measure_batch(common, config, weights, store, expert_format, dense_bytes,
+                                                    budget_text, budget, sequences, routing))
         if self.s.resident and not self.out_of_time():
             for routing in self.s.routings:
                 entry = {**common, "budget": "none (every expert on the device)", "routing": routing, "mode": "resident"}
@@ -356,13 +365,14 @@ class Bench:
     # -- one entry ---------------------------------------------------------------------------
 
     def build(self, config: ModelConfig, weights, store, expert_format: ExpertFormat, plan, routing: str, mode: str,
-              cpu: str = "off"):
+              cpu: str = "off", sequences: int = 0):
+        """`sequences`: a batch of that many cache rows, each replaying its own stretch of the trace (ReplayRouter)."""
         s = self.s
         top_n = config.top_k if s.prefetch_experts is None else s.prefetch_experts
         router, predictor = own_routing, None
         if routing == "replay":
             self.trace.check_fits(len(config.moe_layers), config.num_experts, config.top_k)
-            router = ReplayRouter(self.trace, self.device, config.moe_layers)
+            router = ReplayRouter(self.trace, self.device, config.moe_layers, sequences=sequences)
             if mode == "full" and top_n:    # replayed guesses, at the real predictor's cost
                 gate = GatePredictor(config, weights.layers, s.prefetch_depth, top_n)
                 predictor = ReplayPredictor(self.trace, router, config.moe_layers, s.prefetch_depth, top_n, costs_as=gate)
@@ -434,56 +444,176 @@ class Bench:
         return entry
 
     def measure_batch(self, common, config, weights, store, expert_format, dense_bytes, budget_text, budget,
-                      sequences: int) -> dict:
-        """`sequences` generations at once (generate.Batch), the full algorithm, the weights' own routing: aggregate
-        and per-sequence decode tokens/s once all run, inter-token latency (a step's time: every running sequence
-        gets one token) and expert loads per generated token, which sharing should lower as the batch grows."""
+                      sequences: int, routing: str = "own") -> dict:
+        """`sequences` generations at once (generate.Batch), the full algorithm: aggregate and per-sequence decode
+        tokens/s once all run, inter-token latency (a step's time: every running sequence gets one token) and expert
+        loads per generated token, which sharing should lower as the batch grows. Replayed routing: each sequence
+        replays its own stretch of the trace (starts spread evenly over it). Then, with `prefill_tokens`, a prompt
+        of that many tokens joins the running sequences (measure_join)."""
         s, device = self.s, self.device
-        entry = {**common, "budget": budget_text, "routing": "own", "mode": "full", "concurrency": sequences}
-        label = f"[{entry['quant']} @ {budget_text}] {sequences} sequences at once"
+        entry = {**common, "budget": budget_text, "routing": routing, "mode": "full", "concurrency": sequences}
+        label = f"[{entry['quant']} @ {budget_text}] {sequences} sequences at once, {routing} routing"
         context = s.prompt_tokens + s.new_tokens + 2
         try:
-            plan = make_plan(config, expert_format.nbytes, dense_bytes, KVCache.nbytes(config, sequences, context, self.dtype),
-                             context, workspace_bytes(config, min(PREFILL_CHUNK, context), context, self.dtype.itemsize),
-                             budget, max_batch=sequences)
+            plan = self.batch_plan(config, expert_format, dense_bytes, sequences, context, budget)
         except UserError as e:
             self.log(f"{label}: does not fit: {e}")
             return {**entry, "status": "does not fit", "error": str(e)}
         self.log(f"{label} ...")
+        try:
+            entry.update(self.decode_batch(config, weights, store, expert_format, plan, context, sequences, routing))
+            entry["status"] = "ok"
+        except UserError:
+            raise
+        except Exception as e:      # one broken entry must not cost the rest of a GPU run; it is reported as failed
+            entry.update(status="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                         traceback=traceback.format_exc().splitlines()[-12:])
+            self.log(f"{label}: failed: {entry['error']}")
+            return entry
+        self.log(f"{label}: {entry['decode_tokens_per_s']:.1f} tokens/s together, {entry['loads_per_token']:.2f} loads "
+                 f"a token, inter-token p50 {1e3 * entry['inter_token_p50_s']:.1f} ms")
+        if s.prefill_tokens and not self.out_of_time():
+            entry.update(self.measure_join(label, config, weights, store, expert_format, dense_bytes, budget, sequences,
+                                           routing))
+        return entry
+
+    def batch_plan(self, config, expert_format, dense_bytes, rows: int, context: int, budget):
+        return make_plan(config, expert_format.nbytes, dense_bytes, KVCache.nbytes(config, rows, context, self.dtype),
+                         context, workspace_bytes(config, min(PREFILL_CHUNK, context), context, self.dtype.itemsize),
+                         budget, max_batch=rows)
+
+    def batch_model(self, config, weights, store, expert_format, plan, rows: int, context: int, routing: str):
         gc.collect()
         self.empty_cache()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        model, provider, _ = self.build(config, weights, store, expert_format, plan, "own", "full")
-        cache = KVCache.allocate(config, sequences, context, device, self.dtype)
-        batch = Batch(model, cache)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        model, provider, router = self.build(config, weights, store, expert_format, plan, routing, "full", sequences=rows)
+        cache = KVCache.allocate(config, rows, context, self.device, self.dtype)
+        return model, provider, router, Batch(model, cache)
+
+    @staticmethod
+    def join(batch: Batch, router, prompt: list[int], params: SamplingParams, trace_start: int):
+        """batch.add, the newcomer replaying the trace from `trace_start` (replayed routing)."""
+        generation = batch.add(prompt, params)
+        if isinstance(router, ReplayRouter):
+            router.place(generation.row, trace_start)
+        return generation
+
+    @staticmethod
+    def batch_step(batch: Batch, router) -> list:
+        """batch.step, telling a replaying router whose prompt a prefill chunk of this step carries."""
+        if batch.prefilling and isinstance(router, ReplayRouter):
+            router.prefilling(batch.prefilling[0].row)
+        return batch.step()
+
+    def decode_batch(self, config, weights, store, expert_format, plan, context, sequences, routing) -> dict:
+        s, device = self.s, self.device
+        model, provider, router, batch = self.batch_model(config, weights, store, expert_format, plan, sequences,
+                                                          context, routing)
+        trace_tokens = self.trace.num_tokens if isinstance(router, ReplayRouter) else 1
         generator = torch.Generator().manual_seed(s.seed + sequences)
+        added = 0
         for tokens in (s.warmup_tokens, s.new_tokens):          # the first round warms up (and captures graphs)
             for _ in range(sequences):
                 prompt = torch.randint(3, config.vocab_size, (s.prompt_tokens,), generator=generator).tolist()
-                batch.add(prompt, SamplingParams(max_new_tokens=tokens))
+                self.join(batch, router, prompt, SamplingParams(max_new_tokens=tokens),
+                          added * trace_tokens // (2 * sequences))
+                added += 1
             while batch.prefilling:
-                batch.step()
+                self.batch_step(batch, router)
             provider.summary()
             provider.stats.reset()
             step_seconds, produced = [], 0
             while batch.busy:
                 sync(device)
                 started = time.perf_counter()
-                produced += len(batch.step())
+                produced += len(self.batch_step(batch, router))
                 step_seconds.append(time.perf_counter() - started)
         seconds = sum(step_seconds)
         stats = provider.summary()
-        step_seconds.sort()
-        entry.update(status="ok", decode_tokens_per_s=produced / seconds, per_sequence_tokens_per_s=produced / seconds / sequences,
-                     inter_token_p50_s=step_seconds[len(step_seconds) // 2],
-                     inter_token_p99_s=step_seconds[min(len(step_seconds) - 1, int(0.99 * len(step_seconds)))],
-                     loads_per_token=stats["loads"] / max(produced, 1), hit_rate=stats["hit_rate"],
-                     cuda_graphs=batch.decode_step.capturable,
-                     peak_gpu_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
-        self.log(f"{label}: {entry['decode_tokens_per_s']:.1f} tokens/s together, {entry['loads_per_token']:.2f} loads "
-                 f"a token, inter-token p50 {1e3 * entry['inter_token_p50_s']:.1f} ms")
-        return entry
+        return dict(decode_tokens_per_s=produced / seconds, per_sequence_tokens_per_s=produced / seconds / sequences,
+                    inter_token_p50_s=percentile(step_seconds, 0.5), inter_token_p99_s=percentile(step_seconds, 0.99),
+                    loads_per_token=stats["loads"] / max(produced, 1), hit_rate=stats["hit_rate"],
+                    slots_per_layer=sorted(set(plan.slots.values())), cuda_graphs=batch.decode_step.capturable,
+                    peak_gpu_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+
+    def measure_join(self, label, config, weights, store, expert_format, dense_bytes, budget, sequences, routing) -> dict:
+        """Once `sequences` generations decode, a prompt of `prefill_tokens` joins (prefilled a chunk a step between
+        their decode steps, generate.Batch), `1 + prefill_repeats` times, the first a warm-up: the running streams'
+        inter-token latency (the time between two steps' ends: each running stream gets a token a step) while the
+        prompt prefills ("window"), and outside it. Its own cache (one more row, room for the prompt) and plan."""
+        s, device = self.s, self.device
+        gap = 8                               # steps between joins, outside the window
+        window = -(-s.prefill_tokens // INTERLEAVED_PREFILL_CHUNK)
+        joins = 1 + s.prefill_repeats
+        new_tokens = sequences + 4 + joins * (window + gap) + gap
+        context = max(s.prompt_tokens + new_tokens, s.prefill_tokens) + 2
+        rows = sequences + 1
+        try:
+            plan = self.batch_plan(config, expert_format, dense_bytes, rows, context, budget)
+        except UserError as e:
+            self.log(f"{label}, a {s.prefill_tokens}-token prompt joining: does not fit: {e}")
+            return {"join_status": "does not fit", "join_error": str(e)}
+        self.log(f"{label}, a {s.prefill_tokens}-token prompt joining ...")
+        try:
+            model, provider, router, batch = self.batch_model(config, weights, store, expert_format, plan, rows, context,
+                                                              routing)
+            trace_tokens = self.trace.num_tokens if isinstance(router, ReplayRouter) else 1
+            generator = torch.Generator().manual_seed(s.seed + 7 * sequences + 1)
+            for index in range(sequences):
+                prompt = torch.randint(3, config.vocab_size, (s.prompt_tokens,), generator=generator).tolist()
+                self.join(batch, router, prompt, SamplingParams(max_new_tokens=new_tokens),
+                          index * trace_tokens // (sequences + joins))
+            while batch.prefilling:
+                self.batch_step(batch, router)
+            for _ in range(3):           # the full bucket: eager, captured, replayed
+                self.batch_step(batch, router)
+            inside, outside = [], []
+
+            def timed_step(last: float) -> float:
+                in_window = bool(batch.prefilling)
+                self.batch_step(batch, router)
+                sync(device)
+                now = time.perf_counter()
+                if counted or not in_window:
+                    (inside if in_window else outside).append(now - last)
+                return now
+
+            sync(device)
+            last = time.perf_counter()
+            for number in range(joins):
+                counted = number > 0
+                for _ in range(gap):
+                    last = timed_step(last)
+                prompt = torch.randint(3, config.vocab_size, (s.prefill_tokens,), generator=generator).tolist()
+                joiner = self.join(batch, router, prompt, SamplingParams(max_new_tokens=1),     # leaves at once
+                                   (sequences + number) * trace_tokens // (sequences + joins))
+                while not joiner.done:
+                    last = timed_step(last)
+            for _ in range(gap):
+                last = timed_step(last)
+            if len(batch.running) != sequences:
+                raise RuntimeError(f"{len(batch.running)} streams ran to the end of the join measurement, not {sequences}")
+        except UserError:
+            raise
+        except Exception as e:
+            self.log(f"{label}, joining: failed: {type(e).__name__}: {e}")
+            return {"join_status": "failed", "join_error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                    "join_traceback": traceback.format_exc().splitlines()[-12:]}
+        out = {"join_status": "ok", "join_prefill_tokens": s.prefill_tokens, "join_windows": joins - 1,
+               "join_window_steps": len(inside), "join_inter_token_p50_s": percentile(inside, 0.5),
+               "join_inter_token_p99_s": percentile(inside, 0.99), "steady_inter_token_p50_s": percentile(outside, 0.5),
+               "steady_inter_token_p99_s": percentile(outside, 0.99),
+               "join_slots_per_layer": sorted(set(plan.slots.values())),
+               "join_kv_gib": KVCache.nbytes(config, rows, context, self.dtype) / 2**30}
+        out["join_p99_over_steady_p50"] = (out["join_inter_token_p99_s"] / out["steady_inter_token_p50_s"]
+                                           if inside and outside else None)
+        if inside and outside:
+            self.log(f"{label}, a {s.prefill_tokens}-token prompt joining: inter-token p50 "
+                     f"{1e3 * out['join_inter_token_p50_s']:.1f} ms, p99 {1e3 * out['join_inter_token_p99_s']:.1f} ms "
+                     f"while it prefills; {1e3 * out['steady_inter_token_p50_s']:.1f} ms p50 otherwise "
+                     f"(p99 / that: {out['join_p99_over_steady_p50']:.2f})")
+        return out
 
     def decode(self, model, step, provider, router, cache, config) -> dict:
         s, device = self.s, self.device
