@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
 
 import torch
@@ -31,45 +30,23 @@ import torch.nn.functional as F
 from moe_offload.experts import ExpertBatch, ExpertSlots, slot_stride
 from moe_offload.quant.kernel_mxfp4 import DEFAULT_CONFIG, MXFP4Config, _sm_count, mxfp4_gemv, splits_for
 from moe_offload.quant.mxfp4 import MXFP4ExpertFormat, MXFP4Weight
+from quant_kernels import graph_us, measured_bandwidth     # benchmarks/ is the script's folder
 
 HIDDEN, FFN, EXPERTS, TOP_K = 2880, 2880, 128, 4      # gpt-oss-120b
 DEVICE = "cuda"
 TARGET = 0.60         # of the measured memory bandwidth, at batch 1 (issue 31)
 COPIES = 24           # 24 x 4.4 MB > the 50-60 MB L2 of an H100/H200
-REPLAYS, WINDOWS = 20, 5
 
 
 def graph_time_us(calls) -> float:
-    """Median time of one call, the calls (each on its own copy) replayed as one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    for _ in range(5):
-        graph.replay()
-    times = []
-    for _ in range(WINDOWS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(REPLAYS):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / REPLAYS / len(calls))
-    return statistics.median(times)
+    """Median microseconds of one call, the calls (each on its own copy) replayed as one CUDA graph (quant_kernels.py's
+    timing: warm-up, then WINDOWS windows of REPLAYS replays)."""
+    return graph_us(lambda call: call(), calls)
 
 
 def copy_bandwidth() -> float:
     """GB/s of a 1 GiB device-to-device copy, read plus written bytes."""
-    a = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
-    b = torch.empty_like(a)
-    return 2 * a.numel() / graph_time_us([lambda: b.copy_(a)]) / 1e3
+    return measured_bandwidth() / 1e9
 
 
 def random_weights(n: int, k: int, copies: int) -> list[MXFP4Weight]:
