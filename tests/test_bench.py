@@ -370,3 +370,23 @@ def test_bench_concurrency_replays_routing_and_times_a_prompt_joining(tmp_path, 
     assert entry["join_inter_token_p99_s"] >= entry["join_inter_token_p50_s"] > 0
     assert entry["steady_inter_token_p99_s"] >= entry["steady_inter_token_p50_s"] > 0
     assert entry["join_p99_over_steady_p50"] > 0
+
+
+def test_bench_runs_the_synthetic_gpt_oss_with_its_experts_in_mxfp4_as_published_or_in_hqq(capsys, one_cpu_thread):
+    """gpt-oss-tiny: gpt-oss-120b's structure (sinks, biases, clamped SwiGLU, alternating layers) at toy widths;
+    --quant mxfp4 keeps the experts MXFP4 (4.25 bits a weight, biases in bf16/fp32), 4/2 converts them to HQQ."""
+    from moe_offload.bench.synthetic import SYNTHETIC_SHAPES, SyntheticCheckpoint
+    from moe_offload.quant.mxfp4 import MXFP4ExpertFormat
+
+    big = SYNTHETIC_SHAPES["gpt-oss-120b"]
+    assert (big.hidden_size, big.expert_ffn, big.num_experts, big.top_k, big.num_layers) == (2880, 2880, 128, 4, 36)
+    fmt, buffer = SyntheticCheckpoint.create("gpt-oss-120b", None, "cpu").expert_storage(torch.bfloat16)
+    assert isinstance(fmt, MXFP4ExpertFormat) and fmt.nbytes == 13_236_480     # the planner tests' expert bytes
+    argv = ["bench", "--synthetic", "gpt-oss-tiny", "--quant", "mxfp4,4/2", "--budget", "396MiB", "--device", "cpu",
+            "--routing", "own", "--modes", "full", "--prompt-tokens", "6", "--new-tokens", "4", "--warmup-tokens", "2",
+            "--repeats", "1", "--prefill-tokens", "20", "--prefill-repeats", "1", "--no-compute-only", "--no-resident"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    entries = {e["quant"]: e for e in report["results"]}
+    assert all(e["status"] == "ok" and e["decode_tokens_per_s"] > 0 for e in entries.values()), entries
+    assert entries["mxfp4"]["expert_mib"] < entries["4/2"]["expert_mib"] * 2.5       # 4.25 bits vs ~2.5 + biases

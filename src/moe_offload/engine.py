@@ -77,8 +77,11 @@ def expert_storage(ckpt: Checkpoint, dtype: torch.dtype,
         return ckpt.expert_storage(dtype)
     cfg = ckpt.config
     # MXFP4 experts (gpt-oss as published) stay MXFP4: 4.25 bits a weight over the link; --quant converts them
-    expert_class = MXFP4ExpertFormat if ckpt.mxfp4_experts else DenseExpertFormat
-    expert_format = expert_class(cfg.hidden_size, cfg.expert_ffn, dtype, cfg.expert_bias)
+    if ckpt.mxfp4_experts:
+        expert_format = MXFP4ExpertFormat(cfg.hidden_size, cfg.expert_ffn, dtype, cfg.expert_bias,
+                                          swiglu=(cfg.swiglu_alpha, cfg.swiglu_limit))
+    else:
+        expert_format = DenseExpertFormat(cfg.hidden_size, cfg.expert_ffn, dtype, cfg.expert_bias)
     if adapters is not None and merges_experts(expert_format):
         return expert_format, lambda layer, expert_id: expert_format.pack(
             adapters.merged_expert(layer, expert_id, ckpt.expert(layer, expert_id)))

@@ -98,7 +98,9 @@ class BenchSettings:
 
 
 def parse_quant(text: str) -> QuantConfig | None:
-    return None if text in ("bf16", "none") else QuantConfig.parse(text)
+    """"A/E", or no quantization: "bf16", "none", or "mxfp4" (the same: experts published in MXFP4, gpt-oss's,
+    stay MXFP4 without expert bits; the name says so in a report)."""
+    return None if text in ("bf16", "none", "mxfp4") else QuantConfig.parse(text)
 
 
 def percentile(values: list[float], q: float) -> float | None:

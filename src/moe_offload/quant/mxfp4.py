@@ -11,7 +11,10 @@ a byte with the even column in the low nibble: the byte layout of the hub's `*_b
 
 Quantizing values that are already MXFP4 (a published checkpoint, read and dequantized by checkpoint.py) gives
 them back exactly: a group's largest code times its power of two fixes the same grid. `MXFP4Weight.linear`
-is the slow twin (dequantize, then matmul); a GPU dequant-GEMV kernel is not written yet.
+is the slow twin (dequantize, then matmul) and what runs off CUDA; on CUDA with Triton, up to 8 rows of x run the
+dequantize-and-multiply GEMV of kernel_mxfp4.py. With the SwiGLU it serves (`swiglu`: gpt-oss's clamped one),
+MXFP4ExpertFormat runs a decode step's experts grouped, one launch for w1 and w3 of every pair and one for w2, the
+biases added in the kernel.
 """
 
 from __future__ import annotations
@@ -66,14 +69,24 @@ class MXFP4Weight:
         return dequantize(self.codes, self.scales, dtype)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and not x.requires_grad:
+            from . import kernel_mxfp4
+            if kernel_mxfp4.AVAILABLE:
+                return kernel_mxfp4.mxfp4_linear(x, self)
         return F.linear(x, self.dequantize(x.dtype))
 
 
 class MXFP4ExpertFormat:
     """experts.ExpertFormat: w1, w2, w3 as MXFP4 codes and scales, then (with `biases`) their biases in `dtype`,
-    in one buffer. Widths must be multiples of 32 (gpt-oss: 2880)."""
+    in one buffer. Widths must be multiples of 32 (gpt-oss: 2880).
 
-    def __init__(self, hidden_size: int, expert_ffn: int, dtype: torch.dtype, biases: bool = False):
+    `swiglu` (alpha, limit) is the expert's activation as the model computes it (model.clamped_swiglu; limit 0:
+    plain SwiGLU): given, a decode step on CUDA runs grouped (grouped_swiglu); None, every expert runs on its own
+    through the model's own mlp."""
+
+    def __init__(self, hidden_size: int, expert_ffn: int, dtype: torch.dtype, biases: bool = False,
+                 swiglu: tuple[float, float] | None = None):
+        self.swiglu = swiglu
         shapes = ((expert_ffn, hidden_size), (hidden_size, expert_ffn), (expert_ffn, hidden_size))
         if hidden_size % GROUP or expert_ffn % GROUP:
             raise ValueError(f"MXFP4 needs widths that are multiples of {GROUP}, got {hidden_size} and {expert_ffn}")
@@ -94,7 +107,49 @@ class MXFP4ExpertFormat:
         return with_biases([MXFP4Weight(*views[i:i + 2]) for i in range(0, 6, 2)], views[6:])
 
     def runs_grouped(self, x: torch.Tensor, top_k: int) -> bool:
-        return False
+        """A decode step's tokens (at most weight.GROUPED_TOKENS) on CUDA with Triton, the activation known."""
+        from .weight import GROUPED_TOKENS
+        if self.swiglu is None or not (x.is_cuda and x.shape[0] <= GROUPED_TOKENS):
+            return False
+        from . import kernel_mxfp4
+        return kernel_mxfp4.AVAILABLE
 
-    def grouped_swiglu(self, batch, x, top_k):
-        raise NotImplementedError("MXFP4 experts run one expert at a time (no grouped GEMV kernel yet)")
+    def grouped_swiglu(self, batch, x: torch.Tensor, top_k: int) -> torch.Tensor:
+        """Every pair of the batch at once: one launch for w1 and w3 of all of them (biases added in the kernel),
+        the activation, one launch for w2."""
+        from .kernel_mxfp4 import mxfp4_grouped_gemv
+        weights, biases = split_biases(batch.experts[0])    # slot 0's: the base the slot table moves from
+        w1, w2, _ = weights
+        b1, b2, _ = biases or (None, None, None)
+        ffn, hidden = w1.shape
+        pairs = batch.slots.shape[0]
+        stride = batch.memory.stride(0)
+        x = x.contiguous()
+        gate_up = torch.empty((pairs, 2, ffn), device=x.device, dtype=x.dtype)
+        mxfp4_grouped_gemv(x, w1, batch.slots, gate_up, stride, bias=b1, matrices=2, matrix_stride=self.w3_offset,
+                           bias_matrix_stride=self.b3_offset, x_per_row=top_k)
+        activations = swiglu_activation(gate_up[:, 0], gate_up[:, 1], *self.swiglu).contiguous()
+        out = torch.empty((pairs, hidden), device=x.device, dtype=x.dtype)
+        mxfp4_grouped_gemv(activations, w2, batch.slots, out, stride, bias=b2)
+        return out
+
+    @property
+    def w3_offset(self) -> int:
+        """Bytes from w1's codes (and scales) to w3's."""
+        w1_codes, w1_scales, _, _, w3_codes, w3_scales = self.slots[:6]
+        assert w3_codes.offset - w1_codes.offset == w3_scales.offset - w1_scales.offset
+        return w3_codes.offset - w1_codes.offset
+
+    @property
+    def b3_offset(self) -> int:
+        """Bytes from w1's bias to w3's (0 without biases)."""
+        return self.slots[8].offset - self.slots[6].offset if len(self.slots) > 6 else 0
+
+
+def swiglu_activation(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """The products of w1 and w3 -> the input of w2, as model.swiglu (limit 0) and model.clamped_swiglu compute it."""
+    if not limit:
+        return F.silu(gate) * up
+    gate = gate.clamp(max=limit)
+    up = up.clamp(-limit, limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
