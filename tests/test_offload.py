@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moe_offload.cli import main
-from moe_offload.config import RuntimeConfig
+from moe_offload.config import QuantConfig, RuntimeConfig
 from moe_offload.engine import Engine, expert_storage
 from moe_offload.checkpoint import Checkpoint
 from moe_offload.errors import UserError
@@ -137,14 +137,20 @@ def test_store_names_the_folder_it_cannot_write(tmp_path):
 # ---- offloaded vs resident: bit-identical logits and greedy tokens ----------------------------
 
 class Fixture:
-    """A resident engine, a host store of its experts, and the resident model's greedy logits."""
+    """A resident engine, a host store of its experts, and the resident model's greedy logits. `quant` ("4/2"):
+    the model HQQ-quantized on load, and the store holds the resident model's own packed experts."""
 
-    def __init__(self, folder, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, folder, device: str = "cpu", dtype: torch.dtype = torch.float32, quant: str | None = None):
         self.device = device
-        self.engine = Engine.load(RuntimeConfig(model=folder, device=device, dtype=str(dtype).removeprefix("torch.")),
-                                  progress=False)
+        self.engine = Engine.load(RuntimeConfig(model=folder, device=device, dtype=str(dtype).removeprefix("torch."),
+                                                quant=QuantConfig.parse(quant) if quant else None), progress=False)
         config = self.engine.config
-        self.format, buffer = expert_storage(Checkpoint.open(folder), dtype)
+        if quant is None:
+            self.format, buffer = expert_storage(Checkpoint.open(folder), dtype)
+        else:                 # the resident slots' bytes: quantizing the checkpoint again would take seconds
+            resident = self.engine.model.provider
+            self.format = resident.expert_format
+            buffer = lambda layer, e: resident.slots_by_layer[layer].memory[e, :self.format.nbytes]
         # half the experts in (pinned, on CUDA) RAM, half on the disk tier
         self.store = ExpertStore(config.moe_layers, config.num_experts, self.format.nbytes,
                                  ram_experts=len(config.moe_layers) * config.num_experts // 2, pin=device == "cuda")
@@ -177,8 +183,8 @@ FIXTURES = {"shipped": SHIPPED_MODEL, "32l": FIXTURE_32L}
 
 
 @functools.cache
-def load_fixture(name: str) -> Fixture:
-    return Fixture(FIXTURES[name])
+def load_fixture(name: str, quant: str | None = None) -> Fixture:
+    return Fixture(FIXTURES[name], quant=quant)
 
 
 @pytest.fixture(scope="module", params=["shipped", pytest.param("32l", marks=requires_fixture(FIXTURE_32L))])
