@@ -52,10 +52,8 @@ def swiglu(mlp: Expert, x: torch.Tensor) -> torch.Tensor:
 
 
 def clamped_swiglu(mlp: Expert, x: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    """gpt-oss's expert: gate at most `limit`, up within +-limit, (up + 1) * gate * sigmoid(alpha * gate)."""
-    gate = linear(x, mlp.w1).clamp(max=limit)
-    up = linear(x, mlp.w3).clamp(-limit, limit)
-    return linear((up + 1) * (gate * torch.sigmoid(gate * alpha)), mlp.w2)
+    """gpt-oss's expert (ops.clamped_swiglu_activation between w1|w3 and w2)."""
+    return linear(ops.clamped_swiglu_activation(linear(x, mlp.w1), linear(x, mlp.w3), alpha, limit), mlp.w2)
 
 
 def rotary(positions: torch.Tensor, head_dim: int, theta: float,

@@ -67,6 +67,14 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Te
     return weights, ids
 
 
+def clamped_swiglu_activation(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's expert activation from its w1 and w3 products: gate at most `limit`, up within +-limit,
+    (up + 1) * gate * sigmoid(alpha * gate)."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(-limit, limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
 def route_sparsemixer(logits: torch.Tensor, jitter: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Phi-3.5-MoE's sparsemixer at inference, as transformers computes it: logits (T, E) -> fp32 weights and int64 ids
     (T, 2). The first expert is the best; its weight is the softmax over the experts whose logit is within

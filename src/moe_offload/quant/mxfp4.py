@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..experts import Expert, bias_shapes, lay_out, split_biases, with_biases
+from ..ops import clamped_swiglu_activation
 
 GROUP = 32           # weights sharing one scale
 EXPONENT_BIAS = 127
@@ -128,7 +129,9 @@ class MXFP4ExpertFormat:
         gate_up = torch.empty((pairs, 2, ffn), device=x.device, dtype=x.dtype)
         mxfp4_grouped_gemv(x, w1, batch.slots, gate_up, stride, bias=b1, matrices=2, matrix_stride=self.w3_offset,
                            bias_matrix_stride=self.b3_offset, x_per_row=top_k)
-        activations = swiglu_activation(gate_up[:, 0], gate_up[:, 1], *self.swiglu).contiguous()
+        alpha, limit = self.swiglu
+        gate, up = gate_up[:, 0], gate_up[:, 1]
+        activations = (clamped_swiglu_activation(gate, up, alpha, limit) if limit else F.silu(gate) * up).contiguous()
         out = torch.empty((pairs, hidden), device=x.device, dtype=x.dtype)
         mxfp4_grouped_gemv(activations, w2, batch.slots, out, stride, bias=b2)
         return out
@@ -145,11 +148,3 @@ class MXFP4ExpertFormat:
         """Bytes from w1's bias to w3's (0 without biases)."""
         return self.slots[8].offset - self.slots[6].offset if len(self.slots) > 6 else 0
 
-
-def swiglu_activation(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    """The products of w1 and w3 -> the input of w2, as model.swiglu (limit 0) and model.clamped_swiglu compute it."""
-    if not limit:
-        return F.silu(gate) * up
-    gate = gate.clamp(max=limit)
-    up = up.clamp(-limit, limit)
-    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
