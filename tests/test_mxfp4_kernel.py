@@ -216,3 +216,39 @@ def test_gpu_mxfp4_checkpoint_decodes_as_on_the_cpu_and_offloaded_equals_residen
     actual = torch.cat(logits_through_prefill_and_decode(gpu, tokens, prompt=24)).cpu()
     assert (actual - expected).abs().max() <= 1e-4 * expected.abs().max()
     assert_offloaded_equals_resident(folder, slots=2, prefetch=None, device="cuda", dtype="bfloat16")
+
+
+COMPILE_FOR_SM90 = """
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from moe_offload.quant import kernel_mxfp4 as k
+kernel, config = k._mxfp4_gemv_kernel, k.DEFAULT_CONFIG
+for x, rows, splits, bias, grouped in [("bf16", 1, 1, False, False), ("bf16", 8, 4, True, False),
+                                       ("fp32", 3, 1, False, False), ("bf16", 1, 4, True, True)]:
+    pointers = dict(x_ptr=x, codes_ptr="u8", scales_ptr="u8", bias_ptr=x if bias else "u8", out_ptr=x,
+                    partial_ptr="fp32" if splits > 1 else x, slots_ptr="i32" if grouped else "u8")
+    signature = {name: "*" + pointers[name] if name in pointers else "i64" if "STRIDE" in name else "i32"
+                 for name in kernel.arg_names[:15]}
+    constexprs = dict(X_ROWS=rows, BLOCK_N=config.block_n, BLOCK_G=config.block_g, SPLITS=splits, HAS_BIAS=bias,
+                      GROUPED=grouped)
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    source = ASTSource(kernel, signature, {(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
+    compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.warps})
+"""
+
+
+def test_the_mxfp4_kernel_compiles_for_an_h100():
+    """The interpreter runs code that the compiler refuses (a constexpr reassigned in a loop, say): compile four
+    variants (rows, split K, bias, grouped) for sm_90 with Triton's own ptxas, in a process without the
+    interpreter, so a kernel that would fail on a GPU fails here."""
+    import os
+    import subprocess
+    import sys
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton has no ptxas")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
