@@ -14,8 +14,7 @@ from moe_offload.engine import resident_experts
 from moe_offload.offload.cache import ForgetfulCache
 from moe_offload.bench.synthetic import SyntheticCheckpoint
 from moe_offload.cli import main
-from moe_offload.config import QuantConfig, RuntimeConfig
-from moe_offload.engine import Engine
+from moe_offload.config import QuantConfig
 from moe_offload.errors import UserError
 from moe_offload.model import KVCache
 from moe_offload.offload.cache import LayerCache

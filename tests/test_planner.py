@@ -14,7 +14,6 @@ from moe_offload.config import ModelConfig, OffloadConfig, QuantConfig, RuntimeC
 from moe_offload.engine import Engine
 from moe_offload.errors import UserError
 from moe_offload.experts import DenseExpertFormat
-from moe_offload.model import KVCache
 from moe_offload.offload.planner import GiB, make_plan, parse_size, plan_for
 from moe_offload.quant.weight import QuantizedWeight
 

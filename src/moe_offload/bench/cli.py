@@ -12,7 +12,6 @@ Progress goes to stderr; the last line on stdout is the report as one JSON objec
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import fields

@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 
 import torch
@@ -452,7 +452,7 @@ class Bench:
         loads per generated token, which sharing should lower as the batch grows. Replayed routing: each sequence
         replays its own stretch of the trace (starts spread evenly over it). Then, with `prefill_tokens`, a prompt
         of that many tokens joins the running sequences (measure_join)."""
-        s, device = self.s, self.device
+        s = self.s
         entry = {**common, "budget": budget_text, "routing": routing, "mode": "full", "concurrency": sequences}
         label = f"[{entry['quant']} @ {budget_text}] {sequences} sequences at once, {routing} routing"
         context = s.prompt_tokens + s.new_tokens + 2
@@ -618,7 +618,7 @@ class Bench:
         return out
 
     def decode(self, model, step, provider, router, cache, config) -> dict:
-        s, device = self.s, self.device
+        s = self.s
         generator = torch.Generator().manual_seed(s.seed)
         runs = []
         span = s.prompt_tokens + s.new_tokens
