@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 REPO = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
 SHIPPED_MODEL = REPO / "src" / "moe_offload" / "default_model"
+EVAL_TEXT = REPO / "data" / "eval-networkx.txt"     # held-out Python source (data/README.md); not package data
 FIXTURE_32L = SHARED_FIXTURES / "reference-moe-32l"
 
 

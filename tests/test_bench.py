@@ -20,10 +20,10 @@ from moe_offload.errors import UserError
 from moe_offload.model import KVCache
 from moe_offload.offload.cache import LayerCache
 
-from conftest import REPO, SHIPPED_MODEL, write_tiny_mixtral
+from conftest import EVAL_TEXT, REPO, SHIPPED_MODEL, write_tiny_mixtral
 
 COMMITTED_TRACE = REPO / "benchmarks" / "traces" / "reference-moe-32l.safetensors"
-HELD_OUT_TEXT = SHIPPED_MODEL / "eval-networkx.txt"
+HELD_OUT_TEXT = EVAL_TEXT
 
 
 def hand_made_trace(tokens=10, layers=3, top_k=2, experts=4) -> RoutingTrace:

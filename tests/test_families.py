@@ -36,7 +36,7 @@ from moe_offload.quant.checkpoint import open_checkpoint, write_quantized
 from moe_offload.quant.weight import HQQExpertFormat, QuantizedWeight
 from moe_offload.tokenizer import Tokenizer
 
-from conftest import SHIPPED_MODEL, TINY_FAMILIES, write_tiny_family
+from conftest import EVAL_TEXT, SHIPPED_MODEL, TINY_FAMILIES, write_tiny_family
 from test_model_matches_transformers import DECODE, PREFILL, assert_close_to_reference, our_logits, reference_logits
 
 FAMILIES = tuple(TINY_FAMILIES)
@@ -1037,7 +1037,7 @@ def test_family_perplexity_matches_transformers(family_folder, model_type, tmp_p
 
     folder = family_folder(model_type)
     text_file = tmp_path / "text.txt"
-    text_file.write_text((SHIPPED_MODEL / "eval-networkx.txt").read_text()[:2000])
+    text_file.write_text(EVAL_TEXT.read_text()[:2000])
     window, windows = 64, 3
     assert main(["perplexity", "--model", str(folder), "--device", "cpu", "--text", str(text_file),
                  "--window", str(window), "--max-windows", str(windows)]) == 0

@@ -285,13 +285,13 @@ def test_gpu_quantized_model_agrees_with_the_cpu_path():
     from moe_offload.engine import Engine
     from moe_offload.perplexity import perplexity
 
-    from conftest import SHIPPED_MODEL
+    from conftest import EVAL_TEXT, SHIPPED_MODEL
 
     results = {}
     for device, dtype in (("cuda", "bfloat16"), ("cpu", "float32")):
         engine = Engine.load(RuntimeConfig(model=SHIPPED_MODEL, device=device, dtype=dtype, quant=QuantConfig.parse("4/2")),
                              progress=False)
-        token_ids = engine.tokenizer.encode((SHIPPED_MODEL / "eval-networkx.txt").read_text()[:20000])
+        token_ids = engine.tokenizer.encode(EVAL_TEXT.read_text()[:20000])
         results[device] = perplexity(engine, token_ids, 512, max_windows=2).perplexity
     assert abs(results["cuda"] / results["cpu"] - 1) < 0.02, results
 
@@ -304,11 +304,11 @@ def test_gpu_decode_path_agrees_with_prefill_on_perplexity():
     from moe_offload.engine import Engine
     from moe_offload.generate import prefill
 
-    from conftest import SHIPPED_MODEL
+    from conftest import EVAL_TEXT, SHIPPED_MODEL
 
     engine = Engine.load(RuntimeConfig(model=SHIPPED_MODEL, device="cuda", dtype="bfloat16",
                                        quant=QuantConfig.parse("4/2")), progress=False)
-    ids = engine.tokenizer.encode((SHIPPED_MODEL / "eval-networkx.txt").read_text()[:20000])[:256]
+    ids = engine.tokenizer.encode(EVAL_TEXT.read_text()[:20000])[:256]
     targets = torch.tensor(ids[1:], device="cuda")
     all_at_once = prefill(engine.model, engine.cache, ids, "cuda", last_only=False)[:-1]
     one_by_one = torch.cat([engine.model(torch.tensor([[token]], device="cuda"), engine.cache, position)[0]

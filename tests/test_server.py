@@ -34,7 +34,7 @@ from moe_offload.model import Transformer
 from moe_offload.server.metrics import Metrics
 from moe_offload.server.scheduler import Scheduler, Sequence
 
-from conftest import SHIPPED_MODEL
+from conftest import EVAL_TEXT
 from structured_schemas import SCHEMAS
 
 MODEL = "default_model"      # the served id: the shipped model's folder name
@@ -1307,7 +1307,7 @@ def test_sixteen_streaming_clients_decode_together_each_as_it_would_alone(batch_
     the batch really holds many sequences at once; memory returns to where it was."""
     client = openai.OpenAI(base_url=f"{batch_server.url}/v1", api_key="unused", max_retries=0, timeout=300)
     prompts = [f"{PROMPTS[i % 4]}{' ' * (i // 4)}" for i in range(16)]
-    long_prompt = open(SHIPPED_MODEL / "eval-networkx.txt").read()[:6000]      # ~1800 tokens: four prefill chunks
+    long_prompt = open(EVAL_TEXT).read()[:6000]      # ~1800 tokens: four prefill chunks
     client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=4, temperature=0)    # warm-up
     wait_idle(batch_server)
     rss_before, before = batch_server.rss_bytes(), batch_server.metrics()
