@@ -190,6 +190,7 @@ def one_cpu_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow      # every mode x routing x budget; the default run has bench's full mode in the concurrency test
 def test_bench_command_runs_every_mode_and_routing_at_toy_size_from_any_folder(tmp_path, capsys, one_cpu_thread,
                                                                                 monkeypatch):
     monkeypatch.chdir(tmp_path)     # the default trace is the repository's, wherever the command runs

@@ -111,12 +111,14 @@ def test_tokenized_requests_score_as_the_hf_backend(server, task_folder, hf_scor
     assert_same_scores(evaluate(task_folder, "local-completions", args, batch_size=4), hf_scores[True])
 
 
+@pytest.mark.slow      # lm-eval's other request modes: the default run has the tokenized one above
 def test_the_remote_tokenizer_found_through_tokenizer_info_scores_as_the_hf_backend(server, task_folder, hf_scores):
     """Without `tokenizer=`, lm-eval finds /tokenizer_info and /tokenize and tokenizes through the server."""
     assert_same_scores(evaluate(task_folder, "local-completions", server_args(server, "num_concurrent=2"), batch_size=4),
                        hf_scores[False])
 
 
+@pytest.mark.slow
 def test_text_requests_score_multiple_choice_and_generate_as_the_hf_backend(server, task_folder, hf_scores):
     """tokenized_requests=False: lm-eval decodes its tokens and sends text, which the server tokenizes again (with
     BOS, once). Rolling windows after a document's first start mid-text, where the server adds a BOS that lm-eval

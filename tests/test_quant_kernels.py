@@ -21,6 +21,8 @@ from moe_offload.quant.kernel_config import (MAX_GEMV_ROWS, MAX_SPLITS, KernelCo
 from moe_offload.quant.kernels import hqq_linear  # noqa: E402
 from moe_offload.quant.weight import PackedFormat  # noqa: E402
 
+from conftest import slow_beyond_pairs, slow_except  # noqa: E402
+
 # In the interpreter an overflow or NaN in numpy means a kernel computed on garbage, as when the meta index of
 # the grid's last block once read past the meta (its lanes were masked at the store, so only this showed it).
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
@@ -69,10 +71,7 @@ CPU_SPECS = {   # meta runs that a thread's rows share, or not; a group the GEMV
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run is for CPU-only machines")
-@pytest.mark.parametrize("bits", QUANT_BITS)
-@pytest.mark.parametrize("case", CPU_CASES)
-@pytest.mark.parametrize("shape", CPU_SHAPES)
-@pytest.mark.parametrize("spec", CPU_SPECS)
+@pytest.mark.parametrize("bits, case, shape, spec", slow_beyond_pairs(QUANT_BITS, CPU_CASES, CPU_SHAPES, CPU_SPECS))
 def test_interpreted_kernel_matches_dequantize_then_matmul(bits, case, shape, spec):
     m, config = CPU_CASES[case]
     n, k = CPU_SHAPES[shape]
@@ -321,7 +320,7 @@ GROUPED_SPECS = {"2-bit g16": QuantSpec(2, 16), "3-bit g32": QuantSpec(3, 32), "
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run is for CPU-only machines")
-@pytest.mark.parametrize("spec", GROUPED_SPECS)
+@pytest.mark.parametrize("spec", slow_except(GROUPED_SPECS, "2-bit g16"))     # the experts' format at --quant 4/2
 def test_grouped_gemv_is_each_experts_gemv_bit_for_bit(spec):
     """One launch over a slot buffer (w1 and w3 of two tokens' top-2 experts) gives what one GEMV per expert
     and matrix gives, bit for bit: the slot table only moves the weight's pointers."""

@@ -34,7 +34,7 @@ from moe_offload.model import Transformer
 from moe_offload.server.metrics import Metrics
 from moe_offload.server.scheduler import Scheduler, Sequence
 
-from conftest import EVAL_TEXT
+from conftest import EVAL_TEXT, SLOW
 from structured_schemas import SCHEMAS
 
 MODEL = "default_model"      # the served id: the shipped model's folder name
@@ -284,11 +284,11 @@ def test_chat_logprobs_with_top_alternatives_streamed_and_not(client, engine):
     assert plain.logprobs is None and plain.message.content == whole.message.content
 
 
-@pytest.mark.parametrize("sampling", [
-    dict(temperature=0.0, repetition_penalty=1.4),
+@pytest.mark.parametrize("sampling", [     # "all" in the default run
+    pytest.param(dict(temperature=0.0, repetition_penalty=1.4), marks=SLOW),
     dict(temperature=0.9, seed=3, top_k=20, min_p=0.05, repetition_penalty=1.2, presence_penalty=0.5,
          frequency_penalty=0.3),
-    dict(temperature=1.0, seed=5, top_k=-1, top_p=0.9, presence_penalty=-1.0),
+    pytest.param(dict(temperature=1.0, seed=5, top_k=-1, top_p=0.9, presence_penalty=-1.0), marks=SLOW),
 ], ids=["greedy-penalized", "all", "vllm-top-k-off"])
 def test_sampling_fields_reach_the_engine(client, engine, sampling):
     """vLLM's extra fields (top_k, min_p, repetition_penalty) go in the SDK's extra_body."""
