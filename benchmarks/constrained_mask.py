@@ -1,7 +1,7 @@
 """Per-token cost of constrained decoding: the allowed-token mask of a JSON schema, per library and vocabulary.
 
     python benchmarks/constrained_mask.py --bpe 32000 --bpe 151936 --out RESULT.json     # trains the tokenizers
-    python benchmarks/constrained_mask.py --tokenizer DIR/tokenizer.json                    # or uses given ones
+    python benchmarks/constrained_mask.py --tokenizer DIR/tokenizer.json --device cuda      # or uses given ones
 
 No hub downloads: `--bpe V` trains a byte-level BPE tokenizer of V tokens (Mixtral's 32000, Qwen's
 151936) on the Python sources of the installed packages (the first 150 MB of site-packages' .py
@@ -9,10 +9,11 @@ files), a stand-in for a real model's vocabulary of that size.
 For each tokenizer and library (llguidance, xgrammar), compiles one JSON schema
 (nested objects, enums, arrays, numbers, free strings), then walks a document that satisfies it,
 token by token as the tokenizer splits it: each step computes the mask of allowed tokens into a
-bitmask (timed), applies it to a vocab-sized fp32 logits row on the CPU (timed apart), and
-consumes the token. Times are medians over the document's tokens, after one warm-up walk, on this
-machine's CPU, one thread of the library per call. Prints one JSON line per (tokenizer, library)
-and all of them last.
+bitmask (timed) and consumes the token. Times are medians over the document's tokens, after one
+warm-up walk, on this machine's CPU, one thread of the library per call. Then, per vocabulary, the
+greedy pick under a mask as the engine makes it (pick_costs): on the host (sample(): the logits row
+read back from `--device`, masked, argmax) and on the device (masked_greedy: the bitmask uploaded,
+unpacked, masked argmax). Prints one JSON line per (tokenizer, library) and all of them last.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ import time
 from pathlib import Path
 
 import torch
+
+from moe_offload.config import SamplingParams
+from moe_offload.constrain import bitmask_words, unpack_bitmask
+from moe_offload.generate import masked_greedy, sample
 
 SCHEMA = {
     "type": "object",
@@ -44,27 +49,46 @@ DOCUMENT = {"name": "fibonacci_memoized", "kind": "function", "lines": 42, "scor
             "tags": ["recursion", "dynamic programming", "cache"], "owner": {"login": "ada", "admin": True}}
 
 
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """logits (vocab,) fp32: disallowed tokens to -inf, from a (words,) int32 bitmask (bit i of word w: token 32w + i)."""
-    bits = (bitmask[:, None] >> torch.arange(32, dtype=torch.int32)) & 1
-    logits.masked_fill_(bits.flatten()[:logits.numel()] == 0, float("-inf"))
-
-
 def walk(fill_mask, consume, tokens: list[int], vocab: int) -> dict:
-    bitmask = torch.zeros((vocab + 31) // 32, dtype=torch.int32)
-    logits = torch.zeros(vocab)
-    mask_s, apply_s = [], []
+    bitmask = torch.zeros(bitmask_words(vocab), dtype=torch.int32)
+    mask_s = []
     for token in tokens:
         start = time.perf_counter()
         fill_mask(bitmask)
         mask_s.append(time.perf_counter() - start)
         assert (bitmask[token // 32] >> (token % 32)) & 1, f"token {token} masked out"
-        start = time.perf_counter()
-        apply_bitmask(logits, bitmask)
-        apply_s.append(time.perf_counter() - start)
         consume(token)
     return {"mask_us_median": 1e6 * statistics.median(mask_s), "mask_us_p90": 1e6 * sorted(mask_s)[int(0.9 * len(mask_s))],
-            "mask_us_max": 1e6 * max(mask_s), "apply_us_median": 1e6 * statistics.median(apply_s)}
+            "mask_us_max": 1e6 * max(mask_s)}
+
+
+def pick_costs(vocab: int, device: str, repeats: int = 200) -> dict:
+    """Median microseconds of a greedy pick under a grammar's bitmask, from fp32 logits (1, vocab) on `device`: on the
+    host (read back, masked, argmax), on the device waited for, and on the device as the host pays for it (launches
+    only: the engine reads the step's tokens once afterwards, whatever picked them)."""
+    logits = torch.randn(1, vocab, device=device)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (1, bitmask_words(vocab)), dtype=torch.int32,
+                            pin_memory=device.startswith("cuda"))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def host():
+        sample(logits[0], SamplingParams(), allowed=unpack_bitmask(bitmask[0], vocab))
+
+    def on_device(wait: bool):
+        masked_greedy(logits, bitmask)
+        if wait:
+            sync()
+
+    def median_us(pick) -> float:
+        times = []
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            pick()
+            times.append(time.perf_counter() - start)
+        return 1e6 * statistics.median(times[repeats // 10:])
+    return {"device": device, "host_pick_us": median_us(host), "device_pick_us": median_us(lambda: on_device(True)),
+            "device_pick_launch_us": median_us(lambda: on_device(False))}
 
 
 def llguidance_run(tokenizer_json: str, tokens: list[int], vocab: int) -> dict:
@@ -144,6 +168,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokenizer", action="append", default=[], help="a tokenizer.json; may be repeated")
     parser.add_argument("--bpe", type=int, action="append", default=[], help="train a BPE tokenizer of this vocabulary")
+    parser.add_argument("--device", default="cpu", help="where the logits are for the pick's timing (cpu, cuda)")
     parser.add_argument("--out", help="write all results to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -160,9 +185,13 @@ def main() -> None:
             result = {"tokenizer": path.name, "vocab": vocab, "document_tokens": len(tokens), **run()}
             results.append(result)
             print(json.dumps(result), flush=True)
+        result = {"tokenizer": path.name, "vocab": vocab, "pick": pick_costs(vocab, args.device)}
+        results.append(result)
+        print(json.dumps(result), flush=True)
     summary = {"machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
                "command": "python benchmarks/constrained_mask.py " + " ".join(
-                   [*(f"--tokenizer {t}" for t in args.tokenizer), *(f"--bpe {v}" for v in args.bpe)]),
+                   [*(f"--tokenizer {t}" for t in args.tokenizer), *(f"--bpe {v}" for v in args.bpe),
+                    f"--device {args.device}"]),
                "results": results}
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")

@@ -54,12 +54,12 @@ class RecordingProvider:
         for name in self.predictors:
             self.predictions[name].append({})
 
-    def experts(self, layer, ids, residual):
+    def experts(self, layer, ids, residual, x):
         self.routing[-1][layer] = sorted(set(ids.flatten().tolist()))
         for name, predictor in self.predictors.items():
             guesses = predictor.predict(layer, residual)
             self.predictions[name][-1][layer] = {target: ranked.tolist() for target, ranked in guesses.items()}
-        return self.resident.experts(layer, ids, residual)
+        return self.resident.experts(layer, ids, residual, x)
 
     def router(self, layer, logits, top_k, renormalize):
         weights, ids = own_routing(layer, logits, top_k, renormalize)

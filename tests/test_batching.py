@@ -11,8 +11,9 @@ from moe_offload.generate import Batch
 from moe_offload.model import KVCache, Transformer
 
 from conftest import EVAL_TEXT, FIXTURE_32L, requires_fixture
-from test_offload import load_fixture, one_thread  # noqa: F401 (one CPU thread for this module too: the cached
-                                                   # fixtures' reference logits are computed under it)
+from test_offload import load_fixture
+
+pytestmark = pytest.mark.usefixtures("one_thread")    # the cached fixtures' reference logits are computed under it
 
 JOINS = (0, 0, 3, 5)                 # the step at which each prompt joins
 NEW_TOKENS = (12, 5, 9, 4)           # each leaves after its own count: some leave while others still run
@@ -87,3 +88,21 @@ def test_a_full_batch_refuses_another_generation_until_one_leaves():
         batch.add([10], SamplingParams())
     batch.cancel(first)
     assert not batch.full and batch.add([10], SamplingParams()).row == first.row
+
+
+def test_a_sampled_generation_keeps_its_tokens_when_one_before_it_leaves():
+    """The first leaves at the step where the second samples on the host: the second moves into its place in the
+    step's tables with its own sampled token, and draws what it draws alone."""
+    fixture = load_fixture("shipped")
+    prompt = prompts(fixture)[0]
+    params = [SamplingParams(max_new_tokens=new, temperature=1.0, seed=seed) for new, seed in ((4, 1), (10, 2))]
+
+    def sampled(together: list[SamplingParams]) -> list[list[int]]:
+        batch = Batch(fixture.engine.model, KVCache.allocate(fixture.engine.config, len(together), 64, "cpu", torch.float32))
+        tokens = {batch.add(prompt, p): [] for p in together}
+        while batch.busy:
+            for generation, token in batch.step():
+                tokens[generation].append(token)
+        return list(tokens.values())
+
+    assert sampled(params) == [sampled([p])[0] for p in params]

@@ -135,9 +135,9 @@ def test_committed_trace_replays_onto_the_synthetic_model_through_the_router_sea
     class Recording:
         expert_format = resident.expert_format
 
-        def experts(self, layer, ids, residual):
+        def experts(self, layer, ids, residual, x):
             asked.setdefault(layer, []).append(sorted(ids.flatten().tolist()))
-            return resident.experts(layer, ids, residual)
+            return resident.experts(layer, ids, residual, x)
 
     from moe_offload.model import Transformer
     router = ReplayRouter(trace, "cpu", config.moe_layers)
@@ -222,6 +222,22 @@ def test_bench_command_runs_every_mode_and_routing_at_toy_size_from_any_folder(t
     assert any(e.get("mode") == "compute-only" and e["status"] == "ok" for e in report["results"])
 
 
+def test_bench_compares_cpu_experts_side_by_side(capsys, one_cpu_thread):
+    argv = ["bench", "--synthetic", "tiny", "--quant", "bf16", "--budget", "396MiB", "--device", "cpu", "--routing", "own",
+            "--modes", "full", "--cpu-experts", "off,auto", "--cpu-moe-layers", "0,2", "--prompt-tokens", "6",
+            "--new-tokens", "4", "--warmup-tokens", "2", "--repeats", "1", "--prefill-tokens", "20",
+            "--prefill-repeats", "1", "--no-resident", "--no-compute-only"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    entries = {(e["cpu_experts"], e["cpu_moe_layers"]): e for e in report["results"]}
+    assert set(entries) == {("off", 0), ("auto", 0), ("off", 2), ("auto", 2)}
+    assert all(e["status"] == "ok" for e in entries.values())
+    assert entries["off", 0]["cpu_uses_per_token"] == 0 == entries["auto", 0]["cpu_uses_per_token"]   # auto: off on a CPU
+    static = entries["off", 2]
+    assert static["cpu_uses_per_token"] == 2 * 2 and static["cpu_gbps"] > 0 and 0 < static["cpu_busy_share"] < 1
+    assert static["slots_per_layer"][0] == 0
+
+
 def test_bench_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     from moe_offload.bench.plot import plot_report
@@ -240,6 +256,8 @@ def test_bench_plot_writes_a_png(tmp_path):
     (["bench", "--synthetic", "tiny", "--budget", "lots", "--device", "cpu"], "--budget 'lots' is not a size"),
     (["bench", "--synthetic", "tiny", "--quant", "4/5", "--device", "cpu"], "5 bits is not supported"),
     (["bench", "--synthetic", "tiny", "--trace", "nowhere.safetensors", "--device", "cpu"], "no such routing trace"),
+    (["bench", "--synthetic", "tiny", "--cpu-experts", "always", "--device", "cpu"], "--cpu-experts 'always'"),
+    (["bench", "--synthetic", "tiny", "--cpu-moe-layers", "x", "--device", "cpu"], "--cpu-moe-layers 'x'"),
     (["bench", "record-routing", "--model", str(SHIPPED_MODEL), "--text", "missing.txt", "--out", "x.safetensors"],
      "--text missing.txt: no such file"),
 ])

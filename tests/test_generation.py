@@ -7,7 +7,10 @@ import torch
 
 from moe_offload.config import RuntimeConfig, SamplingParams
 from moe_offload.engine import Engine, StopStrings
-from moe_offload.generate import penalize, sample, warp
+from moe_offload import generate
+from moe_offload.constrain import json_schema_grammar, unpack_bitmask
+from moe_offload.generate import Batch, masked_greedy, penalize, sample, warp
+from moe_offload.model import KVCache
 
 from conftest import SHIPPED_MODEL, slow_except
 
@@ -235,3 +238,55 @@ def test_min_p_keeps_the_tokens_near_the_likeliest():
     params = SamplingParams(temperature=1.0, min_p=0.5)    # keeps p >= 0.25
     seen = {sample(logits, params, torch.Generator().manual_seed(s)) for s in range(200)}
     assert seen == {0, 1}
+
+
+def test_the_masked_greedy_pick_on_the_device_is_samples_greedy_pick_under_the_same_mask():
+    torch.manual_seed(0)
+    vocab = 1000                                  # not a multiple of 32: the last word's spare bits are ignored
+    logits = torch.randn(5, vocab)
+    bitmasks = torch.randint(-2**31, 2**31 - 1, (5, 32), dtype=torch.int32)
+    bitmasks[1] = -1                              # all allowed: the plain greedy pick
+    bitmasks[2] = 0
+    bitmasks[2, 7] = 1 << 3                       # one allowed token: 7 * 32 + 3
+    host = [sample(row, SamplingParams(), allowed=unpack_bitmask(mask, vocab)) for row, mask in zip(logits, bitmasks)]
+    assert masked_greedy(logits, bitmasks).tolist() == host
+    assert host[1] == int(logits[1].argmax()) and host[2] == 7 * 32 + 3
+
+
+JSON_SCHEMAS = [{"type": "object", "properties": {"name": {"type": "string"}, "size": {"type": "integer"}},
+                 "required": ["name", "size"]},
+                {"type": "array", "items": {"enum": ["list", "dict", "set"]}}]
+
+
+def constrained_reference(engine, reference, prompt: list[int], grammar: str, new_tokens: int) -> list[int]:
+    """Greedy under a grammar, the slow way: transformers' logits of the whole text each token, masked on the host."""
+    constraint, out = engine.grammars.constraint(grammar), []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = reference(torch.tensor([prompt + out])).logits[0, -1].float()
+            token = sample(logits, SamplingParams(), allowed=constraint.allowed())
+            if token in engine.tokenizer.eos_ids:
+                break
+            constraint.accept(token)
+            out.append(token)
+    return out
+
+
+def test_constrained_greedy_decoding_in_a_batch_picks_on_the_device_what_the_host_picks(engine, reference, monkeypatch):
+    """Two generations under JSON schemas decoded beside a free one: their greedy tokens are picked under the mask
+    on the logits' device, and are those of a plain loop masking on the host."""
+    device_picks = []
+    monkeypatch.setattr(generate, "masked_greedy", lambda *args: device_picks.append(1) or masked_greedy(*args))
+    grammars = [json_schema_grammar(schema) for schema in JSON_SCHEMAS] + [None]
+    prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
+    batch = Batch(engine.model, KVCache.allocate(engine.config, 3, 128, "cpu", torch.float32))
+    tokens = {batch.add(prompt, SamplingParams(max_new_tokens=20, grammar=grammar), engine.tokenizer.eos_ids,
+                        constraint=grammar and engine.grammars.constraint(grammar)): []
+              for prompt, grammar in zip(prompts, grammars)}
+    while batch.busy:
+        for generation, token in batch.step():
+            tokens[generation].append(token)
+    expected = [constrained_reference(engine, reference, prompt, grammar, 20)
+                for prompt, grammar in zip(prompts[:2], grammars)]
+    assert list(tokens.values())[:2] == expected
+    assert device_picks

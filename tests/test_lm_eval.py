@@ -5,7 +5,7 @@ generate_until, on local task files (nothing downloaded), with batches of 4 prom
 Settings that make the two backends score the same tokens: lm-eval's API models cut rolling windows
 2 tokens shorter than `hf` does for the same max_length (one for "generation", one for context), so
 the server run gets max_length + 2; `hf` adds BOS as the tokenizer declares it, so the
-huggingface-tokenizer runs pass add_bos_token=True, and the remote-tokenizer run (lm-eval's default
+huggingface-tokenizer runs pass the same add_bos_token, and the remote-tokenizer run (lm-eval's default
 when /tokenizer_info answers, BOS never added) is compared with `hf` at add_bos_token=False.
 """
 
@@ -119,11 +119,13 @@ def test_the_remote_tokenizer_found_through_tokenizer_info_scores_as_the_hf_back
 
 
 @pytest.mark.slow
-def test_text_requests_score_multiple_choice_and_generate_as_the_hf_backend(server, task_folder, hf_scores):
-    """tokenized_requests=False: lm-eval decodes its tokens and sends text, which the server tokenizes again (with
-    BOS, once). Rolling windows after a document's first start mid-text, where the server adds a BOS that lm-eval
-    did not count (so does vLLM): that task is left out."""
-    args = server_args(server, f"tokenizer_backend=huggingface,tokenizer={SHIPPED_MODEL},add_bos_token=True,"
+@pytest.mark.parametrize("bos", [True, False])
+def test_text_requests_score_as_the_hf_backend(server, task_folder, hf_scores, bos):
+    """tokenized_requests=False: lm-eval decodes its tokens and sends text (BOS written as text where it counted
+    one), which the server tokenizes again; scored text gets no BOS of the server's, so rolling windows cut from
+    the middle of a document score as `hf` scores them. Generation adds BOS (as vLLM does), as `hf` does only
+    with add_bos_token=True."""
+    args = server_args(server, f"tokenizer_backend=huggingface,tokenizer={SHIPPED_MODEL},add_bos_token={bos},"
                                "tokenized_requests=False")
-    ours = evaluate(task_folder, "local-completions", args, batch_size=4)
-    assert_same_scores(ours, hf_scores[True], tasks=("moe_mc", "moe_generate"))
+    tasks = TASKS if bos else ("moe_mc", "moe_rolling")
+    assert_same_scores(evaluate(task_folder, "local-completions", args, batch_size=4), hf_scores[bos], tasks)

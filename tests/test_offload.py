@@ -29,13 +29,7 @@ from conftest import EVAL_TEXT, FIXTURE_32L, SHIPPED_MODEL, requires_fixture, wr
 PROMPT, DECODE = 24, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models' matrices are tiny: one thread is faster, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- LRU bookkeeping on hand-written routing -------------------------------------------------
@@ -236,11 +230,11 @@ class Recorder:
         self.inner, self.routing = inner, []
         self.expert_format = inner.expert_format
 
-    def experts(self, layer, ids, residual):
+    def experts(self, layer, ids, residual, x):
         if not self.routing or layer in self.routing[-1]:
             self.routing.append({})
         self.routing[-1][layer] = sorted(set(ids.flatten().tolist()))
-        return self.inner.experts(layer, ids, residual)
+        return self.inner.experts(layer, ids, residual, x)
 
 
 def test_perfect_predictions_make_every_later_layer_hit_in_decode():

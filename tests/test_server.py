@@ -200,6 +200,19 @@ def test_n_completions_per_prompt_are_indexed_prompt_major_and_seeded_apart(clie
     assert out.usage.prompt_tokens == sum(len(engine.tokenizer.encode(p)) for p in prompts)   # once per prompt
 
 
+def test_the_n_choices_of_a_request_decode_together(client, server):
+    """Side by side in the engine's batch (this server's holds 2): more than one token a step, and a streamed
+    choice's pieces come before the other has ended."""
+    before = server.metrics()
+    order = [chunk.choices[0].index for chunk in client.completions.create(
+        model=MODEL, prompt="def fibonacci(n):", n=2, max_tokens=24, temperature=1.0, seed=4, stream=True)
+        if chunk.choices]
+    after = server.metrics()
+    steps = after["moe_offload_steps_total"] - before["moe_offload_steps_total"]
+    assert (after["moe_offload_step_tokens_total"] - before["moe_offload_step_tokens_total"]) / steps > 1.5
+    assert order.index(1) < len(order) - 1 - order[::-1].index(0)
+
+
 def test_n_chat_choices_streamed_equal_non_streamed(client):
     messages = [{"role": "user", "content": "Sort a list."}]
     whole = client.chat.completions.create(model=MODEL, messages=messages, n=2, max_tokens=6, temperature=1.0, seed=4)
@@ -247,11 +260,29 @@ def test_echo_with_no_new_tokens_returns_the_prompt_and_its_logprobs(client, eng
     prompt = "import numpy as np"
     out = client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=0, max_tokens=0)
     choice = out.choices[0]
-    prompt_entries, _, _ = engine_logprobs(engine, engine.tokenizer.encode(prompt), max_new_tokens=0, prompt_logprobs=0)
+    prompt_ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
+    prompt_entries, _, _ = engine_logprobs(engine, prompt_ids, max_new_tokens=0, prompt_logprobs=0)
     assert choice.text == prompt and choice.finish_reason == "length"
     assert choice.logprobs.token_logprobs == [None] + [e.logprob for e in prompt_entries]
     assert out.usage.completion_tokens == 0
     assert client.completions.create(model=MODEL, prompt=prompt, echo=True, max_tokens=2).choices[0].text.startswith(prompt)
+
+
+def test_a_scored_text_prompt_is_scored_as_written_and_a_generated_one_gets_bos(client, engine):
+    """Echo with logprobs adds no BOS (a BOS written in the text stays); generation adds it, as vLLM does;
+    vLLM's `add_special_tokens` overrides either."""
+    tokenizer, text = engine.tokenizer, "import numpy as np"
+
+    def echoed_tokens(prompt: str, **fields) -> int:
+        out = client.completions.create(model=MODEL, prompt=prompt, echo=True, max_tokens=0, **fields)
+        return out.usage.prompt_tokens
+
+    plain = len(tokenizer.encode(text, add_special_tokens=False))
+    assert echoed_tokens(text, logprobs=0) == plain
+    assert echoed_tokens(tokenizer.bos_token + text, logprobs=0) == plain + 1
+    assert echoed_tokens(text, logprobs=0, extra_body={"add_special_tokens": True}) == plain + 1
+    assert echoed_tokens(text) == plain + 1
+    assert echoed_tokens(text, extra_body={"add_special_tokens": False}) == plain
 
 
 def test_completion_logprobs_streamed_equal_non_streamed(client):
@@ -1220,21 +1251,21 @@ def test_full_queue_answers_429_with_retry_after(guarded_server):
     poll(lambda: guarded_server.metrics(headers)["moe_offload_active_sequences"] == 0)
 
 
-def test_later_choices_of_an_admitted_request_are_not_refused_by_a_full_queue(guarded_server):
-    """A (n=2) runs its first choice while B fills the one-place queue: A's second choice still runs."""
+def test_a_request_of_several_choices_takes_one_place_in_the_queue(guarded_server):
+    """A (n=2) on a batch of one: its second choice waits in the one-place queue as A's place, so B is refused, and
+    A's choices both run to their end."""
     url, headers = guarded_server.url, {"Authorization": f"Bearer {API_KEY}"}
     body = {"model": MODEL, "prompt": "def main():", "max_tokens": 60, "temperature": 0, "stream": True, "n": 2}
     with httpx.Client(base_url=url, headers=headers, timeout=60) as a:
         with a.stream("POST", "/v1/completions", json=body) as active:
             lines = active.iter_lines()
             next(line for line in lines if line.startswith("data: "))
-            waiting = raw_request(guarded_server.port, "/v1/completions", {**body, "n": 1, "stream": False}, headers)
-            poll(lambda: guarded_server.metrics(headers)["moe_offload_queue_depth"] == 1)
+            assert guarded_server.metrics(headers)["moe_offload_queue_depth"] == 1
+            assert_openai_error(httpx.post(f"{url}/v1/completions", json={**body, "n": 1, "stream": False},
+                                           headers=headers), 429)
             events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
     ended = sorted(c["index"] for e in events for c in e["choices"] if c["finish_reason"])
     assert ended == [0, 1], events[-1]
-    assert waiting.recv(64).startswith(b"HTTP/1.1 200")
-    waiting.close()
 
 
 def test_body_limit_is_the_flag(guarded_server):

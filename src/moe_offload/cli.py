@@ -16,17 +16,18 @@ import io
 import os
 import signal
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .config import (PAPER_BITS, QUANT_BITS, QUANT_GROUP_SIZES, OffloadConfig, QuantConfig, QuantSpec, RuntimeConfig,
-                     SamplingParams)
+from .config import (PAPER_BITS, QUANT_BITS, QUANT_GROUP_SIZES, FinetuneConfig, LoraConfig, OffloadConfig, QuantConfig,
+                     QuantSpec, RuntimeConfig, SamplingParams)
 from .perplexity import METHOD as PERPLEXITY_METHOD, WINDOW as PERPLEXITY_WINDOW
 from .bench.cli import add_bench_parser
 from .engine import Engine
 from .errors import UserError
+from .offload.cpu_tier import CHOICES as CPU_EXPERTS
 from .offload.planner import parse_size
 from .quant.checkpoint import is_quantized
 from .server.config import ServerConfig
@@ -37,6 +38,8 @@ SAMPLING = {f.name: f.default for f in fields(SamplingParams) if f.name != "stop
 OFFLOAD = {f.name: f.default for f in fields(OffloadConfig)}
 SERVER = {f.name: f.default for f in fields(ServerConfig)}
 QUANT_SPEC = {f.name: f.default for f in fields(QuantSpec)}
+LORA = {f.name: f.default for f in fields(LoraConfig)}
+FINETUNE = {f.name: f.default for f in fields(FinetuneConfig)}
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -49,6 +52,12 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="quantize a Hugging Face folder on load with HQQ: attention (and dense layers) at A bits, experts "
                         "at E, the paper's group sizes, 8-bit scales and zeros, e.g. 4/2 (default: none; a folder written "
                         "by `moe-offload quantize` is already quantized)")
+
+
+def add_lora_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", default=RUNTIME["lora"], metavar="ADAPTER_DIR",
+                   help="apply a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors, e.g. from "
+                        "`moe-offload finetune`): added into unquantized weights, on the fly for quantized ones")
 
 
 def add_offload_args(p: argparse.ArgumentParser) -> None:
@@ -67,15 +76,25 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
                    help=f"MoE layers ahead to predict (default: {OFFLOAD['prefetch_depth']})")
     g.add_argument("--offload-dir", default=OFFLOAD["offload_dir"],
                    help="folder for experts that do not fit in --cpu-memory (default: the system temp folder)")
+    g.add_argument("--cpu-moe-layers", type=int, default=None, metavar="N",
+                   help="keep the experts of the first N MoE layers in host RAM and compute them on the CPU, as "
+                        "llama.cpp's --n-cpu-moe; implies --offload (default: 0)")
+    g.add_argument("--cpu-experts", choices=CPU_EXPERTS, default=None,
+                   help="auto: in decode, compute each missed expert on the CPU or copy it to the device, whichever a "
+                        "cost model calibrated at start says finishes sooner (off on --device cpu); off: always copy "
+                        f"(default: {OFFLOAD['cpu_experts']})")
     g.add_argument("--stats", action="store_true",
                    help="after each reply, print expert-cache statistics to stderr (with --offload)")
 
 
 def offload_from(args) -> OffloadConfig:
-    if not args.offload:
+    if args.cpu_moe_layers is not None and args.cpu_moe_layers < 0:
+        raise UserError(f"--cpu-moe-layers {args.cpu_moe_layers}: use 0 or more (the MoE layers whose experts run on the CPU)")
+    if not (args.offload or args.cpu_moe_layers):
         given = [flag for flag, value in (("--gpu-memory", args.gpu_memory), ("--cpu-memory", args.cpu_memory),
                                           ("--slots", args.slots), ("--prefetch", args.prefetch),
-                                          ("--prefetch-depth", args.prefetch_depth), ("--offload-dir", args.offload_dir))
+                                          ("--prefetch-depth", args.prefetch_depth), ("--offload-dir", args.offload_dir),
+                                          ("--cpu-experts", args.cpu_experts))
                  if value is not None]
         if given:
             raise UserError(f"{given[0]} only applies to offloaded experts; add --offload")
@@ -86,7 +105,9 @@ def offload_from(args) -> OffloadConfig:
         cpu_memory=None if args.cpu_memory is None else parse_size(args.cpu_memory, "--cpu-memory"),
         slots_per_layer=args.slots, prefetch_experts=args.prefetch,
         prefetch_depth=OFFLOAD["prefetch_depth"] if args.prefetch_depth is None else args.prefetch_depth,
-        offload_dir=args.offload_dir, measure_time=args.stats)
+        offload_dir=args.offload_dir, measure_time=args.stats,
+        cpu_moe_layers=args.cpu_moe_layers or OFFLOAD["cpu_moe_layers"],
+        cpu_experts=args.cpu_experts or OFFLOAD["cpu_experts"])
 
 
 def format_expert_stats(stats: dict[str, float], seconds: float) -> str:
@@ -100,7 +121,15 @@ def format_expert_stats(stats: dict[str, float], seconds: float) -> str:
         line += f", prefetch recall {stats['prefetch_recall']:.3f} precision {stats['prefetch_precision']:.3f}"
     line += (f", {stats['h2d_gbps']:.1f} GB/s while copying, waiting for copies {stats['wait_seconds']:.2f} s "
              f"of {seconds:.2f} s")
+    if stats["cpu_uses"]:
+        line += (f"; CPU ran {stats['cpu_uses']} expert uses at {stats['cpu_gbps']:.1f} GB/s, busy "
+                 f"{stats['cpu_seconds']:.2f} s ({busy_share(stats['cpu_seconds'], seconds):.0%}), link busy "
+                 f"{stats['copy_seconds']:.2f} s ({busy_share(stats['copy_seconds'], seconds):.0%})")
     return line
+
+
+def busy_share(busy: float, seconds: float) -> float:
+    return busy / seconds if seconds > 0 else 0.0
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -127,7 +156,7 @@ def runtime_from(args) -> RuntimeConfig:
                         f"drop --quant")
     quant = QuantConfig.parse(args.quant) if args.quant else None
     return RuntimeConfig(model=args.model, device=args.device, dtype=args.dtype, max_context=args.max_context, quant=quant,
-                         max_batch=getattr(args, "max_batch", RUNTIME["max_batch"]))
+                         max_batch=getattr(args, "max_batch", RUNTIME["max_batch"]), lora=getattr(args, "lora", None))
 
 
 def load_engine(args) -> Engine:
@@ -309,6 +338,50 @@ def cmd_perplexity(args) -> None:
           f"({result.predicted} predicted tokens of {len(token_ids)})")
 
 
+def add_finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, type=Path,
+                   help='JSON lines: {"text": ...} (loss on every token), {"prompt": ..., "completion": ...} (loss on '
+                        'the completion), or with --chat {"messages": [...]}')
+    p.add_argument("--chat", action="store_true",
+                   help="render each line's messages with the model's chat template; loss on the assistant's turns")
+    p.add_argument("--out", required=True, type=Path,
+                   help="adapter folder (PEFT files, and a state to resume from: run the same command again)")
+    p.add_argument("--lora-rank", type=int, default=LORA["rank"], help="rank of each adapter (default: %(default)s)")
+    p.add_argument("--lora-alpha", type=float, default=LORA["alpha"], help="scale alpha / rank (default: %(default)s)")
+    p.add_argument("--targets", default=",".join(LORA["targets"]),
+                   help="comma-separated: attention, router, experts (each expert its own adapter) (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=FINETUNE["seq_len"], help="tokens a row (default: %(default)s)")
+    p.add_argument("--batch-tokens", type=int, default=FINETUNE["batch_tokens"],
+                   help="tokens a step, in rows of --seq-len (default: %(default)s)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=FINETUNE["steps"], help="optimizer steps (default: --epochs)")
+    length.add_argument("--epochs", type=float, default=FINETUNE["epochs"], help="passes over the data (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=FINETUNE["lr"], help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=FINETUNE["weight_decay"], help="AdamW (default: %(default)s)")
+    p.add_argument("--save-every", type=int, default=FINETUNE["save_every"],
+                   help="steps between saved adapters and resumable states (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=FINETUNE["seed"], help="adapter init and data order (default: %(default)s)")
+
+
+def cmd_finetune(args) -> None:
+    from .tokenizer import Tokenizer
+    from .train import finetune, read_examples, training_bytes
+
+    lora = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=tuple(t.strip() for t in args.targets.split(",")))
+    settings = FinetuneConfig(data=args.data, out=args.out, chat=args.chat, seq_len=args.seq_len,
+                              batch_tokens=args.batch_tokens, steps=args.steps, epochs=args.epochs, lr=args.lr,
+                              weight_decay=args.weight_decay, save_every=args.save_every, seed=args.seed)
+    runtime = replace(runtime_from(args), max_context=settings.seq_len)
+    examples = read_examples(settings.data, Tokenizer.from_folder(runtime.model), settings.chat)
+    engine = Engine.load(runtime, offload=offload_from(args),
+                         extra_workspace=lambda config, dtype: training_bytes(config, lora, settings, dtype), training=True)
+    summary = finetune(engine, lora, settings, examples)
+    print(f"wrote {settings.out}: {summary['steps']} steps, last loss {summary['loss']:.4f}, "
+          f"{summary['tokens_per_second']:.0f} tokens/s", file=sys.stderr)
+    if args.stats:
+        print(format_expert_stats(engine.expert_stats(), summary["seconds"]), file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-offload", description="Run Mixture-of-Experts language models on one GPU (or the CPU).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -319,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt", help="text to complete")
     prompt.add_argument("--prompt-file", metavar="PATH",
                         help="complete the UTF-8 text of this file, - for standard input (one final newline is dropped)")
+    add_lora_arg(gen)
     add_sampling_args(gen)
     add_offload_args(gen)
     gen.set_defaults(func=cmd_generate)
@@ -326,12 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive chat with the model's chat template and history")
     add_runtime_args(chat)
     chat.add_argument("--system", default=None, help="system message")
+    add_lora_arg(chat)
     add_sampling_args(chat)
     add_offload_args(chat)
     chat.set_defaults(func=cmd_chat)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /metrics)")
     add_runtime_args(serve)
+    add_lora_arg(serve)
     add_offload_args(serve)
     add_server_args(serve)
     serve.set_defaults(func=cmd_serve)
@@ -346,10 +422,20 @@ def build_parser() -> argparse.ArgumentParser:
     ppl = sub.add_parser("perplexity", help="perplexity of the model on a text file, over non-overlapping windows",
                          description=PERPLEXITY_METHOD, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_runtime_args(ppl)
+    add_lora_arg(ppl)
     ppl.add_argument("--text", required=True, help="UTF-8 text file, e.g. WikiText2's wiki.test.raw")
     ppl.add_argument("--window", type=int, default=PERPLEXITY_WINDOW, help="tokens per window (default: %(default)s)")
     ppl.add_argument("--max-windows", type=int, default=0, help="only the first N windows (default: all)")
     ppl.set_defaults(func=cmd_perplexity)
+
+    tune = sub.add_parser("finetune", help="train LoRA adapters on a JSON-lines file (experts may stay offloaded)",
+                          description="LoRA fine-tuning: base weights frozen (as loaded: bf16 or HQQ), fp32 adapters, "
+                                      "AdamW, each layer checkpointed; experts resident or streamed with --offload. "
+                                      "Writes a PEFT adapter that --lora (and peft) loads. See docs/finetune.md.")
+    add_runtime_args(tune)
+    add_finetune_args(tune)
+    add_offload_args(tune)
+    tune.set_defaults(func=cmd_finetune)
 
     add_bench_parser(sub)    # bench/cli.py: bench, bench record-routing, bench plot
     return parser

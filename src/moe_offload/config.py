@@ -396,8 +396,9 @@ class SamplingParams:
 
     @property
     def picks_on_host(self) -> bool:
-        """Whether each token is picked by `generate.sample` on the host; else greedily on the device."""
-        return self.temperature != 0 or self.penalized or self.grammar is not None
+        """Whether each token is picked by `generate.sample` on the host; else greedily on the device (a grammar's
+        mask applied there)."""
+        return self.temperature != 0 or self.penalized
 
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
@@ -413,6 +414,7 @@ class RuntimeConfig:
     max_context: int = 4096      # KV cache length; capped by the model's max_position_embeddings
     max_batch: int = 1           # sequences decoded together (the server's continuous batching): KV cache rows
     quant: "QuantConfig | None" = None   # HQQ quantization on load (quant/); None: the checkpoint's own weights
+    lora: Path | None = None     # a PEFT LoRA adapter folder applied on load (lora.py); None: the base model
 
 
 @dataclass(frozen=True)
@@ -429,6 +431,69 @@ class OffloadConfig:
     prefetch_norm: bool = True           # apply the target layer's RMSNorm before its router when predicting
     offload_dir: Path | None = None      # folder for the disk tier's (unlinked) file; None: the system temp folder
     measure_time: bool = False           # time copies and waits with events (--stats); a little overhead per copy
+    cpu_moe_layers: int = 0              # the experts of the first N MoE layers stay on the host and run on the CPU
+    cpu_experts: str = "auto"            # "auto": each decode miss is copied or run on the CPU, whichever the cost
+                                         # model calibrated at start finishes sooner (off on a CPU device); "off"
+
+
+LORA_TARGETS = ("attention", "router", "experts")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (lora.py): W x + (alpha / rank) B A x on each targeted matrix, B zero at the start.
+    Targets: attention (q, k, v, o), router (the gate), experts (each expert's gate|up and down, its own pair)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("attention",)
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ConfigError(f"--lora-rank {self.rank}: the rank must be at least 1")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets:
+            raise ConfigError(f"--targets {','.join(self.targets)!r}: use a comma-separated subset of "
+                              f"{','.join(LORA_TARGETS)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """One LoRA fine-tune (train.py): rows of `seq_len` tokens, `batch_tokens` tokens a step, AdamW on the adapters."""
+
+    data: Path = Path("train.jsonl")
+    out: Path = Path("adapter")
+    chat: bool = False            # rows are {"messages": [...]}: the chat template, loss on the assistant's turns
+    seq_len: int = 512
+    batch_tokens: int = 4096      # tokens a step: batch_tokens // seq_len rows
+    steps: int | None = None      # None: `epochs` passes over the data
+    epochs: float = 1.0
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    save_every: int = 50          # steps between resumable checkpoints (and at the end)
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("seq_len", "batch_tokens", "save_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.batch_tokens < self.seq_len:
+            raise ConfigError(f"--batch-tokens {self.batch_tokens} is less than --seq-len {self.seq_len}: a step "
+                              f"takes at least one row")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"--steps {self.steps}: must be at least 1")
+        if self.epochs <= 0:
+            raise ConfigError(f"--epochs {self.epochs}: must be positive")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr {self.lr}: must be positive")
+
+    @property
+    def rows(self) -> int:
+        return self.batch_tokens // self.seq_len
 
 
 QUANT_BITS = (2, 3, 4, 8)

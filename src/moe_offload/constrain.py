@@ -5,15 +5,18 @@
     grammars = Grammars(tokenizer, vocab_size)                  # one per engine: the token table, built once
     grammars.check(grammar)                                     # GrammarError with a one-line reason
     constraint = grammars.constraint(grammar)                   # one per generation
-    allowed = constraint.allowed()                              # bool (vocab,): the tokens that may come next
+    constraint.fill(bitmask_row)                                # int32 (words,): bit i of word w allows token 32w + i
+    allowed = constraint.allowed()                              # the same, as bool (vocab,)
     constraint.accept(token_id)
 
-SamplingParams.grammar carries the grammar text; generate() then picks every token on the host
-(sample() sets the others to -inf before penalties and temperature) and the engine builds the
-Constraint. The mask of a step is computed on the CPU after the step's forward is launched, so on a
-GPU it overlaps the forward; benchmarks/constrained_mask.py measures it (tens of microseconds a token on
-one CPU core: docs/server.md, "Structured output"). JSON is compact (no free whitespace), so a
-model cannot stall a JSON answer in endless blank lines. Once the grammar is complete only EOS is allowed.
+SamplingParams.grammar carries the grammar text and the engine builds the Constraint. A token picked on the
+host (sampled, penalized, or the first one after the prompt) is drawn from sample() with the others at -inf;
+a greedy one of the decode step is picked on the device: generate.Batch uploads the step's bitmasks (4 bytes
+per 32 tokens, pinned, without waiting) and takes the argmax among the allowed tokens there, before the one
+read of the step's tokens, so the logits never come back to the host (masked_greedy). The mask of a step is
+computed on the CPU after the step's forward is launched, so on a GPU it overlaps the forward;
+benchmarks/constrained_mask.py measures it and the pick (docs/server.md, "Structured output"). JSON is compact (no free whitespace), so a model cannot stall a JSON
+answer in endless blank lines. Once the grammar is complete only EOS is allowed.
 """
 
 from __future__ import annotations
@@ -80,20 +83,33 @@ class Constraint:
         self.matcher = llguidance.LLMatcher(grammars.tokenizer, grammar, log_level=0)
         if self.matcher.is_error():
             raise GrammarError(_one_line(self.matcher.get_error()))
-        self.bitmask = torch.zeros(1, (grammars.vocab_size + 31) // 32, dtype=torch.int32)
-        self.bits = torch.arange(32, dtype=torch.int32)
+        self.bitmask = torch.zeros(bitmask_words(grammars.vocab_size), dtype=torch.int32)
         self.vocab_size = grammars.vocab_size
+
+    def fill(self, bitmask: torch.Tensor) -> None:
+        """The tokens that keep the text inside the grammar, into `bitmask`: int32 (words,), contiguous, on the CPU."""
+        import llguidance.torch
+
+        llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask[None])
 
     def allowed(self) -> torch.Tensor:
         """bool (vocab,): the tokens that keep the text inside the grammar."""
-        import llguidance.torch
-
-        llguidance.torch.fill_next_token_bitmask(self.matcher, self.bitmask)
-        return ((self.bitmask[0, :, None] >> self.bits) & 1).flatten()[:self.vocab_size].bool()
+        self.fill(self.bitmask)
+        return unpack_bitmask(self.bitmask, self.vocab_size)
 
     def accept(self, token_id: int) -> None:
         if not self.matcher.consume_token(token_id):
             raise RuntimeError(f"token {token_id} is outside the grammar: {self.matcher.get_error()}")
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """int32 (..., words) -> bool (..., vocab_size), on the bitmask's device: bit i of word w is token 32w + i."""
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    return ((bitmask[..., None] >> bits) & 1).flatten(-2)[..., :vocab_size].bool()
 
 
 def _one_line(message: str) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -29,12 +29,15 @@ from .errors import UserError
 from .experts import DenseExpertFormat, ExpertFormat, ExpertSlots, ResidentExperts, slot_stride
 from .generate import Batch, Generation
 from .logprobs import LogprobRecorder, TokenLogprob
+from .lora import Adapters, LoraExperts, merges_experts
 from .model import KVCache, ModelWeights, Transformer
+from .offload.cpu_tier import CHOICES as CPU_EXPERTS, CostModel, CpuExperts, calibrate, unsupported
 from .offload.planner import Plan, plan_for
 from .offload.prefetch import GatePredictor
 from .offload.provider import OffloadedExperts
 from .offload.store import ExpertStore
 from .quant.checkpoint import QuantizedCheckpoint, open_checkpoint
+from .quant.cpu_kernels import default_threads
 from .quant.mxfp4 import MXFP4ExpertFormat
 from .step import DecodeStep
 from .tokenizer import Tokenizer
@@ -66,14 +69,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def expert_storage(ckpt: Checkpoint, dtype: torch.dtype) -> tuple[ExpertFormat, Callable[[int, int], torch.Tensor]]:
-    """How experts are stored, and where each one's packed CPU buffer comes from: (layer, expert) -> uint8."""
+def expert_storage(ckpt: Checkpoint, dtype: torch.dtype,
+                   adapters: Adapters | None = None) -> tuple[ExpertFormat, Callable[[int, int], torch.Tensor]]:
+    """How experts are stored, and where each one's packed CPU buffer comes from: (layer, expert) -> uint8.
+    Unquantized experts get their LoRA adapters (if any) added before they are packed."""
     if isinstance(ckpt, QuantizedCheckpoint):
         return ckpt.expert_storage(dtype)
     cfg = ckpt.config
     # MXFP4 experts (gpt-oss as published) stay MXFP4: 4.25 bits a weight over the link; --quant converts them
     expert_class = MXFP4ExpertFormat if ckpt.mxfp4_experts else DenseExpertFormat
     expert_format = expert_class(cfg.hidden_size, cfg.expert_ffn, dtype, cfg.expert_bias)
+    if adapters is not None and merges_experts(expert_format):
+        return expert_format, lambda layer, expert_id: expert_format.pack(
+            adapters.merged_expert(layer, expert_id, ckpt.expert(layer, expert_id)))
     return expert_format, lambda layer, expert_id: expert_format.pack(ckpt.expert(layer, expert_id))
 
 
@@ -89,7 +97,8 @@ def resident_experts(config: ModelConfig, expert_format: ExpertFormat, expert_bu
 
 
 def offloaded_experts(config: ModelConfig, weights: ModelWeights, expert_format: ExpertFormat, expert_buffer,
-                      plan: Plan, offload: OffloadConfig, device: torch.device, progress) -> OffloadedExperts:
+                      plan: Plan, offload: OffloadConfig, device: torch.device, dtype: torch.dtype,
+                      progress) -> OffloadedExperts:
     """Every expert into the host store (pinned on CUDA), slots and predictor as the plan says."""
     store = ExpertStore(config.moe_layers, config.num_experts, expert_format.nbytes, plan.ram_experts,
                         pin=device.type == "cuda", disk_dir=offload.offload_dir)
@@ -99,7 +108,39 @@ def offloaded_experts(config: ModelConfig, weights: ModelWeights, expert_format:
             progress(1)
     top_n = config.top_k if offload.prefetch_experts is None else offload.prefetch_experts
     predictor = GatePredictor(config, weights.layers, offload.prefetch_depth, top_n, offload.prefetch_norm) if top_n else None
-    return OffloadedExperts(store, expert_format, plan.slots, device, predictor, offload.measure_time)
+    cpu = cpu_experts(config, expert_format, store, offload, device, dtype)
+    return OffloadedExperts(store, expert_format, plan.slots, device, predictor, offload.measure_time, cpu=cpu)
+
+
+def cpu_experts(config: ModelConfig, expert_format: ExpertFormat, store: ExpertStore, offload: OffloadConfig,
+                device: torch.device, dtype: torch.dtype) -> CpuExperts | None:
+    """The CPU tier that --cpu-moe-layers and --cpu-experts ask for, or None. "auto" calibrates the link and the CPU
+    (milliseconds) and lets the cost model choose per miss; on a CPU device there is no link to spare, so it is off.
+    A model whose experts the CPU cannot run stays off under "auto" and is refused with --cpu-moe-layers."""
+    if offload.cpu_experts not in CPU_EXPERTS:
+        raise UserError(f"--cpu-experts {offload.cpu_experts!r}: use one of {', '.join(CPU_EXPERTS)}")
+    dynamic = offload.cpu_experts == "auto" and device.type == "cuda"
+    reason = unsupported(config, expert_format)
+    if reason and offload.cpu_moe_layers:
+        raise UserError(f"--cpu-moe-layers {offload.cpu_moe_layers}: {reason}")
+    if reason or not (dynamic or offload.cpu_moe_layers):
+        return None
+    threads = max(1, default_threads() - 1) if device.type == "cuda" else None   # a core for the thread driving the GPU
+    costs = None
+    if dynamic:
+        calibration = calibrate(store.buffer(config.moe_layers[0], 0), expert_format, device, config.hidden_size, dtype,
+                                threads)
+        costs = CostModel(calibration, expert_format.nbytes)
+    return CpuExperts(store, expert_format, device, costs, threads)
+
+
+def without_cpu_experts(offload: OffloadConfig, reason: str) -> OffloadConfig:
+    """No CPU tier where the CPU would compute experts without their adapters (its kernels know nothing of LoRA,
+    nor of gradients): --cpu-experts auto falls back to off; --cpu-moe-layers is refused."""
+    if offload.cpu_moe_layers:
+        raise UserError(f"--cpu-moe-layers {offload.cpu_moe_layers}: {reason} (the CPU computes experts without "
+                        f"adapters or gradients)")
+    return replace(offload, cpu_experts="off")
 
 
 @dataclass
@@ -202,7 +243,10 @@ class Engine:
 
     @classmethod
     def load(cls, runtime: RuntimeConfig = RuntimeConfig(), progress: bool = True,
-             offload: OffloadConfig = OffloadConfig()) -> "Engine":
+             offload: OffloadConfig = OffloadConfig(), extra_workspace=None, training: bool = False) -> "Engine":
+        """extra_workspace(config, dtype) -> bytes the offload planner reserves on the device beyond inference's
+        workspace (fine-tuning's activations and optimizer state, train.training_bytes). `training`: the model will
+        be fine-tuned (train.Trainer), so no expert runs on the CPU."""
         device = resolve_device(runtime.device)
         dtype = resolve_dtype(runtime.dtype, device)
         ckpt = open_checkpoint(runtime.model, runtime.quant, device)
@@ -211,21 +255,34 @@ class Engine:
             raise UserError(f"--max-context must be at least 1, got {runtime.max_context}")
         max_context = min(runtime.max_context, config.max_position_embeddings)
         tokenizer = Tokenizer.from_folder(runtime.model, eos_ids=config.eos_token_ids)
-        expert_format, expert_buffer = expert_storage(ckpt, dtype)
+        adapters = Adapters.load(runtime.lora, config, device) if runtime.lora else None
+        expert_format, expert_buffer = expert_storage(ckpt, dtype, adapters)
+        on_the_fly = adapters is not None and "experts" in adapters.lora.targets and not merges_experts(expert_format)
+        if on_the_fly or training:
+            offload = without_cpu_experts(offload, "fine-tuning computes the experts on the device only" if training
+                                          else "--lora's adapters on quantized experts apply on the device only")
         quant = ckpt.quant if isinstance(ckpt, QuantizedCheckpoint) else None
         if runtime.max_batch < 1:
             raise UserError(f"--max-batch must be at least 1, got {runtime.max_batch}")
-        plan = (plan_for(config, expert_format.nbytes, dtype, max_context, offload, device, quant, runtime.max_batch)
+        extra = extra_workspace(config, dtype) if extra_workspace else 0
+        plan = (plan_for(config, expert_format.nbytes, dtype, max_context, offload, device, quant, runtime.max_batch, extra)
                 if offload.enabled else None)
         if plan and progress:
             print(plan.describe(), file=sys.stderr)
         total = ckpt.num_dense_tensors() + len(config.moe_layers) * config.num_experts
         with tqdm(total=total, desc="loading", unit="tensor", disable=not progress or None, file=sys.stderr) as bar:
             weights = ckpt.dense_weights(device, dtype, progress=bar.update)
+            if adapters:
+                weights = adapters.merged(weights)
             if plan:
-                provider = offloaded_experts(config, weights, expert_format, expert_buffer, plan, offload, device, bar.update)
+                provider = offloaded_experts(config, weights, expert_format, expert_buffer, plan, offload, device, dtype,
+                                             bar.update)
             else:
                 provider = resident_experts(config, expert_format, expert_buffer, device, progress=bar.update)
+            if on_the_fly:
+                provider = LoraExperts(provider, adapters)     # quantized experts: their adapters on the fly
+        if progress and getattr(provider, "cpu", None) is not None and provider.cpu.costs is not None:
+            print(provider.cpu.costs.calibration.describe(), file=sys.stderr)
         model = Transformer(config, weights, provider)
         cache = KVCache.allocate(config, batch=runtime.max_batch, max_len=max_context, device=device, dtype=dtype)
         return cls(config, model, tokenizer, cache, name=Path(runtime.model).name, plan=plan)
@@ -239,7 +296,7 @@ class Engine:
         """Expert-cache counters for --stats and /metrics (hit rate, prefetch recall, ...; see
         offload/cache.py for each one); empty when resident."""
         provider = self.model.provider
-        return provider.summary() if isinstance(provider, OffloadedExperts) else {}
+        return provider.summary() if hasattr(provider, "summary") else {}   # OffloadedExperts, maybe under LoraExperts
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:

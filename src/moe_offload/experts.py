@@ -4,8 +4,9 @@ The MoE block asks an `ExpertProvider` for the experts of a step's routing and c
 whatever comes back; it never knows whether they were resident, streamed from host RAM or quantized.
 
     provider = ResidentExperts(fmt, {layer: ExpertSlots(fmt, num_experts, slot_stride(fmt.nbytes), device)})
-    for batch in provider.experts(layer, ids, residual):       # ids: (tokens, top_k) on the device
-        ...   # batch.memory: the layer's slots; batch.slots: each (token, choice) pair's slot
+    for batch in provider.experts(layer, ids, residual, x):    # ids: (tokens, top_k) on the device
+        ...   # batch.memory: the layer's slots; batch.slots: each (token, choice) pair's slot;
+              # batch.computed: pairs a provider computed elsewhere (the CPU, offload/cpu_tier.py)
 
 An `Expert` holds three weights (w1 = gate, w3 = up, w2 = down, Mixtral's names). Each is either
 a plain tensor of shape (out, in) or a weight object with a `.linear(x)` method: quantized, or
@@ -153,30 +154,47 @@ class DenseExpertFormat:
         raise NotImplementedError("dense experts run one expert at a time")
 
 
+class Computed(NamedTuple):
+    """Products of a step's pairs that the provider computed elsewhere (on the CPU), already on the device."""
+
+    rows: torch.Tensor                  # (pairs, hidden): pair p's product in row p
+    mask: torch.Tensor | None           # bool (pairs,): the rows to take over the slots' products; None: every row
+                                        # (the layer has no slots)
+
+
 class ExpertBatch(NamedTuple):
     """Experts of one MoE step that are ready together, in the layer's slot buffer.
 
     The step's (token, choice) pairs are numbered token-major (pair p is token p // top_k's choice p % top_k);
-    a batch serves all of them (`pairs` None) or some (`pairs`), each from the slot that holds its expert."""
+    a batch serves all of them (`pairs` None) or some (`pairs`), each from the slot that holds its expert, but
+    for the pairs of `computed` (their products come with the batch)."""
 
-    memory: torch.Tensor                # uint8 (slots, stride): the layer's expert slots, one buffer
-    experts: Sequence[Expert]           # slot -> an Expert viewing that slot (made once)
+    memory: torch.Tensor | None         # uint8 (slots, stride): the layer's expert slots, one buffer
+    experts: Sequence[Expert] | None    # slot -> an Expert viewing that slot (made once)
     slots: torch.Tensor | None          # int32 (pairs,) on the device: each pair's slot, for the grouped kernels
     host_slots: list[int] | None        # the same on the host, where the provider knows it (None: read `slots`)
     pairs: torch.Tensor | None = None   # int64 (pairs,) on the device: the step's pairs this batch serves
+    computed: Computed | None = None    # pairs whose products were computed elsewhere (with `pairs` None)
 
 
 class ExpertProvider(Protocol):
     expert_format: "ExpertFormat"
 
-    def experts(self, layer: int, ids: torch.Tensor, residual: torch.Tensor) -> Iterator[ExpertBatch]:
+    def experts(self, layer: int, ids: torch.Tensor, residual: torch.Tensor,
+                x: torch.Tensor) -> Iterator[ExpertBatch]:
         """Yield batches that cover every (token, choice) pair of `ids` (int64 (tokens, top_k), on the device),
         each batch ready to compute with when it is yielded and until the next is asked for.
 
         `residual` is the residual stream entering the MoE block of `layer`, (tokens, hidden); a provider may
-        use it to guess the experts of later layers. The model's result does not depend on how the pairs are
+        use it to guess the experts of later layers. `x` (tokens, hidden) is the experts' input: a provider may
+        compute some pairs itself (ExpertBatch.computed). The model's result does not depend on how the pairs are
         split into batches nor on their order.
         """
+        ...
+
+    def slot_experts(self, layer: int) -> dict[int, int]:
+        """Slot -> the expert it holds, valid while a batch of `layer` is being computed with (LoRA's per-expert
+        adapters find their expert by it, lora.py)."""
         ...
 
 
@@ -197,9 +215,13 @@ class ResidentExperts:
         self.slots_by_layer = slots_by_layer
         self.graph = None     # set while a CUDA graph captures a step (step.py); a resident step needs no cut
 
-    def holds_at_once(self, experts: int) -> bool:
+    def holds_at_once(self, experts: int, tokens: int) -> bool:
         return True
 
-    def experts(self, layer, ids, residual):
+    def slot_experts(self, layer: int) -> dict[int, int]:
+        """Slot -> the expert it holds: slot e, expert e."""
+        return dict(enumerate(range(len(self.slots_by_layer[layer].experts))))
+
+    def experts(self, layer, ids, residual, x):
         slots = self.slots_by_layer[layer]
         yield ExpertBatch(slots.memory, slots.experts, ids.flatten().to(torch.int32), None)

@@ -5,8 +5,9 @@
     batch = Batch(model, cache, step)               # several generations at once (continuous batching)
 
 Decoding runs step.py's DecodeStep (CUDA graphs where it can). Greedy decoding without penalties picks the
-next token on the device; other sampling (and penalized greedy) runs on the CPU in fp32 from a seeded
-generator, so a seed gives the same tokens on any device. Stop strings are text, not ids: the engine
+next token on the device (under a grammar too: its mask goes there, masked_greedy); other sampling (and
+penalized greedy) runs on the CPU in fp32 from a seeded generator, so a seed gives the same tokens on any
+device. Stop strings are text, not ids: the engine
 handles them.
 """
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import SamplingParams
-from .constrain import Constraint
+from .constrain import Constraint, bitmask_words, unpack_bitmask
 from .model import KVCache, Transformer
 from .step import DecodeStep
 
@@ -89,6 +90,7 @@ class Batch:
         self.free_rows = list(range(cache.keys[0].shape[0] - 1, -1, -1))     # pop() gives row 0 first
         self.prefilling: deque[Generation] = deque()
         self.running: list[Generation] = []       # running[i] is the DecodeStep's sequence i
+        self.bitmasks: torch.Tensor | None = None  # grammar masks of a step's greedy choices (_greedy_bitmasks)
 
     @property
     def busy(self) -> bool:
@@ -160,16 +162,40 @@ class Batch:
     def _decode(self, tokens: list) -> None:
         count = len(self.running)
         logits = self.decode_step(count)
+        bitmasks = self._greedy_bitmasks(count)
+        if bitmasks is not None:
+            self.decode_step.choose(masked_greedy(logits, bitmasks))
         greedy = self.decode_step.next_tokens(count)         # one read for every greedy choice
-        for index, generation in enumerate(list(self.running)):
+        picked = []
+        for index, generation in enumerate(self.running):
             if generation.watch:
                 generation.watch(logits[index])
             token = greedy[index]
             if generation.params.picks_on_host:
                 token = generation.pick(logits[index])
                 self.decode_step.set(index, token)
+            picked.append((generation, token))
+        for generation, token in picked:     # then leave: leaving moves the last sequence into the leaver's place
             if not self._take(generation, token, tokens):
                 self._leave(generation)
+
+    def _greedy_bitmasks(self, count: int) -> torch.Tensor | None:
+        """int32 (count, words) on the host: the grammar masks of the running generations picked greedily on the
+        device, all ones for the others; None when no such generation has a grammar. One pinned buffer, reused:
+        its upload has ended by the time the step's tokens are read, before the next step refills it."""
+        constrained = [(index, generation.constraint) for index, generation in enumerate(self.running)
+                       if generation.constraint is not None and not generation.params.picks_on_host]
+        if not constrained:
+            return None
+        if self.bitmasks is None:
+            words = bitmask_words(constrained[0][1].vocab_size)
+            pinned = self.cache.keys[0].device.type == "cuda"
+            self.bitmasks = torch.empty(self.cache.keys[0].shape[0], words, dtype=torch.int32, pin_memory=pinned)
+        bitmasks = self.bitmasks[:count]
+        bitmasks.fill_(-1)
+        for index, constraint in constrained:
+            constraint.fill(bitmasks[index])
+        return bitmasks
 
     def _take(self, generation: Generation, token: int, tokens: list) -> bool:
         """Record the generation's new token; -> whether it goes on (not EOS, room for more)."""
@@ -213,6 +239,14 @@ def generate(model: Transformer, cache: KVCache, prompt_ids: list[int], params: 
                 yield token
     finally:
         batch.cancel(generation)
+
+
+def masked_greedy(logits: torch.Tensor, bitmasks: torch.Tensor) -> torch.Tensor:
+    """The likeliest token of each row of logits (rows, vocab) among those its bitmask allows (int32 (rows, words)
+    on the host; uploaded without waiting), computed on the logits' device: sample()'s greedy pick under a
+    grammar, without reading the logits back."""
+    allowed = unpack_bitmask(bitmasks.to(logits.device, non_blocking=True), logits.shape[-1])
+    return logits.masked_fill(~allowed, float("-inf")).argmax(-1)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,

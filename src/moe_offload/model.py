@@ -190,9 +190,19 @@ def own_routing(layer: int, logits: torch.Tensor, top_k: int, renormalize: bool)
 def expert_outputs(expert_format: ExpertFormat, batch: ExpertBatch, x: torch.Tensor, top_k: int,
                    mlp=swiglu) -> torch.Tensor:
     """x (T, hidden) -> (pairs of the batch, hidden): each (token, choice) pair's token through the expert in its
-    slot. Decode: the format's grouped kernels, one launch per matrix for every pair, reading the slots on the
-    device (one expert's pairs too, so that a product is the same whichever batch brought it). Otherwise each
-    expert in turn over all of its rows (prefill: dequantize and cuBLAS), through `mlp(expert, x)`."""
+    slot, or the product the batch brings for it (`batch.computed`)."""
+    computed = batch.computed
+    if computed is not None and computed.mask is None:
+        return computed.rows
+    out = slot_outputs(expert_format, batch, x, top_k, mlp)
+    return out if computed is None else torch.where(computed.mask[:, None], computed.rows, out)
+
+
+def slot_outputs(expert_format: ExpertFormat, batch: ExpertBatch, x: torch.Tensor, top_k: int, mlp) -> torch.Tensor:
+    """Each pair of the batch through the expert in its slot. Decode: the format's grouped kernels, one launch per
+    matrix for every pair, reading the slots on the device (one expert's pairs too, so that a product is the same
+    whichever batch brought it). Otherwise each expert in turn over all of its rows (prefill: dequantize and
+    cuBLAS), through `mlp(expert, x)`."""
     if expert_format.runs_grouped(x, top_k):
         if batch.pairs is None:
             return expert_format.grouped_swiglu(batch, x, top_k)
@@ -222,13 +232,16 @@ def visible_keys(positions: torch.Tensor, kv_len: int, window: int | None) -> to
 
 
 class Transformer:
-    def __init__(self, config: ModelConfig, weights: ModelWeights, provider: ExpertProvider, router=None):
+    def __init__(self, config: ModelConfig, weights: ModelWeights, provider: ExpertProvider, router=None, pairs=None):
         # router(layer, logits (T, E), top_k, renormalize) -> (weights, ids); benchmarks replace it
         # to replay recorded routing (bench/routing.py); everything else keeps the config's (`route`).
+        # pairs(layer, ids, x, residual) -> each (token, choice) pair's expert output; training replaces it
+        # to stream the experts again in backward (train.py); everything else keeps `pair_outputs`.
         self.config = config
         self.weights = weights
         self.provider = provider
         self.router = router or self.route
+        self.pairs = pairs or self.pair_outputs
         self.expert_mlp = (partial(clamped_swiglu, alpha=config.swiglu_alpha, limit=config.swiglu_limit)
                            if config.swiglu_limit else swiglu)
 
@@ -252,12 +265,20 @@ class Transformer:
             mask = self._attention_mask(positions, start_pos + length, cfg.sliding_window)
         h = w.embed[tokens]
         with sdpa_kernel(ATTENTION_BACKENDS):
-            for index, layer in enumerate(w.layers):
-                x = self._norm(h, layer.attn_norm, layer.attn_norm_bias)
-                h = h + self._attention(index, layer, x, cache, start_pos, positions, rows, rope, mask)
-                h = h + self._mlp(index, layer, h)
-        if last_only:
-            h = h[:, -1:]
+            for index in range(len(w.layers)):
+                h = self.layer(index, h, cache, start_pos, positions, rows, rope, mask)
+        return self.head(h[:, -1:] if last_only else h)
+
+    def layer(self, index: int, h: torch.Tensor, cache: KVCache, start_pos, positions, rows, rope, mask) -> torch.Tensor:
+        """The residual stream h (batch, T, hidden) through decoder layer `index`."""
+        layer = self.weights.layers[index]
+        x = self._norm(h, layer.attn_norm, layer.attn_norm_bias)
+        h = h + self._attention(index, layer, x, cache, start_pos, positions, rows, rope, mask)
+        return h + self._mlp(index, layer, h)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm and lm_head: h (batch, T, hidden) -> fp32 logits (batch, T, vocab)."""
+        w = self.weights
         return linear(self._norm(h, w.norm, w.norm_bias), w.lm_head, w.lm_head_bias).float()
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -405,10 +426,16 @@ class Transformer:
         Each (token, choice) pair has its own row of `picked`, and the rows are summed in choice order at the
         end: the result does not depend on which batch an expert came in, nor on the order of the batches.
         """
-        top_k = self.config.top_k
-        weights, ids = self.router(index, linear(x, layer.router, layer.router_bias), top_k, self.config.norm_topk_prob)
+        weights, ids = self.router(index, linear(x, layer.router, layer.router_bias), self.config.top_k,
+                                   self.config.norm_topk_prob)
+        return ops.combine(self.pairs(index, ids, x, residual), weights)
+
+    def pair_outputs(self, index: int, ids: torch.Tensor, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """ids (T, top_k) -> (T * top_k, hidden): each (token, choice) pair's token x through its expert, in whatever
+        batches the provider brings them."""
+        top_k = ids.shape[-1]
         picked = None
-        for batch in self.provider.experts(index, ids, residual):
+        for batch in self.provider.experts(index, ids, residual, x):
             outputs = expert_outputs(self.provider.expert_format, batch, x, top_k, self.expert_mlp)
             if batch.pairs is None:
                 picked = outputs
@@ -416,4 +443,4 @@ class Transformer:
             if picked is None:
                 picked = x.new_empty(ids.numel(), x.shape[-1])
             picked[batch.pairs] = outputs
-        return ops.combine(picked, weights)
+        return picked

@@ -127,6 +127,11 @@ class DecodeStep:
             self.warm.add(bucket)
         return self.logits[bucket][:count]
 
+    def choose(self, tokens: torch.Tensor) -> None:
+        """Sequences 0..len(tokens)-1 decode `tokens` (int64, on the device) next, in place of their greedy choices."""
+        with torch.inference_mode():
+            self.tokens[:len(tokens), 0].copy_(tokens)
+
     def next_tokens(self, count: int = 1) -> list[int]:
         return self.tokens[:count, 0].tolist()
 
@@ -175,4 +180,4 @@ def _capturable(model: Transformer, cache: KVCache, tokens: int) -> bool:
         return False
     x = torch.empty(tokens, config.hidden_size, device=device, dtype=cache.keys[0].dtype)
     distinct = min(tokens * config.top_k, config.num_experts)
-    return provider.holds_at_once(distinct) and provider.expert_format.runs_grouped(x, config.top_k)
+    return provider.holds_at_once(distinct, tokens) and provider.expert_format.runs_grouped(x, config.top_k)

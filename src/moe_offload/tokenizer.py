@@ -22,20 +22,23 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import UserError
-from .tools import plain_messages
+from .tools import MISTRAL, plain_messages, tool_format
 
 FALLBACK_ROLE_PREFIX = "\n{role}: "
 
 
 class Tokenizer:
     def __init__(self, tokenizer: HFTokenizer, settings: dict, eos_ids: tuple[int, ...] = ()):
-        self.hf = tokenizer
         self.settings = settings
+        self.chat_template = _select_template(settings.get("chat_template"))
+        self.tool_format = tool_format(self.chat_template, tokenizer.token_to_id(MISTRAL.MARKER) is not None)
+        # Replies keep Mistral's call marker when decoded, special token or not (vLLM decodes them with
+        # skip_special_tokens=False when tools are offered), so that their calls can be parsed.
+        self.hf = _not_special(tokenizer, MISTRAL.MARKER) if self.tool_format is MISTRAL else tokenizer
         self.bos_token = _token_text(settings.get("bos_token"))
         self.eos_token = _token_text(settings.get("eos_token"))
         declared_eos = self.hf.token_to_id(self.eos_token) if self.eos_token else None
         self.eos_ids = tuple(dict.fromkeys([*eos_ids, *([declared_eos] if declared_eos is not None else [])]))
-        self.chat_template = _select_template(settings.get("chat_template"))
 
     @classmethod
     def from_folder(cls, folder: str | Path, eos_ids: tuple[int, ...] = ()) -> "Tokenizer":
@@ -113,8 +116,10 @@ class Tokenizer:
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
         """`tools`: OpenAI's function tools; a template that does not render them gets them, and the
         conversation's calls and results, written as text (tools.py)."""
-        if not self.renders_tools:
-            messages, tools = plain_messages(messages, tools), None
+        if self.renders_tools:
+            messages = self.tool_format.history(messages)
+        else:
+            messages, tools = plain_messages(messages, tools, self.tool_format), None
         if self.chat_template is None:
             return _fallback_transcript(messages, add_generation_prompt)
         try:
@@ -201,6 +206,16 @@ def _token_text(token) -> str | None:
     if isinstance(token, dict):  # older configs store AddedToken dicts
         return token.get("content")
     return token
+
+
+def _not_special(tokenizer: HFTokenizer, content: str) -> HFTokenizer:
+    """`tokenizer` with the added token `content` no longer special, so that decoding keeps it (the tokenizers
+    library keeps the flag of a token added again, so the tokenizer is rebuilt from its JSON)."""
+    data = json.loads(tokenizer.to_str())
+    for added in data.get("added_tokens", ()):
+        if added["content"] == content:
+            added["special"] = False
+    return HFTokenizer.from_str(json.dumps(data))
 
 
 def _select_template(template):

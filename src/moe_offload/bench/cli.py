@@ -2,6 +2,7 @@
 
     moe-offload bench --synthetic mixtral-8x7b --quant 4/2,4/3 --budget 12GiB --routing own,replay \\
         --modes full,no-prefetch,no-cache --accelerate --out results.json --plot results.png
+    moe-offload bench --budget 6GiB,12GiB --routing replay --cpu-experts off,auto --cpu-moe-layers 0,10   # CPU experts
     moe-offload bench record-routing --model DIR --text FILE --tokens 3072 --out trace.safetensors
     moe-offload bench plot --results results.json --out results.png
     moe-offload bench table --results a.json b.json [--quant 4/2 --budget 12GiB]     # Markdown for docs/benchmarks.md
@@ -37,6 +38,30 @@ def _counts(text: str) -> tuple[int, ...]:
     return counts
 
 
+def _train_defaults() -> dict:
+    from .train import TrainBenchSettings
+    return {f.name: f.default for f in fields(TrainBenchSettings)}
+
+
+def _cpu_experts(text: str) -> tuple[str, ...]:
+    from ..offload.cpu_tier import CHOICES
+
+    choices = _csv(text)
+    if not choices or any(choice not in CHOICES for choice in choices):
+        raise UserError(f"--cpu-experts {text!r}: use {' or '.join(CHOICES)}, comma-separated")
+    return choices
+
+
+def _layer_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in _csv(text))
+    except ValueError:
+        counts = ()
+    if not counts or any(n < 0 for n in counts):
+        raise UserError(f"--cpu-moe-layers {text!r}: expected counts of MoE layers, e.g. 0,8")
+    return counts
+
+
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -44,7 +69,7 @@ def _csv(text: str) -> tuple[str, ...]:
 def add_bench_parser(sub) -> None:
     from .routing import RECORD_DEPTH, RECORD_RANKED, RECORD_WINDOW
 
-    d = _defaults()
+    d, TRAIN = _defaults(), _train_defaults()
     bench = sub.add_parser("bench", help="benchmark decode/prefill speed under a memory budget (last stdout line: JSON)",
                            description="Benchmark an offloaded model: every quantization x budget x routing x mode, "
                                        "side by side; optionally transformers + accelerate at the same budget.")
@@ -81,11 +106,24 @@ def add_bench_parser(sub) -> None:
                             "sync waits, host time, top operators (default: off)")
     bench.add_argument("--prefetch", type=int, default=d["prefetch_experts"], help="experts prefetched per layer ahead (default: top-k)")
     bench.add_argument("--prefetch-depth", type=int, default=d["prefetch_depth"], help="MoE layers ahead to predict (default: %(default)s)")
+    bench.add_argument("--cpu-experts", default=",".join(d["cpu_experts"]),
+                       help="comma-separated: off (copy every miss), auto (the CPU computes the decode misses the cost "
+                            "model sends it); each mode runs with each (default: %(default)s)")
+    bench.add_argument("--cpu-moe-layers", default=",".join(map(str, d["cpu_moe_layers"])), metavar="N,N,...",
+                       help="comma-separated counts of MoE layers whose experts run on the CPU; each mode runs with "
+                            "each (default: %(default)s)")
     bench.add_argument("--device", default=d["device"], help="cuda, cuda:N or cpu (default: %(default)s)")
     bench.add_argument("--time-limit", type=float, default=d["time_limit"],
                        help="seconds; entries not started by then are reported as skipped (default: none)")
     bench.add_argument("--out", type=Path, default=None, help="write the report JSON here too, after every measurement")
     bench.add_argument("--plot", type=Path, default=None, help="write a PNG of tokens/s per configuration (needs matplotlib)")
+    train = bench.add_argument_group("training (--train)")
+    train.add_argument("--train", action="store_true",
+                       help="measure LoRA training steps instead (bench/train.py): the first --quant, each --budget")
+    train.add_argument("--seq-len", type=int, default=TRAIN["seq_len"], help="tokens a training step (default: %(default)s)")
+    train.add_argument("--lora-rank", type=int, default=TRAIN["lora"].rank, help="(default: %(default)s)")
+    train.add_argument("--targets", default=",".join(TRAIN["lora"].targets), help="LoRA targets (default: %(default)s)")
+    train.add_argument("--train-steps", type=int, default=TRAIN["steps"], help="timed steps after one warm-up (default: %(default)s)")
     bench.set_defaults(func=cmd_bench)
 
     tools = bench.add_subparsers(dest="bench_command")
@@ -115,6 +153,9 @@ def add_bench_parser(sub) -> None:
 def cmd_bench(args) -> None:
     from .runner import BenchSettings, run_benchmarks
 
+    if args.train:
+        return cmd_bench_train(args)
+
     for flag in ("prompt_tokens", "new_tokens", "repeats", "prefill_tokens", "prefill_repeats"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
@@ -128,12 +169,25 @@ def cmd_bench(args) -> None:
         warmup_tokens=args.warmup_tokens,
         repeats=args.repeats, prefill_tokens=args.prefill_tokens, prefill_repeats=args.prefill_repeats,
         cpu_memory=args.cpu_memory, resident=args.resident, concurrency=_counts(args.concurrency), compute_only=args.compute_only, profile_tokens=args.profile, prefetch_experts=args.prefetch, prefetch_depth=args.prefetch_depth,
+        cpu_experts=_cpu_experts(args.cpu_experts), cpu_moe_layers=_layer_counts(args.cpu_moe_layers),
         device=args.device, time_limit=args.time_limit, out=args.out)
     report = run_benchmarks(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     if args.plot is not None:
         from .plot import plot_report
         plot_report(report, args.plot)
     print(json.dumps(report))
+
+
+def cmd_bench_train(args) -> None:
+    from ..config import LoraConfig
+    from .train import TrainBenchSettings, run_training_bench
+
+    if args.seq_len < 1 or args.train_steps < 1:
+        raise UserError("--seq-len and --train-steps must be at least 1")
+    lora = LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank, targets=_csv(args.targets))
+    settings = TrainBenchSettings(synthetic=args.synthetic, quant=_csv(args.quant)[0], budgets=_csv(args.budget),
+                                  seq_len=args.seq_len, lora=lora, steps=args.train_steps, device=args.device)
+    print(json.dumps(run_training_bench(settings, log=lambda line: print(line, file=sys.stderr, flush=True))))
 
 
 def cmd_record_routing(args) -> None:

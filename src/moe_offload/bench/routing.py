@@ -135,14 +135,14 @@ class RecordingProvider:
         self.ranked = ranked
         self.predicted: dict[int, list[torch.Tensor]] = {}
 
-    def experts(self, layer, expert_ids, residual):
+    def experts(self, layer, expert_ids, residual, x):
         rows = torch.full((residual.shape[0], self.depth, self.ranked), -1, dtype=torch.int8)
         for t in range(residual.shape[0]):
             for target, ids in self.predictor.predict(layer, residual[t:t + 1]).items():
                 distance = self.position[target] - self.position[layer]
                 rows[t, distance - 1] = ids[:self.ranked].to(torch.int8)
         self.predicted.setdefault(layer, []).append(rows)
-        yield from self.provider.experts(layer, expert_ids, residual)
+        yield from self.provider.experts(layer, expert_ids, residual, x)
 
 
 def record_routing(model_dir, text_file, tokens: int, window: int = RECORD_WINDOW, depth: int = RECORD_DEPTH,

@@ -18,6 +18,9 @@ Per (quantization, budget, routing, mode) it reports:
 
 Modes (the paper's ablation): "full" (LRU + speculative prefetch), "no-prefetch" (LRU only),
 "no-cache" (every expert use is loaded on demand: nothing stays in a slot between forwards).
+Each mode runs with every --cpu-experts setting ("off": copy-only; "auto": the CPU computes the decode misses
+the cost model sends it) and every --cpu-moe-layers count (experts of that many layers on the CPU), side by
+side; entries that use the CPU report its expert uses per token, GB/s and busy share next to the link's.
 Routings: "own" (the weights' own routers) and "replay" (a recorded trace, routing.py).
 The accelerate baseline (accelerate_baseline.py) runs first when asked for.
 
@@ -43,8 +46,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig, QuantConfig, SamplingParams
-from ..engine import expert_storage, resident_experts, resolve_device
+from ..config import ModelConfig, OffloadConfig, QuantConfig, SamplingParams
+from ..engine import cpu_experts, expert_storage, resident_experts, resolve_device
 from ..errors import UserError
 from ..experts import ExpertFormat
 from ..generate import PREFILL_CHUNK, Batch, generate, prefill, sample
@@ -86,6 +89,8 @@ class BenchSettings:
     profile_tokens: int = 0                      # profile this many decode tokens of "full" and compute-only entries
     prefetch_experts: int | None = None          # experts prefetched per layer ahead; None: top-k
     prefetch_depth: int = 1
+    cpu_experts: tuple[str, ...] = ("off",)      # each mode with each: "off" (copy-only), "auto" (cpu_tier.py)
+    cpu_moe_layers: tuple[int, ...] = (0,)       # each mode with the experts of this many MoE layers on the CPU
     device: str = "auto"
     time_limit: float | None = None              # seconds; later entries are skipped once it has passed
     out: Path | None = None                      # where the report JSON is (re)written
@@ -293,25 +298,28 @@ class Bench:
                   "dense_gib": dense_bytes / 2**30, "build_seconds": round(build_seconds, 1),
                   "ram_gib": store.ram_bytes / 2**30, "disk_gib": store.disk_bytes / 2**30}
         for budget_text, budget in self.budgets:
-            try:
-                plan = make_plan(config, expert_format.nbytes, dense_bytes, KVCache.nbytes(config, 1, context, self.dtype),
-                                 context, workspace_bytes(config, min(PREFILL_CHUNK, context), context, self.dtype.itemsize), budget)
-            except UserError as e:
-                message = str(e).replace("--gpu-memory", "--budget").replace("--max-context", "--prefill-tokens")
-                self.log(f"[{quant_text} @ {budget_text}] does not fit: {message}")
-                self.add({**common, "budget": budget_text, "status": "does not fit", "error": message})
-                continue
-            slots = sorted(set(plan.slots.values()))
-            self.log(plan.describe())
-            for mode in self.s.modes:           # mode-major: both routings of the full algorithm come first
-                for routing in self.s.routings:
-                    entry = {**common, "budget": budget_text, "budget_gib": budget / 2**30, "routing": routing, "mode": mode,
-                             "slots_per_layer": slots[0] if len(slots) == 1 else slots, "planned_gib": plan.device_bytes / 2**30}
-                    if self.out_of_time():
-                        self.add({**entry, "status": "skipped", "reason": "time limit"})
-                        continue
-                    self.add(self.measure(entry, config, weights, store, expert_format, plan, context, budget))
-            if self.s.compute_only and not self.out_of_time():
+            plans = {n: self.fit(common, config, expert_format, dense_bytes, context, budget_text, budget, n)
+                     for n in self.s.cpu_moe_layers}
+            for cpu_layers, plan in plans.items():
+                if plan is None:
+                    continue
+                slots = sorted(set(plan.slots.values()))
+                self.log(plan.describe())
+                for mode in self.s.modes:           # mode-major: both routings of the full algorithm come first
+                    for routing in self.s.routings:
+                        for cpu in self.s.cpu_experts:
+                            entry = {**common, "budget": budget_text, "budget_gib": budget / 2**30, "routing": routing,
+                                     "mode": mode, "cpu_experts": cpu, "cpu_moe_layers": cpu_layers,
+                                     "slots_per_layer": slots[0] if len(slots) == 1 else slots,
+                                     "planned_gib": plan.device_bytes / 2**30}
+                            if self.out_of_time():
+                                self.add({**entry, "status": "skipped", "reason": "time limit"})
+                                continue
+                            self.add(self.measure(entry, config, weights, store, expert_format, plan, context, budget))
+            plan = plans[0] if 0 in plans else None
+            if self.s.compute_only and 0 not in plans and not self.out_of_time():
+                plan = self.fit(common, config, expert_format, dense_bytes, context, budget_text, budget, 0)
+            if self.s.compute_only and plan is not None and not self.out_of_time():
                 entry = {**common, "budget": budget_text, "routing": "fixed (experts 0..k-1: every use a hit)", "mode": "compute-only"}
                 self.add(self.measure(entry, config, weights, store, expert_format, plan, context, budget, compute_only=True))
             for sequences in self.s.concurrency:
@@ -326,13 +334,27 @@ class Bench:
         gc.collect()
         self.empty_cache()
 
+    def fit(self, common, config, expert_format, dense_bytes, context, budget_text, budget, cpu_layers):
+        """The plan of a budget with `cpu_layers` MoE layers on the CPU, or None (reported) when it does not fit."""
+        try:
+            return make_plan(config, expert_format.nbytes, dense_bytes, KVCache.nbytes(config, 1, context, self.dtype),
+                             context, workspace_bytes(config, min(PREFILL_CHUNK, context), context, self.dtype.itemsize),
+                             budget, cpu_layers=cpu_layers)
+        except UserError as e:
+            message = str(e).replace("--gpu-memory", "--budget").replace("--max-context", "--prefill-tokens")
+            self.log(f"[{common['quant']} @ {budget_text}] does not fit: {message}")
+            self.add({**common, "budget": budget_text, "cpu_moe_layers": cpu_layers, "status": "does not fit",
+                      "error": message})
+            return None
+
     def empty_cache(self):
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     # -- one entry ---------------------------------------------------------------------------
 
-    def build(self, config: ModelConfig, weights, store, expert_format: ExpertFormat, plan, routing: str, mode: str):
+    def build(self, config: ModelConfig, weights, store, expert_format: ExpertFormat, plan, routing: str, mode: str,
+              cpu: str = "off"):
         s = self.s
         top_n = config.top_k if s.prefetch_experts is None else s.prefetch_experts
         router, predictor = own_routing, None
@@ -349,13 +371,19 @@ class Bench:
         if mode == "resident":
             provider = resident_experts(config, expert_format, store.buffer, self.device, progress=lambda n: None)
         else:
+            offload = OffloadConfig(enabled=True, cpu_moe_layers=len(plan.cpu_layers), cpu_experts=cpu)
+            tier = cpu_experts(config, expert_format, store, offload, self.device, self.dtype)
+            if tier is not None and tier.costs is not None:
+                self.log(tier.costs.calibration.describe())
             provider = OffloadedExperts(store, expert_format, plan.slots, self.device, predictor, measure_time=True,
-                                        cache_type=ForgetfulCache if mode == "no-cache" else LayerCache)
+                                        cache_type=ForgetfulCache if mode == "no-cache" else LayerCache, cpu=tier)
         return Transformer(config, weights, provider, router), provider, router
 
     def measure(self, entry, config, weights, store, expert_format, plan, context, budget, compute_only=False) -> dict:
         s, device = self.s, self.device
         label = f"[{entry['quant']} @ {entry['budget']}] {entry['mode']}, {entry['routing'].split(' ')[0]} routing"
+        if entry.get("cpu_experts", "off") != "off" or entry.get("cpu_moe_layers"):
+            label += f", CPU experts {entry['cpu_experts']}, {entry['cpu_moe_layers']} CPU layers"
         self.log(f"{label} ...")
         gc.collect()
         self.empty_cache()
@@ -365,7 +393,8 @@ class Bench:
                 torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(device).total_memory), device)
         try:
             model, provider, router = self.build(config, weights, store, expert_format, plan,
-                                                 "fixed" if compute_only else entry["routing"], entry["mode"])
+                                                 "fixed" if compute_only else entry["routing"], entry["mode"],
+                                                 entry.get("cpu_experts", "off"))
             cache = KVCache.allocate(config, 1, context, device, self.dtype)
             step = DecodeStep(model, cache)
             result = {"cuda_graphs": step.capturable[1], **self.decode(model, step, provider, router, cache, config)}
@@ -390,6 +419,8 @@ class Bench:
         if entry["status"] == "ok":
             self.log(f"{label}: decode {entry['decode_tokens_per_s']:.2f} tokens/s"
                      + (f", hit rate {entry['hit_rate']:.3f}, link busy {entry['link_busy']:.2f}" if 'hit_rate' in entry else "")
+                     + (f", CPU {entry['cpu_uses_per_token']:.1f} uses a token at {entry['cpu_gbps']:.1f} GB/s, busy "
+                        f"{entry['cpu_busy_share']:.2f}" if entry.get('cpu_uses_per_token') else "")
                      + (f", prefill {entry['prefill_tokens_per_s']:.0f} tokens/s" if 'prefill_tokens_per_s' in entry else "")
                      + (f", peak {entry['peak_gpu_gib']:.2f} GiB" if entry['peak_gpu_gib'] is not None else ""))
         else:
@@ -543,7 +574,9 @@ class Bench:
                    "ceiling_at_hit_rate_tokens_per_s": (peak * 1e9 / ((1 - run["hit_rate"]) * len(config.moe_layers)
                                                         * config.top_k * run["bytes_loaded"] / run["loads"])
                                                         if run["loads"] and run["hit_rate"] < 1 else None),
-                   "transfer_bound": run["wait_seconds"] / seconds >= 0.5}
+                   "transfer_bound": run["wait_seconds"] / seconds >= 0.5,
+                   "cpu_uses_per_token": run["cpu_uses"] / max(run["tokens"], 1), "cpu_gbps": run["cpu_gbps"],
+                   "cpu_busy_share": run["cpu_seconds"] / seconds}
         return out
 
 

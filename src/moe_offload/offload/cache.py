@@ -14,7 +14,8 @@ server's /metrics show):
 
     requests        expert uses asked for: each distinct expert a forward of the layer needs, once
     hits            of those, already in a slot (loaded, or in flight from a prefetch) when asked for
-    misses          of those, loaded on demand
+    misses          of those, loaded on demand or computed on the CPU (cpu_tier.py)
+    cpu_uses        of the misses, those computed on the CPU (every use of a layer without slots)
     evictions       experts dropped from a slot to make room
     loads           copies into the layer's slots (misses + prefetch loads), and their bytes
     prefetch_loads  copies started by the prefetcher; prefetch_used: those asked for before eviction
@@ -36,6 +37,7 @@ class LayerStats:
     requests: int = 0
     hits: int = 0
     misses: int = 0
+    cpu_uses: int = 0
     evictions: int = 0
     loads: int = 0
     bytes_loaded: int = 0
@@ -52,6 +54,12 @@ class LayerStats:
     def hit_rate(self) -> float:
         return self.hits / self.requests if self.requests else 0.0
 
+    def record_cpu(self, experts: int) -> None:
+        """Misses of a step that the CPU computes (the cache never sees them)."""
+        self.requests += experts
+        self.misses += experts
+        self.cpu_uses += experts
+
     def record_prediction(self, distance: int, predicted: Iterable[int], used: Iterable[int]) -> None:
         predicted, used = set(predicted), set(used)
         for counter, value in ((self.predicted, len(predicted)), (self.predicted_used, len(predicted & used)),
@@ -62,16 +70,19 @@ class LayerStats:
 @dataclass
 class OffloadStats:
     """Every counter of the offloaded provider. Times are measured only when asked for
-    (OffloadConfig.measure_time); on the CPU tier copies are synchronous, so wait = copy time."""
+    (OffloadConfig.measure_time); on the CPU tier copies are synchronous, so wait = copy time. The CPU's
+    experts are always timed (host clock, cheap)."""
 
     layers: dict[int, LayerStats]
     wait_seconds: float = 0.0   # compute waiting for an expert's copy to finish
     copy_seconds: float = 0.0   # copies in progress (the copy stream busy)
-
+    cpu_seconds: float = 0.0    # the CPU computing experts (cpu_tier.py)
+    cpu_bytes: int = 0          # expert bytes the CPU read: one pass per 8 rows of an expert
     def reset(self) -> None:
         for stats in self.layers.values():
             stats.clear()   # in place: the layer caches hold these objects
-        self.wait_seconds = self.copy_seconds = 0.0
+        self.wait_seconds = self.copy_seconds = self.cpu_seconds = 0.0
+        self.cpu_bytes = 0
 
     def total(self) -> LayerStats:
         total = LayerStats()
@@ -88,7 +99,8 @@ class OffloadStats:
     def summary(self) -> dict[str, float]:
         """Flat numbers: hit_rate (pooled over layers), mean_layer_hit_rate, counts, bytes_loaded,
         prefetch_recall / prefetch_precision (lookahead 1; _d2, _d3... for deeper), wait_seconds,
-        copy_seconds, h2d_gbps (bytes over copy time; 0 when times are not measured)."""
+        copy_seconds, h2d_gbps (bytes over copy time; 0 when times are not measured), cpu_uses, cpu_bytes,
+        cpu_seconds, cpu_gbps (the CPU's expert bytes over its time computing them)."""
         t = self.total()
         rates = [s.hit_rate for s in self.layers.values() if s.requests]
         out = {
@@ -99,6 +111,8 @@ class OffloadStats:
             "bytes_loaded": t.bytes_loaded,
             "wait_seconds": self.wait_seconds, "copy_seconds": self.copy_seconds,
             "h2d_gbps": t.bytes_loaded / self.copy_seconds / 1e9 if self.copy_seconds else 0.0,
+            "cpu_uses": t.cpu_uses, "cpu_bytes": self.cpu_bytes, "cpu_seconds": self.cpu_seconds,
+            "cpu_gbps": self.cpu_bytes / self.cpu_seconds / 1e9 if self.cpu_seconds else 0.0,
         }
         for distance in sorted(t.predicted):
             suffix = "" if distance == 1 else f"_d{distance}"
@@ -167,6 +181,10 @@ class LayerCache:
             yield "use", expert, slot
             protected.discard(expert)
 
+    def hits(self, needed: Iterable[int]) -> list[int]:
+        """Those of `needed` that a step asking for them now would find in a slot."""
+        return [e for e in needed if e in self.slot_of]
+
     def prefetch(self, expert: int, protected: set[int]) -> int | None:
         """Make room for a predicted expert: -> the slot to copy it into, or None when it is
         already in a slot or every slot holds a protected expert."""
@@ -204,6 +222,9 @@ class LayerCache:
 class ForgetfulCache(LayerCache):
     """The paper's "without LRU" ablation (no cache): every slot is emptied before each forward of the layer,
     so each expert use is a load (prefetched experts, if any, are still kept for their forward)."""
+
+    def hits(self, needed):
+        return [e for e in needed if e in self.prefetched]
 
     def schedule(self, needed):
         for expert in [e for e in self.slot_of if e not in self.prefetched]:

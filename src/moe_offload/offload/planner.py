@@ -7,7 +7,8 @@
 
 On the device: every non-expert weight, the KV cache for --max-context, a workspace for the
 activations of one prefill chunk, and what is left as expert slots, as many per layer as fit
-(spread evenly; a layer never gets more slots than it has experts). On the host: as many experts
+(spread evenly; a layer never gets more slots than it has experts), but for the first `cpu_layers` MoE layers,
+whose experts stay on the host and run on the CPU (cpu_tier.py): they get none. On the host: as many experts
 as the host budget holds in (pinned) RAM, the rest memory-mapped from disk. A device budget that
 cannot hold one slot per MoE layer is refused with the smallest budget that works.
 """
@@ -77,6 +78,11 @@ class Plan:
     max_batch: int = 1     # sequences the KV cache holds
 
     @property
+    def cpu_layers(self) -> list[int]:
+        """MoE layers whose experts run on the CPU: those without slots."""
+        return [layer for layer, n in self.slots.items() if n == 0]
+
+    @property
     def slot_bytes(self) -> int:
         return sum(self.slots.values()) * slot_stride(self.expert_nbytes)
 
@@ -91,7 +97,8 @@ class Plan:
             f"non-expert weights {gib(self.dense_bytes)}, KV cache {gib(self.kv_bytes)} ({kv_tokens(self.max_batch, self.max_context)}), "
             f"workspace {gib(self.workspace_bytes)}, expert slots {gib(self.slot_bytes)} "
             f"({n} slots of {self.expert_nbytes / 2**20:.1f} MiB)",
-            f"  slots per layer (of {self.num_experts} experts): {_ranges(self.slots)}",
+            f"  slots per layer (of {self.num_experts} experts): {_ranges(self.slots)}"
+            + (" (0: experts run on the CPU)" if self.cpu_layers else ""),
             f"  host: {gib(self.ram_experts * self.expert_nbytes)} of experts in RAM ({self.ram_experts} experts), "
             f"{gib(self.disk_experts * self.expert_nbytes)} memory-mapped from disk ({self.disk_experts} experts)",
         ]
@@ -100,8 +107,10 @@ class Plan:
 
 def make_plan(config: ModelConfig, expert_nbytes: int, dense_bytes: int, kv_bytes: int, max_context: int,
               workspace: int, device_budget: int, host_budget: int | None = None,
-              slots_per_layer: int | None = None, max_batch: int = 1) -> Plan:
-    layers = config.moe_layers
+              slots_per_layer: int | None = None, max_batch: int = 1, cpu_layers: int = 0) -> Plan:
+    if not 0 <= cpu_layers <= len(config.moe_layers):
+        raise UserError(f"--cpu-moe-layers {cpu_layers}: use 0 to {len(config.moe_layers)} (the model's MoE layers)")
+    on_cpu, layers = config.moe_layers[:cpu_layers], config.moe_layers[cpu_layers:]
     fixed = dense_bytes + kv_bytes + workspace
     stride = slot_stride(expert_nbytes)
     smallest = fixed + len(layers) * stride
@@ -111,7 +120,7 @@ def make_plan(config: ModelConfig, expert_nbytes: int, dense_bytes: int, kv_byte
             f"{gib(kv_bytes)} for {kv_tokens(max_batch, max_context)} and workspace {gib(workspace)} plus one expert "
             f"slot per layer ({len(layers)} x {expert_nbytes / 2**20:.1f} MiB) need {_round_up_gib(smallest)} GiB; "
             f"raise --gpu-memory to at least {_round_up_gib(smallest)}GiB, or lower --max-context"
-            + (" or --max-batch" if max_batch > 1 else ""))
+            + (" or --max-batch" if max_batch > 1 else "") + (", or raise --cpu-moe-layers" if layers else ""))
     if slots_per_layer is not None:
         if not 1 <= slots_per_layer <= config.num_experts:
             raise UserError(f"--slots {slots_per_layer}: use 1 to {config.num_experts} (the experts per layer)")
@@ -122,9 +131,10 @@ def make_plan(config: ModelConfig, expert_nbytes: int, dense_bytes: int, kv_byte
         slots = dict.fromkeys(layers, slots_per_layer)
     else:
         total = min((device_budget - fixed) // stride, len(layers) * config.num_experts)
-        base, extra = divmod(total, len(layers))
+        base, extra = divmod(total, max(len(layers), 1))
         slots = {layer: base + (i < extra) for i, layer in enumerate(layers)}
-    all_experts = len(layers) * config.num_experts
+    slots = {**dict.fromkeys(on_cpu, 0), **slots}
+    all_experts = len(config.moe_layers) * config.num_experts
     ram = all_experts if host_budget is None else min(all_experts, host_budget // expert_nbytes)
     return Plan(device_budget, dense_bytes, kv_bytes, max_context, workspace, expert_nbytes, slots,
                 ram, all_experts - ram, config.num_experts, max_batch)
@@ -150,9 +160,11 @@ def _ranges(slots: dict[int, int]) -> str:
 
 
 def plan_for(config: ModelConfig, expert_nbytes: int, dtype: torch.dtype, max_context: int,
-             offload: OffloadConfig, device, quant: QuantConfig | None = None, max_batch: int = 1) -> Plan:
+             offload: OffloadConfig, device, quant: QuantConfig | None = None, max_batch: int = 1,
+             extra_workspace: int = 0) -> Plan:
     """The plan for a model whose non-expert weights are in `dtype` but for the roles `quant` quantizes, on `device`,
-    with a KV cache of `max_batch` sequences of `max_context` tokens."""
+    with a KV cache of `max_batch` sequences of `max_context` tokens, and `extra_workspace` bytes more of workspace
+    (fine-tuning's activations and optimizer state)."""
     if offload.prefetch_experts is not None and not 0 <= offload.prefetch_experts <= config.num_experts:
         raise UserError(f"--prefetch {offload.prefetch_experts}: use 0 (off) to {config.num_experts} (the experts per layer)")
     deepest = max(1, len(config.moe_layers) - 1)
@@ -164,8 +176,8 @@ def plan_for(config: ModelConfig, expert_nbytes: int, dtype: torch.dtype, max_co
     dense = dense_nbytes(config, dtype, quant)
     budget = offload.gpu_memory if offload.gpu_memory is not None else free_memory(device)
     return make_plan(config, expert_nbytes, dense, KVCache.nbytes(config, max_batch, max_context, dtype), max_context,
-                     workspace_bytes(config, min(PREFILL_CHUNK, max_context), max_context, itemsize), budget,
-                     offload.cpu_memory, offload.slots_per_layer, max_batch)
+                     workspace_bytes(config, min(PREFILL_CHUNK, max_context), max_context, itemsize) + extra_workspace, budget,
+                     offload.cpu_memory, offload.slots_per_layer, max_batch, offload.cpu_moe_layers)
 
 
 def free_memory(device) -> int:

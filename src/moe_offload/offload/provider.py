@@ -24,6 +24,9 @@ later layers come back in one copy (`_stage`, then `_read`). Then:
 Under CUDA graph capture (step.py) the same method only queues the device work and cuts the graph at
 the read; the host's part runs between the replays of the pieces (`_settle`, `_release`).
 On the CPU, the CPU stands in for the device: slots are CPU tensors and copies are plain copies.
+
+With `cpu` (cpu_tier.py) some pairs run on the CPU from the store: every pair of a layer given 0 slots, and in
+decode the misses its cost model sends there; the step's input comes back in the same read as its routing.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ import numpy as np
 import torch
 
 from ..experts import ExpertBatch, ExpertFormat, ExpertSlots, slot_stride
+from ..quant import cpu_kernels
 from .cache import LayerCache, LayerStats, OffloadStats
+from .cpu_tier import CpuExperts, RowBuffers
 from .prefetch import ExpertPredictor
 from .store import ExpertStore
 
@@ -47,16 +52,22 @@ PENDING_TIMINGS_LIMIT = 4096  # resolve finished timing events once this many ar
 
 class OffloadedExperts:
     def __init__(self, store: ExpertStore, expert_format: ExpertFormat, slots: dict[int, int], device,
-                 predictor: ExpertPredictor | None = None, measure_time: bool = False, cache_type=LayerCache):
+                 predictor: ExpertPredictor | None = None, measure_time: bool = False, cache_type=LayerCache,
+                 cpu: CpuExperts | None = None):
         self.store = store
         self.expert_format = expert_format
         self.device = torch.device(device)
         self.predictor = predictor
+        self.cpu = cpu
+        self.cpu_layers = {layer for layer, n in slots.items() if n == 0}   # every pair of these runs on the CPU
+        if self.cpu_layers and cpu is None:
+            raise ValueError(f"layers {sorted(self.cpu_layers)} have no slots: they need the CPU tier (cpu=)")
         self.stats = OffloadStats({layer: LayerStats() for layer in slots})
         nbytes = expert_format.nbytes
-        self.caches = {layer: cache_type(n, nbytes, self.stats.layers[layer]) for layer, n in slots.items()}
-        self.slots = {layer: ExpertSlots(expert_format, n, slot_stride(nbytes), self.device) for layer, n in slots.items()}
-        keys = [(layer, slot) for layer, n in slots.items() for slot in range(n)]
+        on_device = {layer: n for layer, n in slots.items() if n}
+        self.caches = {layer: cache_type(n, nbytes, self.stats.layers[layer]) for layer, n in on_device.items()}
+        self.slots = {layer: ExpertSlots(expert_format, n, slot_stride(nbytes), self.device) for layer, n in on_device.items()}
+        keys = [(layer, slot) for layer, n in on_device.items() for slot in range(n)]
         if self.device.type == "cuda":
             self.copier = CudaCopier(self.device, keys, self.stats, measure_time)
         else:
@@ -68,22 +79,29 @@ class OffloadedExperts:
         self.in_use: dict[int, list[int]] = {}     # layer -> slots its current step computes with
         self.graph = None                          # step.py's GraphCapture while a CUDA graph is being captured
 
-    def holds_at_once(self, experts: int) -> bool:
-        """Whether every layer has slots for `experts` experts at once (a step that needs no more runs as one batch)."""
-        return all(cache.num_slots >= experts for cache in self.caches.values())
+    def holds_at_once(self, experts: int, tokens: int) -> bool:
+        """Whether a step of `tokens` tokens that needs `experts` experts runs as one batch in every layer: the slots
+        hold them all, or the CPU takes the misses that do not fit."""
+        fits = all(cache.num_slots >= experts for cache in self.caches.values())
+        return fits or (self.cpu is not None and self.cpu.takes(tokens))
 
-    def experts(self, layer: int, ids: torch.Tensor, residual: torch.Tensor) -> Iterator[ExpertBatch]:
-        read = self._stage(layer, ids, residual)
-        slots = self.slots[layer]
+    def slot_experts(self, layer: int) -> dict[int, int]:
+        """Slot -> the expert it holds (or is being copied in), now (a layer without slots holds none)."""
+        cache = self.caches.get(layer)
+        return {} if cache is None else {slot: expert for expert, slot in cache.slot_of.items()}
+
+    def experts(self, layer: int, ids: torch.Tensor, residual: torch.Tensor, x: torch.Tensor) -> Iterator[ExpertBatch]:
+        read = self._stage(layer, ids, residual, x)
         if self.graph is not None:        # capturing: the host's part runs between the replays, on this read
             self.graph.cut(lambda: self._settle(layer, read))
-            yield ExpertBatch(slots.memory, slots.experts, read.table, None)
+            yield self._batch(layer, read, None)
             self.graph.after_piece(lambda: self._release(layer))
             return
         pairs, needed, guesses = self._read(layer, read)
-        if len(needed) <= self.caches[layer].num_slots:
-            host_slots = self._place(layer, read, pairs, needed, guesses)
-            yield ExpertBatch(slots.memory, slots.experts, read.table, host_slots)
+        on_cpu = self._split(layer, read, pairs, needed)
+        if layer in self.cpu_layers or len(needed) - len(on_cpu) <= self.caches[layer].num_slots:
+            host_slots = self._place(layer, read, pairs, needed, guesses, on_cpu)
+            yield self._batch(layer, read, host_slots)
             self._release(layer)
         else:
             yield from self._streamed(layer, ids, pairs, needed, guesses)
@@ -94,12 +112,34 @@ class OffloadedExperts:
 
     # -- a layer's step ---------------------------------------------------------------------------
 
-    def _stage(self, layer: int, ids: torch.Tensor, residual: torch.Tensor) -> "RoutingRead":
-        """Queue the layer's one read: the chosen ids and the guesses for later layers, into one host buffer."""
+    def _stage(self, layer: int, ids: torch.Tensor, residual: torch.Tensor, x: torch.Tensor) -> "RoutingRead":
+        """Queue the layer's one read: the chosen ids and the guesses for later layers, into one host buffer, and
+        the experts' input where the CPU may compute some of them."""
         guesses = self.predictor.predict(layer, residual) if self.predictor is not None else {}
         if layer not in self.buffers:
             self.buffers[layer] = ReadBuffers(self.device)
-        return self.buffers[layer].stage([ids.flatten(), *guesses.values()], list(guesses))
+        cpu_may_run = layer in self.cpu_layers or (self.cpu is not None and self.cpu.takes(ids.shape[0]))
+        return self.buffers[layer].stage([ids.flatten(), *guesses.values()], list(guesses), x if cpu_may_run else None)
+
+    def _batch(self, layer: int, read: "RoutingRead", host_slots: list[int] | None) -> ExpertBatch:
+        """The step's one batch: the slots and their table, and the rows the CPU computed where it may have."""
+        computed = None if read.x is None else read.out.computed(whole=layer in self.cpu_layers)
+        if layer in self.cpu_layers:
+            return ExpertBatch(None, None, None, None, computed=computed)
+        slots = self.slots[layer]
+        return ExpertBatch(slots.memory, slots.experts, read.table, host_slots, computed=computed)
+
+    def _split(self, layer: int, read: "RoutingRead", pairs: list[int], needed: list[int]) -> set[int]:
+        """The experts of this step that the CPU computes: all of a layer without slots; in decode (its input came
+        with the read), the misses that the cost model sends there and those the free slots cannot take."""
+        if layer in self.cpu_layers:
+            return set(needed)
+        if read.x is None:
+            return set()
+        cache = self.caches[layer]
+        hits = cache.hits(needed)
+        misses = Counter(e for e in pairs if e not in hits)
+        return self.cpu.costs.split(dict(misses), cache.num_slots - len(hits))
 
     def _read(self, layer: int, read: "RoutingRead") -> tuple[list[int], list[int], dict[int, list[int]]]:
         """The layer's one blocking wait: its routing on the host. -> each pair's expert, the distinct experts
@@ -107,18 +147,32 @@ class OffloadedExperts:
         pairs, guesses = self.copier.read(read)
         needed = sorted(set(pairs))
         for distance, predicted in self.predictions.pop(layer, {}).items():
-            self.caches[layer].stats.record_prediction(distance, predicted, needed)
+            self.stats.layers[layer].record_prediction(distance, predicted, needed)
         return pairs, needed, guesses
 
     def _settle(self, layer: int, read: "RoutingRead") -> None:
         """The host's part of a captured step (its experts always fit: holds_at_once)."""
-        self._place(layer, read, *self._read(layer, read))
+        pairs, needed, guesses = self._read(layer, read)
+        self._place(layer, read, pairs, needed, guesses, self._split(layer, read, pairs, needed))
 
     def _place(self, layer: int, read: "RoutingRead", pairs: list[int], needed: list[int],
-               guesses: dict[int, list[int]]) -> list[int]:
-        """Experts that fit the layer's slots at once: copy the misses, start the prefetches, write each pair's
-        slot into the layer's table on the device (after which the compute stream waits for the copies) and
-        return those slots."""
+               guesses: dict[int, list[int]], on_cpu: set[int]) -> list[int] | None:
+        """Experts that fit the layer's slots at once (those the CPU does not compute): start the CPU's, copy the
+        misses, start the prefetches, write each pair's slot into the layer's table on the device (after which the
+        compute stream waits for the copies), bring the CPU's products to the device, and return the slots."""
+        job = None if read.x is None else self.cpu.start(layer, read.x, read.out, pairs, on_cpu, self.stats)
+        self.stats.layers[layer].record_cpu(len(on_cpu))
+        host_slots = None
+        if layer in self.cpu_layers:
+            self._prefetch(layer, guesses)
+        else:
+            host_slots = self._place_on_device(layer, read, pairs, [e for e in needed if e not in on_cpu], guesses)
+        if job is not None:
+            self.cpu.finish(job)
+        return host_slots
+
+    def _place_on_device(self, layer: int, read: "RoutingRead", pairs: list[int], needed: list[int],
+                         guesses: dict[int, list[int]]) -> list[int]:
         slot_of = {}
         for action, expert, slot in self.caches[layer].schedule(needed):
             if action == "load":
@@ -130,7 +184,8 @@ class OffloadedExperts:
         self.in_use[layer] = list(slot_of.values())
         for slot in self.in_use[layer]:
             self.copier.wait((layer, slot))
-        host_slots = [slot_of[e] for e in pairs]
+        spare = next(iter(slot_of.values()), 0)    # the CPU's pairs read a slot the step reads anyway (or slot 0)
+        host_slots = [slot_of.get(e, spare) for e in pairs]
         self.copier.write_table(read.table, host_slots)
         return host_slots
 
@@ -163,6 +218,8 @@ class OffloadedExperts:
     # -- copies ---------------------------------------------------------------------------------
 
     def _load(self, layer: int, expert: int, slot: int) -> None:
+        if self.cpu is not None and self.cpu.costs is not None:
+            self.cpu.costs.queue_copy()
         self.copier.load((layer, slot), self.slots[layer].memory[slot, :self.store.nbytes], self.store.buffer(layer, expert))
 
     def _prefetch(self, layer: int, guesses: dict[int, list[int]]) -> None:
@@ -190,6 +247,8 @@ class RoutingRead(NamedTuple):
     targets: list[int]
     table: torch.Tensor              # int32 (pairs,) on the device
     event: torch.cuda.Event | None   # recorded after the copy (CUDA)
+    x: torch.Tensor | None           # the step's input (tokens, hidden) on the host, where the CPU may run pairs
+    out: RowBuffers | None           # and where the CPU's products go
 
 
 class ReadBuffers:
@@ -199,13 +258,14 @@ class ReadBuffers:
     def __init__(self, device: torch.device):
         self.device = device
         self.pinned = device.type == "cuda"
+        self.inputs: dict[tuple, tuple[torch.Tensor, RowBuffers]] = {}   # x's shape and dtype -> x's and the CPU's
         self.host = torch.empty(0, dtype=torch.int64)
         self.values = self.host.numpy()     # the same memory, made once per buffer
         self.table = torch.empty(0, dtype=torch.int32, device=device)
         self.event = torch.cuda.Event() if self.pinned else None
 
-    def stage(self, parts: list[torch.Tensor], targets: list[int]) -> RoutingRead:
-        """Queue the copy of `parts` (int64 device tensors) into the host buffer."""
+    def stage(self, parts: list[torch.Tensor], targets: list[int], x: torch.Tensor | None) -> RoutingRead:
+        """Queue the copy of `parts` (int64 device tensors) into the host buffer, and of `x` into its own."""
         staged = torch.cat(parts) if len(parts) > 1 else parts[0]
         if self.host.numel() < staged.numel():
             self.host = torch.empty(staged.numel(), dtype=torch.int64, pin_memory=self.pinned)
@@ -214,7 +274,22 @@ class ReadBuffers:
         if self.table.numel() < pairs:
             self.table = torch.empty(pairs, dtype=torch.int32, device=self.device)
         self.host[:staged.numel()].copy_(staged, non_blocking=True)
-        return RoutingRead(self.values, [part.numel() for part in parts], targets, self.table[:pairs], self.event)
+        host_x, out = self._inputs(x, pairs) if x is not None else (None, None)
+        if x is not None:
+            host_x.copy_(x, non_blocking=True)
+        return RoutingRead(self.values, [part.numel() for part in parts], targets, self.table[:pairs], self.event,
+                           host_x, out)
+
+    def _inputs(self, x: torch.Tensor, pairs: int) -> tuple[torch.Tensor, RowBuffers]:
+        """Host memory for x, and the CPU's products, one per shape; of prefill's shapes (more tokens than a decode
+        step that the CPU may help has) only the last is kept (a captured read holds on to its own)."""
+        key = x.shape, x.dtype
+        if key not in self.inputs:
+            if x.shape[0] > cpu_kernels.MAX_ROWS:
+                self.inputs = {k: v for k, v in self.inputs.items() if k[0][0] <= cpu_kernels.MAX_ROWS}
+            self.inputs[key] = (torch.empty(x.shape, dtype=x.dtype, pin_memory=self.pinned),
+                                RowBuffers(pairs, x.shape[1], x.dtype, self.device))
+        return self.inputs[key]
 
 
 def split(read: RoutingRead) -> tuple[list[int], dict[int, list[int]]]:

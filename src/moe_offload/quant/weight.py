@@ -70,12 +70,27 @@ class QuantizedWeight:
         if x.is_cuda:
             from . import kernels
             if kernels.AVAILABLE:
-                return kernels.hqq_linear(x, self)
+                return FusedLinear.apply(x, self) if x.requires_grad else kernels.hqq_linear(x, self)
         return F.linear(x, self.dequantize(x.dtype))
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero, self.meta) if t is not None)
+
+
+class FusedLinear(torch.autograd.Function):
+    """x W^T by the fused kernel, differentiable in x (LoRA training, train.py): the weight is frozen, and backward
+    dequantizes it for grad x = grad W."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+        from . import kernels
+        ctx.weight = weight
+        return kernels.hqq_linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.weight.dequantize(grad.dtype), None
 
 
 class WeightLayout:

@@ -3,7 +3,7 @@ POST /v1/messages/count_tokens, for clients that speak it (coding agents, the `a
 
     body = MessagesRequest.model_validate(json_object)
     messages, tools = template_messages(body), body.tool_specs()     # as chat templates take them
-    reply = message_json(body, run, text, message_id)                  # the answer of a finished run
+    reply = message_json(body, run, text, message_id, model, calls)   # the answer of a finished run (calls: tools.py's format)
     async for event in message_events(...): ...                        # or its server-sent events
 
 Messages map onto the chat path: `system` is the first message, text blocks are joined, an
@@ -24,7 +24,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..engine import Run
-from ..tools import parse_tool_calls
+from ..tools import Hermes, Mistral
 from .schemas import INT64, MAX_STOP_STRINGS, TOOL_NAME, Strict
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -196,14 +196,14 @@ def template_messages(body: CountTokensRequest) -> list[dict]:
     return out
 
 
-def reply_blocks(body: MessagesRequest, run: Run, text: str) -> tuple[list[dict], str, str | None]:
-    """(content blocks, stop_reason, stop_sequence) of a finished run."""
+def reply_blocks(body: MessagesRequest, run: Run, text: str, calls_format: Hermes | Mistral) -> tuple[list[dict], str, str | None]:
+    """(content blocks, stop_reason, stop_sequence) of a finished run, its calls in `calls_format`."""
     stop_sequence = run.stop_string if run.stop_string in (body.stop_sequences or ()) else None
     stop_reason = "max_tokens" if run.finish_reason == "length" else "stop_sequence" if stop_sequence else "end_turn"
     tools = body.tool_specs()
     calls = []
     if tools:
-        content, calls = parse_tool_calls(text, tools)
+        content, calls = calls_format.parse(text, tools)
         text = (content or "") if calls else text
     blocks = [{"type": "text", "text": text}] if text or not calls else []
     for call in calls:
@@ -214,8 +214,9 @@ def reply_blocks(body: MessagesRequest, run: Run, text: str) -> tuple[list[dict]
     return blocks, stop_reason, stop_sequence
 
 
-def message_json(body: MessagesRequest, run: Run, text: str, message_id: str, model: str) -> dict:
-    blocks, stop_reason, stop_sequence = reply_blocks(body, run, text)
+def message_json(body: MessagesRequest, run: Run, text: str, message_id: str, model: str,
+                 calls_format: Hermes | Mistral) -> dict:
+    blocks, stop_reason, stop_sequence = reply_blocks(body, run, text, calls_format)
     return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": blocks,
             "stop_reason": stop_reason, "stop_sequence": stop_sequence, "usage": usage(run)}
 

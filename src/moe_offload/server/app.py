@@ -14,7 +14,7 @@ clients and fuzzers).
 Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with a 4xx for
 anything the client can fix and 5xx only for our own faults. Bodies are read and parsed here, not
 by FastAPI, so that size, UTF-8, JSON and schema problems each get their own one-line message.
-A request's choices (prompts x n) run one after another (server/choices.py). A client that
+A request's choices (prompts x n) decode together (server/choices.py). A client that
 disconnects (streaming or not) cancels its request: it leaves the queue at once, or its generation
 stops at the next step.
 """
@@ -41,7 +41,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import SamplingParams
 from ..constrain import GrammarError, json_schema_grammar
-from ..tools import tool_call_grammar
 from ..engine import Engine
 from ..errors import UserError
 from .config import ServerConfig
@@ -154,7 +153,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         body = _validate(CompletionRequest, await read_json(request, config))
         _check_model(engine, body.model)
         jobs = []
-        for prompt_ids, text in _completion_prompts(engine, body.prompt):
+        for prompt_ids, text in _completion_prompts(engine, body.prompt, body.adds_bos):
             params = _sampling_params(engine, body, prompt_ids, body.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS)
             jobs += _samples(len(jobs), prompt_ids, params, body.n, echo=text if body.echo else None)
         return await respond(request, body, CompletionShape, jobs)
@@ -201,7 +200,8 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         if choices.gone:
             return Response(status_code=CLIENT_CLOSED)
         ((_, sequence),) = choices.ended
-        return anthropic.message_json(body, sequence.run, text, message_id, engine.name)
+        return anthropic.message_json(body, sequence.run, text, message_id, engine.name,
+                                      engine.tokenizer.tool_format)
 
     @app.post("/v1/messages/count_tokens", openapi_extra=_request_body(CountTokensRequest))
     async def count_tokens(request: Request):
@@ -250,7 +250,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                     yield anthropic.event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": piece}})
             if run is None:   # cancelled: nobody is listening
                 return
-            blocks, stop_reason, stop_sequence = anthropic.reply_blocks(body, run, "".join(pieces))
+            blocks, stop_reason, stop_sequence = anthropic.reply_blocks(body, run, "".join(pieces), engine.tokenizer.tool_format)
             if withhold or not pieces:
                 for index, block in enumerate(blocks):
                     for line in anthropic.block_events(index, block):
@@ -281,7 +281,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         if choices.gone:
             return Response(status_code=CLIENT_CLOSED)
         answers = [ChoiceWriter(shape, job, engine.tokenizer).whole(sequence.run, "".join(texts[job.index]))
-                   for job, sequence in choices.ended]
+                   for job, sequence in sorted(choices.ended, key=lambda ended: ended[0].index)]
         return {**envelope, "choices": answers, "usage": choices.usage()}
 
     async def stream_events(choices: Choices, watcher: asyncio.Task, envelope: dict, shape, include_usage: bool):
@@ -437,14 +437,14 @@ def _check_token_ids(engine: Engine, ids: list[int], param: str) -> None:
         raise ApiError(400, f"{param}: token id {bad} is outside the vocabulary [0, {vocab})", param=param)
 
 
-def _completion_prompts(engine: Engine, prompt) -> list[tuple[list[int], str]]:
+def _completion_prompts(engine: Engine, prompt, add_bos: bool) -> list[tuple[list[int], str]]:
     """A string, a list of strings, a list of token ids, or a list of token-id lists -> (token ids, text) each;
-    the text as sent, or decoded from the ids."""
+    the text as sent (BOS before it if `add_bos`), or decoded from the ids."""
     tokenizer = engine.tokenizer
     if isinstance(prompt, str):
-        return [(tokenizer.encode(prompt), prompt)]
+        prompt = [prompt]
     if isinstance(prompt[0], str):
-        return [(tokenizer.encode(text), text) for text in prompt]
+        return [(tokenizer.encode(text, add_special_tokens=add_bos), text) for text in prompt]
     if isinstance(prompt[0], int):
         prompt = [prompt]
     for ids in prompt:
@@ -467,7 +467,8 @@ async def _tool_grammar(engine: Engine, tools: list[dict] | None, mode: str, par
             await _checked_grammar(engine, _json_grammar(tool["function"]["parameters"], param_of(i)), param_of(i))
     if mode in ("none", "auto"):
         return None
-    return await _checked_grammar(engine, tool_call_grammar(tools, None if mode == "required" else mode, parallel), "tools")
+    grammar = engine.tokenizer.tool_format.grammar(tools, None if mode == "required" else mode, parallel)
+    return await _checked_grammar(engine, grammar, "tools")
 
 
 def _json_grammar(schema: dict, param: str) -> str:

@@ -3,7 +3,7 @@
     scheduler = Scheduler(engine, metrics, max_waiting=64)
     scheduler.start()
     sequence = Sequence(prompt_ids, params, asyncio.get_running_loop())
-    scheduler.submit(sequence)              # raises QueueFull: answer 429
+    scheduler.submit(sequence)              # raises QueueFull: answer 429; several: one request's choices
     async for piece in sequence.pieces():   # text pieces; ends at Finished, raises at Failed
         ...
     scheduler.cancel(sequence)              # client gone: leaves the queue, or the batch at the next step
@@ -93,7 +93,7 @@ class Scheduler:
         self.engine = engine
         self.metrics = metrics
         self.max_waiting = max_waiting
-        self._waiting: deque[Sequence] = deque()
+        self._waiting: deque[list[Sequence]] = deque()    # requests, each its choices not yet admitted
         self._active: dict[Generation, Sequence] = {}    # by their place in the engine's batch
         self._changed = threading.Condition()
         self._stopping = False
@@ -113,25 +113,30 @@ class Scheduler:
     def stop(self, timeout: float = 5.0) -> None:
         with self._changed:
             self._stopping = True
-            for sequence in self._waiting:
-                sequence.cancelled.set()
+            for request in self._waiting:
+                for sequence in request:
+                    sequence.cancelled.set()
             self._changed.notify_all()
         self._thread.join(timeout)
 
-    def submit(self, sequence: Sequence, follow_up: bool = False) -> None:
-        """Queue `sequence` at the back; `follow_up`: a later choice of a request already admitted, never refused."""
+    def submit(self, *sequences: Sequence) -> None:
+        """Queue `sequences` (one request's choices) at the back, side by side; refused only when the queue is full
+        before them, so that a request of several choices takes one place in it."""
         with self._changed:
-            if len(self._waiting) >= self.max_waiting and not follow_up:
+            if len(self._waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting (the limit, --max-queue)")
-            self._waiting.append(sequence)
+            self._waiting.append(list(sequences))
             self._changed.notify()
 
     def cancel(self, sequence: Sequence) -> None:
         """From the event loop: a waiting sequence leaves the queue now; an active one at the next step."""
         sequence.cancelled.set()
         with self._changed:
-            if sequence in self._waiting:
-                self._waiting.remove(sequence)
+            request = next((request for request in self._waiting if sequence in request), None)
+            if request is not None:
+                request.remove(sequence)
+                if not request:
+                    self._waiting.remove(request)
                 self.metrics.record_sequence(0, 0, None, 0.0, outcome="cancelled")
 
     def step(self) -> None:
@@ -180,7 +185,9 @@ class Scheduler:
                 return False
             admitted = []
             while self._waiting and len(self._active) + len(admitted) < self.engine.max_batch:
-                admitted.append(self._waiting.popleft())
+                admitted.append(self._waiting[0].pop(0))
+                if not self._waiting[0]:
+                    self._waiting.popleft()
         for sequence in admitted:
             sequence.admitted = time.perf_counter()
             try:

@@ -127,6 +127,7 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)   # OpenAI's legacy shape, alternatives per token
     suffix: str | None = None
+    add_special_tokens: bool | None = None   # vLLM's: BOS before a text prompt; default below
 
     @field_validator("prompt", mode="wrap")
     @classmethod
@@ -154,6 +155,14 @@ class CompletionRequest(SamplingFields):
     @property
     def prompt_logprobs_top(self) -> int | None:
         return self.logprobs if self.echo else None
+
+    @property
+    def adds_bos(self) -> bool:
+        """Whether a text prompt gets the tokenizer's BOS: yes to generate from it (as vLLM and llama-server do),
+        no when the request scores it (echo with logprobs): the text is scored as written, a BOS written in it
+        kept, so a window cut from the middle of a document (lm-eval's rolling loglikelihood) is scored as the
+        same tokens are by transformers."""
+        return self.add_special_tokens if self.add_special_tokens is not None else self.prompt_logprobs_top is None
 
 
 class TextPart(Strict):

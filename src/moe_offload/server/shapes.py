@@ -6,7 +6,8 @@
     writer.end(run)            # the last chunk of the choice: finish_reason, the logprobs not yet sent
     writer.whole(run, text)    # or, not streamed, the whole choice
 
-A reply that may call tools (the job has tools) is parsed for calls when it ends (tools.py): streamed,
+A reply that may call tools (the job has tools) is parsed for calls when it ends (tools.py, in the
+checkpoint's format): streamed,
 it comes whole in its last chunk, with `tool_calls` and finish_reason "tool_calls" when it has calls.
 
 Logprobs are of the model's raw distribution (logprobs.py). Each token is reported with its share of
@@ -23,7 +24,6 @@ from dataclasses import dataclass
 from ..engine import Run
 from ..logprobs import TokenLogprob
 from ..tokenizer import Tokenizer
-from ..tools import parse_tool_calls
 from .choices import Job
 
 
@@ -146,7 +146,7 @@ class ChoiceWriter:
     def _tool_reply(self, run: Run, text: str, logprobs: dict | None) -> tuple:
         """(content, finish_reason, logprobs, calls): calls found in the text leave the content; finish_reason
         "tool_calls" when the reply ended by itself (a reply cut at max_tokens stays "length")."""
-        content, calls = parse_tool_calls(text, self.job.tools)
+        content, calls = self.tokenizer.tool_format.parse(text, self.job.tools)
         if not calls:
             return text, run.finish_reason, logprobs, None
         return content, "tool_calls" if run.finish_reason == "stop" else run.finish_reason, logprobs, calls

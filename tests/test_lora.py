@@ -1,0 +1,286 @@
+"""LoRA fine-tuning against transformers + peft (fp32, CPU): gradients, saved adapters, offloaded == resident."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moe_offload.cli import main
+from moe_offload.config import LoraConfig, OffloadConfig, RuntimeConfig
+from moe_offload import engine as engine_module
+from moe_offload.engine import Engine
+from moe_offload.errors import UserError
+from moe_offload.lora import Adapters
+from moe_offload.model import KVCache
+from moe_offload.train import Rows, Trainer, _chat_example, pack, read_examples
+
+from conftest import SHIPPED_MODEL, write_tiny_mixtral
+
+ROWS, LENGTH = 2, 24
+TARGET_SETS = {"attention": ("attention",), "router": ("router",), "experts": ("experts",),
+               "all": ("attention", "router", "experts")}
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_mixtral(tmp_path_factory.mktemp("tiny"), num_local_experts=4, intermediate_size=96)
+
+
+def load(folder, lora=None, slots=None) -> Engine:
+    offload = OffloadConfig(enabled=True, slots_per_layer=slots, prefetch_experts=0, gpu_memory=2**30) if slots else OffloadConfig()
+    return Engine.load(RuntimeConfig(model=folder, device="cpu", dtype="float32", max_context=64, lora=lora),
+                       progress=False, offload=offload)
+
+
+def random_adapters(engine: Engine, targets, seed: int = 1) -> Adapters:
+    """Adapters with B not zero (as after some training), so that every A has a gradient."""
+    adapters = Adapters.create(engine.config, LoraConfig(rank=4, alpha=8, targets=targets), seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, b in adapters.pairs.values():
+            b.copy_(torch.randn(b.shape, generator=generator) * 0.05)
+    return adapters
+
+
+def batch(vocab: int = 8192, seed: int = 0) -> Rows:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, vocab, (ROWS, LENGTH + 1), generator=generator)
+    mask = torch.rand(ROWS, LENGTH, generator=generator) < 0.7
+    return Rows(tokens[:, :-1], tokens[:, 1:], mask)
+
+
+def peft_model(base_folder, adapter_folder, trainable: bool):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32, experts_implementation="eager").eval()
+    return PeftModel.from_pretrained(model, adapter_folder, is_trainable=trainable).eval()
+
+
+def peft_gradients(base_folder, adapter_folder, rows: Rows) -> dict[str, torch.Tensor]:
+    model = peft_model(base_folder, adapter_folder, trainable=True)
+    logits = model(input_ids=rows.inputs).logits
+    loss = torch.nn.functional.cross_entropy(logits[rows.mask], rows.targets[rows.mask], reduction="sum") / rows.mask.sum()
+    loss.backward()
+    return {name.replace(".default", ""): p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+def our_gradients(engine: Engine, adapters: Adapters, rows: Rows) -> dict[str, torch.Tensor]:
+    Trainer(engine.model, adapters).gradients(rows)
+    grads = Adapters(adapters.lora, {key: tuple(t.grad for t in pair) for key, pair in adapters.pairs.items()})
+    return grads.state_dict(engine.config)
+
+
+@pytest.mark.parametrize("targets", TARGET_SETS)
+def test_gradients_of_every_adapter_match_peft_on_transformers(tiny, tmp_path, targets):
+    engine = load(tiny)
+    adapters = random_adapters(engine, TARGET_SETS[targets])
+    adapters.save(tmp_path, engine.config)
+    rows = batch()
+    ours = our_gradients(engine, adapters, rows)
+    theirs = peft_gradients(tiny, tmp_path, rows)
+    assert ours.keys() == theirs.keys()
+    for name, expected in theirs.items():
+        assert (ours[name] - expected).abs().max() <= 1e-4 * expected.abs().max(), name
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_offloaded_training_equals_resident_bit_for_bit(tiny, slots):
+    rows = batch()
+    resident = load(tiny)
+    expected = our_gradients(resident, random_adapters(resident, TARGET_SETS["all"]), rows)
+    offloaded = load(tiny, slots=slots)
+    actual = our_gradients(offloaded, random_adapters(offloaded, TARGET_SETS["all"]), rows)
+    for name, grad in expected.items():
+        assert torch.equal(actual[name], grad), name
+    # backward's prefetch is exact: every expert it copies is used, and no expert crosses twice in a layer's pass
+    stats = offloaded.expert_stats()
+    assert stats["prefetch_used"] == stats["prefetch_loads"] > 0
+    assert stats["loads"] <= stats["requests"]
+
+
+def test_saved_adapter_loaded_with_peft_gives_our_logits_with_lora(tiny, tmp_path):
+    engine = load(tiny)
+    random_adapters(engine, TARGET_SETS["all"]).save(tmp_path, engine.config)
+    tokens = batch().inputs[:1]
+    with torch.no_grad():
+        expected = peft_model(tiny, tmp_path, trainable=False)(input_ids=tokens).logits[0]
+    adapted = load(tiny, lora=tmp_path)
+    cache = KVCache.allocate(adapted.config, 1, LENGTH, "cpu", torch.float32)
+    actual = adapted.model(tokens, cache, start_pos=0)[0]
+    assert (actual - expected).abs().max() <= 1e-4 * expected.abs().max()
+    base = load(tiny).model(tokens, KVCache.allocate(adapted.config, 1, LENGTH, "cpu", torch.float32), start_pos=0)[0]
+    assert (base - expected).abs().max() > 1e-2 * expected.abs().max()     # the adapter does change the logits
+
+
+# ---- the finetune command ---------------------------------------------------------------------
+
+def write_doubling_task(path, count: int, seed: int):
+    """A small task the shipped model (trained on Python) does not know: `# double a` -> `x = 2a`."""
+    generator = random.Random(seed)
+    lines = []
+    for _ in range(count):
+        a = generator.randint(1, 60)
+        lines.append(json.dumps({"prompt": f"# double {a}\n", "completion": f"x = {2 * a}\n"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def held_out_loss(engine: Engine, data) -> float:
+    rows = pack(read_examples(data, engine.tokenizer, chat=False), 32, 0)
+    cache = KVCache.allocate(engine.config, len(rows.inputs), 32, "cpu", torch.float32)
+    logits = engine.model(rows.inputs, cache, start_pos=0)
+    return torch.nn.functional.cross_entropy(logits[rows.mask], rows.targets[rows.mask]).item()
+
+
+FINETUNE = ["finetune", "--device", "cpu", "--seq-len", "32", "--batch-tokens", "128", "--lr", "3e-3", "--lora-rank", "4"]
+
+
+def test_finetune_on_the_shipped_model_lowers_held_out_loss_and_generate_applies_it(tmp_path, capsys):
+    train, held_out = write_doubling_task(tmp_path / "train.jsonl", 300, 0), write_doubling_task(tmp_path / "test.jsonl", 40, 1)
+    out = tmp_path / "adapter"
+    assert main(FINETUNE + ["--data", str(train), "--out", str(out), "--steps", "12", "--targets", "attention,experts"]) == 0
+    assert "wrote" in capsys.readouterr().err
+    runtime = dict(model=SHIPPED_MODEL, device="cpu", dtype="float32", max_context=64)
+    before = held_out_loss(Engine.load(RuntimeConfig(**runtime), progress=False), held_out)
+    after = held_out_loss(Engine.load(RuntimeConfig(**runtime, lora=out), progress=False), held_out)
+    assert after < 0.8 * before
+    assert main(["generate", "--device", "cpu", "--lora", str(out), "--prompt", "# double 7\n", "--max-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("x =")
+
+
+def test_an_interrupted_finetune_resumes_where_its_last_checkpoint_left_off(tiny, tmp_path, monkeypatch, capsys):
+    data = write_doubling_task(tmp_path / "train.jsonl", 60, 0)
+    args = FINETUNE + ["--model", str(tiny), "--data", str(data), "--steps", "4", "--save-every", "2",
+                       "--targets", "attention,router,experts"]
+    assert main(args + ["--out", str(tmp_path / "whole")]) == 0
+    steps = []
+    step = Trainer.step
+
+    def interrupted(self, rows):
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        steps.append(1)
+        return step(self, rows)
+
+    monkeypatch.setattr(Trainer, "step", interrupted)
+    assert main(args + ["--out", str(tmp_path / "resumed")]) == 130
+    monkeypatch.setattr(Trainer, "step", step)
+    assert main(args + ["--out", str(tmp_path / "resumed")]) == 0
+    assert "resuming" in capsys.readouterr().err
+    whole, resumed = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("whole", "resumed"))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+@pytest.mark.parametrize("extra, line, message", [
+    ([], None, "cannot read it"),
+    ([], '{"text": "a"}\n{"text": oops}\n', "line 2 is not JSON"),
+    ([], '{"text": "a"}\n{"words": "b"}\n', 'line 2: expected {"text": ...}'),
+    (["--chat"], '{"text": "a"}\n', 'line 1: with --chat, expected {"messages"'),
+    (["--lora-rank", "0"], '{"text": "a"}\n', "--lora-rank 0: the rank must be at least 1"),
+    (["--targets", "attention,mlp"], '{"text": "a"}\n', "--targets 'attention,mlp'"),
+    (["--seq-len", "64", "--batch-tokens", "32"], '{"text": "a"}\n', "--batch-tokens 32 is less than --seq-len 64"),
+])
+def test_bad_finetune_input_is_one_error_line(tmp_path, capsys, extra, line, message):
+    data = tmp_path / "data.jsonl"
+    if line is not None:
+        data.write_text(line)
+    assert main(["finetune", "--device", "cpu", "--data", str(data), "--out", str(tmp_path / "out")] + extra) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapters_on_the_fly_give_the_merged_logits(tiny, tmp_path):
+    engine = load(tiny)
+    adapters = random_adapters(engine, TARGET_SETS["all"])
+    adapters.save(tmp_path, engine.config)
+    tokens = batch().inputs[:1]
+    with torch.no_grad():
+        on_the_fly = Trainer(engine.model, adapters).logits(tokens)[0]
+    merged = load(tiny, lora=tmp_path).model(tokens, KVCache.allocate(engine.config, 1, LENGTH, "cpu", torch.float32), 0)[0]
+    assert (on_the_fly - merged).abs().max() <= 1e-5 * merged.abs().max()
+
+
+def test_finetune_runs_on_quantized_offloaded_experts_and_generate_applies_them_on_the_fly(tiny, tmp_path, capsys):
+    data = write_doubling_task(tmp_path / "train.jsonl", 40, 0)
+    quantized = ["--model", str(tiny), "--quant", "4/2", "--offload", "--slots", "1", "--gpu-memory", "4GiB"]
+    assert main(FINETUNE + quantized + ["--data", str(data), "--out", str(tmp_path / "a"), "--steps", "2",
+                                        "--targets", "attention,router,experts"]) == 0
+    assert main(["generate", "--device", "cpu", "--lora", str(tmp_path / "a"), "--prompt", "# double 3\n",
+                 "--max-tokens", "3"] + quantized) == 0
+
+
+# ---- with the CPU expert tier (offload/cpu_tier.py), whose kernels know nothing of adapters ------------
+
+def test_merged_expert_adapters_apply_on_cpu_computed_layers_too(tiny, tmp_path):
+    """Unquantized experts carry --lora's adapters merged in the store, so the CPU tier computes them adapted."""
+    random_adapters(load(tiny), TARGET_SETS["all"]).save(tmp_path, load(tiny).config)
+    tokens = batch().inputs[:1]
+    resident = load(tiny, lora=tmp_path)
+    expected = resident.model(tokens, KVCache.allocate(resident.config, 1, LENGTH, "cpu", torch.float32), 0)[0]
+    offload = OffloadConfig(enabled=True, slots_per_layer=2, prefetch_experts=0, gpu_memory=2**30, cpu_moe_layers=1)
+    hybrid = Engine.load(RuntimeConfig(model=tiny, device="cpu", dtype="float32", max_context=64, lora=tmp_path),
+                         progress=False, offload=offload)
+    assert hybrid.model.provider.cpu is not None and hybrid.model.provider.cpu_layers == {0}
+    actual = hybrid.model(tokens, KVCache.allocate(hybrid.config, 1, LENGTH, "cpu", torch.float32), 0)[0]
+    assert (actual - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+@pytest.mark.parametrize("targets, auto_becomes", [(("experts",), "off"), (("attention",), "auto")])
+def test_expert_adapters_on_quantized_experts_keep_experts_off_the_cpu(tiny, tmp_path, capsys, monkeypatch, targets,
+                                                                      auto_becomes):
+    engine = load(tiny)
+    random_adapters(engine, targets).save(tmp_path / "a", engine.config)
+    args = ["generate", "--device", "cpu", "--model", str(tiny), "--quant", "4/2", "--lora", str(tmp_path / "a"),
+            "--prompt", "x", "--max-tokens", "1", "--offload", "--slots", "1", "--gpu-memory", "4GiB"]
+    if "experts" in targets:
+        assert main(args + ["--cpu-moe-layers", "1"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: --cpu-moe-layers 1: --lora's adapters on quantized experts") and err.count("\n") == 1
+    seen = []    # on a CPU device "auto" turns itself off later: what the engine asks the CPU tier for is the point
+    monkeypatch.setattr(engine_module, "cpu_experts", lambda config, fmt, store, offload, *rest: seen.append(offload.cpu_experts))
+    assert main(args + ["--cpu-experts", "auto"]) == 0
+    assert seen == [auto_becomes]
+
+
+def test_finetune_never_runs_experts_on_the_cpu(tiny, tmp_path, capsys):
+    data = write_doubling_task(tmp_path / "train.jsonl", 20, 0)
+    assert main(FINETUNE + ["--model", str(tiny), "--data", str(data), "--out", str(tmp_path / "a"), "--steps", "1",
+                            "--cpu-moe-layers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --cpu-moe-layers 1: fine-tuning") and err.count("\n") == 1
+    assert not (tmp_path / "a").exists()
+    offload = OffloadConfig(enabled=True, slots_per_layer=2, prefetch_experts=0, gpu_memory=2**30, cpu_moe_layers=1)
+    hybrid = Engine.load(RuntimeConfig(model=tiny, device="cpu", dtype="float32", max_context=64), progress=False,
+                         offload=offload)
+    with pytest.raises(UserError, match="experts computed on the CPU have no gradients"):
+        Trainer(hybrid.model, Adapters.create(hybrid.config, LoraConfig(rank=4, alpha=8, targets=("attention",))))
+
+
+def test_chat_examples_learn_only_the_assistants_turns():
+    from moe_offload.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_folder(SHIPPED_MODEL)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"},
+                {"role": "user", "content": "bye"}, {"role": "assistant", "content": "see you"}]
+    example = _chat_example(messages, tokenizer, "test")
+    learned = tokenizer.decode([t for t, m in zip(example.tokens, example.trained) if m])
+    assert "hello there" in learned and "see you" in learned
+    assert "hi" not in learned.replace("hello there", "") and "bye" not in learned
+
+
+def test_bench_train_on_synthetic_shapes_prints_a_json_report_last(capsys):
+    assert main(["bench", "--train", "--synthetic", "tiny", "--device", "cpu", "--quant", "bf16", "--budget", "2GiB,1MiB",
+                 "--seq-len", "8", "--train-steps", "1"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    fits, too_small = report["results"]
+    assert fits["status"] == "ok" and fits["tokens_per_second"] > 0 and fits["resident_need_gib"] > 0
+    assert too_small["status"] == "does not fit"
