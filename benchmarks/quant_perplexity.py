@@ -33,6 +33,7 @@ from moe_offload.quant.checkpoint import open_checkpoint, quantized_size
 from moe_offload.quant.weight import QuantizedWeight
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference-moe"
+TEXT = Path(__file__).resolve().parents[1] / "data" / "eval-networkx.txt"    # held-out text, in the repository only
 PAPER = {"16": (3.59, 87.0), "4/4": (None, None), "4/3": (4.05, 21.4), "4/2": (4.61, 17.5)}  # Mixtral WikiText2, GB
 
 
@@ -60,7 +61,7 @@ def model_bytes(folder: Path, quant: QuantConfig | None) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=FIXTURE)
-    parser.add_argument("--text", type=Path, default=FIXTURE / "eval-networkx.txt")
+    parser.add_argument("--text", type=Path, default=TEXT)
     parser.add_argument("--window", type=int, default=WINDOW)
     parser.add_argument("--max-windows", type=int, default=0, help="0: every window of the file")
     parser.add_argument("--settings", default="16,4/4,4/3,4/2")

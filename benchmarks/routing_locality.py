@@ -142,7 +142,7 @@ def mean(values) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=FIXTURES / "reference-moe-32l")
-    parser.add_argument("--text", type=Path, default=FIXTURES / "reference-moe" / "eval-networkx.txt")
+    parser.add_argument("--text", type=Path, default=REPO / "data" / "eval-networkx.txt")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--window", type=int, default=None, help="tokens per KV-cache window (default: --tokens, one sequence)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny matrices: 1 is fastest)")

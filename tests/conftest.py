@@ -1,7 +1,9 @@
-"""Shared test helpers: paths to the fixtures and tiny checkpoints written with transformers."""
+"""Shared test helpers: paths to the fixtures, tiny checkpoints written with transformers, and the `slow` cases of
+the test matrices."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -17,6 +19,7 @@ if not torch.cuda.is_available():
 REPO = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
 SHIPPED_MODEL = REPO / "src" / "moe_offload" / "default_model"
+EVAL_TEXT = REPO / "data" / "eval-networkx.txt"     # held-out Python source (data/README.md); not package data
 FIXTURE_32L = SHARED_FIXTURES / "reference-moe-32l"
 
 
@@ -32,6 +35,45 @@ def one_thread():
 
 def requires_fixture(path: Path):
     return pytest.mark.skipif(not (path / "model.safetensors").is_file(), reason=f"{path} not present")
+
+
+# The `slow` marker: `python -m pytest` (pyproject's -m 'not gpu and not slow') runs a representative few of each
+# matrix, under 5 minutes on two cores; the README's test command (-m "not gpu", as CI runs it) runs them all.
+SLOW = pytest.mark.slow
+
+
+def slow_except(cases, *keep) -> list:
+    """`cases` as parametrize's argument values (tuples for several argnames), each marked `slow` but those in
+    `keep`. The test IDs stay as they were."""
+    return [pytest.param(*(case if isinstance(case, tuple) else (case,)), marks=() if case in keep else SLOW)
+            for case in cases]
+
+
+def slow_beyond_pairs(*axes) -> list:
+    """Every combination of the axes' values (one parametrize over all their argnames; a tuple value spreads over
+    several), marked `slow` but a set that holds every pair of values of two axes at least once (greedy, in order:
+    the same set every run). The default run checks each value against every value of the other axes; CI, the
+    whole product."""
+    return _slow_beyond_a_cover(axes, 2)
+
+
+def slow_beyond_each(*axes) -> list:
+    """As slow_beyond_pairs, but the default run's set holds each value of each axis at least once."""
+    return _slow_beyond_a_cover(axes, 1)
+
+
+def _slow_beyond_a_cover(axes, strength: int) -> list:
+    """The combinations of `axes`, `slow` but a set holding every `strength` values of as many axes."""
+    combos = list(itertools.product(*(list(axis) for axis in axes)))
+    covers = lambda combo: set(itertools.combinations(enumerate(combo), strength))
+    uncovered = set().union(*map(covers, combos))
+    kept = set()
+    while uncovered:
+        best = max(combos, key=lambda combo: len(covers(combo) & uncovered))
+        kept.add(best)
+        uncovered -= covers(best)
+    spread = lambda combo: [v for value in combo for v in (value if isinstance(value, tuple) else (value,))]
+    return [pytest.param(*spread(combo), marks=() if combo in kept else SLOW) for combo in combos]
 
 
 # model_type -> (transformers config class, model class, tiny settings). Three layers so that dense

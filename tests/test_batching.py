@@ -10,7 +10,7 @@ from moe_offload.config import SamplingParams
 from moe_offload.generate import Batch
 from moe_offload.model import KVCache, Transformer
 
-from conftest import FIXTURE_32L, SHIPPED_MODEL, requires_fixture
+from conftest import EVAL_TEXT, FIXTURE_32L, requires_fixture
 from test_offload import load_fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")    # the cached fixtures' reference logits are computed under it
@@ -21,7 +21,7 @@ PROMPT_LENGTHS = (23, 7, 40, 15)
 
 
 def prompts(fixture) -> list[list[int]]:
-    ids = fixture.engine.tokenizer.encode(open(SHIPPED_MODEL / "eval-networkx.txt").read()[:6000])
+    ids = fixture.engine.tokenizer.encode(open(EVAL_TEXT).read()[:6000])
     return [ids[100 * i:100 * i + length] for i, length in enumerate(PROMPT_LENGTHS)]
 
 

@@ -19,10 +19,10 @@ from moe_offload.errors import UserError
 from moe_offload.model import KVCache
 from moe_offload.offload.cache import LayerCache
 
-from conftest import REPO, SHIPPED_MODEL, write_tiny_mixtral
+from conftest import EVAL_TEXT, REPO, SHIPPED_MODEL, write_tiny_mixtral
 
 COMMITTED_TRACE = REPO / "benchmarks" / "traces" / "reference-moe-32l.safetensors"
-HELD_OUT_TEXT = SHIPPED_MODEL / "eval-networkx.txt"
+HELD_OUT_TEXT = EVAL_TEXT
 
 
 def hand_made_trace(tokens=10, layers=3, top_k=2, experts=4) -> RoutingTrace:
@@ -247,6 +247,7 @@ def one_cpu_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow      # every mode x routing x budget; the default run has bench's full mode in the concurrency test
 def test_bench_command_runs_every_mode_and_routing_at_toy_size_from_any_folder(tmp_path, capsys, one_cpu_thread,
                                                                                 monkeypatch):
     monkeypatch.chdir(tmp_path)     # the default trace is the repository's, wherever the command runs

@@ -25,7 +25,7 @@ from moe_offload.quant import cpu_kernels
 from moe_offload.quant import pack as bitpack
 from moe_offload.quant.weight import HQQExpertFormat, PackedFormat, QuantizedWeight
 
-from conftest import SHARED_FIXTURES, requires_fixture
+from conftest import SHARED_FIXTURES, requires_fixture, slow_beyond_pairs
 
 U = 2.0 ** -24           # fp32's unit roundoff
 BF16_U = 2.0 ** -8       # bf16's, for outputs rounded to bf16
@@ -96,9 +96,8 @@ def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Ten
     assert excess.max() <= 0, f"worst error exceeds its bound by {excess.max().item():.3g}"
 
 
-@pytest.mark.parametrize("bits,group", SETTINGS)
-@pytest.mark.parametrize("quant_meta", [True, False])
-@pytest.mark.parametrize("n,k", [(83, 384), (300, 256), (40, 128)])   # rows not whole blocks, > one panel
+@pytest.mark.parametrize("bits, group, quant_meta, n, k",     # n, k: rows not whole blocks, > one panel
+                         slow_beyond_pairs(SETTINGS, [True, False], [(83, 384), (300, 256), (40, 128)]))
 def test_hqq_linear_matches_dequantize_then_matmul(bits, group, quant_meta, n, k):
     weight = random_quantized(n, k, QuantSpec(bits, group, quant_meta))
     reference = Reference(weight)

@@ -24,7 +24,7 @@ from moe_offload.quant import cpu_kernels
 from moe_offload.server.metrics import Metrics
 from moe_offload.step import DecodeStep
 
-from conftest import FIXTURE_32L, requires_fixture
+from conftest import EVAL_TEXT, FIXTURE_32L, requires_fixture
 from test_offload import DECODE, greedy_logits, load_fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")    # the cached fixtures' logits are made on one thread
@@ -264,7 +264,7 @@ def test_perplexity_of_a_decode_with_cpu_experts_is_within_half_a_percent(name, 
     so the perplexities agree to ~1e-7 at either length, far inside the bound)."""
     fixture = load_fixture(name, quant)
     engine = fixture.engine
-    text = engine.tokenizer.encode(open(FIXTURE_32L.parent / "reference-moe" / "eval-networkx.txt").read()[5000:9000])
+    text = engine.tokenizer.encode(open(EVAL_TEXT).read()[5000:9000])
     tokens = text[:97 if quant is None else 49]
     targets = torch.tensor(tokens[1:])[:, None]
 

@@ -23,7 +23,7 @@ from moe_offload.offload.cpu_tier import Calibration, CostModel, CpuExperts
 from moe_offload.offload.provider import OffloadedExperts
 from moe_offload.step import DecodeStep
 
-from conftest import SHIPPED_MODEL
+from conftest import EVAL_TEXT, SHIPPED_MODEL
 from test_step_gpu import QUANT, decode, quantized
 
 pytestmark = pytest.mark.gpu
@@ -94,7 +94,7 @@ def test_cuda_decode_with_cpu_experts_replays_eager_bits_and_matches_the_residen
 
     # teacher-forced over held-out text: perplexity within 0.5 %, and each differing argmax a near-tie
     engine = quantized()[0]
-    text = engine.tokenizer.encode(open(SHIPPED_MODEL / "eval-networkx.txt").read()[:3000])
+    text = engine.tokenizer.encode(open(EVAL_TEXT).read()[:3000])
     tokens = text[len(quantized()[3]):][:FORCED + 1]
     ours, theirs = forced(hybrid(slots, cpu_layers), tokens[:-1]), forced(resident_model, tokens[:-1])
     ratio = perplexity(ours, tokens[1:]) / perplexity(theirs, tokens[1:])

@@ -17,7 +17,7 @@ import os
 
 import pytest
 
-from conftest import SHIPPED_MODEL
+from conftest import EVAL_TEXT, SHIPPED_MODEL
 from test_server import MODEL, running_server
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")    # local task files: the datasets library must not look online
@@ -52,7 +52,7 @@ def task_folder(tmp_path_factory):
     """The three tasks as lm-eval YAML (JSON is YAML) over JSONL files: held-out code for the rolling task,
     3000 characters a document, so each is several windows of MAX_LENGTH tokens."""
     folder = tmp_path_factory.mktemp("lm_eval_tasks")
-    text = (SHIPPED_MODEL / "eval-networkx.txt").read_text()
+    text = EVAL_TEXT.read_text()
     docs = {"moe_mc": MULTIPLE_CHOICE, "moe_rolling": [{"text": text[i * 3000:(i + 1) * 3000]} for i in range(3)],
             "moe_generate": GENERATE}
     for task, config in TASKS.items():
@@ -111,12 +111,14 @@ def test_tokenized_requests_score_as_the_hf_backend(server, task_folder, hf_scor
     assert_same_scores(evaluate(task_folder, "local-completions", args, batch_size=4), hf_scores[True])
 
 
+@pytest.mark.slow      # lm-eval's other request modes: the default run has the tokenized one above
 def test_the_remote_tokenizer_found_through_tokenizer_info_scores_as_the_hf_backend(server, task_folder, hf_scores):
     """Without `tokenizer=`, lm-eval finds /tokenizer_info and /tokenize and tokenizes through the server."""
     assert_same_scores(evaluate(task_folder, "local-completions", server_args(server, "num_concurrent=2"), batch_size=4),
                        hf_scores[False])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bos", [True, False])
 def test_text_requests_score_as_the_hf_backend(server, task_folder, hf_scores, bos):
     """tokenized_requests=False: lm-eval decodes its tokens and sends text (BOS written as text where it counted

@@ -24,7 +24,7 @@ from moe_offload.offload.provider import OffloadedExperts
 from moe_offload.offload.store import ExpertStore
 from moe_offload.step import DecodeStep
 
-from conftest import FIXTURE_32L, SHIPPED_MODEL, requires_fixture, write_tiny_mixtral
+from conftest import EVAL_TEXT, FIXTURE_32L, SHIPPED_MODEL, requires_fixture, write_tiny_mixtral
 
 PROMPT, DECODE = 24, 6
 
@@ -157,7 +157,7 @@ class Fixture:
         for layer in config.moe_layers:
             for e in range(config.num_experts):
                 self.store.write(layer, e, buffer(layer, e))
-        self.prompt = self.engine.tokenizer.encode(open(SHIPPED_MODEL / "eval-networkx.txt").read()[:2000])[:PROMPT]
+        self.prompt = self.engine.tokenizer.encode(open(EVAL_TEXT).read()[:2000])[:PROMPT]
         self.expected = greedy_logits(self.engine.model, self.prompt)
 
     def offloaded(self, slots: int, prefetch: bool, measure_time: bool = False) -> OffloadedExperts:
@@ -262,7 +262,7 @@ def test_long_prompt_streams_through_one_slot_per_layer(tmp_path):
     folder = write_tiny_mixtral(tmp_path, num_local_experts=8, max_position_embeddings=4096)
     fixture = Fixture(folder)
     engine = fixture.engine
-    prompt = engine.tokenizer.encode(open(SHIPPED_MODEL / "eval-networkx.txt").read()[:40000])[:3000]
+    prompt = engine.tokenizer.encode(open(EVAL_TEXT).read()[:40000])[:3000]
     cache = KVCache.allocate(engine.config, 1, len(prompt), "cpu", torch.float32)
     expected = prefill(engine.model, cache, prompt, "cpu")
     provider = fixture.offloaded(slots=1, prefetch=True)

@@ -12,7 +12,7 @@ import torch
 from moe_offload.generate import prefill
 from moe_offload.model import KVCache, Transformer
 
-from conftest import SHIPPED_MODEL
+from conftest import EVAL_TEXT, SHIPPED_MODEL
 from test_offload import Fixture, check_bit_identical
 
 pytestmark = pytest.mark.gpu
@@ -42,7 +42,7 @@ def test_cuda_store_is_pinned_and_copies_run_on_their_own_stream():
 def test_cuda_long_prompt_streams_through_one_slot_per_layer():
     fixture = cuda_fixture(torch.bfloat16)
     engine = fixture.engine
-    prompt = engine.tokenizer.encode(open(SHIPPED_MODEL / "eval-networkx.txt").read()[:40000])[:3000]
+    prompt = engine.tokenizer.encode(open(EVAL_TEXT).read()[:40000])[:3000]
     cache = KVCache.allocate(engine.config, 1, len(prompt), "cuda", torch.bfloat16)
     expected = prefill(engine.model, cache, prompt, "cuda")
     provider = fixture.offloaded(slots=1, prefetch=True)

@@ -17,7 +17,7 @@ from moe_offload.quant import pack as bitpack
 from moe_offload.quant.hqq import quantize
 from moe_offload.quant.weight import HQQExpertFormat, PackedFormat
 
-from conftest import SHIPPED_MODEL
+from conftest import SHIPPED_MODEL, slow_beyond_each
 
 REAL_MATRICES = ("model.layers.1.block_sparse_moe.experts.2.w1.weight",   # (320, 256)
                  "model.layers.5.block_sparse_moe.experts.6.w2.weight",   # (256, 320)
@@ -57,8 +57,7 @@ def test_pack_stores_words_with_the_rows_innermost_and_uses_the_sign_bit():
     assert (packed[0] == -1).all() and packed[1, 5] == 0 and (packed[1, :5] == -1).all()
 
 
-@pytest.mark.parametrize("name", REAL_MATRICES)
-@pytest.mark.parametrize("bits,group", PAPER_SETTINGS)
+@pytest.mark.parametrize("bits, group, name", slow_beyond_each(PAPER_SETTINGS, REAL_MATRICES))
 def test_our_hqq_error_matches_the_hqq_package_on_real_weights(name, bits, group):
     from hqq.core.quantize import Quantizer
 

@@ -34,7 +34,7 @@ from moe_offload.model import Transformer
 from moe_offload.server.metrics import Metrics
 from moe_offload.server.scheduler import Scheduler, Sequence
 
-from conftest import SHIPPED_MODEL
+from conftest import EVAL_TEXT, SLOW
 from structured_schemas import SCHEMAS
 
 MODEL = "default_model"      # the served id: the shipped model's folder name
@@ -315,11 +315,11 @@ def test_chat_logprobs_with_top_alternatives_streamed_and_not(client, engine):
     assert plain.logprobs is None and plain.message.content == whole.message.content
 
 
-@pytest.mark.parametrize("sampling", [
-    dict(temperature=0.0, repetition_penalty=1.4),
+@pytest.mark.parametrize("sampling", [     # "all" in the default run
+    pytest.param(dict(temperature=0.0, repetition_penalty=1.4), marks=SLOW),
     dict(temperature=0.9, seed=3, top_k=20, min_p=0.05, repetition_penalty=1.2, presence_penalty=0.5,
          frequency_penalty=0.3),
-    dict(temperature=1.0, seed=5, top_k=-1, top_p=0.9, presence_penalty=-1.0),
+    pytest.param(dict(temperature=1.0, seed=5, top_k=-1, top_p=0.9, presence_penalty=-1.0), marks=SLOW),
 ], ids=["greedy-penalized", "all", "vllm-top-k-off"])
 def test_sampling_fields_reach_the_engine(client, engine, sampling):
     """vLLM's extra fields (top_k, min_p, repetition_penalty) go in the SDK's extra_body."""
@@ -1338,7 +1338,7 @@ def test_sixteen_streaming_clients_decode_together_each_as_it_would_alone(batch_
     the batch really holds many sequences at once; memory returns to where it was."""
     client = openai.OpenAI(base_url=f"{batch_server.url}/v1", api_key="unused", max_retries=0, timeout=300)
     prompts = [f"{PROMPTS[i % 4]}{' ' * (i // 4)}" for i in range(16)]
-    long_prompt = open(SHIPPED_MODEL / "eval-networkx.txt").read()[:6000]      # ~1800 tokens: four prefill chunks
+    long_prompt = open(EVAL_TEXT).read()[:6000]      # ~1800 tokens: four prefill chunks
     client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=4, temperature=0)    # warm-up
     wait_idle(batch_server)
     rss_before, before = batch_server.rss_bytes(), batch_server.metrics()

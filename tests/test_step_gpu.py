@@ -19,7 +19,7 @@ from moe_offload.offload.store import ExpertStore
 from moe_offload.quant.checkpoint import open_checkpoint
 from moe_offload.step import DecodeStep
 
-from conftest import SHIPPED_MODEL
+from conftest import EVAL_TEXT, SHIPPED_MODEL
 
 pytestmark = pytest.mark.gpu
 
@@ -37,7 +37,7 @@ def quantized():
     for layer in config.moe_layers:
         for e in range(config.num_experts):
             store.write(layer, e, buffer(layer, e).cpu())
-    prompt = engine.tokenizer.encode(open(SHIPPED_MODEL / "eval-networkx.txt").read()[:3000])[:200]
+    prompt = engine.tokenizer.encode(open(EVAL_TEXT).read()[:3000])[:200]
     return engine, fmt, store, prompt
 
 

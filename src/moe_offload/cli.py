@@ -324,11 +324,13 @@ def cmd_quantize(args) -> None:
 def cmd_perplexity(args) -> None:
     from .perplexity import perplexity
 
-    engine = Engine.load(runtime_from(args))
+    if not os.path.isfile(args.text):      # checked before the model loads
+        raise UserError(f"--text {args.text}: no such file; pass a UTF-8 text file to measure on")
     try:
         text = open(args.text, encoding="utf-8").read()
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"--text {args.text}: cannot read it as UTF-8 text ({e})") from None
+    engine = Engine.load(runtime_from(args))
     token_ids = engine.tokenizer.encode(text)
     result = perplexity(engine, token_ids, args.window, args.max_windows, progress_bar=lambda total: tqdm(
         total=total, desc="perplexity", unit="window", file=sys.stderr, disable=None))

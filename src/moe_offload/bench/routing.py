@@ -5,7 +5,7 @@ prefetcher live on. So the benchmarks also run a synthetic full-size model whose
 overridden, token by token and layer by layer, by the choices a trained model of the same depth
 made on real text (compute and copies stay real; only the choice of experts is replayed).
 
-    trace = record_routing("fixtures/reference-moe-32l", "eval-networkx.txt", tokens=3072)
+    trace = record_routing("fixtures/reference-moe-32l", "data/eval-networkx.txt", tokens=3072)
     trace.save("benchmarks/traces/reference-moe-32l.safetensors")
     trace = RoutingTrace.load("benchmarks/traces/reference-moe-32l.safetensors")
     router = ReplayRouter(trace, device, moe_layers)           # Transformer(..., router=router): one sequence
