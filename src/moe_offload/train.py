@@ -36,7 +36,7 @@ from .config import FinetuneConfig, LoraConfig, ModelConfig
 from .errors import UserError
 from .lora import Adapters, LoraExperts, shapes
 from .model import ATTENTION_BACKENDS, KVCache, Transformer, expert_outputs, rotary
-from .offload.planner import workspace_bytes
+from .offload.planner import WORKSPACE_MARGIN, workspace_bytes
 from .tokenizer import Tokenizer
 
 STATE_FILE = "training_state.pt"
@@ -282,7 +282,7 @@ def training_bytes(config: ModelConfig, lora: LoraConfig, settings: FinetuneConf
                                                            else c.num_layers)
                    for target, (rows, cols, experts) in shapes(config, lora).items())
     checkpoints = tokens * c.hidden_size * itemsize * (c.num_layers + len(c.moe_layers) * c.top_k)
-    layer = 2 * workspace_bytes(config, tokens, settings.seq_len, itemsize)
+    layer = 2 * (workspace_bytes(config, tokens, settings.seq_len, itemsize) - WORKSPACE_MARGIN)   # inference's has it once
     return 16 * adapters + checkpoints + layer + 3 * tokens * c.vocab_size * 4
 
 
