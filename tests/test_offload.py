@@ -331,3 +331,20 @@ def test_an_offloaded_decode_step_reads_the_host_once_per_moe_layer(monkeypatch)
         monkeypatch.setattr(torch.Tensor, name, reader(getattr(torch.Tensor, name)))
     step(1)
     assert len(routing_reads) == len(engine.config.moe_layers) and other_reads == []
+
+
+
+def test_streamed_misses_load_those_more_rows_need_first(fixture):
+    """A batch step with more experts than slots: the misses stream through the one slot in order of the rows that
+    chose them (most first, ties by id), whatever their ids."""
+    provider = fixture.offloaded(1, prefetch=False)
+    config = fixture.engine.config
+    assert (config.top_k, config.num_experts) == (2, 8)
+    ids = torch.tensor([[6, 1], [6, 3], [6, 1], [1, 0], [2, 0]], device=fixture.device)   # 1 and 6: 3 rows, 0: 2
+    loaded = []
+    load = provider._load
+    provider._load = lambda layer, expert, slot: (loaded.append(expert), load(layer, expert, slot))
+    x = torch.zeros(len(ids), config.hidden_size, device=fixture.device, dtype=fixture.engine.model.weights.embed.dtype)
+    for _ in provider.experts(config.moe_layers[0], ids, x, x):
+        pass
+    assert loaded == [1, 6, 0, 2, 3]

@@ -207,14 +207,16 @@ class OffloadedExperts:
 
     def _streamed(self, layer: int, ids: torch.Tensor, pairs: list[int], needed: list[int],
                   guesses: dict[int, list[int]]) -> Iterator[ExpertBatch]:
-        """More experts than slots: each in turn, hits first, the misses copied as slots free up."""
+        """More experts than slots: each in turn, hits first, the misses copied as slots free up, those more rows
+        need first (a batch's shared experts early, so their larger products overlap the later copies)."""
         order = torch.argsort(ids.flatten(), stable=True)       # pairs grouped by expert, experts ascending
         counts = Counter(pairs)
         starts, start = {}, 0
         for e in needed:
             starts[e], start = start, start + counts[e]
         slots = self.slots[layer]
-        for action, expert, slot in self.caches[layer].schedule(needed):
+        by_rows = sorted(needed, key=lambda e: -counts[e])      # stable: ties by id
+        for action, expert, slot in self.caches[layer].schedule(by_rows):
             if action == "load":
                 self._load(layer, expert, slot)
             elif action == "issued":
