@@ -15,10 +15,15 @@ lscpu | grep -E "^Model name|^CPU\(s\)" | tee "$OUT/host.txt"
 timeout 150 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_cpu_tier_gpu.py 2>&1 | grep -v Warning | tail -25 | tee "$OUT/cpu_tier_gpu_tests.txt"
 python3 - <<'PY' 2>&1 | tee -a "$OUT/host.txt"
 import time, torch
-torch.set_num_threads(torch.get_num_threads())
 x = torch.ones(2**30, dtype=torch.float32)     # 4 GiB; a float sum (an int16 sum into int64 is compute-bound: 2.9 GB/s)
-x.sum()
-best = min((lambda t0: (x.sum(), time.perf_counter() - t0)[1])(time.perf_counter()) for _ in range(5))
+
+def seconds():
+    started = time.perf_counter()
+    x.sum()
+    return time.perf_counter() - started
+
+seconds()
+best = min(seconds() for _ in range(5))
 print(f"host read: {x.numel() * 4 / best / 1e9:.1f} GB/s ({torch.get_num_threads()} threads, a float32 sum over 4 GiB)")
 PY
 bench="python3 -m moe_offload.cli bench --synthetic mixtral-8x7b --quant 4/2 --prefill-tokens 512 --routing replay --no-resident --no-compute-only --cpu-experts off,auto"
