@@ -17,9 +17,13 @@ later layers come back in one copy (`_stage`, then `_read`). Then:
   that read it); a copy into a slot waits for "free", the computation waits for "ready";
 - once the layer's own loads are issued, the guessed experts of later layers are copied into those
   layers' slots (never touching the current layer's, so nothing this step needs is evicted);
-- when the step's experts fit in the layer's slots at once (decode: top-k experts), the slot of every
-  (token, choice) pair goes to the device in a small table and the experts run as one batch (the
-  format's grouped kernels); otherwise they stream through the slots one expert at a time, hits first.
+- when the step's experts fit in the layer's slots at once (decode: top-k experts), the experts run as one
+  batch (the format's grouped kernels), each pair's slot looked up on the device in the layer's expert -> slot
+  table (`SlotTable`: written from the host only when a slot the step reads changed, so a step of hits writes
+  nothing); otherwise they stream through the slots one expert at a time, hits first.
+- the host learns for free what the device has finished: every routing read waited for all the work queued
+  before it. So a step of hits neither waits for copies the host saw finish nor marks its slots free with
+  events: a copy into a slot waits for the slot's last reader only if no read since has shown it done.
 
 Under CUDA graph capture (step.py) the same method only queues the device work and cuts the graph at
 the read; the host's part runs between the replays of the pieces (`_settle`, `_release`).
@@ -72,6 +76,7 @@ class OffloadedExperts:
         on_device = {layer: n for layer, n in slots.items() if n}
         self.caches = {layer: cache_type(n, nbytes, self.stats.layers[layer]) for layer, n in on_device.items()}
         self.slots = {layer: ExpertSlots(expert_format, n, slot_stride(nbytes), self.device) for layer, n in on_device.items()}
+        self.tables = {layer: SlotTable(store.num_experts, self.device) for layer in on_device}
         keys = [(layer, slot) for layer, n in on_device.items() for slot in range(n)]
         if self.device.type == "cuda":
             self.copier = CudaCopier(self.device, keys, self.stats, measure_time)
@@ -131,15 +136,17 @@ class OffloadedExperts:
         if layer not in self.buffers:
             self.buffers[layer] = ReadBuffers(self.device, self.large_inputs)
         cpu_may_run = layer in self.cpu_layers or (self.cpu is not None and self.cpu.takes(ids.shape[0]))
-        return self.buffers[layer].stage([ids.flatten(), *guesses.values()], list(guesses), x if cpu_may_run else None)
+        return self.buffers[layer].stage(ids.flatten(), list(guesses.values()), list(guesses), x if cpu_may_run else None)
 
     def _batch(self, layer: int, read: "RoutingRead", host_slots: list[int] | None) -> ExpertBatch:
-        """The step's one batch: the slots and their table, and the rows the CPU computed where it may have."""
+        """The step's one batch: the slots, each pair's slot (looked up on the device: under capture, in the piece
+        after the host wrote the table), and the rows the CPU computed where it may have."""
         computed = None if read.x is None else read.out.computed(whole=layer in self.cpu_layers)
         if layer in self.cpu_layers:
             return ExpertBatch(None, None, None, None, computed=computed)
         slots = self.slots[layer]
-        return ExpertBatch(slots.memory, slots.experts, read.table, host_slots, computed=computed)
+        pair_slots = self.tables[layer].device.index_select(0, read.ids)
+        return ExpertBatch(slots.memory, slots.experts, pair_slots, host_slots, computed=computed)
 
     def _split(self, layer: int, read: "RoutingRead", pairs: list[int], needed: list[int]) -> set[int]:
         """The experts of this step that the CPU computes: all of a layer without slots; in decode (its input came
@@ -202,7 +209,7 @@ class OffloadedExperts:
             self.copier.wait((layer, slot))
         spare = next(iter(slot_of.values()), 0)    # the CPU's pairs read a slot the step reads anyway (or slot 0)
         host_slots = [slot_of.get(e, spare) for e in pairs]
-        self.copier.write_table(read.table, host_slots)
+        self.tables[layer].write(dict(zip(pairs, host_slots)))
         return host_slots
 
     def _streamed(self, layer: int, ids: torch.Tensor, pairs: list[int], needed: list[int],
@@ -231,7 +238,7 @@ class OffloadedExperts:
 
     def _release(self, layer: int) -> None:
         for slot in self.in_use.pop(layer, ()):
-            self.copier.release((layer, slot))
+            self.copier.release_after_read((layer, slot))
 
     # -- copies ---------------------------------------------------------------------------------
 
@@ -255,23 +262,43 @@ class OffloadedExperts:
                     self._load(target, expert, slot)
 
 
+class SlotTable:
+    """A layer's expert -> slot table on the device, int32 (num_experts,): the grouped kernels' slot of each pair
+    is a lookup of its expert there. The host keeps the same values and copies them over (from pinned memory, on
+    the compute stream) only when an entry a step reads changed. The pinned copy is rewritten only at the layer's
+    next step, after that step's routing read, which waited for this copy."""
+
+    def __init__(self, num_experts: int, device: torch.device):
+        self.device = torch.zeros(num_experts, dtype=torch.int32, device=device)
+        self.host = torch.zeros(num_experts, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self.values = self.host.numpy()
+
+    def write(self, slot_of: dict[int, int]) -> None:
+        """Expert -> slot for the experts of a step (the other entries keep stale slots that no pair reads)."""
+        changed = [(expert, slot) for expert, slot in slot_of.items() if self.values[expert] != slot]
+        if changed:
+            for expert, slot in changed:
+                self.values[expert] = slot
+            self.device.copy_(self.host, non_blocking=True)
+
+
 class RoutingRead(NamedTuple):
     """One staged read of a layer's step: the host memory its copy lands in, what the copy holds (the pairs'
-    experts, then one guess per target layer), and the device slot table of its pairs. A captured step keeps
+    experts, then one guess per target layer), and the pairs' experts on the device. A captured step keeps
     the read it recorded: its copy lands there on every replay, whatever later eager steps stage."""
 
     values: np.ndarray               # the pinned host buffer, as numpy (a fast read into Python ints)
     sizes: list[int]
     targets: list[int]
-    table: torch.Tensor              # int32 (pairs,) on the device
+    ids: torch.Tensor                # int64 (pairs,) on the device: each pair's expert
     event: torch.cuda.Event | None   # recorded after the copy (CUDA)
     x: torch.Tensor | None           # the step's input (tokens, hidden) on the host, where the CPU may run pairs
     out: RowBuffers | None           # and where the CPU's products go
 
 
 class ReadBuffers:
-    """A layer's host buffer for routing reads (pinned on CUDA) and device buffer for slot tables, grown as needed
-    (a grown buffer is a new one: a captured read keeps the old)."""
+    """A layer's host buffer for routing reads (pinned on CUDA), grown as needed (a grown buffer is a new one: a
+    captured read keeps the old)."""
 
     def __init__(self, device: torch.device, large: dict | None = None):
         self.device = device
@@ -280,23 +307,21 @@ class ReadBuffers:
         self.large = {} if large is None else large    # the same for steps of more than MAX_ROWS tokens: all layers'
         self.host = torch.empty(0, dtype=torch.int64)
         self.values = self.host.numpy()     # the same memory, made once per buffer
-        self.table = torch.empty(0, dtype=torch.int32, device=device)
         self.event = torch.cuda.Event() if self.pinned else None
 
-    def stage(self, parts: list[torch.Tensor], targets: list[int], x: torch.Tensor | None) -> RoutingRead:
-        """Queue the copy of `parts` (int64 device tensors) into the host buffer, and of `x` into its own."""
-        staged = torch.cat(parts) if len(parts) > 1 else parts[0]
+    def stage(self, ids: torch.Tensor, guesses: list[torch.Tensor], targets: list[int],
+              x: torch.Tensor | None) -> RoutingRead:
+        """Queue the copy of the pairs' `ids` and the `guesses` (int64 device tensors) into the host buffer, and of
+        `x` into its own."""
+        staged = torch.cat([ids, *guesses]) if guesses else ids
         if self.host.numel() < staged.numel():
             self.host = torch.empty(staged.numel(), dtype=torch.int64, pin_memory=self.pinned)
             self.values = self.host.numpy()
-        pairs = parts[0].numel()
-        if self.table.numel() < pairs:
-            self.table = torch.empty(pairs, dtype=torch.int32, device=self.device)
         self.host[:staged.numel()].copy_(staged, non_blocking=True)
-        host_x, out = self._inputs(x, pairs) if x is not None else (None, None)
+        host_x, out = self._inputs(x, ids.numel()) if x is not None else (None, None)
         if x is not None:
             host_x.copy_(x, non_blocking=True)
-        return RoutingRead(self.values, [part.numel() for part in parts], targets, self.table[:pairs], self.event,
+        return RoutingRead(self.values, [part.numel() for part in (ids, *guesses)], targets, ids, self.event,
                            host_x, out)
 
     def _inputs(self, x: torch.Tensor, pairs: int) -> tuple[torch.Tensor, RowBuffers]:
@@ -344,13 +369,13 @@ class HostCopier:
     def read(self, read: RoutingRead):
         return split(read)
 
-    def write_table(self, table: torch.Tensor, slots: list[int]) -> None:
-        table[:len(slots)] = torch.tensor(slots, dtype=torch.int32)
-
     def wait(self, key) -> None:
         pass
 
     def release(self, key) -> None:
+        pass
+
+    def release_after_read(self, key) -> None:
         pass
 
     def idle(self) -> bool:
@@ -361,14 +386,20 @@ class HostCopier:
 
 
 class CudaCopier:
-    """Copies on one dedicated stream, ordered against computation by two events per slot."""
+    """Copies on one dedicated stream, ordered against computation by two events per slot, where the host does not
+    know better: a routing read (`read`) waited for everything queued before it, so a slot read before the last
+    read is free, and a copy the host has seen finish needs no wait."""
 
     def __init__(self, device: torch.device, keys, stats: OffloadStats, measure_time: bool):
         self.device, self.stats, self.measure_time = device, stats, measure_time
         self.stream = torch.cuda.Stream(device)
         self.ready = {key: torch.cuda.Event() for key in keys}   # the slot's last copy finished
         self.free = {key: torch.cuda.Event() for key in keys}    # the slot's last reader finished
-        self.tables: dict[tuple[int, int], tuple] = {}           # (table, length) -> its pinned staging
+        self.reads = 0                   # routing reads so far; the last one waited on
+        self.last_reader: dict = {}      # slot -> (reads when its last reader was queued, whether `free` marks it)
+        self.copies = 0                  # copies queued so far
+        self.copied: dict = {}           # slot -> the number of its last copy
+        self.copies_seen = 0             # copies the host has seen finish (they finish in order)
         self.timings: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         self.timings_lock = threading.Lock()   # the server's /metrics reads stats from another thread
         self.read_wait_seconds = 0.0           # host time blocked in routing reads
@@ -377,7 +408,9 @@ class CudaCopier:
         self.observed: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
 
     def load(self, key, dst: torch.Tensor, src: torch.Tensor) -> None:
-        self.stream.wait_event(self.free[key])
+        self._after_last_reader(key)
+        self.copies += 1
+        self.copied[key] = self.copies
         with torch.cuda.stream(self.stream):
             start = self._mark(self.stream)
             observed = torch.cuda.Event(enable_timing=True) if self.observe is not None else None
@@ -395,9 +428,12 @@ class CudaCopier:
     def read(self, read: RoutingRead):
         """The layer's one blocking wait: for its routing read to reach the host."""
         read.event.record(torch.cuda.current_stream(self.device))
+        self.reads += 1
         started = time.perf_counter()
         read.event.synchronize()
         self.read_wait_seconds += time.perf_counter() - started
+        if self.copies_seen < self.copies and self.last_copy.query():
+            self.copies_seen = self.copies
         self._report_copies()
         return split(read)
 
@@ -415,18 +451,10 @@ class CudaCopier:
             done += 1
         del self.observed[:done]
 
-    def write_table(self, table: torch.Tensor, slots: list[int]) -> None:
-        """Slots -> the device table, through a pinned buffer of its own (it is rewritten only a step later,
-        after this copy has long run); the buffers and views are made once per table and length."""
-        key = (table.data_ptr(), len(slots))
-        if key not in self.tables:
-            staging = torch.empty(len(slots), dtype=torch.int32, pin_memory=True)
-            self.tables[key] = staging.numpy(), staging, table[:len(slots)]
-        values, staging, target = self.tables[key]
-        values[:] = slots
-        target.copy_(staging, non_blocking=True)
-
     def wait(self, key) -> None:
+        """Computation queued from now on reads the slot after its copy (if the host has not seen that finish)."""
+        if self.copied.get(key, 0) <= self.copies_seen:
+            return
         compute = torch.cuda.current_stream(self.device)
         ready = self.ready[key]
         if self.measure_time and not ready.query():
@@ -437,7 +465,24 @@ class CudaCopier:
             compute.wait_event(ready)
 
     def release(self, key) -> None:
+        """The slot's reader has been queued: the next copy into it waits for this point of the compute stream."""
         self.free[key].record(torch.cuda.current_stream(self.device))
+        self.last_reader[key] = (self.reads, True)
+
+    def release_after_read(self, key) -> None:
+        """The same, for a slot whose readers were queued after the current routing read: the next read (which
+        waits for them) frees it, so no event is recorded unless a copy into it comes first."""
+        self.last_reader[key] = (self.reads, False)
+
+    def _after_last_reader(self, key) -> None:
+        """The copy stream waits for the slot's last reader to finish, unless a routing read since has shown it (or
+        nothing read the slot since its last copy, which this one follows on the copy stream)."""
+        reads, marked = self.last_reader.pop(key, (-1, True))
+        if reads < self.reads:
+            return
+        if not marked:
+            self.free[key].record(torch.cuda.current_stream(self.device))
+        self.stream.wait_event(self.free[key])
 
     def _mark(self, stream):
         if not self.measure_time:
