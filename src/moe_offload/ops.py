@@ -41,8 +41,9 @@ MIN_QUERY_ROWS = 16     # tl.dot's smallest tile: a head group's query rows are 
 
 
 def fused(x: torch.Tensor) -> bool:
-    """Whether x's work runs in this file's Triton kernels (CUDA with Triton), not in the torch twins."""
-    return x.is_cuda and AVAILABLE
+    """Whether x's work runs in this file's Triton kernels (CUDA with Triton), not in the torch twins: not with
+    autograd on (training; the kernels have no backward, and a checkpointed layer must recompute the same ops)."""
+    return x.is_cuda and AVAILABLE and not torch.is_grad_enabled()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -153,7 +154,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
                      rows: torch.Tensor, window: int | None) -> torch.Tensor:
     """q (n, heads, 1, D) of one token a row, at positions (int64 (n,)); keys, values (cache rows, kv_heads, max_len,
     D), row rows[b] written up to positions[b] -> (n, heads, 1, D): attention over keys p - window < j <= p."""
-    if q.is_cuda and AVAILABLE:
+    if fused(q):
         return _triton_decode_attention(q, keys, values, positions, rows, window or 0)
     out = []
     for b, (row, position) in enumerate(zip(rows.tolist(), positions.tolist())):   # free on the CPU

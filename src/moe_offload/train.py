@@ -214,14 +214,16 @@ class Trainer:
         rope = rotary(positions, cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
         mask = Transformer._attention_mask(positions, tokens.shape[1], cfg.sliding_window)
         h = self.model.weights.embed[tokens]
-        with sdpa_kernel(ATTENTION_BACKENDS):
-            for index in range(cfg.num_layers):
-                h = checkpoint(self._layer, index, h, rope, positions, mask, use_reentrant=False)
+        for index in range(cfg.num_layers):
+            h = checkpoint(self._layer, index, h, rope, positions, mask, use_reentrant=False)
         return self.model.head(h)
 
     def _layer(self, index: int, h: torch.Tensor, rope, positions, mask) -> torch.Tensor:
+        """One decoder layer; the attention backends are chosen here, so that backward's recomputation (outside
+        `logits`) runs the same kernels and saves the same tensors as the forward did."""
         cache = self._scratch_cache(index, h.shape[0], h.shape[1], h.device, h.dtype, rope)
-        return self.model.layer(index, h, cache, 0, positions, None, rope, mask)
+        with sdpa_kernel(ATTENTION_BACKENDS):
+            return self.model.layer(index, h, cache, 0, positions, None, rope, mask)
 
     def _scratch_cache(self, index, batch, length, device, dtype, rope) -> KVCache:
         """This layer's keys and values for one forward (a fresh tensor each time: recomputed, not overwritten)."""

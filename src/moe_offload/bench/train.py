@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import FinetuneConfig, LoraConfig
-from ..engine import expert_storage
+from ..engine import expert_storage, resolve_device
 from ..errors import UserError
 from ..experts import slot_stride
 from ..generate import PREFILL_CHUNK
@@ -46,7 +46,7 @@ class TrainBenchSettings:
 
 
 def run_training_bench(s: TrainBenchSettings, log=print) -> dict:
-    device = torch.device(s.device)
+    device = resolve_device(s.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     ckpt = SyntheticCheckpoint.create(s.synthetic, parse_quant(s.quant), device)
     config = ckpt.config
