@@ -229,6 +229,39 @@ def test_forgetful_cache_loads_every_use_while_lru_reuses():
     assert (forgetful.stats.hits, forgetful.stats.misses) == (0, 6)
 
 
+def test_each_mode_is_an_offload_config_that_the_engine_builds():
+    """Every bench model comes from engine.build_provider: no-cache is the "none" cache policy without a predictor,
+    no-prefetch (and compute-only's fixed routing) LRU without one, full LRU with the gate's guesses (replayed,
+    at the gate's cost, under replayed routing); copies timed; without a plan every expert resident."""
+    from moe_offload.bench.runner import Bench, BenchSettings
+    from moe_offload.engine import expert_store
+    from moe_offload.experts import ResidentExperts
+    from moe_offload.offload.planner import make_plan
+    from moe_offload.offload.prefetch import GatePredictor
+
+    bench = Bench(BenchSettings(synthetic="tiny", device="cpu", trace=COMMITTED_TRACE), log=lambda line: None)
+    ckpt = SyntheticCheckpoint.create("tiny", None, "cpu")
+    config = ckpt.config
+    weights = ckpt.dense_weights("cpu", torch.float32)
+    expert_format, expert_buffer = ckpt.expert_storage(torch.float32)
+    store = expert_store(config, expert_format, expert_buffer, None, bench.device)
+    plan = make_plan(config, expert_format.nbytes, 0, 0, 16, 0, 2**30, slots_per_layer=2)
+
+    def built(routing, mode):
+        _, provider, _ = bench.build(config, weights, store, expert_format, plan, routing, mode)
+        assert provider.copier.measure_time and provider.cpu is None
+        return {type(cache) for cache in provider.caches.values()}, provider.predictor
+
+    assert built("own", "no-cache") == ({ForgetfulCache}, None)
+    assert built("replay", "no-prefetch") == built("fixed", "no-prefetch") == ({LayerCache}, None)
+    caches, predictor = built("own", "full")
+    assert caches == {LayerCache} and type(predictor) is GatePredictor and predictor.top_n == config.top_k
+    caches, predictor = built("replay", "full")
+    assert caches == {LayerCache} and type(predictor) is ReplayPredictor and type(predictor.costs_as) is GatePredictor
+    _, resident, _ = bench.build(config, weights, store, expert_format, None, "own", "resident")
+    assert type(resident) is ResidentExperts
+
+
 def test_accelerate_places_full_mixtral_at_12_gib_with_most_layers_offloaded():
     from moe_offload.bench.accelerate_baseline import placement
     from moe_offload.bench.synthetic import SYNTHETIC_SHAPES

@@ -434,6 +434,8 @@ class OffloadConfig:
     cpu_moe_layers: int = 0              # the experts of the first N MoE layers stay on the host and run on the CPU
     cpu_experts: str = "auto"            # "auto": each decode miss is copied or run on the CPU, whichever the cost
                                          # model calibrated at start finishes sooner (off on a CPU device); "off"
+    cache: str = "lru"                   # each layer's slots (engine.CACHE_POLICIES): "lru" keeps the most recently
+                                         # used experts; "none" empties them before each forward (every use a load)
 
 
 LORA_TARGETS = ("attention", "router", "experts")

@@ -1,4 +1,4 @@
-"""The one object that the CLI, the server and the benchmarks use.
+"""The one object that the CLI and the server use, and the one place where a model's experts are composed.
 
     engine = Engine.load(RuntimeConfig(model="path/to/model"))
     run = engine.stream(engine.tokenizer.encode("def fib(n):"), SamplingParams(max_new_tokens=64))
@@ -8,6 +8,10 @@
 
 An Engine owns one model, its tokenizer and one KV cache; a run holds the cache until it ends,
 so runs on one engine go one at a time.
+
+`build_provider` composes the experts that `Engine.load` gives its model: every one resident, or offloaded as a
+plan and an OffloadConfig say (host store, slots, cache policy, predictor, CPU tier). The benchmarks build their
+models with it too, varying only the OffloadConfig, the router and the predictor.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import torch
@@ -26,14 +30,15 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig, OffloadConfig, RuntimeConfig, SamplingParams
 from .constrain import Grammars
 from .errors import UserError
-from .experts import DenseExpertFormat, ExpertFormat, ExpertSlots, ResidentExperts, slot_stride
+from .experts import DenseExpertFormat, ExpertFormat, ExpertProvider, ExpertSlots, ResidentExperts, slot_stride
 from .generate import Batch, Generation
 from .logprobs import LogprobRecorder, TokenLogprob
 from .lora import Adapters, LoraExperts, merges_experts
 from .model import KVCache, ModelWeights, Transformer
+from .offload.cache import ForgetfulCache, LayerCache
 from .offload.cpu_tier import CHOICES as CPU_EXPERTS, CpuExperts, unsupported
 from .offload.planner import Plan, plan_for
-from .offload.prefetch import GatePredictor
+from .offload.prefetch import ExpertPredictor, GatePredictor
 from .offload.provider import OffloadedExperts
 from .offload.store import ExpertStore
 from .quant.checkpoint import QuantizedCheckpoint, open_checkpoint
@@ -41,6 +46,8 @@ from .quant.cpu_kernels import default_threads
 from .quant.mxfp4 import MXFP4ExpertFormat
 from .step import DecodeStep
 from .tokenizer import Tokenizer
+
+ExpertBuffer = Callable[[int, int], torch.Tensor]   # (layer, expert) -> the expert's packed bytes, uint8
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -70,7 +77,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def expert_storage(ckpt: Checkpoint, dtype: torch.dtype,
-                   adapters: Adapters | None = None) -> tuple[ExpertFormat, Callable[[int, int], torch.Tensor]]:
+                   adapters: Adapters | None = None) -> tuple[ExpertFormat, ExpertBuffer]:
     """How experts are stored, and where each one's packed CPU buffer comes from: (layer, expert) -> uint8.
     Unquantized experts get their LoRA adapters (if any) added before they are packed."""
     if isinstance(ckpt, QuantizedCheckpoint):
@@ -88,7 +95,51 @@ def expert_storage(ckpt: Checkpoint, dtype: torch.dtype,
     return expert_format, lambda layer, expert_id: expert_format.pack(ckpt.expert(layer, expert_id))
 
 
-def resident_experts(config: ModelConfig, expert_format: ExpertFormat, expert_buffer, device, progress) -> ResidentExperts:
+CACHE_POLICIES = {"lru": LayerCache, "none": ForgetfulCache}   # OffloadConfig.cache -> each layer's slot bookkeeping
+
+
+def ignore(_) -> None:
+    """A progress or log callback that shows nothing."""
+
+
+def build_provider(config: ModelConfig, weights: ModelWeights, experts: ExpertStore | ExpertBuffer,
+                   expert_format: ExpertFormat, plan: Plan | None, offload: OffloadConfig, device: torch.device,
+                   dtype: torch.dtype, predictor_for: Callable[[GatePredictor], ExpertPredictor] | None = None,
+                   progress: Callable[[int], object] = ignore, log: Callable[[str], object] = ignore) -> ExpertProvider:
+    """A model's experts. With a plan: offloaded from `experts`, a filled ExpertStore, into the plan's slots, with
+    the cache policy, predictor, timing and CPU tier that `offload` asks for; "auto"'s calibration line goes to
+    `log`. `predictor_for(gate)` stands in for the gate predictor where `offload` asks for one (the benchmark's
+    replay of recorded guesses, at the gate's cost). Without a plan: every expert resident on `device`, copied from
+    `experts`, an ExpertBuffer, each copy counted by `progress`."""
+    if plan is None:
+        return resident_experts(config, expert_format, experts, device, progress)
+    predictor = gate_predictor(config, weights, offload)
+    if predictor is not None and predictor_for is not None:
+        predictor = predictor_for(predictor)
+    cpu = cpu_experts(config, expert_format, experts, offload, device, dtype)
+    provider = OffloadedExperts(experts, expert_format, plan.slots, device, predictor, measure_time=offload.measure_time,
+                                cache_type=CACHE_POLICIES[offload.cache], cpu=cpu)
+    if cpu is not None and cpu.costs is not None:      # "auto" calibrated as the provider took its slots
+        log(cpu.costs.calibration.describe())
+    return provider
+
+
+def expert_store(config: ModelConfig, expert_format: ExpertFormat, expert_buffer: ExpertBuffer,
+                 ram_experts: int | None, device: torch.device, disk_dir: Path | None = None,
+                 progress: Callable[[int], object] = ignore) -> ExpertStore:
+    """Every expert into the host store: `ram_experts` in RAM (pinned on CUDA; None: all), the rest mapped from
+    `disk_dir`."""
+    store = ExpertStore(config.moe_layers, config.num_experts, expert_format.nbytes, ram_experts,
+                        pin=device.type == "cuda", disk_dir=disk_dir)
+    for layer in config.moe_layers:
+        for expert_id in range(config.num_experts):
+            store.write(layer, expert_id, expert_buffer(layer, expert_id))
+            progress(1)
+    return store
+
+
+def resident_experts(config: ModelConfig, expert_format: ExpertFormat, expert_buffer: ExpertBuffer, device,
+                     progress) -> ResidentExperts:
     """Every expert on the device: each layer's in one slot buffer, expert e in slot e."""
     slots_by_layer = {}
     for layer in config.moe_layers:
@@ -99,20 +150,10 @@ def resident_experts(config: ModelConfig, expert_format: ExpertFormat, expert_bu
     return ResidentExperts(expert_format, slots_by_layer)
 
 
-def offloaded_experts(config: ModelConfig, weights: ModelWeights, expert_format: ExpertFormat, expert_buffer,
-                      plan: Plan, offload: OffloadConfig, device: torch.device, dtype: torch.dtype,
-                      progress) -> OffloadedExperts:
-    """Every expert into the host store (pinned on CUDA), slots and predictor as the plan says."""
-    store = ExpertStore(config.moe_layers, config.num_experts, expert_format.nbytes, plan.ram_experts,
-                        pin=device.type == "cuda", disk_dir=offload.offload_dir)
-    for layer in config.moe_layers:
-        for expert_id in range(config.num_experts):
-            store.write(layer, expert_id, expert_buffer(layer, expert_id))
-            progress(1)
+def gate_predictor(config: ModelConfig, weights: ModelWeights, offload: OffloadConfig) -> GatePredictor | None:
+    """The speculative prefetch's predictor that `offload` asks for, or None (prefetch off)."""
     top_n = config.top_k if offload.prefetch_experts is None else offload.prefetch_experts
-    predictor = GatePredictor(config, weights.layers, offload.prefetch_depth, top_n, offload.prefetch_norm) if top_n else None
-    cpu = cpu_experts(config, expert_format, store, offload, device, dtype)
-    return OffloadedExperts(store, expert_format, plan.slots, device, predictor, offload.measure_time, cpu=cpu)
+    return GatePredictor(config, weights.layers, offload.prefetch_depth, top_n, offload.prefetch_norm) if top_n else None
 
 
 def cpu_experts(config: ModelConfig, expert_format: ExpertFormat, store: ExpertStore, offload: OffloadConfig,
@@ -273,15 +314,12 @@ class Engine:
             weights = ckpt.dense_weights(device, dtype, progress=bar.update)
             if adapters:
                 weights = adapters.merged(weights)
-            if plan:
-                provider = offloaded_experts(config, weights, expert_format, expert_buffer, plan, offload, device, dtype,
-                                             bar.update)
-            else:
-                provider = resident_experts(config, expert_format, expert_buffer, device, progress=bar.update)
+            experts = (expert_store(config, expert_format, expert_buffer, plan.ram_experts, device, offload.offload_dir,
+                                    bar.update) if plan else expert_buffer)
+            provider = build_provider(config, weights, experts, expert_format, plan, offload, device, dtype,
+                                      progress=bar.update, log=partial(tqdm.write, file=sys.stderr) if progress else ignore)
             if on_the_fly:
                 provider = LoraExperts(provider, adapters)     # quantized experts: their adapters on the fly
-        if progress and getattr(provider, "cpu", None) is not None and provider.cpu.costs is not None:
-            print(provider.cpu.costs.calibration.describe(), file=sys.stderr)
         model = Transformer(config, weights, provider)
         cache = KVCache.allocate(config, batch=runtime.max_batch, max_len=max_context, device=device, dtype=dtype)
         return cls(config, model, tokenizer, cache, name=Path(runtime.model).name, plan=plan)

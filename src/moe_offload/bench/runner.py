@@ -16,8 +16,9 @@ Per (quantization, budget, routing, mode) it reports:
 - peak GPU memory (torch.cuda.max_memory_allocated) against the budget; the budget is also
   enforced with torch.cuda.set_per_process_memory_fraction, so an overrun fails that entry.
 
-Modes (the paper's ablation): "full" (LRU + speculative prefetch), "no-prefetch" (LRU only),
-"no-cache" (every expert use is loaded on demand: nothing stays in a slot between forwards).
+Modes (the paper's ablation, each an OffloadConfig for engine.build_provider, which builds every model here):
+"full" (LRU + speculative prefetch), "no-prefetch" (LRU only), "no-cache" (every expert use is loaded on demand:
+nothing stays in a slot between forwards).
 Each mode runs with every --cpu-experts setting ("off": copy-only; "auto": the CPU computes the decode misses
 the cost model sends it) and every --cpu-moe-layers count (experts of that many layers on the CPU), side by
 side; entries that use the CPU report its expert uses per token, GB/s and busy share next to the link's.
@@ -41,26 +42,24 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ..config import ModelConfig, OffloadConfig, QuantConfig, SamplingParams
-from ..engine import cpu_experts, expert_storage, resident_experts, resolve_device
+from ..engine import build_provider, expert_storage, expert_store, resolve_device
 from ..errors import UserError
 from ..experts import ExpertFormat
 from ..generate import INTERLEAVED_PREFILL_CHUNK, PREFILL_CHUNK, Batch, generate, prefill, sample
 from ..model import KVCache, Transformer, own_routing
-from ..offload.cache import ForgetfulCache, LayerCache
-from ..offload.planner import cpu_tier_bytes, make_plan, parse_size, workspace_bytes
-from ..offload.prefetch import GatePredictor
-from ..offload.provider import OffloadedExperts
-from ..offload.store import ExpertStore
+from ..offload.planner import Plan, cpu_tier_bytes, make_plan, parse_size, workspace_bytes
 from ..step import DecodeStep
 from .routing import ReplayPredictor, ReplayRouter, RoutingTrace
 
-MODES = ("full", "no-prefetch", "no-cache")
+# the paper's ablation: what each mode changes in the bench's OffloadConfig (Bench.offload)
+MODE_OFFLOAD = {"full": {}, "no-prefetch": {"prefetch_experts": 0}, "no-cache": {"prefetch_experts": 0, "cache": "none"}}
+MODES = tuple(MODE_OFFLOAD)
 ROUTINGS = ("own", "replay")
 DEFAULT_TRACE = Path("benchmarks/traces/reference-moe-32l.safetensors")
 LINK_PROBE_BYTES = 256 * 2**20
@@ -291,11 +290,7 @@ class Bench:
         weights = ckpt.dense_weights(self.device, self.dtype)
         expert_format, expert_buffer = expert_storage(ckpt, self.dtype)
         ram_experts = None if self.s.cpu_memory is None else parse_size(self.s.cpu_memory, "--cpu-memory") // expert_format.nbytes
-        store = ExpertStore(config.moe_layers, config.num_experts, expert_format.nbytes, ram_experts,
-                            pin=self.device.type == "cuda")
-        for layer in config.moe_layers:
-            for expert_id in range(config.num_experts):
-                store.write(layer, expert_id, expert_buffer(layer, expert_id))
+        store = expert_store(config, expert_format, expert_buffer, ram_experts, self.device)
         sync(self.device)
         dense_bytes = weights_nbytes(weights)
         build_seconds = time.perf_counter() - started
@@ -366,32 +361,31 @@ class Bench:
 
     # -- one entry ---------------------------------------------------------------------------
 
-    def build(self, config: ModelConfig, weights, store, expert_format: ExpertFormat, plan, routing: str, mode: str,
-              cpu: str = "off", sequences: int = 0):
-        """`sequences`: a batch of that many cache rows, each replaying its own stretch of the trace (ReplayRouter)."""
-        s = self.s
-        top_n = config.top_k if s.prefetch_experts is None else s.prefetch_experts
-        router, predictor = own_routing, None
+    def build(self, config: ModelConfig, weights, store, expert_format: ExpertFormat, plan: Plan | None, routing: str,
+              mode: str, cpu: str = "off", sequences: int = 0):
+        """The model of an entry, from engine.build_provider: `plan` offloaded as `mode` says (one of MODES), or
+        without a plan every expert resident. `sequences`: a batch of that many cache rows, each replaying its own
+        stretch of the trace (ReplayRouter)."""
+        router, predictor_for = own_routing, None
         if routing == "replay":
             self.trace.check_fits(len(config.moe_layers), config.num_experts, config.top_k)
             router = ReplayRouter(self.trace, self.device, config.moe_layers, sequences=sequences)
-            if mode == "full" and top_n:    # replayed guesses, at the real predictor's cost
-                gate = GatePredictor(config, weights.layers, s.prefetch_depth, top_n)
-                predictor = ReplayPredictor(self.trace, router, config.moe_layers, s.prefetch_depth, top_n, costs_as=gate)
+            predictor_for = lambda gate: ReplayPredictor(self.trace, router, config.moe_layers, self.s.prefetch_depth,
+                                                         gate.top_n, costs_as=gate)   # replayed guesses, at the gate's cost
         elif routing == "fixed":
             router = fixed_routing
-        elif mode == "full" and top_n:
-            predictor = GatePredictor(config, weights.layers, s.prefetch_depth, top_n)
-        if mode == "resident":
-            provider = resident_experts(config, expert_format, store.buffer, self.device, progress=lambda n: None)
-        else:
-            offload = OffloadConfig(enabled=True, cpu_moe_layers=len(plan.cpu_layers), cpu_experts=cpu)
-            tier = cpu_experts(config, expert_format, store, offload, self.device, self.dtype)
-            provider = OffloadedExperts(store, expert_format, plan.slots, self.device, predictor, measure_time=True,
-                                        cache_type=ForgetfulCache if mode == "no-cache" else LayerCache, cpu=tier)
-            if tier is not None and tier.costs is not None:
-                self.log(tier.costs.calibration.describe())
+        experts, offload = (store, self.offload(mode, plan, cpu)) if plan else (store.buffer, OffloadConfig())
+        provider = build_provider(config, weights, experts, expert_format, plan, offload, self.device, self.dtype,
+                                  predictor_for, log=self.log)
         return Transformer(config, weights, provider, router), provider, router
+
+    def offload(self, mode: str, plan: Plan, cpu: str) -> OffloadConfig:
+        """A mode's OffloadConfig: the bench's prefetch settings but for what the mode changes (MODE_OFFLOAD), the
+        CPU tier (`cpu`, and the plan's CPU layers), every copy and wait timed."""
+        s = self.s
+        offload = OffloadConfig(enabled=True, prefetch_experts=s.prefetch_experts, prefetch_depth=s.prefetch_depth,
+                                measure_time=True, cpu_moe_layers=len(plan.cpu_layers), cpu_experts=cpu)
+        return replace(offload, **MODE_OFFLOAD[mode])
 
     def measure(self, entry, config, weights, store, expert_format, plan, context, budget, compute_only=False) -> dict:
         s, device = self.s, self.device
@@ -406,8 +400,9 @@ class Bench:
             if budget is not None:
                 torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(device).total_memory), device)
         try:
+            mode = "no-prefetch" if compute_only else entry["mode"]      # compute-only: LRU, nothing to predict
             model, provider, router = self.build(config, weights, store, expert_format, plan,
-                                                 "fixed" if compute_only else entry["routing"], entry["mode"],
+                                                 "fixed" if compute_only else entry["routing"], mode,
                                                  entry.get("cpu_experts", "off"))
             cache = KVCache.allocate(config, 1, context, device, self.dtype)
             step = DecodeStep(model, cache)

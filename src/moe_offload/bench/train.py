@@ -17,17 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import FinetuneConfig, LoraConfig
-from ..engine import expert_storage, resolve_device
+from ..config import FinetuneConfig, LoraConfig, OffloadConfig
+from ..engine import build_provider, expert_storage, expert_store, resolve_device
 from ..errors import UserError
 from ..experts import slot_stride
 from ..generate import PREFILL_CHUNK
 from ..lora import Adapters
 from ..model import KVCache, Transformer
 from ..offload.planner import GiB, make_plan, parse_size, workspace_bytes
-from ..offload.prefetch import GatePredictor
-from ..offload.provider import OffloadedExperts
-from ..offload.store import ExpertStore
 from ..train import Rows, Trainer, training_bytes
 from .runner import environment, measure_link_peak, parse_quant, sync, weights_nbytes
 from .synthetic import SyntheticCheckpoint
@@ -53,10 +50,7 @@ def run_training_bench(s: TrainBenchSettings, log=print) -> dict:
     log(f"[train {s.quant}] building {ckpt.folder.name} on {device} ...")
     weights = ckpt.dense_weights(device, dtype)
     expert_format, expert_buffer = expert_storage(ckpt, dtype)
-    store = ExpertStore(config.moe_layers, config.num_experts, expert_format.nbytes, None, pin=device.type == "cuda")
-    for layer in config.moe_layers:
-        for expert_id in range(config.num_experts):
-            store.write(layer, expert_id, expert_buffer(layer, expert_id))
+    store = expert_store(config, expert_format, expert_buffer, None, device)
     settings = FinetuneConfig(seq_len=s.seq_len, batch_tokens=s.seq_len)
     extra = training_bytes(config, s.lora, settings, dtype)
     dense = weights_nbytes(weights)
@@ -77,13 +71,13 @@ def run_training_bench(s: TrainBenchSettings, log=print) -> dict:
             results.append({**entry, "status": "does not fit", "error": str(e)})
             continue
         log(plan.describe())
-        results.append({**entry, **_measure(s, config, weights, store, expert_format, plan, device, peak_link, log)})
+        results.append({**entry, **_measure(s, config, weights, store, expert_format, plan, device, dtype, peak_link, log)})
     return {"environment": environment(device), "results": results}
 
 
-def _measure(s: TrainBenchSettings, config, weights, store, expert_format, plan, device, peak_link, log) -> dict:
-    predictor = GatePredictor(config, weights.layers, 1, config.top_k)
-    provider = OffloadedExperts(store, expert_format, plan.slots, device, predictor)
+def _measure(s: TrainBenchSettings, config, weights, store, expert_format, plan, device, dtype, peak_link, log) -> dict:
+    offload = OffloadConfig(enabled=True, cpu_experts="off")    # training computes the experts on the device only
+    provider = build_provider(config, weights, store, expert_format, plan, offload, device, dtype)
     trainer = Trainer(Transformer(config, weights, provider), Adapters.create(config, s.lora, device))
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config.vocab_size, (1, s.seq_len + 1), generator=generator).to(device)
