@@ -13,8 +13,9 @@ from moe_offload.cli import main
 from moe_offload.config import ModelConfig, OffloadConfig, QuantConfig, RuntimeConfig
 from moe_offload.engine import Engine
 from moe_offload.errors import UserError
-from moe_offload.experts import DenseExpertFormat
+from moe_offload.experts import DenseExpertFormat, ResidentExperts
 from moe_offload.offload.planner import GiB, make_plan, parse_size, plan_for
+from moe_offload.offload.provider import OffloadedExperts
 from moe_offload.quant.weight import QuantizedWeight
 
 from conftest import REPO, SHIPPED_MODEL, write_tiny_mixtral
@@ -109,7 +110,7 @@ def test_plan_counts_the_bytes_the_engine_really_allocates():
 def test_plan_counts_quantized_attention_at_its_packed_size(tmp_path):
     folder = write_tiny_mixtral(tmp_path, intermediate_size=128)
     runtime = RuntimeConfig(model=folder, device="cpu", dtype="float32", max_context=64, quant=QuantConfig.parse("4/2"))
-    engine = Engine.load(runtime, progress=False, offload=OffloadConfig(enabled=True, gpu_memory=GiB))
+    engine = Engine.load(runtime, progress=False, offload=OffloadConfig(enabled=True, gpu_memory=GiB, slots_per_layer=1))
     attention, others = non_expert_weights(engine.model.weights)
     assert all(isinstance(m, QuantizedWeight) for m in attention)
     allocated = sum(allocated_bytes(t) for t in attention + others)
@@ -136,3 +137,13 @@ def test_documented_sample_plan_is_what_the_command_prints(capsys):
     assert main(["generate", "--prompt", "x", "--max-tokens", "1", "--device", "cpu", "--offload", *flags.split()]) == 0
     printed = capsys.readouterr().err
     assert textwrap.dedent(sample) in printed, printed
+
+
+def test_an_offload_plan_that_holds_every_expert_runs_them_resident(tmp_path):
+    """--offload with a budget that gives every expert a slot: nothing to offload, so no host read per layer."""
+    folder = write_tiny_mixtral(tmp_path, intermediate_size=128)
+    runtime = RuntimeConfig(model=folder, device="cpu", dtype="float32", max_context=64)
+    roomy = Engine.load(runtime, progress=False, offload=OffloadConfig(enabled=True, gpu_memory=GiB))
+    tight = Engine.load(runtime, progress=False, offload=OffloadConfig(enabled=True, gpu_memory=GiB, slots_per_layer=1))
+    assert roomy.plan is None and isinstance(roomy.model.provider, ResidentExperts)
+    assert not tight.plan.holds_every_expert and isinstance(tight.model.provider, OffloadedExperts)

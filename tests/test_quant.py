@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from moe_offload.config import QUANT_BITS, QuantSpec
+from moe_offload.config import QUANT_BITS, ConfigError, QuantConfig, QuantSpec
 from moe_offload.experts import Expert
 from moe_offload.quant import pack as bitpack
 from moe_offload.quant.hqq import quantize
@@ -141,3 +141,16 @@ def test_expert_bytes_shrink_as_the_paper_says():
     weights = 3 * 256 * 320
     assert HQQExpertFormat(256, 320, QuantSpec(2)).nbytes * 8 / weights == pytest.approx(3.0625, abs=0.01)
     assert HQQExpertFormat(256, 320, QuantSpec(4, 64, quant_meta=False)).nbytes * 8 / weights == pytest.approx(4.5, abs=0.05)
+
+
+def test_quant_text_names_the_experts_group_size():
+    """"4/2g32": 2-bit experts in groups of 32 (2.53 bits a weight with their scales, against 3.06 at g16)."""
+    wide, default = QuantConfig.parse("4/2g32"), QuantConfig.parse("4/2")
+    assert (wide.experts.bits, wide.experts.group_size) == (2, 32) and default.experts.group_size == 16
+    assert wide.attention == default.attention
+    for shape, bits_a_weight in ((default, 3.0625), (wide, 2.53125)):
+        fmt = HQQExpertFormat(4096, 14336, shape.experts)
+        assert fmt.nbytes * 8 / (3 * 4096 * 14336) == bits_a_weight
+    for bad in ("4/2g", "4/2/1", "4:2", "4/2g33"):
+        with pytest.raises(ConfigError):
+            QuantConfig.parse(bad)

@@ -309,6 +309,10 @@ class Engine:
                 if offload.enabled else None)
         if plan and progress:
             print(plan.describe(), file=sys.stderr)
+        if plan and plan.holds_every_expert:     # resident: one graph a decode token, no host sync per layer
+            if progress:
+                print("  every expert fits on the device: running them resident, nothing offloaded", file=sys.stderr)
+            plan = None
         total = ckpt.num_dense_tensors() + len(config.moe_layers) * config.num_experts
         with tqdm(total=total, desc="loading", unit="tensor", disable=not progress or None, file=sys.stderr) as bar:
             weights = ckpt.dense_weights(device, dtype, progress=bar.update)

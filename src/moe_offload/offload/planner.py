@@ -91,6 +91,11 @@ class Plan:
         return [layer for layer, n in self.slots.items() if n == 0]
 
     @property
+    def holds_every_expert(self) -> bool:
+        """Every expert of every MoE layer has a slot of its own: there is nothing to offload."""
+        return all(n == self.num_experts for n in self.slots.values())
+
+    @property
     def slot_bytes(self) -> int:
         return sum(self.slots.values()) * slot_stride(self.expert_nbytes)
 
