@@ -353,6 +353,9 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=FINETUNE["seq_len"], help="tokens a row (default: %(default)s)")
     p.add_argument("--batch-tokens", type=int, default=FINETUNE["batch_tokens"],
                    help="tokens a step, in rows of --seq-len (default: %(default)s)")
+    p.add_argument("--micro-batch-tokens", type=int, default=FINETUNE["micro_batch_tokens"],
+                   help="tokens a forward and backward, in rows of --seq-len: a step accumulates its gradients over "
+                        "passes of this many, for less activation memory, the same result (default: the whole step)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=FINETUNE["steps"], help="optimizer steps (default: --epochs)")
     length.add_argument("--epochs", type=float, default=FINETUNE["epochs"], help="passes over the data (default: %(default)s)")
@@ -369,8 +372,9 @@ def cmd_finetune(args) -> None:
 
     lora = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=tuple(t.strip() for t in args.targets.split(",")))
     settings = FinetuneConfig(data=args.data, out=args.out, chat=args.chat, seq_len=args.seq_len,
-                              batch_tokens=args.batch_tokens, steps=args.steps, epochs=args.epochs, lr=args.lr,
-                              weight_decay=args.weight_decay, save_every=args.save_every, seed=args.seed)
+                              batch_tokens=args.batch_tokens, micro_batch_tokens=args.micro_batch_tokens,
+                              steps=args.steps, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                              save_every=args.save_every, seed=args.seed)
     runtime = replace(runtime_from(args), max_context=settings.seq_len)
     examples = read_examples(settings.data, Tokenizer.from_folder(runtime.model), settings.chat)
     engine = Engine.load(runtime, offload=offload_from(args),

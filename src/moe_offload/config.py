@@ -466,13 +466,15 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """One LoRA fine-tune (train.py): rows of `seq_len` tokens, `batch_tokens` tokens a step, AdamW on the adapters."""
+    """One LoRA fine-tune (train.py): rows of `seq_len` tokens, `batch_tokens` tokens a step (in forward and backward
+    passes of `micro_batch_tokens`, their gradients accumulated), AdamW on the adapters."""
 
     data: Path = Path("train.jsonl")
     out: Path = Path("adapter")
     chat: bool = False            # rows are {"messages": [...]}: the chat template, loss on the assistant's turns
     seq_len: int = 512
     batch_tokens: int = 4096      # tokens a step: batch_tokens // seq_len rows
+    micro_batch_tokens: int | None = None    # tokens a forward and backward; None: the whole step at once
     steps: int | None = None      # None: `epochs` passes over the data
     epochs: float = 1.0
     lr: float = 2e-4
@@ -487,6 +489,9 @@ class FinetuneConfig:
         if self.batch_tokens < self.seq_len:
             raise ConfigError(f"--batch-tokens {self.batch_tokens} is less than --seq-len {self.seq_len}: a step "
                               f"takes at least one row")
+        if self.micro_batch_tokens is not None and not self.seq_len <= self.micro_batch_tokens <= self.batch_tokens:
+            raise ConfigError(f"--micro-batch-tokens {self.micro_batch_tokens}: must be between --seq-len "
+                              f"{self.seq_len} (one row a pass) and --batch-tokens {self.batch_tokens}")
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"--steps {self.steps}: must be at least 1")
         if self.epochs <= 0:
@@ -497,6 +502,11 @@ class FinetuneConfig:
     @property
     def rows(self) -> int:
         return self.batch_tokens // self.seq_len
+
+    @property
+    def micro_rows(self) -> int:
+        """Rows a forward and backward pass."""
+        return (self.micro_batch_tokens or self.batch_tokens) // self.seq_len
 
 
 QUANT_BITS = (2, 3, 4, 8)

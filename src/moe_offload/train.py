@@ -3,6 +3,7 @@
     engine = Engine.load(RuntimeConfig(model=DIR), offload=OffloadConfig(enabled=True, slots_per_layer=2), training=True)
     trainer = Trainer(engine.model, Adapters.create(engine.config, LoraConfig(targets=("attention", "experts"))))
     loss = trainer.step(batch)             # batch: Rows (inputs, targets, mask), (rows, seq_len)
+    Trainer(..., micro_rows=2).step(batch)  # the same step, 2 rows a forward and backward, gradients accumulated
     finetune(engine, lora, FinetuneConfig(data=..., out=...))     # the CLI's loop: data, progress, checkpoints
 
 Each decoder layer is checkpointed: forward keeps only its input, backward recomputes it. The experts are the
@@ -173,6 +174,11 @@ def _add(total, part):
     return part if total is None else (total if part is None else total + part)
 
 
+def _targets(rows: Rows) -> torch.Tensor:
+    """The count of masked targets (at least 1, so that a batch without any has loss 0), on the device: no sync."""
+    return rows.mask.sum().clamp(min=1)
+
+
 class RecordedRouting:
     """Backward's predictor: the MoE layer below this one will need exactly the experts forward recorded there."""
 
@@ -186,10 +192,11 @@ class RecordedRouting:
 
 
 class Trainer:
-    """One model with adapters and AdamW on them; `step` is one optimizer step over a batch of rows."""
+    """One model with adapters and AdamW on them; `step` is one optimizer step over a batch of rows, in forward and
+    backward passes of `micro_rows` rows (None: all at once)."""
 
     def __init__(self, base: Transformer, adapters: Adapters, lr: float = FinetuneConfig.lr,
-                 weight_decay: float = FinetuneConfig.weight_decay):
+                 weight_decay: float = FinetuneConfig.weight_decay, micro_rows: int | None = None):
         if getattr(base.provider, "cpu", None) is not None:
             raise UserError("finetune: experts computed on the CPU have no gradients; load the model with "
                             "Engine.load(..., training=True) (no --cpu-moe-layers, --cpu-experts off)")
@@ -199,8 +206,9 @@ class Trainer:
         self.model = Transformer(base.config, adapters.attach(base.weights), LoraExperts(base.provider, adapters),
                                  router=base.router, pairs=self._pairs)
         self.optimizer = torch.optim.AdamW(adapters.parameters(), lr=lr, weight_decay=weight_decay)
+        self.micro_rows = micro_rows
         self.outputs: dict[int, torch.Tensor] = {}    # MoE layer -> forward's expert outputs, until the recompute
-        self.routing: dict[int, torch.Tensor] = {}    # MoE layer -> forward's expert ids, until the step ends
+        self.routing: dict[int, torch.Tensor] = {}    # MoE layer -> forward's expert ids, until its backward ends
 
     def _pairs(self, index, ids, x, residual):
         if not torch.is_grad_enabled():
@@ -235,20 +243,37 @@ class Trainer:
 
     def loss(self, rows: Rows) -> torch.Tensor:
         """Mean cross-entropy over the masked targets."""
+        return self._summed_loss(rows) / _targets(rows)
+
+    def _summed_loss(self, rows: Rows) -> torch.Tensor:
         logits = self.logits(rows.inputs)
-        return F.cross_entropy(logits[rows.mask], rows.targets[rows.mask], reduction="sum") / rows.mask.sum().clamp(min=1)
+        return F.cross_entropy(logits[rows.mask], rows.targets[rows.mask], reduction="sum")
 
     def gradients(self, rows: Rows) -> float:
-        """Forward and backward of one batch: the adapters' .grad set (zeroed first); -> the loss."""
+        """Forward and backward of one step's rows, `micro_rows` at a time: the adapters' .grad set (zeroed first) to
+        the gradients of the step's mean loss; -> that loss. Each micro-batch's summed loss is divided by the whole
+        step's count of targets, so the micro-batches' gradients add up to the one pass's: only memory changes."""
         self.optimizer.zero_grad(set_to_none=True)
+        targets = _targets(rows)
+        return sum(self._backward(micro, targets) for micro in self._micro_batches(rows)).item()
+
+    def _micro_batches(self, rows: Rows) -> list[Rows]:
+        """The rows in runs of `micro_rows` (the last may be shorter), each a forward and backward."""
+        return [Rows(*parts) for parts in zip(*(t.split(self.micro_rows or len(rows.inputs)) for t in rows))]
+
+    def _backward(self, rows: Rows, targets: torch.Tensor) -> torch.Tensor:
+        """One forward and backward, its gradients added into .grad; -> its summed loss / targets, detached. The
+        recorded expert outputs and routing are this forward's own: its recompute replays them, its backward
+        prefetches by them."""
         self.outputs.clear()
-        loss = self.loss(rows)
+        loss = self._summed_loss(rows) / targets
         with self._backward_prefetch():
             loss.backward()
         self.routing.clear()
-        return loss.item()
+        return loss.detach()
 
     def step(self, rows: Rows) -> float:
+        """One optimizer step over the rows (see `gradients`); -> the step's loss."""
         loss = self.gradients(rows)
         self.optimizer.step()
         return loss
@@ -276,10 +301,11 @@ class Trainer:
 
 def training_bytes(config: ModelConfig, lora: LoraConfig, settings: FinetuneConfig, dtype: torch.dtype) -> int:
     """Device memory a step needs beyond the weights, generously: the adapters with their gradients and AdamW's two
-    moments (fp32), each layer's input (the checkpoints) and each MoE layer's recorded expert outputs, one layer's
-    activations and their gradients (its recompute and backward), and the fp32 logits, their softmax and gradient."""
+    moments (fp32), and for one micro-batch's rows (a forward and backward): each layer's input (the checkpoints)
+    and each MoE layer's recorded expert outputs, one layer's activations and their gradients (its recompute and
+    backward), and the fp32 logits, their softmax and gradient."""
     c, itemsize = config, dtype.itemsize
-    tokens = settings.rows * settings.seq_len
+    tokens = settings.micro_rows * settings.seq_len
     adapters = sum(lora.rank * experts * (rows + cols) * (len(c.moe_layers) if target in ("router", "gate_up", "down")
                                                            else c.num_layers)
                    for target, (rows, cols, experts) in shapes(config, lora).items())
@@ -297,7 +323,7 @@ def finetune(engine, lora: LoraConfig, settings: FinetuneConfig, examples: list[
     total = settings.steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
     device = engine.model.weights.embed.device
     adapters = Adapters.create(engine.config, lora, device, settings.seed)
-    trainer = Trainer(engine.model, adapters, settings.lr, settings.weight_decay)
+    trainer = Trainer(engine.model, adapters, settings.lr, settings.weight_decay, settings.micro_rows)
     first = _resume(settings, lora, total, trainer)
     loss, started, tokens = float("nan"), time.perf_counter(), 0
     with tqdm(total=total, initial=first, desc="finetune", unit="step", file=sys.stderr,
@@ -317,7 +343,8 @@ def finetune(engine, lora: LoraConfig, settings: FinetuneConfig, examples: list[
 
 
 def _identity(settings: FinetuneConfig, lora: LoraConfig, total: int) -> dict:
-    """What a resumed run must share with the one that saved the state."""
+    """What a resumed run must share with the one that saved the state. Not micro_batch_tokens: it changes the
+    memory a step takes, not its gradients (but for rounding), so a resumed run may choose another."""
     return {"lora": asdict(lora) | {"targets": list(lora.targets)}, "data": str(settings.data), "chat": settings.chat,
             "seq_len": settings.seq_len, "batch_tokens": settings.batch_tokens, "seed": settings.seed, "steps": total}
 
