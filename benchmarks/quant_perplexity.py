@@ -84,10 +84,11 @@ def main() -> None:
             if not torch.equal(per_call, once):
                 sys.exit(f"{setting}: dequantizing once changed the logits; refusing to report")
         result = perplexity(engine, token_ids, args.window, args.max_windows or None)
+        paper = PAPER.get(setting, (None, None))     # the paper reports only its own settings
         row = dict(setting=setting, quant=quant.to_json() if quant else None, model_bytes=model_bytes(args.model, quant),
                    perplexity=result.perplexity, windows=result.windows, window=result.window,
                    predicted_tokens=result.predicted, file_tokens=len(token_ids),
-                   paper_mixtral_wikitext2=PAPER[setting][0], paper_mixtral_gb=PAPER[setting][1],
+                   paper_mixtral_wikitext2=paper[0], paper_mixtral_gb=paper[1],
                    seconds=round(time.perf_counter() - started, 1))
         print(json.dumps(row), flush=True)
         rows.append(row)
