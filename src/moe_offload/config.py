@@ -433,8 +433,10 @@ class OffloadConfig:
     offload_dir: Path | None = None      # folder for the disk tier's (unlinked) file; None: the system temp folder
     measure_time: bool = False           # time copies and waits with events (--stats); a little overhead per copy
     cpu_moe_layers: int = 0              # the experts of the first N MoE layers stay on the host and run on the CPU
-    cpu_experts: str = "auto"            # "auto": each decode miss is copied or run on the CPU, whichever the cost
+    cpu_experts: str = "off"             # "auto": each decode miss is copied or run on the CPU, whichever the cost
                                          # model calibrated at start finishes sooner (off on a CPU device); "off"
+                                         # copies every miss: the default, since on both lent GPU hosts measured
+                                         # (docs/offloading.md) the CPU kernel read slower than the link
     cache: str = "lru"                   # each layer's slots (engine.CACHE_POLICIES): "lru" keeps the most recently
                                          # used experts; "none" empties them before each forward (every use a load)
 
