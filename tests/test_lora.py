@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from moe_offload.cli import main
 from moe_offload.config import FinetuneConfig, LoraConfig, OffloadConfig, RuntimeConfig
 from moe_offload import engine as engine_module
+from moe_offload import train as train_module
 from moe_offload.engine import Engine
 from moe_offload.errors import UserError
 from moe_offload.lora import Adapters
@@ -21,6 +22,7 @@ from moe_offload.train import Rows, Trainer, _chat_example, pack, read_examples,
 from conftest import SHIPPED_MODEL, write_tiny_mixtral
 
 ROWS, LENGTH = 2, 24
+SEED_OF_FEW_EXPERTS = 0   # batch(rows=1)'s first 2 tokens route to at most 3 of the 4 experts in a layer
 TARGET_SETS = {"attention": ("attention",), "router": ("router",), "experts": ("experts",),
                "all": ("attention", "router", "experts")}
 
@@ -109,6 +111,27 @@ def test_offloaded_training_equals_resident_bit_for_bit(tiny, slots):
     stats = offloaded.expert_stats()
     assert stats["prefetch_used"] == stats["prefetch_loads"] > 0
     assert stats["loads"] <= stats["requests"]
+
+
+def test_backward_takes_a_layer_whose_experts_all_fit_one_expert_at_a_time(tiny, monkeypatch):
+    """3 slots of 4 experts and 2 tokens: a layer's step needs at most 3 experts here, which then come as one batch;
+    backward splits it by slot (one expert's activations held at a time) and still gives resident's bits."""
+    original, parts_per_batch = train_module.one_slot_each, []
+
+    def counted(batch):
+        parts = list(original(batch))
+        parts_per_batch.append(len(parts))
+        return iter(parts)
+
+    monkeypatch.setattr(train_module, "one_slot_each", counted)
+    rows = Rows(*(t[:, :2] for t in batch(rows=1, seed=SEED_OF_FEW_EXPERTS)))
+    resident = load(tiny)
+    expected = our_gradients(resident, random_adapters(resident, TARGET_SETS["all"]), rows)
+    offloaded = load(tiny, slots=3)
+    actual = our_gradients(offloaded, random_adapters(offloaded, TARGET_SETS["all"]), rows)
+    for name, grad in expected.items():
+        assert torch.equal(actual[name], grad), name
+    assert max(parts_per_batch) > 1      # some layer's experts came as one batch over several slots
 
 
 @pytest.mark.gpu

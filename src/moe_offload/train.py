@@ -22,6 +22,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -35,6 +36,7 @@ from tqdm import tqdm
 
 from .config import FinetuneConfig, LoraConfig, ModelConfig
 from .errors import UserError
+from .experts import ExpertBatch
 from .lora import Adapters, LoraExperts, shapes
 from .model import ATTENTION_BACKENDS, KVCache, Transformer, expert_outputs, rotary
 from .offload.planner import WORKSPACE_MARGIN, workspace_bytes
@@ -157,7 +159,7 @@ class ExpertPairs(torch.autograd.Function):
         grad_pairs = torch.zeros_like(x_pairs)
         grads = [None] * len(params)
         provider, mlp = ctx.trainer.model.provider, ctx.trainer.model.expert_mlp
-        for batch in provider.experts(ctx.index, ids, residual, x):
+        for batch in (part for whole in provider.experts(ctx.index, ids, residual, x) for part in one_slot_each(whole)):
             with torch.enable_grad():
                 rows = x_pairs.detach().requires_grad_()
                 out = expert_outputs(provider.expert_format, batch, rows, 1, mlp)
@@ -168,6 +170,22 @@ class ExpertPairs(torch.autograd.Function):
             grads = [_add(g, next(found)) if p.requires_grad else None for g, p in zip(grads, params)]
         grad_x = grad_pairs.view(-1, top_k, x.shape[-1]).sum(dim=1)
         return (grad_x, None, None, None, None, *grads)
+
+
+def one_slot_each(batch: ExpertBatch) -> Iterator[ExpertBatch]:
+    """A batch over several slots (a layer whose experts all fit its slots) as one batch per slot, as the experts
+    come when they stream through fewer slots: backward then holds one expert's activations at a time, not every
+    expert's of the layer. The same bits: each pair's gradient comes from its own expert either way. A batch whose
+    slots only the device knows (resident experts) stays whole."""
+    if batch.pairs is not None or batch.host_slots is None or len(set(batch.host_slots)) == 1:
+        yield batch
+        return
+    pairs_of: dict[int, list[int]] = {}
+    for pair, slot in enumerate(batch.host_slots):
+        pairs_of.setdefault(slot, []).append(pair)
+    for slot, pairs in sorted(pairs_of.items()):
+        yield batch._replace(slots=None, host_slots=[slot] * len(pairs),
+                             pairs=torch.tensor(pairs, device=batch.memory.device))
 
 
 def _add(total, part):
