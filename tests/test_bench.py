@@ -260,6 +260,8 @@ def test_each_mode_is_an_offload_config_that_the_engine_builds():
     assert caches == {LayerCache} and type(predictor) is ReplayPredictor and type(predictor.costs_as) is GatePredictor
     _, resident, _ = bench.build(config, weights, store, expert_format, None, "own", "resident")
     assert type(resident) is ResidentExperts
+    own, _, _ = bench.build(config, weights, store, expert_format, plan, "own", "full")
+    assert own.router == own.route      # the family's routing (grouped, sparsemixer, scaled), not plain softmax top-k
 
 
 def test_accelerate_places_full_mixtral_at_12_gib_with_most_layers_offloaded():

@@ -52,7 +52,7 @@ from ..engine import build_provider, expert_storage, expert_store, resolve_devic
 from ..errors import UserError
 from ..experts import ExpertFormat
 from ..generate import INTERLEAVED_PREFILL_CHUNK, PREFILL_CHUNK, Batch, generate, prefill, sample
-from ..model import KVCache, Transformer, own_routing
+from ..model import KVCache, Transformer
 from ..offload.planner import Plan, cpu_tier_bytes, make_plan, parse_size, workspace_bytes
 from ..step import DecodeStep
 from .routing import ReplayPredictor, ReplayRouter, RoutingTrace
@@ -366,7 +366,7 @@ class Bench:
         """The model of an entry, from engine.build_provider: `plan` offloaded as `mode` says (one of MODES), or
         without a plan every expert resident. `sequences`: a batch of that many cache rows, each replaying its own
         stretch of the trace (ReplayRouter)."""
-        router, predictor_for = own_routing, None
+        router, predictor_for = None, None      # None: the model's own routing (Transformer.route, the family's)
         if routing == "replay":
             self.trace.check_fits(len(config.moe_layers), config.num_experts, config.top_k)
             router = ReplayRouter(self.trace, self.device, config.moe_layers, sequences=sequences)
