@@ -118,10 +118,11 @@ def test_backward_takes_a_layer_whose_experts_all_fit_one_expert_at_a_time(tiny,
     backward splits it by slot (one expert's activations held at a time) and still gives resident's bits."""
     original, parts_per_batch = train_module.one_slot_each, []
 
-    def counted(batch):
-        parts = list(original(batch))
-        parts_per_batch.append(len(parts))
-        return iter(parts)
+    def counted(batches):
+        for batch in batches:
+            parts = list(original([batch]))
+            parts_per_batch.append(len(parts))
+            yield from parts
 
     monkeypatch.setattr(train_module, "one_slot_each", counted)
     rows = Rows(*(t[:, :2] for t in batch(rows=1, seed=SEED_OF_FEW_EXPERTS)))

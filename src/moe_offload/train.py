@@ -22,7 +22,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -159,7 +159,7 @@ class ExpertPairs(torch.autograd.Function):
         grad_pairs = torch.zeros_like(x_pairs)
         grads = [None] * len(params)
         provider, mlp = ctx.trainer.model.provider, ctx.trainer.model.expert_mlp
-        for batch in (part for whole in provider.experts(ctx.index, ids, residual, x) for part in one_slot_each(whole)):
+        for batch in one_slot_each(provider.experts(ctx.index, ids, residual, x)):
             with torch.enable_grad():
                 rows = x_pairs.detach().requires_grad_()
                 out = expert_outputs(provider.expert_format, batch, rows, 1, mlp)
@@ -172,20 +172,21 @@ class ExpertPairs(torch.autograd.Function):
         return (grad_x, None, None, None, None, *grads)
 
 
-def one_slot_each(batch: ExpertBatch) -> Iterator[ExpertBatch]:
-    """A batch over several slots (a layer whose experts all fit its slots) as one batch per slot, as the experts
-    come when they stream through fewer slots: backward then holds one expert's activations at a time, not every
-    expert's of the layer. The same bits: each pair's gradient comes from its own expert either way. A batch whose
-    slots only the device knows (resident experts) stays whole."""
-    if batch.pairs is not None or batch.host_slots is None or len(set(batch.host_slots)) == 1:
-        yield batch
-        return
-    pairs_of: dict[int, list[int]] = {}
-    for pair, slot in enumerate(batch.host_slots):
-        pairs_of.setdefault(slot, []).append(pair)
-    for slot, pairs in sorted(pairs_of.items()):
-        yield batch._replace(slots=None, host_slots=[slot] * len(pairs),
-                             pairs=torch.tensor(pairs, device=batch.memory.device))
+def one_slot_each(batches: Iterable[ExpertBatch]) -> Iterator[ExpertBatch]:
+    """The batches, each over several slots (a layer whose experts all fit its slots) as one batch per slot, as the
+    experts come when they stream through fewer slots: backward then holds one expert's activations at a time, not
+    every expert's of the layer. The same bits: each pair's gradient comes from its own expert either way. A batch
+    whose slots only the device knows (resident experts) stays whole."""
+    for batch in batches:
+        if batch.pairs is not None or batch.host_slots is None or len(set(batch.host_slots)) == 1:
+            yield batch
+            continue
+        pairs_of: dict[int, list[int]] = {}
+        for pair, slot in enumerate(batch.host_slots):
+            pairs_of.setdefault(slot, []).append(pair)
+        for slot, pairs in sorted(pairs_of.items()):
+            yield batch._replace(slots=None, host_slots=[slot] * len(pairs),
+                                 pairs=torch.tensor(pairs, device=batch.memory.device))
 
 
 def _add(total, part):

@@ -145,7 +145,7 @@ class OffloadedExperts:
         if layer in self.cpu_layers:
             return ExpertBatch(None, None, None, None, computed=computed)
         slots = self.slots[layer]
-        pair_slots = self.tables[layer].device.index_select(0, read.ids)
+        pair_slots = self.tables[layer].on_device.index_select(0, read.ids)
         return ExpertBatch(slots.memory, slots.experts, pair_slots, host_slots, computed=computed)
 
     def _split(self, layer: int, read: "RoutingRead", pairs: list[int], needed: list[int]) -> set[int]:
@@ -269,7 +269,7 @@ class SlotTable:
     next step, after that step's routing read, which waited for this copy."""
 
     def __init__(self, num_experts: int, device: torch.device):
-        self.device = torch.zeros(num_experts, dtype=torch.int32, device=device)
+        self.on_device = torch.zeros(num_experts, dtype=torch.int32, device=device)
         self.host = torch.zeros(num_experts, dtype=torch.int32, pin_memory=device.type == "cuda")
         self.values = self.host.numpy()
 
@@ -279,7 +279,7 @@ class SlotTable:
         if changed:
             for expert, slot in changed:
                 self.values[expert] = slot
-            self.device.copy_(self.host, non_blocking=True)
+            self.on_device.copy_(self.host, non_blocking=True)
 
 
 class RoutingRead(NamedTuple):
