@@ -147,3 +147,12 @@ def test_an_offload_plan_that_holds_every_expert_runs_them_resident(tmp_path):
     tight = Engine.load(runtime, progress=False, offload=OffloadConfig(enabled=True, gpu_memory=GiB, slots_per_layer=1))
     assert roomy.plan is None and isinstance(roomy.model.provider, ResidentExperts)
     assert not tight.plan.holds_every_expert and isinstance(tight.model.provider, OffloadedExperts)
+
+
+def test_a_fine_tune_keeps_its_experts_offloaded_when_all_fit(tmp_path):
+    """Training's backward takes an offloaded layer's experts one at a time (bounded memory), resident ones all at
+    once, so a plan that holds every expert stays offloaded for a fine-tune."""
+    folder = write_tiny_mixtral(tmp_path, intermediate_size=128)
+    runtime = RuntimeConfig(model=folder, device="cpu", dtype="float32", max_context=64)
+    engine = Engine.load(runtime, progress=False, offload=OffloadConfig(enabled=True, gpu_memory=GiB), training=True)
+    assert engine.plan.holds_every_expert and isinstance(engine.model.provider, OffloadedExperts)

@@ -309,7 +309,9 @@ class Engine:
                 if offload.enabled else None)
         if plan and progress:
             print(plan.describe(), file=sys.stderr)
-        if plan and plan.holds_every_expert:     # resident: one graph a decode token, no host sync per layer
+        # resident: one graph a decode token, no host sync per layer. Not for training: its backward takes an
+        # offloaded layer's experts one at a time (train.one_slot_each), a resident layer's all at once
+        if plan and plan.holds_every_expert and not training:
             if progress:
                 print("  every expert fits on the device: running them resident, nothing offloaded", file=sys.stderr)
             plan = None
